@@ -1,0 +1,152 @@
+//! The engine interface: the small set of operations every queue engine implements, in the
+//! crate's own types. [`crate::Queues`] and [`crate::WorkerPool`] are written against it alone.
+//!
+//! Engines receive jobs whose options are already merged with the queue's defaults.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::error::{ProcessError, Result};
+use crate::events::{JobEvent, WatchRegistry};
+use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::sql::TxEffect;
+
+/// A job held by a worker under a lease. Only the holder of `token` can finish it.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    /// The job as it was when claimed (state `active`, `attempts_made` counting this attempt).
+    pub job: Job,
+    /// The fencing token of this lease.
+    pub token: String,
+}
+
+/// What a claim returned.
+#[derive(Debug, Default)]
+pub struct ClaimBatch {
+    /// The claimed jobs, at most the number asked for.
+    pub jobs: Vec<ClaimedJob>,
+    /// When no job was ready: the time (ms since the epoch) the earliest delayed job comes due.
+    pub next_due_ms: Option<i64>,
+}
+
+/// How an attempt ended, handed to [`Engine::finish`].
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The processor succeeded.
+    Completed(Completion),
+    /// The processor failed (or panicked, or timed out).
+    Failed(ProcessError),
+}
+
+/// A processor's successful result, with the work to commit together with the completion.
+#[derive(Default, Clone)]
+pub struct Completion {
+    /// The job's return value.
+    pub result: serde_json::Value,
+    /// Jobs to add when (and only when) this completion commits.
+    pub follow_ups: Vec<NewJob>,
+    /// Database work to commit in the same transaction as the completion, on engines that can
+    /// ([`Capabilities::transactional_effects`]).
+    pub effect: Option<Arc<dyn TxEffect>>,
+}
+
+impl Completion {
+    /// A completion with this result and nothing else.
+    pub fn with_result(result: serde_json::Value) -> Self {
+        Completion {
+            result,
+            ..Default::default()
+        }
+    }
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion")
+            .field("result", &self.result)
+            .field("follow_ups", &self.follow_ups)
+            .field("effect", &self.effect.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+/// What an engine can and cannot do, so that callers and the conformance suite can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// A completion's [`Completion::effect`] and follow-up jobs commit in one transaction with
+    /// it (the SQL engine). Where false, effects are refused and follow-ups are added before the
+    /// completion (at least once).
+    pub transactional_effects: bool,
+}
+
+/// A queue engine. Implemented by the SQL engine ([`crate::sql::SqlEngine`]) and the BullMQ
+/// engine.
+///
+/// Every method translates the backend's errors to [`crate::QueueError`]; transient failures are
+/// [`crate::QueueError::Unavailable`].
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for logs and errors (`sqlite`, `postgres`, `redis`).
+    fn name(&self) -> &'static str;
+    /// This process's identity as a lease owner: new at every start, never configured.
+    fn owner_id(&self) -> &str;
+    /// The clock the engine stamps jobs with.
+    fn clock(&self) -> Arc<dyn Clock>;
+    /// What this engine can do.
+    fn capabilities(&self) -> Capabilities;
+    /// The per-job change bells rung by this engine.
+    fn watches(&self) -> &WatchRegistry;
+    /// A signal that changes whenever jobs may have become ready on `queue` (an add, a resume,
+    /// a retry) in this process. Other processes' adds are found by polling.
+    fn work_signal(&self, queue: &str) -> watch::Receiver<u64>;
+
+    /// Adds jobs, in order. A job whose custom id exists already is not added again: its
+    /// [`Added`] carries the existing job and `created: false`.
+    async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>>;
+    /// Reads one job.
+    async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>>;
+    /// Lists jobs in one state, newest first for finished states, in run order otherwise.
+    async fn list(&self, queue: &str, state: JobState, offset: u64, limit: u64)
+        -> Result<Vec<Job>>;
+    /// Counts a queue's jobs by state, with its lifetime totals.
+    async fn counts(&self, queue: &str) -> Result<QueueCounts>;
+    /// Pauses or resumes a queue: a paused queue's waiting jobs are not claimed.
+    async fn set_paused(&self, queue: &str, paused: bool) -> Result<()>;
+    /// Whether a queue is paused.
+    async fn is_paused(&self, queue: &str) -> Result<bool>;
+    /// Moves a failed job back to waiting with a fresh set of attempts.
+    async fn retry(&self, queue: &str, id: &str) -> Result<Job>;
+    /// Removes a job that is not active. Returns whether it existed.
+    async fn remove(&self, queue: &str, id: &str) -> Result<bool>;
+    /// The job's history from the start, or `None` if the job does not exist.
+    async fn history(&self, queue: &str, id: &str) -> Result<Option<Vec<JobEvent>>>;
+
+    /// Claims up to `max` ready jobs of `queue` under a lease of `lease`.
+    async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch>;
+    /// Extends leases. Returns, per lease, whether it was still held.
+    async fn extend(
+        &self,
+        queue: &str,
+        leases: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<bool>>;
+    /// Ends an attempt. A stale token changes nothing and answers
+    /// [`crate::QueueError::LeaseLost`].
+    async fn finish(&self, job: &ClaimedJob, outcome: Outcome) -> Result<()>;
+    /// Gives a job back without counting the attempt (graceful shutdown).
+    async fn release(&self, job: &ClaimedJob) -> Result<()>;
+    /// Takes back the active jobs of `queue` whose lease expired, counting a stall; a job that
+    /// stalled more than `max_stalled` times fails. Returns how many were taken back or failed.
+    async fn reap_stalled(&self, queue: &str, max_stalled: u32) -> Result<u64>;
+    /// Removes finished jobs that their retention settings no longer keep. Lifetime totals are
+    /// not affected. Returns how many were removed.
+    async fn prune(&self, queue: &str) -> Result<u64>;
+    /// Checks that the backing service answers.
+    async fn ping(&self) -> Result<()>;
+    /// Flushes and closes; later calls fail with [`crate::QueueError::Closed`].
+    async fn close(&self);
+}

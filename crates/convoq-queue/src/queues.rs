@@ -1,0 +1,266 @@
+//! [`Queues`]: the handle callers hold. It owns the per-queue default options, validates and
+//! completes jobs before they reach the engine, and offers the read, operator and follow calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::engine::Engine;
+use crate::error::{QueueError, Result};
+use crate::events::Follower;
+use crate::job::{Added, Job, JobOptions, JobState, NewJob, QueueCounts};
+use crate::worker::WorkerPoolBuilder;
+
+/// Longest accepted queue name.
+pub const MAX_QUEUE_NAME: usize = 64;
+/// Longest accepted job name.
+pub const MAX_JOB_NAME: usize = 128;
+/// Longest accepted custom job id.
+pub const MAX_JOB_ID: usize = 255;
+/// Highest accepted priority (BullMQ's limit, 2^21).
+pub const MAX_PRIORITY: u32 = 2_097_152;
+/// How often a follower re-reads a job when no change was signalled in this process (changes
+/// made by other processes are found this way).
+pub const DEFAULT_FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// The queues of one engine, with their default job options.
+///
+/// Cheap to clone; clones share the defaults.
+#[derive(Clone)]
+pub struct Queues {
+    engine: Arc<dyn Engine>,
+    defaults: Arc<RwLock<HashMap<String, JobOptions>>>,
+    follow_poll: Duration,
+}
+
+impl std::fmt::Debug for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queues")
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queues {
+    /// Queues on `engine`, every queue with the seed's default options until
+    /// [`Queues::set_defaults`] says otherwise.
+    pub fn new(engine: Arc<dyn Engine>) -> Self {
+        Queues {
+            engine,
+            defaults: Default::default(),
+            follow_poll: DEFAULT_FOLLOW_POLL,
+        }
+    }
+
+    /// The same queues, with followers re-reading jobs at this interval.
+    pub fn with_follow_poll(mut self, poll: Duration) -> Self {
+        self.follow_poll = poll;
+        self
+    }
+
+    /// The engine underneath.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    /// Sets a queue's default options (unset fields fall back to the seed's defaults).
+    pub fn set_defaults(&self, queue: &str, opts: JobOptions) {
+        let merged = opts.merged_over(&JobOptions::seed_defaults());
+        self.defaults
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(queue.to_owned(), merged);
+    }
+
+    /// A queue's default options.
+    pub fn defaults(&self, queue: &str) -> JobOptions {
+        self.defaults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue)
+            .cloned()
+            .unwrap_or_else(JobOptions::seed_defaults)
+    }
+
+    /// Validates a job and merges its queue's defaults into its options, as the engine will store
+    /// them.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] naming the first thing wrong.
+    pub fn prepare(&self, mut job: NewJob) -> Result<NewJob> {
+        check_name("queue name", &job.queue, MAX_QUEUE_NAME)?;
+        check_name("job name", &job.name, MAX_JOB_NAME)?;
+        if let Some(id) = &job.opts.job_id {
+            if id.is_empty() || id.len() > MAX_JOB_ID || id.chars().any(char::is_control) {
+                return Err(QueueError::Invalid(format!(
+                    "jobId must be 1 to {MAX_JOB_ID} bytes without control characters"
+                )));
+            }
+        }
+        if job.opts.attempts == Some(0) {
+            return Err(QueueError::Invalid("attempts must be at least 1".into()));
+        }
+        if let Some(b) = &job.opts.backoff {
+            if !(0.0..=1.0).contains(&b.jitter) {
+                return Err(QueueError::Invalid(
+                    "backoff.jitter must be between 0 and 1".into(),
+                ));
+            }
+        }
+        if job.opts.priority.is_some_and(|p| p > MAX_PRIORITY) {
+            return Err(QueueError::Invalid(format!(
+                "priority must be at most {MAX_PRIORITY}"
+            )));
+        }
+        job.opts = job.opts.merged_over(&self.defaults(&job.queue));
+        Ok(job)
+    }
+
+    /// Adds one job.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] for a bad job; [`QueueError::Unavailable`] when the job could not
+    /// be stored (nothing was added).
+    pub async fn add(&self, job: NewJob) -> Result<Added> {
+        let mut added = self.add_bulk(vec![job]).await?;
+        added.pop().ok_or(QueueError::Closed)
+    }
+
+    /// Adds jobs in one go: all are stored or none.
+    ///
+    /// # Errors
+    /// As [`Queues::add`].
+    pub async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
+        let jobs = jobs
+            .into_iter()
+            .map(|j| self.prepare(j))
+            .collect::<Result<Vec<_>>>()?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.engine.add_bulk(jobs).await
+    }
+
+    /// Reads one job.
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>> {
+        self.engine.get(queue, id).await
+    }
+
+    /// Lists up to `limit` jobs of a queue in one state, skipping `offset`.
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn list(
+        &self,
+        queue: &str,
+        state: JobState,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<Job>> {
+        self.engine.list(queue, state, offset, limit).await
+    }
+
+    /// Counts a queue's jobs by state.
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn counts(&self, queue: &str) -> Result<QueueCounts> {
+        self.engine.counts(queue).await
+    }
+
+    /// Pauses a queue: workers stop taking its jobs; running ones finish.
+    ///
+    /// # Errors
+    /// When the engine cannot be written.
+    pub async fn pause(&self, queue: &str) -> Result<()> {
+        self.engine.set_paused(queue, true).await
+    }
+
+    /// Resumes a paused queue.
+    ///
+    /// # Errors
+    /// When the engine cannot be written.
+    pub async fn resume(&self, queue: &str) -> Result<()> {
+        self.engine.set_paused(queue, false).await
+    }
+
+    /// Whether a queue is paused.
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn is_paused(&self, queue: &str) -> Result<bool> {
+        self.engine.is_paused(queue).await
+    }
+
+    /// Retries a failed job with a fresh set of attempts.
+    ///
+    /// # Errors
+    /// [`QueueError::WrongState`] if the job has not failed; `Ok(None)`-like absence is
+    /// [`QueueError::Invalid`].
+    pub async fn retry(&self, queue: &str, id: &str) -> Result<Job> {
+        self.engine.retry(queue, id).await
+    }
+
+    /// Removes a job that is not active. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`QueueError::WrongState`] for an active job.
+    pub async fn remove(&self, queue: &str, id: &str) -> Result<bool> {
+        self.engine.remove(queue, id).await
+    }
+
+    /// Follows a job: its history from the start, then its new events.
+    pub fn follow(&self, queue: &str, id: &str) -> Follower {
+        Follower::new(self.engine.clone(), queue, id, self.follow_poll)
+    }
+
+    /// Waits until a job has finished or `timeout` passes, and returns the job as it then is
+    /// (`None` if it does not exist).
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn wait_finished(
+        &self,
+        queue: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Job>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut watch = self.engine.watches().watch(queue, id);
+        loop {
+            let job = self.engine.get(queue, id).await?;
+            match &job {
+                Some(j) if !j.state.is_finished() => {}
+                _ => return Ok(job),
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(job);
+            }
+            watch.changed((deadline - now).min(self.follow_poll)).await;
+        }
+    }
+
+    /// Starts describing a worker pool on these queues.
+    pub fn workers(&self) -> WorkerPoolBuilder {
+        WorkerPoolBuilder::new(self.clone())
+    }
+}
+
+fn check_name(what: &str, value: &str, max: usize) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(QueueError::Invalid(format!(
+            "{what} must be 1 to {max} characters of A-Z, a-z, 0-9, '_', '-', '.' (got {value:?})"
+        )))
+    }
+}

@@ -1,0 +1,395 @@
+//! The SQL engine: jobs as rows, on SQLite (the embedded default) and, as a second dialect,
+//! Postgres.
+//!
+//! Layout:
+//! - `mod.rs` (this file): [`SqlEngine`], its [`SqlConfig`], and the [`Engine`] implementation,
+//!   which sends writes to the writer and reads from a pool.
+//! - `writer.rs`: the group-commit writer. Every write (add, claim, finish, extend, release,
+//!   reap, prune, operator actions) is an `Op` sent to one task that drains whatever is queued
+//!   and applies it in one transaction, so 32 concurrent adds cost one commit.
+//! - `sqlite.rs`: the SQLite dialect: schema, statements, and row mapping.
+//! - `history.rs`: rebuilding a job's event history from its row and its event rows.
+//! - `effect.rs`: [`TxEffect`], database work that commits together with a job's completion.
+//!
+//! Timestamps are milliseconds since the Unix epoch from the engine's [`Clock`]. On SQLite all
+//! processes share one machine and so one clock.
+
+mod effect;
+mod history;
+mod sqlite;
+mod writer;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+use tokio::sync::{oneshot, watch};
+
+pub use effect::{SqlConn, TxEffect};
+
+use crate::clock::{Clock, SystemClock};
+use crate::engine::{Capabilities, ClaimBatch, ClaimedJob, Engine, Outcome};
+use crate::error::{QueueError, Result};
+use crate::events::{JobEvent, WatchRegistry};
+use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use writer::{Op, Request, WriterHandle};
+
+/// How hard SQLite works to make a commit durable (`PRAGMA synchronous`, in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `NORMAL`: a commit survives a crash of the process (the default). A power loss or kernel
+    /// crash may lose the last commits before the most recent WAL sync, but never corrupts the
+    /// file.
+    #[default]
+    Normal,
+    /// `FULL`: the WAL is synced at every commit, so a commit survives power loss too, at the
+    /// cost of one fsync per group commit.
+    Full,
+    /// `OFF`: no syncs at all. A process crash is still survived (the OS keeps the writes), a
+    /// power loss may corrupt the database. For throwaway test data only.
+    Off,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Durability::Normal),
+            "full" => Ok(Durability::Full),
+            "off" => Ok(Durability::Off),
+            other => Err(format!(
+                "unknown durability {other:?}: expected normal, full or off"
+            )),
+        }
+    }
+}
+
+/// Settings of the SQL engine.
+#[derive(Debug, Clone)]
+pub struct SqlConfig {
+    /// `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+    pub url: String,
+    /// SQLite's `synchronous` setting.
+    pub durability: Durability,
+    /// How long a statement waits for another process's write lock before failing as
+    /// unavailable.
+    pub busy_timeout: Duration,
+    /// Connections for reads (writes use one connection of their own).
+    pub read_connections: u32,
+    /// The most operations applied in one group commit.
+    pub max_batch: usize,
+    /// The clock jobs are stamped with.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl SqlConfig {
+    /// Defaults for a database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        SqlConfig {
+            url: url.into(),
+            durability: Durability::default(),
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+            max_batch: 1024,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same settings with another clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+/// The SQL engine. Create it with [`SqlEngine::connect`].
+pub struct SqlEngine {
+    owner: String,
+    clock: Arc<dyn Clock>,
+    reads: SqlitePool,
+    writer: WriterHandle,
+    shared: Arc<Shared>,
+}
+
+/// State shared between the engine's handle and its writer task.
+pub(crate) struct Shared {
+    pub(crate) watches: WatchRegistry,
+    // A std mutex: only looked up or inserted into, never held across an await.
+    work: Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Shared {
+    fn signal(&self, queue: &str) -> watch::Sender<u64> {
+        self.work
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(queue.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
+    /// Announces that jobs may have become ready on `queue`.
+    pub(crate) fn wake(&self, queue: &str) {
+        self.signal(queue).send_modify(|v| *v += 1);
+    }
+}
+
+impl SqlEngine {
+    /// Opens (creating if needed) the database at `config.url`, brings its queue tables up to
+    /// date, and starts the writer.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] for a URL this engine does not take; [`QueueError::Unavailable`]
+    /// when the database cannot be opened or migrated.
+    pub async fn connect(config: SqlConfig) -> Result<Arc<SqlEngine>> {
+        if !config.url.starts_with("sqlite:") {
+            return Err(QueueError::Invalid(format!(
+                "the SQL engine takes sqlite:// URLs here, not {:?}",
+                redact_url(&config.url)
+            )));
+        }
+        let opts = SqliteConnectOptions::from_str(&config.url)
+            .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.durability {
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Off => SqliteSynchronous::Off,
+            })
+            .busy_timeout(config.busy_timeout)
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let mut write_conn = sqlite::open_writer(opts.clone()).await?;
+        sqlite::migrate(&mut write_conn).await?;
+        // Lazy: read connections open on first use, with the same settings.
+        let reads = SqlitePoolOptions::new()
+            .max_connections(config.read_connections.max(1))
+            .min_connections(0)
+            .acquire_timeout(config.busy_timeout)
+            .connect_lazy_with(opts);
+        let shared = Arc::new(Shared {
+            watches: WatchRegistry::default(),
+            work: Mutex::new(Default::default()),
+        });
+        let writer = writer::spawn(
+            write_conn,
+            config.clock.clone(),
+            shared.clone(),
+            config.max_batch,
+        );
+        Ok(Arc::new(SqlEngine {
+            owner: uuid::Uuid::now_v7().to_string(),
+            clock: config.clock,
+            reads,
+            writer,
+            shared,
+        }))
+    }
+
+    /// The read pool, for a store that shares this database (reads only; write through
+    /// [`TxEffect`]s or your own connections).
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.reads
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(Request::new(make(tx))).await?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+/// A URL with any password replaced, fit for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[async_trait]
+impl Engine for SqlEngine {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn owner_id(&self) -> &str {
+        &self.owner
+    }
+
+    fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            transactional_effects: true,
+        }
+    }
+
+    fn watches(&self) -> &WatchRegistry {
+        &self.shared.watches
+    }
+
+    fn work_signal(&self, queue: &str) -> watch::Receiver<u64> {
+        self.shared.signal(queue).subscribe()
+    }
+
+    async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
+        self.request(|reply| Op::Add { jobs, reply }).await
+    }
+
+    async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>> {
+        sqlite::get(&self.reads, queue, id, self.clock.now_ms()).await
+    }
+
+    async fn list(
+        &self,
+        queue: &str,
+        state: JobState,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<Job>> {
+        sqlite::list(
+            &self.reads,
+            queue,
+            state,
+            offset,
+            limit,
+            self.clock.now_ms(),
+        )
+        .await
+    }
+
+    async fn counts(&self, queue: &str) -> Result<QueueCounts> {
+        sqlite::counts(&self.reads, queue, self.clock.now_ms()).await
+    }
+
+    async fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        let queue = queue.to_owned();
+        self.request(|reply| Op::SetPaused {
+            queue,
+            paused,
+            reply,
+        })
+        .await
+    }
+
+    async fn is_paused(&self, queue: &str) -> Result<bool> {
+        sqlite::is_paused(&self.reads, queue).await
+    }
+
+    async fn retry(&self, queue: &str, id: &str) -> Result<Job> {
+        let (queue, id) = (queue.to_owned(), id.to_owned());
+        self.request(|reply| Op::Retry { queue, id, reply }).await
+    }
+
+    async fn remove(&self, queue: &str, id: &str) -> Result<bool> {
+        let (queue, id) = (queue.to_owned(), id.to_owned());
+        self.request(|reply| Op::Remove { queue, id, reply }).await
+    }
+
+    async fn history(&self, queue: &str, id: &str) -> Result<Option<Vec<JobEvent>>> {
+        sqlite::history(&self.reads, queue, id, self.clock.now_ms()).await
+    }
+
+    async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch> {
+        let queue = queue.to_owned();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        self.request(|reply| Op::Claim {
+            queue,
+            max,
+            lease_ms: lease.as_millis() as i64,
+            token,
+            reply,
+        })
+        .await
+    }
+
+    async fn extend(
+        &self,
+        queue: &str,
+        leases: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<bool>> {
+        let queue = queue.to_owned();
+        let leases = leases.to_vec();
+        self.request(|reply| Op::Extend {
+            queue,
+            leases,
+            lease_ms: lease.as_millis() as i64,
+            reply,
+        })
+        .await
+    }
+
+    async fn finish(&self, job: &ClaimedJob, outcome: Outcome) -> Result<()> {
+        let job = job.clone();
+        self.request(|reply| Op::Finish {
+            job,
+            outcome,
+            reply,
+        })
+        .await
+    }
+
+    async fn release(&self, job: &ClaimedJob) -> Result<()> {
+        let job = job.clone();
+        self.request(|reply| Op::Release { job, reply }).await
+    }
+
+    async fn reap_stalled(&self, queue: &str, max_stalled: u32) -> Result<u64> {
+        let queue = queue.to_owned();
+        self.request(|reply| Op::ReapStalled {
+            queue,
+            max_stalled,
+            reply,
+        })
+        .await
+    }
+
+    async fn prune(&self, queue: &str) -> Result<u64> {
+        let queue = queue.to_owned();
+        self.request(|reply| Op::Prune { queue, reply }).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlite::ping(&self.reads).await
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.reads.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://convoq.db"), "sqlite://convoq.db");
+    }
+}

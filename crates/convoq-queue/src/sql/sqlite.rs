@@ -1,0 +1,1014 @@
+//! The SQLite dialect of the SQL engine: schema, statements and row mapping.
+//!
+//! Jobs are rows of `cq_jobs`. The stored `state` is one of `waiting`, `active`, `completed`,
+//! `failed`; `delayed` (a waiting job whose `run_at` is in the future) and `paused` (a waiting
+//! job of a paused queue) are derived when read, so that no timer has to promote delayed jobs.
+//! `cq_job_events` keeps the parts of a job's history that its row no longer shows (earlier
+//! attempts); `cq_queues` keeps pause flags and lifetime totals that survive pruning.
+
+use rand::Rng;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
+use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
+
+use super::effect::SqlConn;
+use super::history::{self, EventRow};
+use super::writer::Batch;
+use crate::clock::ms_to_datetime;
+use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::error::{ProcessError, QueueError, Result};
+use crate::events::{JobEvent, JobEventKind};
+use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob, QueueCounts};
+
+type SqlResult<T> = std::result::Result<T, sqlx::Error>;
+
+/// The schema, one step per version. A database records the steps it has in `cq_schema`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE cq_jobs (
+    seq INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    opts TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('waiting', 'active', 'completed', 'failed')),
+    priority INTEGER NOT NULL DEFAULT 0,
+    run_at INTEGER NOT NULL,
+    attempts_made INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    stalled_count INTEGER NOT NULL DEFAULT 0,
+    lease_token TEXT,
+    lease_expires_at INTEGER,
+    result TEXT,
+    failed_reason TEXT,
+    created_at INTEGER NOT NULL,
+    processed_at INTEGER,
+    finished_at INTEGER,
+    keep_count INTEGER,
+    expire_at INTEGER,
+    UNIQUE (queue, id)
+);
+CREATE INDEX cq_jobs_ready ON cq_jobs (queue, priority, run_at, seq) WHERE state = 'waiting';
+CREATE INDEX cq_jobs_leases ON cq_jobs (queue, lease_expires_at) WHERE state = 'active';
+CREATE INDEX cq_jobs_finished ON cq_jobs (queue, state, finished_at)
+    WHERE state IN ('completed', 'failed');
+CREATE TABLE cq_job_events (
+    idx INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE INDEX cq_job_events_job ON cq_job_events (queue, job_id, idx);
+CREATE TABLE cq_queues (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    completed_total INTEGER NOT NULL DEFAULT 0,
+    failed_total INTEGER NOT NULL DEFAULT 0
+);
+"#];
+
+/// The columns a [`Job`] is read from, in [`job_from_row`]'s order.
+const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
+    stalled_count, result, failed_reason, created_at, processed_at, finished_at";
+
+/// Maps a driver error to the crate's error. Busy, locked, full and I/O conditions are
+/// transient; decoding problems mean corrupt data.
+pub(crate) fn map_err(e: sqlx::Error) -> QueueError {
+    match e {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            QueueError::Corrupt(e.to_string())
+        }
+        sqlx::Error::Configuration(_) => QueueError::Invalid(e.to_string()),
+        other => QueueError::Unavailable(other.to_string()),
+    }
+}
+
+pub(crate) async fn open_writer(opts: SqliteConnectOptions) -> Result<SqliteConnection> {
+    opts.connect().await.map_err(map_err)
+}
+
+/// Brings the schema up to date, under the write lock so that processes starting together
+/// migrate once.
+pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
+    match migrate_steps(conn).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(map_err(e))
+        }
+    }
+}
+
+async fn migrate_steps(conn: &mut SqliteConnection) -> SqlResult<Result<()>> {
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS cq_schema (version INTEGER NOT NULL)")
+        .execute(&mut *conn)
+        .await?;
+    let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM cq_schema")
+        .fetch_one(&mut *conn)
+        .await?;
+    let have = have.unwrap_or(0) as usize;
+    if have > MIGRATIONS.len() {
+        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+        return Ok(Err(QueueError::Invalid(format!(
+            "the database's queue schema is version {have}, newer than this build knows ({}); upgrade convoq",
+            MIGRATIONS.len()
+        ))));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(have) {
+        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(statement).execute(&mut *conn).await?;
+        }
+        sqlx::query("INSERT INTO cq_schema (version) VALUES (?)")
+            .bind(i as i64 + 1)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    Ok(Ok(()))
+}
+
+pub(crate) async fn begin(conn: &mut SqliteConnection) -> SqlResult<()> {
+    sqlx::query("BEGIN IMMEDIATE").execute(conn).await.map(drop)
+}
+
+/// Adds the batch's lifetime totals and commits.
+pub(crate) async fn commit(conn: &mut SqliteConnection, batch: &Batch) -> SqlResult<()> {
+    for (queue, (completed, failed)) in &batch.totals {
+        sqlx::query(
+            "INSERT INTO cq_queues (name, completed_total, failed_total) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET \
+             completed_total = completed_total + excluded.completed_total, \
+             failed_total = failed_total + excluded.failed_total",
+        )
+        .bind(queue)
+        .bind(completed)
+        .bind(failed)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query("COMMIT").execute(conn).await.map(drop)
+}
+
+pub(crate) async fn rollback(conn: &mut SqliteConnection) -> SqlResult<()> {
+    sqlx::query("ROLLBACK").execute(conn).await.map(drop)
+}
+
+fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
+    match keep.unwrap_or(KeepJobs::FOREVER) {
+        KeepJobs::RemoveAtOnce => (Some(0), Some(finished_at)),
+        KeepJobs::Keep { count, age_secs } => (
+            count.map(|c| c.min(i64::MAX as u64) as i64),
+            age_secs.map(|a| finished_at.saturating_add((a as i64).saturating_mul(1000))),
+        ),
+    }
+}
+
+fn to_json(v: &impl serde::Serialize) -> String {
+    // Serialising a serde_json::Value or our own option types cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// Inserts jobs; a custom id that exists already yields the existing job.
+pub(crate) async fn add_jobs(
+    conn: &mut SqliteConnection,
+    jobs: &[NewJob],
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Vec<Added>>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let id = job
+            .opts
+            .job_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let run_at = now.saturating_add(job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64);
+        let inserted = sqlx::query(
+            "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
+             max_attempts, created_at) VALUES (?, ?, ?, ?, ?, 'waiting', ?, ?, ?, ?) \
+             ON CONFLICT (queue, id) DO NOTHING",
+        )
+        .bind(&job.queue)
+        .bind(&id)
+        .bind(&job.name)
+        .bind(to_json(&job.data))
+        .bind(to_json(&job.opts))
+        .bind(job.opts.priority.unwrap_or(0) as i64)
+        .bind(run_at)
+        .bind(job.opts.max_attempts() as i64)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            batch.wake(&job.queue);
+            out.push(Added {
+                job: Job {
+                    id,
+                    queue: job.queue.clone(),
+                    name: job.name.clone(),
+                    data: job.data.clone(),
+                    opts: job.opts.clone(),
+                    state: if run_at > now {
+                        JobState::Delayed
+                    } else {
+                        JobState::Waiting
+                    },
+                    attempts_made: 0,
+                    stalled_count: 0,
+                    result: None,
+                    failed_reason: None,
+                    created_at: ms_to_datetime(now),
+                    available_at: ms_to_datetime(run_at),
+                    processed_at: None,
+                    finished_at: None,
+                },
+                created: true,
+            });
+        } else {
+            match get_on(&mut *conn, &job.queue, &id, now).await? {
+                Ok(Some(existing)) => out.push(Added {
+                    job: existing,
+                    created: false,
+                }),
+                Ok(None) => {
+                    return Ok(Err(QueueError::Corrupt(format!(
+                        "job {id} conflicted on insert but cannot be read"
+                    ))))
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// Claims up to `max` ready jobs of an unpaused queue, under one lease token.
+pub(crate) async fn claim(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    max: usize,
+    lease_ms: i64,
+    token: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<ClaimBatch>> {
+    let sql = format!(
+        "UPDATE cq_jobs SET state = 'active', lease_token = ?1, lease_expires_at = ?2, \
+         attempts_made = attempts_made + 1, processed_at = ?3 \
+         WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?4 AND state = 'waiting' \
+           AND run_at <= ?3 ORDER BY priority, run_at, seq LIMIT ?5) \
+         AND NOT EXISTS (SELECT 1 FROM cq_queues WHERE name = ?4 AND paused = 1) \
+         RETURNING {JOB_COLUMNS}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(token)
+        .bind(now.saturating_add(lease_ms))
+        .bind(now)
+        .bind(queue)
+        .bind(max as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match job_from_row(row, now, false) {
+            Ok(job) => {
+                batch.changed(&job.queue, &job.id);
+                jobs.push(ClaimedJob {
+                    job,
+                    token: token.to_owned(),
+                });
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    let mut next_due_ms = None;
+    if jobs.is_empty() {
+        next_due_ms = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MIN(run_at) FROM cq_jobs WHERE queue = ? AND state = 'waiting'",
+        )
+        .bind(queue)
+        .fetch_one(&mut *conn)
+        .await?;
+    }
+    Ok(Ok(ClaimBatch { jobs, next_due_ms }))
+}
+
+pub(crate) async fn extend(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    leases: &[(String, String)],
+    lease_ms: i64,
+    now: i64,
+) -> SqlResult<Result<Vec<bool>>> {
+    let mut held = Vec::with_capacity(leases.len());
+    for (id, token) in leases {
+        let n = sqlx::query(
+            "UPDATE cq_jobs SET lease_expires_at = ? \
+             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+        )
+        .bind(now.saturating_add(lease_ms))
+        .bind(queue)
+        .bind(id)
+        .bind(token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        held.push(n == 1);
+    }
+    Ok(Ok(held))
+}
+
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    id: &str,
+    kind: JobEventKind,
+    attempt: u32,
+    at: i64,
+    detail: Option<serde_json::Value>,
+) -> SqlResult<()> {
+    sqlx::query(
+        "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(queue)
+    .bind(id)
+    .bind(kind.as_str())
+    .bind(attempt as i64)
+    .bind(at)
+    .bind(detail.map(|d| to_json(&d)))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Records the end of an attempt, fenced by the lease token.
+pub(crate) async fn finish(
+    conn: &mut SqliteConnection,
+    claimed: &ClaimedJob,
+    outcome: &Outcome,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    let lost = || {
+        Ok(Err(QueueError::LeaseLost {
+            queue: job.queue.clone(),
+            job_id: job.id.clone(),
+        }))
+    };
+    match outcome {
+        Outcome::Completed(c) => {
+            if c.effect.is_some() {
+                sqlx::query("SAVEPOINT effect").execute(&mut *conn).await?;
+            }
+            let (keep_count, expire_at) = keep_columns(job.opts.remove_on_complete, now);
+            let n = sqlx::query(
+                "UPDATE cq_jobs SET state = 'completed', result = ?, finished_at = ?, \
+                 lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
+                 WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+            )
+            .bind(to_json(&c.result))
+            .bind(now)
+            .bind(keep_count)
+            .bind(expire_at)
+            .bind(&job.queue)
+            .bind(&job.id)
+            .bind(&claimed.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                if c.effect.is_some() {
+                    sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+                }
+                return lost();
+            }
+            if let Some(effect) = &c.effect {
+                if let Err(e) = effect.apply(SqlConn::Sqlite(&mut *conn), now).await {
+                    sqlx::query("ROLLBACK TO effect")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+                    return fail_attempt(conn, claimed, &e, now, batch).await;
+                }
+                sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+            }
+            match add_jobs(conn, &c.follow_ups, now, batch).await? {
+                Ok(_) => {}
+                Err(e) => return Ok(Err(e)),
+            }
+            batch.count_completed(&job.queue);
+            batch.changed(&job.queue, &job.id);
+            Ok(Ok(()))
+        }
+        Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch).await,
+    }
+}
+
+async fn fail_attempt(
+    conn: &mut SqliteConnection,
+    claimed: &ClaimedJob,
+    error: &ProcessError,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    let attempt = job.attempts_made;
+    let final_failure = !error.is_retryable() || attempt >= job.max_attempts();
+    let n = if final_failure {
+        let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
+        sqlx::query(
+            "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
+             lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
+             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+        )
+        .bind(error.reason())
+        .bind(now)
+        .bind(keep_count)
+        .bind(expire_at)
+        .bind(&job.queue)
+        .bind(&job.id)
+        .bind(&claimed.token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+    } else {
+        let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
+        let delay = backoff
+            .delay_for(attempt, rand::thread_rng().gen::<f64>())
+            .as_millis() as i64;
+        let n = sqlx::query(
+            "UPDATE cq_jobs SET state = 'waiting', failed_reason = ?, run_at = ?, \
+             lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+        )
+        .bind(error.reason())
+        .bind(now.saturating_add(delay))
+        .bind(&job.queue)
+        .bind(&job.id)
+        .bind(&claimed.token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
+            insert_event(
+                conn,
+                &job.queue,
+                &job.id,
+                JobEventKind::Active,
+                attempt,
+                started,
+                None,
+            )
+            .await?;
+            let detail = serde_json::json!({ "reason": error.reason(), "delayMs": delay });
+            insert_event(
+                conn,
+                &job.queue,
+                &job.id,
+                JobEventKind::Retrying,
+                attempt,
+                now,
+                Some(detail),
+            )
+            .await?;
+        }
+        n
+    };
+    if n != 1 {
+        return Ok(Err(QueueError::LeaseLost {
+            queue: job.queue.clone(),
+            job_id: job.id.clone(),
+        }));
+    }
+    if final_failure {
+        batch.count_failed(&job.queue);
+    }
+    batch.changed(&job.queue, &job.id);
+    Ok(Ok(()))
+}
+
+/// Gives a job back without counting its attempt.
+pub(crate) async fn release(
+    conn: &mut SqliteConnection,
+    claimed: &ClaimedJob,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    let n = sqlx::query(
+        "UPDATE cq_jobs SET state = 'waiting', run_at = ?, attempts_made = MAX(attempts_made - 1, 0), \
+         lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+         WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+    )
+    .bind(now)
+    .bind(&job.queue)
+    .bind(&job.id)
+    .bind(&claimed.token)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        return Ok(Err(QueueError::LeaseLost {
+            queue: job.queue.clone(),
+            job_id: job.id.clone(),
+        }));
+    }
+    let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
+    let attempt = job.attempts_made;
+    insert_event(
+        conn,
+        &job.queue,
+        &job.id,
+        JobEventKind::Active,
+        attempt,
+        started,
+        None,
+    )
+    .await?;
+    let detail =
+        serde_json::json!({ "reason": "released at shutdown; the attempt does not count" });
+    insert_event(
+        conn,
+        &job.queue,
+        &job.id,
+        JobEventKind::Waiting,
+        attempt.saturating_sub(1),
+        now,
+        Some(detail),
+    )
+    .await?;
+    batch.wake(&job.queue);
+    batch.changed(&job.queue, &job.id);
+    Ok(Ok(()))
+}
+
+/// Takes back active jobs whose lease expired.
+pub(crate) async fn reap_stalled(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    max_stalled: u32,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<u64>> {
+    let rows = sqlx::query(
+        "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
+         WHERE queue = ? AND state = 'active' AND lease_expires_at < ?",
+    )
+    .bind(queue)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut n = 0;
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        let attempt: i64 = row.try_get(1)?;
+        let stalled: i64 = row.try_get(2)?;
+        let started: Option<i64> = row.try_get(3)?;
+        let opts: JobOptions = serde_json::from_str(row.try_get::<&str, _>(4)?).unwrap_or_default();
+        let attempt = attempt.max(0) as u32;
+        insert_event(
+            conn,
+            queue,
+            &id,
+            JobEventKind::Active,
+            attempt,
+            started.unwrap_or(now),
+            None,
+        )
+        .await?;
+        let reason = "the job's lease expired: its worker stopped or stalled";
+        insert_event(
+            conn,
+            queue,
+            &id,
+            JobEventKind::Stalled,
+            attempt,
+            now,
+            Some(reason.into()),
+        )
+        .await?;
+        if stalled + 1 > max_stalled as i64 {
+            let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
+            sqlx::query(
+                "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
+                 failed_reason = ?, finished_at = ?, processed_at = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, keep_count = ?, expire_at = ? WHERE queue = ? AND id = ?",
+            )
+            .bind(format!(
+                "job stalled more than the allowed {max_stalled} times"
+            ))
+            .bind(now)
+            .bind(keep_count)
+            .bind(expire_at)
+            .bind(queue)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            batch.count_failed(queue);
+        } else {
+            sqlx::query(
+                "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
+                 run_at = ?, processed_at = NULL, lease_token = NULL, lease_expires_at = NULL \
+                 WHERE queue = ? AND id = ?",
+            )
+            .bind(now)
+            .bind(queue)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            batch.wake(queue);
+        }
+        batch.changed(queue, &id);
+        n += 1;
+    }
+    Ok(Ok(n))
+}
+
+/// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
+/// touched.
+pub(crate) async fn prune(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    now: i64,
+) -> SqlResult<Result<u64>> {
+    let expired: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE queue = ? AND state IN ('completed', 'failed') \
+         AND expire_at IS NOT NULL AND expire_at <= ? RETURNING id",
+    )
+    .bind(queue)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let surplus: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+         ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
+         FROM cq_jobs WHERE queue = ? AND state IN ('completed', 'failed') \
+         AND keep_count IS NOT NULL) WHERE rn > keep_count) RETURNING id",
+    )
+    .bind(queue)
+    .fetch_all(&mut *conn)
+    .await?;
+    for id in expired.iter().chain(&surplus) {
+        sqlx::query("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")
+            .bind(queue)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Ok((expired.len() + surplus.len()) as u64))
+}
+
+pub(crate) async fn set_paused(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    paused: bool,
+) -> SqlResult<Result<()>> {
+    sqlx::query(
+        "INSERT INTO cq_queues (name, paused) VALUES (?, ?) \
+         ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+    )
+    .bind(queue)
+    .bind(paused as i64)
+    .execute(conn)
+    .await?;
+    Ok(Ok(()))
+}
+
+pub(crate) async fn retry(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
+    let Some(job) = (match get_on(&mut *conn, queue, id, now).await? {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    }) else {
+        return Ok(Err(QueueError::Invalid(format!(
+            "no job {id} in queue {queue}"
+        ))));
+    };
+    if job.state != JobState::Failed {
+        return Ok(Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: job.state.to_string(),
+        }));
+    }
+    let finished = job.finished_at.map_or(now, |t| t.timestamp_millis());
+    if let Some(started) = job.processed_at {
+        insert_event(
+            conn,
+            queue,
+            id,
+            JobEventKind::Active,
+            job.attempts_made,
+            started.timestamp_millis(),
+            None,
+        )
+        .await?;
+    }
+    let reason = job.failed_reason.clone().map(serde_json::Value::String);
+    insert_event(
+        conn,
+        queue,
+        id,
+        JobEventKind::Failed,
+        job.attempts_made,
+        finished,
+        reason,
+    )
+    .await?;
+    insert_event(
+        conn,
+        queue,
+        id,
+        JobEventKind::Waiting,
+        0,
+        now,
+        Some("retried by an operator".into()),
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
+         processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
+         WHERE queue = ? AND id = ?",
+    )
+    .bind(now)
+    .bind(queue)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.wake(queue);
+    batch.changed(queue, id);
+    Ok(get_on(conn, queue, id, now)
+        .await?
+        .and_then(|j| j.ok_or_else(|| QueueError::Corrupt(format!("job {id} vanished")))))
+}
+
+pub(crate) async fn remove(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    id: &str,
+    batch: &mut Batch,
+) -> SqlResult<Result<bool>> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = ? AND id = ?")
+            .bind(queue)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match state.as_deref() {
+        None => Ok(Ok(false)),
+        Some("active") => Ok(Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: "active".into(),
+        })),
+        Some(_) => {
+            sqlx::query("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")
+                .bind(queue)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")
+                .bind(queue)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            batch.changed(queue, id);
+            Ok(Ok(true))
+        }
+    }
+}
+
+// ---- reads ----
+
+fn job_from_row(row: &SqliteRow, now: i64, paused: bool) -> Result<Job> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        QueueError::Corrupt(format!("{what} of a stored job: {e}"))
+    };
+    let get_i64 = |i: usize| -> Result<Option<i64>> {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(|e| corrupt("a timestamp or counter", &e))
+    };
+    let text = |i: usize| -> Result<Option<String>> {
+        row.try_get::<Option<String>, _>(i)
+            .map_err(|e| corrupt("a text column", &e))
+    };
+    let id = text(1)?.unwrap_or_default();
+    let data: serde_json::Value = serde_json::from_str(&text(3)?.unwrap_or_default())
+        .map_err(|e| corrupt(&format!("the payload of job {id}"), &e))?;
+    let opts: JobOptions = serde_json::from_str(&text(4)?.unwrap_or_default())
+        .map_err(|e| corrupt(&format!("the options of job {id}"), &e))?;
+    let run_at = get_i64(6)?.unwrap_or(0);
+    let state = match text(5)?.as_deref() {
+        Some("waiting") if run_at > now => JobState::Delayed,
+        Some("waiting") if paused => JobState::Paused,
+        Some("waiting") => JobState::Waiting,
+        Some("active") => JobState::Active,
+        Some("completed") => JobState::Completed,
+        Some("failed") => JobState::Failed,
+        other => {
+            return Err(corrupt(
+                &format!("the state of job {id}"),
+                &format!("{other:?}"),
+            ))
+        }
+    };
+    let result = match text(9)? {
+        Some(r) => Some(
+            serde_json::from_str(&r)
+                .map_err(|e| corrupt(&format!("the result of job {id}"), &e))?,
+        ),
+        None => None,
+    };
+    Ok(Job {
+        queue: text(0)?.unwrap_or_default(),
+        name: text(2)?.unwrap_or_default(),
+        data,
+        opts,
+        state,
+        attempts_made: get_i64(7)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        stalled_count: get_i64(8)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        result,
+        failed_reason: text(10)?,
+        created_at: ms_to_datetime(get_i64(11)?.unwrap_or(0)),
+        available_at: ms_to_datetime(run_at),
+        processed_at: get_i64(12)?.map(ms_to_datetime),
+        finished_at: get_i64(13)?.map(ms_to_datetime),
+        id,
+    })
+}
+
+async fn get_on(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    id: &str,
+    now: i64,
+) -> SqlResult<Result<Option<Job>>> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS}, COALESCE((SELECT paused FROM cq_queues WHERE name = cq_jobs.queue), 0) \
+         FROM cq_jobs WHERE queue = ? AND id = ?"
+    );
+    let row = sqlx::query(&sql)
+        .bind(queue)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(match row {
+        None => Ok(None),
+        Some(row) => {
+            let paused: i64 = row.try_get(14)?;
+            job_from_row(&row, now, paused != 0).map(Some)
+        }
+    })
+}
+
+pub(crate) async fn get(pool: &SqlitePool, queue: &str, id: &str, now: i64) -> Result<Option<Job>> {
+    let mut conn = pool.acquire().await.map_err(map_err)?;
+    get_on(&mut conn, queue, id, now).await.map_err(map_err)?
+}
+
+pub(crate) async fn is_paused(pool: &SqlitePool, queue: &str) -> Result<bool> {
+    let paused: Option<i64> = sqlx::query_scalar("SELECT paused FROM cq_queues WHERE name = ?")
+        .bind(queue)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+    Ok(paused.unwrap_or(0) != 0)
+}
+
+pub(crate) async fn list(
+    pool: &SqlitePool,
+    queue: &str,
+    state: JobState,
+    offset: u64,
+    limit: u64,
+    now: i64,
+) -> Result<Vec<Job>> {
+    let paused = is_paused(pool, queue).await?;
+    let (filter, order) = match state {
+        JobState::Waiting if paused => return Ok(Vec::new()),
+        JobState::Paused if !paused => return Ok(Vec::new()),
+        JobState::Waiting | JobState::Paused => (
+            "state = 'waiting' AND run_at <= ?2",
+            "priority, run_at, seq",
+        ),
+        JobState::Delayed => ("state = 'waiting' AND run_at > ?2", "run_at, seq"),
+        JobState::Active => ("state = 'active' AND ?2 = ?2", "processed_at, seq"),
+        JobState::Completed => (
+            "state = 'completed' AND ?2 = ?2",
+            "finished_at DESC, seq DESC",
+        ),
+        JobState::Failed => ("state = 'failed' AND ?2 = ?2", "finished_at DESC, seq DESC"),
+    };
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
+         ORDER BY {order} LIMIT ?3 OFFSET ?4"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(queue)
+        .bind(now)
+        .bind(limit.min(i64::MAX as u64) as i64)
+        .bind(offset.min(i64::MAX as u64) as i64)
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+    rows.iter().map(|r| job_from_row(r, now, paused)).collect()
+}
+
+pub(crate) async fn counts(pool: &SqlitePool, queue: &str, now: i64) -> Result<QueueCounts> {
+    let rows = sqlx::query(
+        "SELECT state, run_at > ? AS later, COUNT(*) FROM cq_jobs WHERE queue = ? GROUP BY 1, 2",
+    )
+    .bind(now)
+    .bind(queue)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
+    let q =
+        sqlx::query("SELECT paused, completed_total, failed_total FROM cq_queues WHERE name = ?")
+            .bind(queue)
+            .fetch_optional(pool)
+            .await
+            .map_err(map_err)?;
+    let mut c = QueueCounts::default();
+    let (paused, completed_total, failed_total) = match q {
+        Some(r) => (
+            r.try_get::<i64, _>(0).map_err(map_err)? != 0,
+            r.try_get::<i64, _>(1).map_err(map_err)?,
+            r.try_get::<i64, _>(2).map_err(map_err)?,
+        ),
+        None => (false, 0, 0),
+    };
+    c.completed_total = completed_total.max(0) as u64;
+    c.failed_total = failed_total.max(0) as u64;
+    for r in rows {
+        let state: String = r.try_get(0).map_err(map_err)?;
+        let later: bool = r.try_get::<i64, _>(1).map_err(map_err)? != 0;
+        let n = r.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64;
+        match (state.as_str(), later) {
+            ("waiting", true) => c.delayed += n,
+            ("waiting", false) if paused => c.paused += n,
+            ("waiting", false) => c.waiting += n,
+            ("active", _) => c.active += n,
+            ("completed", _) => c.completed += n,
+            ("failed", _) => c.failed += n,
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+pub(crate) async fn history(
+    pool: &SqlitePool,
+    queue: &str,
+    id: &str,
+    now: i64,
+) -> Result<Option<Vec<JobEvent>>> {
+    let mut conn = pool.acquire().await.map_err(map_err)?;
+    // One read transaction, so that the row and its events are one snapshot.
+    sqlx::query("BEGIN")
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let job = get_on(&mut conn, queue, id, now).await;
+    let events = sqlx::query(
+        "SELECT kind, attempt, at, detail FROM cq_job_events WHERE queue = ? AND job_id = ? ORDER BY idx",
+    )
+    .bind(queue)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await;
+    let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
+    let Some(job) = job.map_err(map_err)?? else {
+        return Ok(None);
+    };
+    let mut stored = Vec::new();
+    for r in events.map_err(map_err)? {
+        let detail: Option<String> = r.try_get(3).map_err(map_err)?;
+        stored.push(EventRow {
+            kind: r.try_get(0).map_err(map_err)?,
+            attempt: r.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u32,
+            at: r.try_get(2).map_err(map_err)?,
+            detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+        });
+    }
+    Ok(Some(history::rebuild(&job, &stored)))
+}
+
+pub(crate) async fn ping(pool: &SqlitePool) -> Result<()> {
+    sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map_err(map_err)
+        .map(drop)
+}

@@ -1,0 +1,379 @@
+//! The group-commit writer: one task that owns the write connection, drains every queued
+//! operation, applies them in one transaction and answers each caller after the commit.
+//!
+//! SQLite allows one writer at a time, so funnelling writes through one task costs nothing in
+//! concurrency and turns N concurrent commits into one. If a batch fails, its operations are
+//! applied again one by one, so a single bad operation fails alone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{sqlite, Shared};
+use crate::clock::Clock;
+use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::error::{QueueError, Result};
+use crate::job::{Added, Job, NewJob};
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// One write, with where to send its answer.
+pub(crate) enum Op {
+    Add {
+        jobs: Vec<NewJob>,
+        reply: Reply<Vec<Added>>,
+    },
+    Claim {
+        queue: String,
+        max: usize,
+        lease_ms: i64,
+        token: String,
+        reply: Reply<ClaimBatch>,
+    },
+    Extend {
+        queue: String,
+        leases: Vec<(String, String)>,
+        lease_ms: i64,
+        reply: Reply<Vec<bool>>,
+    },
+    Finish {
+        job: ClaimedJob,
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
+    Release {
+        job: ClaimedJob,
+        reply: Reply<()>,
+    },
+    ReapStalled {
+        queue: String,
+        max_stalled: u32,
+        reply: Reply<u64>,
+    },
+    Prune {
+        queue: String,
+        reply: Reply<u64>,
+    },
+    SetPaused {
+        queue: String,
+        paused: bool,
+        reply: Reply<()>,
+    },
+    Retry {
+        queue: String,
+        id: String,
+        reply: Reply<Job>,
+    },
+    Remove {
+        queue: String,
+        id: String,
+        reply: Reply<bool>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// A request to the writer.
+pub(crate) struct Request(Op);
+
+impl Request {
+    pub(crate) fn new(op: Op) -> Self {
+        Request(op)
+    }
+}
+
+/// The answer to one operation, held until the batch commits.
+#[allow(clippy::large_enum_variant)] // Short-lived, one per operation in a batch.
+pub(crate) enum Done {
+    Added(Result<Vec<Added>>),
+    Claimed(Result<ClaimBatch>),
+    Bools(Result<Vec<bool>>),
+    Unit(Result<()>),
+    Count(Result<u64>),
+    Job(Result<Job>),
+    Bool(Result<bool>),
+}
+
+/// What to do once a batch has committed, and the counters it moves.
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// Jobs whose followers should re-read them.
+    pub(crate) changed: Vec<(String, String)>,
+    /// Queues on which jobs may have become ready.
+    pub(crate) woken: HashSet<String>,
+    /// Lifetime totals to add, per queue: (completed, failed).
+    pub(crate) totals: HashMap<String, (i64, i64)>,
+}
+
+impl Batch {
+    pub(crate) fn changed(&mut self, queue: &str, id: &str) {
+        self.changed.push((queue.to_owned(), id.to_owned()));
+    }
+    pub(crate) fn wake(&mut self, queue: &str) {
+        if !self.woken.contains(queue) {
+            self.woken.insert(queue.to_owned());
+        }
+    }
+    pub(crate) fn count_completed(&mut self, queue: &str) {
+        self.totals.entry(queue.to_owned()).or_default().0 += 1;
+    }
+    pub(crate) fn count_failed(&mut self, queue: &str) {
+        self.totals.entry(queue.to_owned()).or_default().1 += 1;
+    }
+}
+
+/// The engine's handle on the writer task.
+pub(crate) struct WriterHandle {
+    tx: mpsc::Sender<Request>,
+    closed: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WriterHandle {
+    pub(crate) async fn send(&self, req: Request) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        self.tx.send(req).await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Applies what is queued, then stops the writer.
+    pub(crate) async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request(Op::Close(tx))).await.is_ok() {
+            let _ = rx.await;
+        }
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the writer task on `conn`.
+pub(crate) fn spawn(
+    conn: SqliteConnection,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+) -> WriterHandle {
+    let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+    let task = tokio::spawn(run(conn, rx, clock, shared, max_batch.max(1)));
+    WriterHandle {
+        tx,
+        closed: AtomicBool::new(false),
+        task: Mutex::new(Some(task)),
+    }
+}
+
+async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Request>,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+) {
+    let mut ops: Vec<Op> = Vec::with_capacity(max_batch);
+    let mut closing: Option<oneshot::Sender<()>> = None;
+    while closing.is_none() {
+        let Some(Request(first)) = rx.recv().await else {
+            break;
+        };
+        ops.push(first);
+        while ops.len() < max_batch {
+            match rx.try_recv() {
+                Ok(Request(op)) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Some(pos) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
+            // Everything queued before the close is applied; anything after it is refused.
+            for op in ops.drain(pos + 1..) {
+                refuse(op, QueueError::Closed);
+            }
+            if let Some(Op::Close(tx)) = ops.pop() {
+                closing = Some(tx);
+            }
+        }
+        if ops.is_empty() {
+            continue;
+        }
+        let now = clock.now_ms();
+        match apply_batch(&mut conn, &ops, now).await {
+            Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
+            Err(e) if ops.len() > 1 => {
+                tracing::warn!(error = %e, ops = ops.len(), "group commit failed; applying its operations one by one");
+                for op in std::mem::take(&mut ops) {
+                    let single = [op];
+                    match apply_batch(&mut conn, &single, clock.now_ms()).await {
+                        Ok((dones, batch)) => {
+                            let mut v: Vec<Op> = single.into();
+                            deliver_all(&mut v, dones, batch, &shared);
+                        }
+                        Err(e) => {
+                            let [op] = single;
+                            refuse(op, sqlite::map_err(e));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let err = sqlite::map_err(e);
+                tracing::error!(error = %err, "write failed");
+                for op in ops.drain(..) {
+                    refuse(op, clone_err(&err));
+                }
+            }
+        }
+    }
+    if let Some(tx) = closing {
+        let _ = conn.close().await;
+        let _ = tx.send(());
+    }
+    rx.close();
+    while let Ok(Request(op)) = rx.try_recv() {
+        refuse(op, QueueError::Closed);
+    }
+}
+
+fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Shared) {
+    for (op, done) in ops.drain(..).zip(dones) {
+        deliver(op, done);
+    }
+    for queue in &batch.woken {
+        shared.wake(queue);
+    }
+    for (queue, id) in &batch.changed {
+        shared.watches.notify(queue, id);
+    }
+}
+
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    ops: &[Op],
+    now: i64,
+) -> std::result::Result<(Vec<Done>, Batch), sqlx::Error> {
+    sqlite::begin(conn).await?;
+    let result = apply_ops(conn, ops, now).await;
+    match result {
+        Ok((dones, batch)) => match sqlite::commit(conn, &batch).await {
+            Ok(()) => Ok((dones, batch)),
+            Err(e) => {
+                let _ = sqlite::rollback(conn).await;
+                Err(e)
+            }
+        },
+        Err(e) => {
+            let _ = sqlite::rollback(conn).await;
+            Err(e)
+        }
+    }
+}
+
+async fn apply_ops(
+    conn: &mut SqliteConnection,
+    ops: &[Op],
+    now: i64,
+) -> std::result::Result<(Vec<Done>, Batch), sqlx::Error> {
+    let mut batch = Batch::default();
+    let mut dones = Vec::with_capacity(ops.len());
+    for op in ops {
+        let done = match op {
+            Op::Add { jobs, .. } => {
+                Done::Added(sqlite::add_jobs(conn, jobs, now, &mut batch).await?)
+            }
+            Op::Claim {
+                queue,
+                max,
+                lease_ms,
+                token,
+                ..
+            } => Done::Claimed(
+                sqlite::claim(conn, queue, *max, *lease_ms, token, now, &mut batch).await?,
+            ),
+            Op::Extend {
+                queue,
+                leases,
+                lease_ms,
+                ..
+            } => Done::Bools(sqlite::extend(conn, queue, leases, *lease_ms, now).await?),
+            Op::Finish { job, outcome, .. } => {
+                Done::Unit(sqlite::finish(conn, job, outcome, now, &mut batch).await?)
+            }
+            Op::Release { job, .. } => {
+                Done::Unit(sqlite::release(conn, job, now, &mut batch).await?)
+            }
+            Op::ReapStalled {
+                queue, max_stalled, ..
+            } => {
+                Done::Count(sqlite::reap_stalled(conn, queue, *max_stalled, now, &mut batch).await?)
+            }
+            Op::Prune { queue, .. } => Done::Count(sqlite::prune(conn, queue, now).await?),
+            Op::SetPaused { queue, paused, .. } => {
+                if !paused {
+                    batch.wake(queue);
+                }
+                Done::Unit(sqlite::set_paused(conn, queue, *paused).await?)
+            }
+            Op::Retry { queue, id, .. } => {
+                Done::Job(sqlite::retry(conn, queue, id, now, &mut batch).await?)
+            }
+            Op::Remove { queue, id, .. } => {
+                Done::Bool(sqlite::remove(conn, queue, id, &mut batch).await?)
+            }
+            Op::Close(_) => unreachable!("close is taken out of the batch before it is applied"),
+        };
+        dones.push(done);
+    }
+    Ok((dones, batch))
+}
+
+fn deliver(op: Op, done: Done) {
+    match (op, done) {
+        (Op::Add { reply, .. }, Done::Added(r)) => drop(reply.send(r)),
+        (Op::Claim { reply, .. }, Done::Claimed(r)) => drop(reply.send(r)),
+        (Op::Extend { reply, .. }, Done::Bools(r)) => drop(reply.send(r)),
+        (Op::Finish { reply, .. } | Op::Release { reply, .. }, Done::Unit(r)) => {
+            drop(reply.send(r))
+        }
+        (Op::SetPaused { reply, .. }, Done::Unit(r)) => drop(reply.send(r)),
+        (Op::ReapStalled { reply, .. } | Op::Prune { reply, .. }, Done::Count(r)) => {
+            drop(reply.send(r))
+        }
+        (Op::Retry { reply, .. }, Done::Job(r)) => drop(reply.send(r)),
+        (Op::Remove { reply, .. }, Done::Bool(r)) => drop(reply.send(r)),
+        (op, _) => refuse(
+            op,
+            QueueError::Corrupt("writer paired an answer with the wrong operation".into()),
+        ),
+    }
+}
+
+fn refuse(op: Op, err: QueueError) {
+    match op {
+        Op::Add { reply, .. } => drop(reply.send(Err(err))),
+        Op::Claim { reply, .. } => drop(reply.send(Err(err))),
+        Op::Extend { reply, .. } => drop(reply.send(Err(err))),
+        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
+            drop(reply.send(Err(err)))
+        }
+        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => drop(reply.send(Err(err))),
+        Op::Retry { reply, .. } => drop(reply.send(Err(err))),
+        Op::Remove { reply, .. } => drop(reply.send(Err(err))),
+        Op::Close(tx) => drop(tx.send(())),
+    }
+}
+
+fn clone_err(e: &QueueError) -> QueueError {
+    match e {
+        QueueError::Unavailable(m) => QueueError::Unavailable(m.clone()),
+        QueueError::Corrupt(m) => QueueError::Corrupt(m.clone()),
+        other => QueueError::Unavailable(other.to_string()),
+    }
+}

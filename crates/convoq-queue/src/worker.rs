@@ -1,0 +1,538 @@
+//! Worker pools: per-queue loops that claim jobs in batches, run the processor registered for
+//! each job's name with bounded concurrency, renew leases, and report how each attempt ended.
+//!
+//! Written against [`Engine`] alone, so every engine gets the same worker semantics.
+//!
+//! Shutdown protocol ([`WorkerPool::shutdown`]): stop claiming → let in-flight attempts finish
+//! within the grace period → abort the rest and release their jobs without counting the
+//! attempt → return.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::engine::{ClaimedJob, Completion, Engine, Outcome};
+use crate::error::{ProcessError, QueueError};
+use crate::job::Job;
+use crate::queues::Queues;
+
+/// Runs jobs of one or more job names.
+#[async_trait]
+pub trait Processor: Send + Sync + 'static {
+    /// Runs one attempt of `job`. Return a [`Completion`] on success, or say whether the failure
+    /// is worth retrying. A panic fails the attempt as a retryable error; the worker lives on.
+    async fn process(&self, job: &Job) -> Result<Completion, ProcessError>;
+}
+
+/// How an attempt ended, as reported to a [`WorkerObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// The job completed.
+    Completed,
+    /// The attempt failed and the job will be retried.
+    Retrying,
+    /// The job failed for good.
+    Failed,
+    /// The attempt's result was not recorded: the lease was lost or the engine was unreachable.
+    NotRecorded,
+}
+
+/// Hooks for metrics and logs around each attempt. Every method has an empty default.
+pub trait WorkerObserver: Send + Sync + 'static {
+    /// An attempt is about to start.
+    fn started(&self, _job: &Job) {}
+    /// An attempt ended after `elapsed`. `error` is the failure, if any.
+    fn finished(&self, _job: &Job, _end: AttemptEnd, _elapsed: Duration, _error: Option<&str>) {}
+}
+
+struct NoObserver;
+impl WorkerObserver for NoObserver {}
+
+/// Settings of one queue's workers.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// How many attempts run at once.
+    pub concurrency: usize,
+    /// How long a claim holds a job before another worker may take it back; renewed every third
+    /// of it while the attempt runs.
+    pub lease: Duration,
+    /// The most jobs claimed in one round trip.
+    pub batch: usize,
+    /// How often an idle worker looks for work that no in-process signal announced (other
+    /// processes' adds).
+    pub poll_interval: Duration,
+    /// How often expired leases are looked for.
+    pub stalled_interval: Duration,
+    /// How many times a job may stall before it fails.
+    pub max_stalled: u32,
+    /// How often retention pruning runs.
+    pub prune_interval: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            batch: 64,
+            poll_interval: Duration::from_millis(500),
+            stalled_interval: Duration::from_secs(5),
+            max_stalled: 2,
+            prune_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Describes a worker pool: processors by job name and the queues to work.
+pub struct WorkerPoolBuilder {
+    queues: Queues,
+    processors: HashMap<String, Arc<dyn Processor>>,
+    queue_opts: Vec<(String, WorkerOptions)>,
+    observer: Arc<dyn WorkerObserver>,
+}
+
+impl WorkerPoolBuilder {
+    pub(crate) fn new(queues: Queues) -> Self {
+        WorkerPoolBuilder {
+            queues,
+            processors: HashMap::new(),
+            queue_opts: Vec::new(),
+            observer: Arc::new(NoObserver),
+        }
+    }
+
+    /// Registers the processor for jobs named `name` (on any queue this pool works).
+    pub fn processor(mut self, name: &str, processor: Arc<dyn Processor>) -> Self {
+        self.processors.insert(name.to_owned(), processor);
+        self
+    }
+
+    /// Works `queue` with these settings.
+    pub fn queue(mut self, queue: &str, opts: WorkerOptions) -> Self {
+        self.queue_opts.push((queue.to_owned(), opts));
+        self
+    }
+
+    /// Reports every attempt to `observer`.
+    pub fn observer(mut self, observer: Arc<dyn WorkerObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Starts the pool's loops on the current tokio runtime.
+    pub fn start(self) -> WorkerPool {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let processors = Arc::new(self.processors);
+        let mut loops = Vec::new();
+        for (queue, opts) in self.queue_opts {
+            let shared = Arc::new(QueueLoop {
+                queue: queue.clone(),
+                engine: self.queues.engine().clone(),
+                queues: self.queues.clone(),
+                processors: processors.clone(),
+                observer: self.observer.clone(),
+                permits: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+                in_flight: Mutex::new(HashMap::new()),
+                last_tick_ms: AtomicI64::new(now_ms()),
+                stopping: AtomicBool::new(false),
+                opts,
+            });
+            let fetch = tokio::spawn(shared.clone().fetch_loop(stop_rx.clone()));
+            let renew = tokio::spawn(shared.clone().renew_loop(stop_rx.clone()));
+            loops.push(LoopHandles {
+                shared,
+                fetch,
+                renew,
+            });
+        }
+        WorkerPool {
+            stop: stop_tx,
+            loops,
+        }
+    }
+}
+
+struct LoopHandles {
+    shared: Arc<QueueLoop>,
+    fetch: JoinHandle<()>,
+    renew: JoinHandle<()>,
+}
+
+/// Running workers. Dropping the pool without [`WorkerPool::shutdown`] aborts nothing: the loops
+/// run until the runtime ends.
+pub struct WorkerPool {
+    stop: watch::Sender<bool>,
+    loops: Vec<LoopHandles>,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Attempts still running when the grace period ran out, whose jobs were released.
+    pub released: usize,
+}
+
+impl WorkerPool {
+    /// When each queue's claim loop last went round; a loop that stops ticking is stuck.
+    pub fn last_ticks(&self) -> Vec<(String, Instant)> {
+        let now_ms = now_ms();
+        let now = Instant::now();
+        self.loops
+            .iter()
+            .map(|l| {
+                let age = now_ms - l.shared.last_tick_ms.load(Ordering::Relaxed);
+                let age = Duration::from_millis(age.max(0) as u64);
+                (l.shared.queue.clone(), now.checked_sub(age).unwrap_or(now))
+            })
+            .collect()
+    }
+
+    /// Whether every queue's loop ticked within `max_age`. A loop ticks at least once per poll
+    /// interval while healthy.
+    pub fn is_healthy(&self, max_age: Duration) -> bool {
+        self.last_ticks()
+            .iter()
+            .all(|(_, t)| t.elapsed() <= max_age)
+    }
+
+    /// Attempts running now, over all queues.
+    pub fn in_flight(&self) -> usize {
+        self.loops
+            .iter()
+            .map(|l| {
+                l.shared
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Stops the pool as the module doc describes, waiting at most `grace` for running attempts.
+    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+        let _ = self.stop.send(true);
+        for l in &self.loops {
+            l.shared.stopping.store(true, Ordering::SeqCst);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut report = ShutdownReport::default();
+        for l in self.loops {
+            let _ = l.fetch.await;
+            l.renew.abort();
+            let all = l.shared.opts.concurrency.max(1) as u32;
+            let drained =
+                tokio::time::timeout_at(deadline, l.shared.permits.acquire_many(all)).await;
+            if drained.is_ok() {
+                continue;
+            }
+            let leftovers: Vec<(ClaimedJob, tokio::task::AbortHandle)> = l
+                .shared
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .map(|(_, v)| v)
+                .collect();
+            for (claimed, abort) in leftovers {
+                abort.abort();
+                report.released += 1;
+                if let Err(e) = l.shared.engine.release(&claimed).await {
+                    tracing::warn!(queue = %claimed.job.queue, job_id = %claimed.job.id, error = %e,
+                        "could not release job at shutdown; its lease will expire and it will be taken back");
+                }
+            }
+        }
+        report
+    }
+}
+
+struct QueueLoop {
+    queue: String,
+    engine: Arc<dyn Engine>,
+    queues: Queues,
+    processors: Arc<HashMap<String, Arc<dyn Processor>>>,
+    observer: Arc<dyn WorkerObserver>,
+    permits: Arc<Semaphore>,
+    // A std mutex: held only to insert or remove an entry, never across an await.
+    in_flight: Mutex<HashMap<String, (ClaimedJob, tokio::task::AbortHandle)>>,
+    last_tick_ms: AtomicI64,
+    stopping: AtomicBool,
+    opts: WorkerOptions,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl QueueLoop {
+    fn tick(&self) {
+        self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    async fn fetch_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut signal = self.engine.work_signal(&self.queue);
+        let mut last_reap = Instant::now() - self.opts.stalled_interval;
+        let mut last_prune = Instant::now();
+        let mut error_backoff = Duration::from_millis(100);
+        loop {
+            self.tick();
+            if *stop.borrow() {
+                return;
+            }
+            // Wait for a free slot first, so that claimed jobs never wait for a worker.
+            let free = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(self.opts.poll_interval) => continue,
+            };
+            let mut permits = vec![free];
+            while permits.len() < self.opts.batch.max(1) {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            signal.borrow_and_update();
+            if last_reap.elapsed() >= self.opts.stalled_interval {
+                last_reap = Instant::now();
+                match self
+                    .engine
+                    .reap_stalled(&self.queue, self.opts.max_stalled)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(queue = %self.queue, count = n, "took back stalled jobs")
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %self.queue, error = %e, "stalled-job check failed")
+                    }
+                }
+            }
+            if last_prune.elapsed() >= self.opts.prune_interval {
+                last_prune = Instant::now();
+                if let Err(e) = self.engine.prune(&self.queue).await {
+                    tracing::warn!(queue = %self.queue, error = %e, "retention pruning failed");
+                }
+            }
+            let batch = match self
+                .engine
+                .claim(&self.queue, permits.len(), self.opts.lease)
+                .await
+            {
+                Ok(b) => {
+                    error_backoff = Duration::from_millis(100);
+                    b
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, retry_in_ms = error_backoff.as_millis() as u64,
+                        "claim failed; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(error_backoff) => {}
+                    }
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if batch.jobs.is_empty() {
+                drop(permits);
+                let mut wait = self.opts.poll_interval;
+                if let Some(due) = batch.next_due_ms {
+                    let until = (due - self.engine.clock().now_ms()).max(1) as u64;
+                    wait = wait.min(Duration::from_millis(until));
+                }
+                tokio::select! {
+                    _ = signal.changed() => {}
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            for claimed in batch.jobs {
+                let permit = permits.pop().expect("claimed no more jobs than permits");
+                self.spawn_attempt(claimed, permit);
+            }
+        }
+    }
+
+    fn spawn_attempt(
+        self: &Arc<Self>,
+        claimed: ClaimedJob,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let this = self.clone();
+        let id = claimed.job.id.clone();
+        // Hold the map lock across spawn so the task cannot remove its entry before it exists.
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let task = tokio::spawn({
+            let claimed = claimed.clone();
+            async move {
+                this.run_attempt(claimed).await;
+                drop(permit);
+            }
+        });
+        map.insert(id, (claimed, task.abort_handle()));
+    }
+
+    async fn run_attempt(self: Arc<Self>, claimed: ClaimedJob) {
+        let job = &claimed.job;
+        self.observer.started(job);
+        let started = Instant::now();
+        let outcome = match self.processors.get(&job.name) {
+            None => Outcome::Failed(ProcessError::unrecoverable(format!(
+                "no processor is registered for job name {:?} on queue {:?}",
+                job.name, job.queue
+            ))),
+            Some(p) => {
+                let run = AssertUnwindSafe(p.process(job)).catch_unwind();
+                let timed = match job.opts.timeout {
+                    Some(ms) => tokio::time::timeout(Duration::from_millis(ms), run)
+                        .await
+                        .map_err(|_| ms),
+                    None => Ok(run.await),
+                };
+                match timed {
+                    Ok(Ok(Ok(completion))) => self.prepare_follow_ups(completion),
+                    Ok(Ok(Err(e))) => Outcome::Failed(e),
+                    Ok(Err(panic)) => Outcome::Failed(ProcessError::retryable(format!(
+                        "processor panicked: {}",
+                        panic_message(&panic)
+                    ))),
+                    Err(ms) => Outcome::Failed(ProcessError::retryable(format!(
+                        "attempt timed out after {ms} ms"
+                    ))),
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        let (mut end, error) = match &outcome {
+            Outcome::Completed(_) => (AttemptEnd::Completed, None),
+            Outcome::Failed(e) => {
+                let last = job.attempts_made >= job.max_attempts();
+                let end = if e.is_retryable() && !last {
+                    AttemptEnd::Retrying
+                } else {
+                    AttemptEnd::Failed
+                };
+                (end, Some(e.reason().to_owned()))
+            }
+        };
+        if let Err(e) = self.finish_with_retries(&claimed, outcome).await {
+            end = AttemptEnd::NotRecorded;
+            match e {
+                QueueError::LeaseLost { .. } => {
+                    tracing::warn!(queue = %job.queue, job_id = %job.id,
+                    "attempt finished after its lease was taken back; its result was discarded")
+                }
+                e => tracing::error!(queue = %job.queue, job_id = %job.id, error = %e,
+                    "could not record the attempt; the job will be taken back when its lease expires"),
+            }
+        }
+        self.observer.finished(job, end, elapsed, error.as_deref());
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.id);
+    }
+
+    /// Records an attempt's end, retrying while the engine is unavailable for up to one lease
+    /// period (after that the lease has expired and another worker takes the job back).
+    async fn finish_with_retries(
+        &self,
+        claimed: &ClaimedJob,
+        outcome: Outcome,
+    ) -> Result<(), QueueError> {
+        let deadline = Instant::now() + self.opts.lease;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.engine.finish(claimed, outcome.clone()).await {
+                Err(QueueError::Unavailable(_))
+                    if Instant::now() + wait < deadline
+                        && !self.stopping.load(Ordering::Relaxed) =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Gives follow-up jobs their queues' default options; an invalid follow-up fails the
+    /// attempt, since retrying cannot fix it.
+    fn prepare_follow_ups(&self, mut completion: Completion) -> Outcome {
+        let follow_ups = std::mem::take(&mut completion.follow_ups);
+        match follow_ups
+            .into_iter()
+            .map(|j| self.queues.prepare(j))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(jobs) => {
+                completion.follow_ups = jobs;
+                Outcome::Completed(completion)
+            }
+            Err(e) => Outcome::Failed(ProcessError::unrecoverable(format!(
+                "invalid follow-up job: {e}"
+            ))),
+        }
+    }
+
+    async fn renew_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = (self.opts.lease / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+            let leases: Vec<(String, String)> = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|(c, _)| (c.job.id.clone(), c.token.clone()))
+                .collect();
+            if leases.is_empty() {
+                if *stop.borrow()
+                    && self.permits.available_permits() == self.opts.concurrency.max(1)
+                {
+                    return;
+                }
+                continue;
+            }
+            match self
+                .engine
+                .extend(&self.queue, &leases, self.opts.lease)
+                .await
+            {
+                Ok(held) => {
+                    for ((id, _), ok) in leases.iter().zip(held) {
+                        if !ok {
+                            tracing::warn!(queue = %self.queue, job_id = %id, "lease lost while the attempt runs");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(queue = %self.queue, error = %e, "lease renewal failed"),
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
