@@ -1,0 +1,208 @@
+//! Wiring: builds the engine, queues, store and workers from a [`Config`], and runs the roles
+//! (`serve`, `serve --no-workers`, `worker`, `migrate`) with the shutdown protocol:
+//! signal → stop accepting HTTP → stop claiming jobs → let in-flight jobs finish within the
+//! grace period → release the rest without burning an attempt → close the engine → exit 0.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use convoq_queue::sql::{SqlConfig, SqlEngine};
+use convoq_queue::{Queues, WorkerOptions, WorkerPool};
+
+use crate::config::{Command, Config};
+use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
+use crate::http::{self, AppState, QueueStats};
+use crate::processors::{CreateConversation, RecordAuditEvent};
+use crate::store::Store;
+use crate::telemetry::{JobTelemetry, Metrics};
+
+/// Everything a role needs.
+pub struct App {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The queues.
+    pub queues: Queues,
+    /// The store.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// Opens the store and the queue engine (migrating both).
+    ///
+    /// # Errors
+    /// When either cannot be opened.
+    pub async fn open(config: Config) -> anyhow::Result<App> {
+        let metrics = Metrics::new();
+        let store = Store::connect(&config.database_url, metrics.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the store at {}",
+                    convoq_queue::sql::redact_url(&config.database_url)
+                )
+            })?;
+        let mut sql = SqlConfig::new(config.queue_url.clone());
+        sql.durability = config.durability;
+        let engine = SqlEngine::connect(sql).await.with_context(|| {
+            format!(
+                "opening the queue at {}",
+                convoq_queue::sql::redact_url(&config.queue_url)
+            )
+        })?;
+        let queues = Queues::new(engine);
+        Ok(App {
+            config: Arc::new(config),
+            queues,
+            store,
+            metrics,
+        })
+    }
+
+    /// Whether processors can commit their inserts in the queue's completion transaction.
+    fn shared_transaction(&self) -> bool {
+        self.config.queue_url == self.config.database_url
+            && self.queues.engine().capabilities().transactional_effects
+    }
+
+    /// Starts this process's workers on every queue.
+    pub fn start_workers(&self) -> WorkerPool {
+        let shared = self.shared_transaction();
+        let mut builder = self
+            .queues
+            .workers()
+            .processor(
+                CREATE_CONVERSATION,
+                Arc::new(CreateConversation {
+                    store: self.store.clone(),
+                    shared_transaction: shared,
+                    modes: self.config.personality_modes.clone(),
+                }),
+            )
+            .processor(
+                RECORD_AUDIT_EVENT,
+                Arc::new(RecordAuditEvent {
+                    store: self.store.clone(),
+                    shared_transaction: shared,
+                }),
+            )
+            .observer(Arc::new(JobTelemetry {
+                metrics: self.metrics.clone(),
+            }));
+        for q in QUEUES {
+            let concurrency = self.config.concurrency.get(q).copied().unwrap_or(4);
+            builder = builder.queue(
+                q,
+                WorkerOptions {
+                    concurrency,
+                    lease: self.config.lease,
+                    batch: concurrency.min(64),
+                    ..WorkerOptions::default()
+                },
+            );
+        }
+        let _ = AUDIT_QUEUE;
+        builder.start()
+    }
+
+    /// The HTTP state.
+    pub fn state(&self, workers: Option<WorkerPool>) -> AppState {
+        AppState {
+            queues: self.queues.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            config: self.config.clone(),
+            stats: Arc::new(QueueStats::default()),
+            workers: Arc::new(Mutex::new(workers)),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs a role until it is told to stop.
+///
+/// # Errors
+/// Start-up failures (bad database, port in use), with context.
+pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let app = App::open(config).await?;
+    match command {
+        Command::Migrate => {
+            tracing::info!("migrations applied");
+            app.queues.engine().close().await;
+            Ok(())
+        }
+        Command::Worker => {
+            let pool = app.start_workers();
+            tracing::info!(
+                engine = app.queues.engine().name(),
+                owner = app.queues.engine().owner_id(),
+                "workers started"
+            );
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight jobs");
+            let report = pool.shutdown(app.config.shutdown_grace).await;
+            tracing::info!(released = report.released, "workers stopped");
+            app.queues.engine().close().await;
+            Ok(())
+        }
+        Command::Serve { no_workers } => {
+            let workers = (!no_workers).then(|| app.start_workers());
+            let state = app.state(workers);
+            let listener = tokio::net::TcpListener::bind(app.config.listen)
+                .await
+                .with_context(|| format!("binding {}", app.config.listen))?;
+            let addr = listener.local_addr()?;
+            if app.config.protected_mode() {
+                tracing::warn!(
+                    "PROTECTED MODE: no API keys are configured (CONVOQ_API_KEYS), so only loopback clients are served"
+                );
+            }
+            tracing::info!(listen = %addr, engine = app.queues.engine().name(), owner = app.queues.engine().owner_id(),
+                workers = !no_workers, "convoq listening");
+            let router = http::router(state.clone());
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")?;
+            tracing::info!("HTTP stopped; finishing in-flight jobs");
+            let pool = state
+                .workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(pool) = pool {
+                let report = pool.shutdown(app.config.shutdown_grace).await;
+                tracing::info!(released = report.released, "workers stopped");
+            }
+            app.queues.engine().close().await;
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+    }
+}

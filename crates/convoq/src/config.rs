@@ -1,0 +1,626 @@
+//! Typed configuration, layered: defaults ← TOML file (`--config`) ← `CONVOQ_*` environment ←
+//! flags. [`Config::load`] validates everything at start-up and names the setting at fault.
+//!
+//! Secrets (API keys) live in [`Secret`], which prints as `***`, and only their SHA-256 digests
+//! are kept after parsing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::domain::DEFAULT_MODES;
+
+/// Default HTTP address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+/// Default store (and queue) URL: one SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://convoq.db";
+/// Default per-queue worker concurrency.
+pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 4), ("chat", 4)];
+/// Default backlog (waiting + delayed jobs) above which POSTs get 429.
+pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
+/// Default grace period for in-flight jobs at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default job lease.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// A secret string: never printed, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for hashing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Conversations, users, and its own jobs.
+    Service,
+    /// Everything, including queue operations.
+    Admin,
+}
+
+/// A configured API key: its name (the actor in logs and audit), role, and the SHA-256 of its
+/// secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// The key's name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// SHA-256 of the secret.
+    pub digest: [u8; 32],
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of a secret.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Readable lines (a terminal).
+    Pretty,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP address.
+    pub listen: SocketAddr,
+    /// The store's URL.
+    pub database_url: String,
+    /// The queue engine's URL (the store's by default).
+    pub queue_url: String,
+    /// API keys; none means protected mode (loopback clients only).
+    pub api_keys: Vec<ApiKey>,
+    /// A key that `/metrics` requires, if any.
+    pub metrics_key: Option<[u8; 32]>,
+    /// Worker concurrency per queue.
+    pub concurrency: BTreeMap<String, usize>,
+    /// Log format; `None` picks by whether stderr is a terminal.
+    pub log_format: Option<LogFormat>,
+    /// A `tracing` filter.
+    pub log_filter: String,
+    /// The personality modes offered.
+    pub personality_modes: Vec<String>,
+    /// Backlog above which POSTs answer 429.
+    pub max_backlog: u64,
+    /// Grace period for in-flight jobs at shutdown.
+    pub shutdown_grace: Duration,
+    /// Job lease.
+    pub lease: Duration,
+    /// SQLite durability (`normal`, `full`, `off`).
+    pub durability: convoq_queue::sql::Durability,
+}
+
+/// The command line. Every option also reads a `CONVOQ_*` variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "convoq",
+    version,
+    about = "convoq: a conversation service for chat products"
+)]
+pub struct Cli {
+    /// What to run (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Serve the HTTP API, with workers unless --no-workers.
+    Serve {
+        /// Run the API only; jobs are processed by `convoq worker` processes.
+        #[arg(long)]
+        no_workers: bool,
+    },
+    /// Run workers only.
+    Worker,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+/// Settings from flags and environment; unset ones fall back to the file, then defaults.
+#[derive(Debug, Args, Default, Clone)]
+pub struct Settings {
+    /// A TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "CONVOQ_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// HTTP address [default: 127.0.0.1:3000].
+    #[arg(long, env = "CONVOQ_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Store URL: sqlite://PATH [default: sqlite://convoq.db].
+    #[arg(long, env = "CONVOQ_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Queue engine URL [default: the database URL].
+    #[arg(long, env = "CONVOQ_QUEUE_URL", global = true)]
+    pub queue_url: Option<String>,
+    /// Comma-separated name:role:secret, role service or admin.
+    #[arg(long, env = "CONVOQ_API_KEYS", global = true, hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// A secret that /metrics requires as a bearer token.
+    #[arg(
+        long,
+        env = "CONVOQ_METRICS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub metrics_key: Option<String>,
+    /// Per-queue worker concurrency, e.g. database=32,audit=4.
+    #[arg(long, env = "CONVOQ_CONCURRENCY", global = true)]
+    pub concurrency: Option<String>,
+    /// json or pretty [default: pretty on a terminal, else json].
+    #[arg(long, env = "CONVOQ_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+    /// A tracing filter [default: info].
+    #[arg(long = "log", env = "CONVOQ_LOG", global = true)]
+    pub log: Option<String>,
+    /// Comma-separated personality modes [default: helpful,concise,creative,professional,playful].
+    #[arg(long, env = "CONVOQ_PERSONALITY_MODES", global = true)]
+    pub personality_modes: Option<String>,
+    /// Backlog above which POSTs answer 429 [default: 100000].
+    #[arg(long, env = "CONVOQ_MAX_BACKLOG", global = true)]
+    pub max_backlog: Option<String>,
+    /// Seconds in-flight jobs get at shutdown [default: 10].
+    #[arg(long, env = "CONVOQ_SHUTDOWN_GRACE", global = true)]
+    pub shutdown_grace: Option<String>,
+    /// Job lease in milliseconds [default: 30000].
+    #[arg(long, env = "CONVOQ_LEASE_MS", global = true)]
+    pub lease_ms: Option<String>,
+    /// SQLite durability: normal, full or off [default: normal].
+    #[arg(long, env = "CONVOQ_DURABILITY", global = true)]
+    pub durability: Option<String>,
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<String>,
+    database_url: Option<String>,
+    queue_url: Option<String>,
+    api_keys: Option<Vec<String>>,
+    metrics_key: Option<String>,
+    concurrency: Option<BTreeMap<String, usize>>,
+    log_format: Option<String>,
+    log: Option<String>,
+    personality_modes: Option<Vec<String>>,
+    max_backlog: Option<u64>,
+    shutdown_grace: Option<u64>,
+    lease_ms: Option<u64>,
+    durability: Option<String>,
+}
+
+/// A configuration error, naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {message}")]
+pub struct ConfigError {
+    /// The setting (flag and variable).
+    pub setting: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn bad(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Layers the file (if any) under `settings` and validates the result.
+    ///
+    /// # Errors
+    /// The first invalid setting, by name.
+    pub fn load(settings: &Settings) -> Result<Config, ConfigError> {
+        let file = match &settings.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    bad(
+                        "--config (CONVOQ_CONFIG)",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                toml::from_str::<FileSettings>(&text).map_err(|e| {
+                    bad(
+                        "--config (CONVOQ_CONFIG)",
+                        format!("{}: {e}", path.display()),
+                    )
+                })?
+            }
+            None => FileSettings::default(),
+        };
+        Self::from_layers(settings.clone(), file)
+    }
+
+    fn from_layers(s: Settings, f: FileSettings) -> Result<Config, ConfigError> {
+        let listen_s = s
+            .listen
+            .or(f.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_s.parse::<SocketAddr>().map_err(|e| {
+            bad(
+                "--listen (CONVOQ_LISTEN)",
+                format!("{listen_s:?} is not an address like 127.0.0.1:3000: {e}"),
+            )
+        })?;
+        let database_url = s
+            .database_url
+            .or(f.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        check_url(
+            "--database-url (CONVOQ_DATABASE_URL)",
+            &database_url,
+            &["sqlite:"],
+        )?;
+        let queue_url = s
+            .queue_url
+            .or(f.queue_url)
+            .unwrap_or_else(|| database_url.clone());
+        check_url("--queue-url (CONVOQ_QUEUE_URL)", &queue_url, &["sqlite:"])?;
+        let key_specs: Vec<String> = match (s.api_keys, f.api_keys) {
+            (Some(csv), _) => csv
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from)
+                .collect(),
+            (None, Some(list)) => list,
+            (None, None) => Vec::new(),
+        };
+        let mut api_keys: Vec<ApiKey> = Vec::new();
+        for spec in key_specs {
+            let key = parse_api_key(&spec)?;
+            if api_keys.iter().any(|k| k.name == key.name) {
+                return Err(bad(
+                    "--api-keys (CONVOQ_API_KEYS)",
+                    format!("key name {:?} appears twice", key.name),
+                ));
+            }
+            api_keys.push(key);
+        }
+        let metrics_key = match s.metrics_key.or(f.metrics_key) {
+            Some(k) if k.len() < 16 => {
+                return Err(bad(
+                    "--metrics-key (CONVOQ_METRICS_KEY)",
+                    "must be at least 16 characters",
+                ))
+            }
+            Some(k) => Some(digest(&k)),
+            None => None,
+        };
+        let mut concurrency: BTreeMap<String, usize> = DEFAULT_CONCURRENCY
+            .iter()
+            .map(|(q, n)| (q.to_string(), *n))
+            .collect();
+        let overrides = match (s.concurrency, f.concurrency) {
+            (Some(csv), _) => parse_concurrency(&csv)?,
+            (None, Some(map)) => map,
+            (None, None) => BTreeMap::new(),
+        };
+        for (q, n) in overrides {
+            if !concurrency.contains_key(&q) {
+                return Err(bad(
+                    "--concurrency (CONVOQ_CONCURRENCY)",
+                    format!("unknown queue {q:?}: expected database, audit or chat"),
+                ));
+            }
+            if n == 0 || n > 1024 {
+                return Err(bad(
+                    "--concurrency (CONVOQ_CONCURRENCY)",
+                    format!("{q}={n}: must be 1 to 1024"),
+                ));
+            }
+            concurrency.insert(q, n);
+        }
+        let log_format = match s.log_format.or(f.log_format).as_deref() {
+            None => None,
+            Some("json") => Some(LogFormat::Json),
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some(other) => {
+                return Err(bad(
+                    "--log-format (CONVOQ_LOG_FORMAT)",
+                    format!("{other:?}: expected json or pretty"),
+                ))
+            }
+        };
+        let log_filter = s.log.or(f.log).unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_filter)
+            .map_err(|e| bad("--log (CONVOQ_LOG)", format!("{log_filter:?}: {e}")))?;
+        let personality_modes: Vec<String> = match (s.personality_modes, f.personality_modes) {
+            (Some(csv), _) => csv
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect(),
+            (None, Some(list)) => list,
+            (None, None) => DEFAULT_MODES.iter().map(|m| m.to_string()).collect(),
+        };
+        if personality_modes.is_empty()
+            || personality_modes.iter().any(|m| {
+                m.is_empty()
+                    || m.len() > 32
+                    || m.chars()
+                        .any(|c| !c.is_ascii_alphanumeric() && c != '_' && c != '-')
+            })
+        {
+            return Err(bad(
+                "--personality-modes (CONVOQ_PERSONALITY_MODES)",
+                "must list 1 or more modes of 1 to 32 characters A-Z a-z 0-9 _ -",
+            ));
+        }
+        if !personality_modes
+            .iter()
+            .any(|m| m == crate::domain::DEFAULT_MODE)
+        {
+            return Err(bad(
+                "--personality-modes (CONVOQ_PERSONALITY_MODES)",
+                "must include the default mode \"helpful\"",
+            ));
+        }
+        let max_backlog = number(
+            "--max-backlog (CONVOQ_MAX_BACKLOG)",
+            s.max_backlog,
+            f.max_backlog,
+            DEFAULT_MAX_BACKLOG,
+            1,
+            u64::MAX,
+        )?;
+        let grace = number(
+            "--shutdown-grace (CONVOQ_SHUTDOWN_GRACE)",
+            s.shutdown_grace,
+            f.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE.as_secs(),
+            0,
+            3600,
+        )?;
+        let lease_ms = number(
+            "--lease-ms (CONVOQ_LEASE_MS)",
+            s.lease_ms,
+            f.lease_ms,
+            DEFAULT_LEASE.as_millis() as u64,
+            500,
+            3_600_000,
+        )?;
+        let durability = match s.durability.or(f.durability) {
+            None => Default::default(),
+            Some(d) => d
+                .parse()
+                .map_err(|e: String| bad("--durability (CONVOQ_DURABILITY)", e))?,
+        };
+        Ok(Config {
+            listen,
+            database_url,
+            queue_url,
+            api_keys,
+            metrics_key,
+            concurrency,
+            log_format,
+            log_filter,
+            personality_modes,
+            max_backlog,
+            shutdown_grace: Duration::from_secs(grace),
+            lease: Duration::from_millis(lease_ms),
+            durability,
+        })
+    }
+
+    /// Whether the server runs in protected mode (no keys: loopback clients only).
+    pub fn protected_mode(&self) -> bool {
+        self.api_keys.is_empty()
+    }
+}
+
+fn number(
+    setting: &'static str,
+    flag: Option<String>,
+    file: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let n = match (flag, file) {
+        (Some(s), _) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad(setting, format!("{s:?} is not a whole number")))?,
+        (None, Some(n)) => n,
+        (None, None) => default,
+    };
+    if n < min || n > max {
+        return Err(bad(setting, format!("{n} is outside {min} to {max}")));
+    }
+    Ok(n)
+}
+
+fn check_url(setting: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    if schemes.iter().any(|s| url.starts_with(s)) {
+        Ok(())
+    } else {
+        let shown = convoq_queue::sql::redact_url(url);
+        Err(bad(
+            setting,
+            format!(
+                "{shown:?}: expected a URL starting with {}",
+                schemes.join(" or ")
+            ),
+        ))
+    }
+}
+
+fn parse_api_key(spec: &str) -> Result<ApiKey, ConfigError> {
+    const S: &str = "--api-keys (CONVOQ_API_KEYS)";
+    let mut parts = spec.splitn(3, ':');
+    let (Some(name), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+        // Never echo the entry: it may hold a secret.
+        return Err(bad(S, "each key must be name:role:secret"));
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(bad(
+            S,
+            "a key name must be 1 to 64 characters A-Z a-z 0-9 _ -",
+        ));
+    }
+    let role = match role {
+        "service" => Role::Service,
+        "admin" => Role::Admin,
+        _ => {
+            return Err(bad(
+                S,
+                format!("key {name:?}: role must be service or admin"),
+            ))
+        }
+    };
+    if secret.len() < 16 {
+        return Err(bad(
+            S,
+            format!("key {name:?}: the secret must be at least 16 characters"),
+        ));
+    }
+    Ok(ApiKey {
+        name: name.to_owned(),
+        role,
+        digest: digest(Secret::new(secret).expose()),
+    })
+}
+
+fn parse_concurrency(csv: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
+    const S: &str = "--concurrency (CONVOQ_CONCURRENCY)";
+    let mut out = BTreeMap::new();
+    for part in csv.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (q, n) = part
+            .split_once('=')
+            .ok_or_else(|| bad(S, format!("{part:?}: expected queue=number")))?;
+        let n = n
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| bad(S, format!("{part:?}: {n:?} is not a whole number")))?;
+        out.insert(q.trim().to_owned(), n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(s: Settings) -> Result<Config, ConfigError> {
+        Config::from_layers(s, FileSettings::default())
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_default() {
+        let c = load(Settings::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.queue_url, DEFAULT_DATABASE_URL);
+        assert!(c.protected_mode());
+        assert_eq!(c.concurrency["database"], 32);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_hide_secrets() {
+        let e = load(Settings {
+            listen: Some("nope".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_LISTEN"), "{e}");
+        let e = load(Settings {
+            api_keys: Some("svc:root:supersecretvalue123".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("role must be service or admin"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("supersecretvalue123"), "{e}");
+        let e = load(Settings {
+            concurrency: Some("database=0".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_CONCURRENCY"), "{e}");
+        let e = load(Settings {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileSettings =
+            toml::from_str("listen = \"127.0.0.1:4000\"\nmax_backlog = 5\n").unwrap();
+        let c = Config::from_layers(
+            Settings {
+                listen: Some("127.0.0.1:5000".into()),
+                ..Default::default()
+            },
+            file,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.max_backlog, 5);
+        assert!(
+            toml::from_str::<FileSettings>("lisen = 1").is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn api_keys_parse_with_roles() {
+        let c = load(Settings {
+            api_keys: Some("bot:service:0123456789abcdef, ops:admin:fedcba9876543210".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        assert_eq!(c.api_keys[1].role, Role::Admin);
+        assert!(!format!("{:?}", c.api_keys).contains("fedcba"));
+    }
+}

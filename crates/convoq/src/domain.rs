@@ -1,0 +1,287 @@
+//! Validated domain types: parse, don't validate. A handler that holds a [`UserId`] or a
+//! [`Title`] knows it is valid; every way in (HTTP bodies, job payloads read back from storage)
+//! goes through these `parse` constructors.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a value was refused: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The field's wire name (`userId`).
+    pub field: &'static str,
+    /// What is wrong, for a person to read.
+    pub message: String,
+}
+
+impl Invalid {
+    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// A user's id: 1 to 64 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct UserId(String);
+
+impl UserId {
+    /// The longest accepted id, in characters.
+    pub const MAX_CHARS: usize = 64;
+
+    /// # Errors
+    /// When empty, too long, or holding control characters.
+    pub fn parse(field: &'static str, s: &str) -> Result<Self, Invalid> {
+        let n = s.chars().count();
+        if n == 0 {
+            return Err(Invalid::new(field, "must not be empty"));
+        }
+        if n > Self::MAX_CHARS {
+            return Err(Invalid::new(
+                field,
+                format!("must be at most {} characters (got {n})", Self::MAX_CHARS),
+            ));
+        }
+        if has_control(s) {
+            return Err(Invalid::new(field, "must not contain control characters"));
+        }
+        Ok(UserId(s.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A conversation title: trimmed, at most 200 characters, no control characters. An empty
+/// title is no title.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Title(String);
+
+impl Title {
+    /// The longest accepted title, in characters.
+    pub const MAX_CHARS: usize = 200;
+
+    /// `Ok(None)` for an absent or blank title.
+    ///
+    /// # Errors
+    /// When too long or holding control or NUL characters.
+    pub fn parse(s: Option<&str>) -> Result<Option<Self>, Invalid> {
+        let Some(s) = s else { return Ok(None) };
+        let t = s.trim();
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let n = t.chars().count();
+        if n > Self::MAX_CHARS {
+            return Err(Invalid::new(
+                "title",
+                format!("must be at most {} characters (got {n})", Self::MAX_CHARS),
+            ));
+        }
+        if has_control(t) {
+            return Err(Invalid::new(
+                "title",
+                "must not contain control or NUL characters",
+            ));
+        }
+        Ok(Some(Title(t.to_owned())))
+    }
+
+    /// The title as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The personality modes a deployment offers when none are configured.
+pub const DEFAULT_MODES: [&str; 5] = ["helpful", "concise", "creative", "professional", "playful"];
+/// The mode a conversation gets when the request names none.
+pub const DEFAULT_MODE: &str = "helpful";
+
+/// A personality mode, one of the configured set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct PersonalityMode(String);
+
+impl PersonalityMode {
+    /// The configured default when `s` is `None`.
+    ///
+    /// # Errors
+    /// When `s` is not one of `allowed`.
+    pub fn parse(s: Option<&str>, allowed: &[String]) -> Result<Self, Invalid> {
+        let s = s.unwrap_or(DEFAULT_MODE);
+        if allowed.iter().any(|m| m == s) {
+            Ok(PersonalityMode(s.to_owned()))
+        } else {
+            Err(Invalid::new(
+                "personalityMode",
+                format!("must be one of: {}", allowed.join(", ")),
+            ))
+        }
+    }
+
+    /// The mode as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A Discord user id: 1 to 32 ASCII digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct DiscordId(String);
+
+impl DiscordId {
+    /// # Errors
+    /// When not 1 to 32 ASCII digits.
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Invalid::new("discordId", "must be 1 to 32 digits"));
+        }
+        Ok(DiscordId(s.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A display name (`username`, `globalName`): 1 to 100 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct DisplayName(String);
+
+impl DisplayName {
+    /// # Errors
+    /// When empty after trimming, longer than 100 characters, or holding control characters.
+    pub fn parse(field: &'static str, s: &str) -> Result<Self, Invalid> {
+        let t = s.trim();
+        let n = t.chars().count();
+        if n == 0 || n > 100 {
+            return Err(Invalid::new(field, "must be 1 to 100 characters"));
+        }
+        if has_control(t) {
+            return Err(Invalid::new(field, "must not contain control characters"));
+        }
+        Ok(DisplayName(t.to_owned()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The payload of a `create_conversation` job, as the HTTP API enqueues it and as a Node
+/// producer of the system being replaced sends it (without `conversationId`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateConversationJob {
+    /// Fixed at enqueue time, so that every attempt creates the same conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// The owner.
+    pub user_id: String,
+    /// The title, already trimmed (or null).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The personality mode.
+    #[serde(default)]
+    pub personality_mode: Option<String>,
+    /// The HTTP request that asked for it, for log correlation.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// Who asked (the API key's name).
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// A digest of the request body, for idempotent replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_hash: Option<String>,
+}
+
+/// The job name of conversation creation, stable across releases.
+pub const CREATE_CONVERSATION: &str = "create_conversation";
+/// The job name of audit recording, stable across releases.
+pub const RECORD_AUDIT_EVENT: &str = "record_audit_event";
+/// The queue conversation jobs go to.
+pub const DATABASE_QUEUE: &str = "database";
+/// The queue audit jobs go to.
+pub const AUDIT_QUEUE: &str = "audit";
+/// The queue reserved for message jobs.
+pub const CHAT_QUEUE: &str = "chat";
+/// Every queue the service owns.
+pub const QUEUES: [&str; 3] = [DATABASE_QUEUE, AUDIT_QUEUE, CHAT_QUEUE];
+
+/// The payload of a `record_audit_event` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEventJob {
+    /// What happened (`conversation.created`).
+    pub event: String,
+    /// What it happened to.
+    pub subject_id: String,
+    /// Who caused it.
+    pub actor: String,
+    /// The request that caused it.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// When it happened (RFC 3339).
+    pub at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_bounds() {
+        assert!(UserId::parse("userId", "u1").is_ok());
+        assert!(UserId::parse("userId", "").is_err());
+        assert!(UserId::parse("userId", &"x".repeat(64)).is_ok());
+        assert!(UserId::parse("userId", &"x".repeat(65)).is_err());
+        assert!(UserId::parse("userId", "a\u{7}b").is_err());
+    }
+
+    #[test]
+    fn title_trims_and_refuses_control_characters() {
+        assert_eq!(
+            Title::parse(Some("  hi  ")).unwrap().unwrap().as_str(),
+            "hi"
+        );
+        assert_eq!(Title::parse(Some("   ")).unwrap(), None);
+        assert!(Title::parse(Some(&"é".repeat(200))).unwrap().is_some());
+        let e = Title::parse(Some(&"a".repeat(201))).unwrap_err();
+        assert_eq!(e.field, "title");
+        assert!(Title::parse(Some("a\0b")).is_err());
+    }
+
+    #[test]
+    fn mode_defaults_and_must_be_configured() {
+        let allowed: Vec<String> = DEFAULT_MODES.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            PersonalityMode::parse(None, &allowed).unwrap().as_str(),
+            "helpful"
+        );
+        let e = PersonalityMode::parse(Some("grumpy"), &allowed).unwrap_err();
+        assert!(e.message.contains("helpful, concise"));
+    }
+}

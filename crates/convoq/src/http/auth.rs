@@ -1,0 +1,120 @@
+//! Authentication: `Authorization: Bearer <secret>` against the configured keys' SHA-256
+//! digests, compared in constant time; protected mode (no keys: loopback clients only) when
+//! none are configured. The resolved [`Caller`] goes into request extensions.
+//!
+//! `/healthz` and `/readyz` are open; `/metrics` is open unless a metrics key is configured.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::{digest, Role};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's name (`local` in protected mode).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+impl Caller {
+    /// Refuses callers without the admin role.
+    ///
+    /// # Errors
+    /// 403 when the caller is not an admin.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(
+                "forbidden",
+                "this operation needs an admin key".into(),
+            ))
+        }
+    }
+
+    /// Whether the caller may see a job enqueued by `actor`.
+    pub fn may_see(&self, actor: Option<&str>) -> bool {
+        self.role == Role::Admin || actor == Some(self.name.as_str())
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// The middleware.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(req).await;
+    }
+    let config = &state.config;
+    let presented = bearer(&req).map(digest);
+    if path == "/metrics" {
+        let Some(metrics_key) = config.metrics_key else {
+            return next.run(req).await;
+        };
+        let ok = presented.is_some_and(|d| {
+            bool::from(d.ct_eq(&metrics_key))
+                | config
+                    .api_keys
+                    .iter()
+                    .any(|k| k.role == Role::Admin && bool::from(k.digest.ct_eq(&d)))
+        });
+        if !ok {
+            return ApiError::Unauthorized("/metrics needs the metrics key or an admin key")
+                .into_response();
+        }
+        return next.run(req).await;
+    }
+    let caller = if config.protected_mode() {
+        let loopback = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback());
+        if !loopback {
+            return ApiError::Forbidden(
+                "protected_mode",
+                "no API keys are configured, so this server only serves loopback clients; set CONVOQ_API_KEYS".into(),
+            )
+            .into_response();
+        }
+        Caller {
+            name: "local".into(),
+            role: Role::Admin,
+        }
+    } else {
+        let Some(d) = presented else {
+            return ApiError::Unauthorized("send Authorization: Bearer <api key>").into_response();
+        };
+        // Compare against every key, without stopping at a match, so timing says nothing.
+        let mut found = None;
+        for key in &config.api_keys {
+            if bool::from(key.digest.ct_eq(&d)) {
+                found = Some(key);
+            }
+        }
+        match found {
+            Some(k) => Caller {
+                name: k.name.clone(),
+                role: k.role,
+            },
+            None => return ApiError::Unauthorized("unknown API key").into_response(),
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}

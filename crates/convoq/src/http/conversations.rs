@@ -1,0 +1,229 @@
+//! `POST /api/chat/conversations` and the conversation reads.
+//!
+//! The POST validates, enqueues `create_conversation` on `database` with the conversation id
+//! fixed, and answers 202 once the job is committed. `Idempotency-Key` maps to a custom job id
+//! (scoped to the caller), so a replay finds the original job in the same durable store and the
+//! key lives with it (such jobs are kept at least [`IDEMPOTENCY_TTL_SECS`]).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::Extension;
+use convoq_queue::{JobOptions, JobState, KeepJobs, NewJob};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::extract::{json_object, optional_str, query_number, required_str};
+use super::{ok_json, ApiResult, AppState, Caller, RequestId};
+use crate::domain::{
+    CreateConversationJob, PersonalityMode, Title, UserId, CREATE_CONVERSATION, DATABASE_QUEUE,
+};
+
+/// How long an idempotency key is honoured, at least: 25 hours (the contract says 24).
+pub const IDEMPOTENCY_TTL_SECS: u64 = 25 * 3600;
+/// The longest `Prefer: wait` and `?wait=` honoured, in seconds.
+pub const MAX_WAIT_SECS: u64 = 30;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `Prefer: wait=N`; absent or malformed preferences are ignored, as RFC 7240 asks.
+fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix("wait="))
+        .find_map(|n| n.trim().parse::<u64>().ok())
+        .map(|n| n.min(MAX_WAIT_SECS))
+}
+
+/// `POST /api/chat/conversations`.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let map = json_object(&headers, body, &["userId", "title", "personalityMode"]).await?;
+    let user_id = UserId::parse("userId", required_str(&map, "userId")?)?;
+    let title = Title::parse(optional_str(&map, "title")?)?;
+    let mode = PersonalityMode::parse(
+        optional_str(&map, "personalityMode")?,
+        &state.config.personality_modes,
+    )?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
+            Some(k.ok_or_else(|| {
+                ApiError::field(
+                    "Idempotency-Key",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
+            })?)
+        }
+    };
+
+    let counts = state
+        .stats
+        .counts(&state.queues, &state.metrics, DATABASE_QUEUE)
+        .await?;
+    let backlog = counts.waiting + counts.delayed + counts.paused;
+    if backlog >= state.config.max_backlog {
+        let wait_ms = state.stats.estimated_wait_ms(DATABASE_QUEUE, backlog);
+        return Err(ApiError::TooManyRequests {
+            retry_after: (wait_ms / 1000).clamp(1, 60),
+            message: format!(
+                "the {DATABASE_QUEUE} queue has {backlog} jobs waiting, over its limit of {}; retry later",
+                state.config.max_backlog
+            ),
+        });
+    }
+
+    let body_hash = hex(&Sha256::digest(
+        serde_json::to_vec(&json!([user_id, title, mode])).unwrap_or_default(),
+    ));
+    let mut opts = JobOptions::default();
+    if let Some(key) = idempotency_key {
+        let scoped = Sha256::digest(format!("{}\u{0}{key}", caller.name).as_bytes());
+        opts.job_id = Some(format!("idem-{}", &hex(&scoped)[..40]));
+        opts.remove_on_complete = Some(KeepJobs::Keep {
+            count: None,
+            age_secs: Some(IDEMPOTENCY_TTL_SECS),
+        });
+        opts.remove_on_fail = opts.remove_on_complete;
+    }
+    let payload = CreateConversationJob {
+        conversation_id: Some(uuid::Uuid::now_v7().to_string()),
+        user_id: user_id.to_string(),
+        title: title.as_ref().map(|t| t.as_str().to_owned()),
+        personality_mode: Some(mode.as_str().to_owned()),
+        request_id: Some(request_id.clone()),
+        actor: Some(caller.name.clone()),
+        body_hash: idempotency_key.map(|_| body_hash.clone()),
+    };
+    let job = NewJob::new(
+        DATABASE_QUEUE,
+        CREATE_CONVERSATION,
+        serde_json::to_value(&payload).map_err(|e| ApiError::Internal(e.to_string()))?,
+    )
+    .with_opts(opts);
+    let added = state.queues.add(job).await?;
+    let stored: CreateConversationJob = serde_json::from_value(added.job.data.clone())
+        .map_err(|e| ApiError::Internal(format!("stored job payload unreadable: {e}")))?;
+    if !added.created && stored.body_hash.as_deref() != Some(body_hash.as_str()) {
+        return Err(ApiError::Unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different body".into(),
+        ));
+    }
+    let job_id = added.job.id.clone();
+    let conversation_id = stored.conversation_id.clone().unwrap_or_default();
+    if added.created {
+        state
+            .metrics
+            .jobs_queued
+            .with_label_values(&[DATABASE_QUEUE, CREATE_CONVERSATION])
+            .inc();
+        tracing::info!(request_id = %request_id, job_id = %job_id, queue = DATABASE_QUEUE,
+            user_id = %user_id, conversation_id = %conversation_id, "job enqueued");
+    }
+
+    if let Some(secs) = prefer_wait(&headers) {
+        let done = state
+            .queues
+            .wait_finished(DATABASE_QUEUE, &job_id, Duration::from_secs(secs))
+            .await?;
+        match done {
+            Some(j) if j.state == JobState::Completed => {
+                if let Some(conversation) = state.store.get_conversation(&conversation_id).await? {
+                    let mut resp = ok_json(
+                        StatusCode::CREATED,
+                        json!({ "ok": true, "jobId": job_id, "conversationId": conversation_id,
+                                "status": "completed", "requestId": stored.request_id, "conversation": conversation }),
+                    );
+                    resp.headers_mut()
+                        .insert("preference-applied", HeaderValue::from_static("wait"));
+                    return Ok(resp);
+                }
+            }
+            Some(j) if j.state == JobState::Failed => {
+                return Err(ApiError::Unprocessable(
+                    "job_failed",
+                    j.failed_reason.unwrap_or_else(|| "the job failed".into()),
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    let backlog = backlog + u64::from(added.created);
+    let mut resp = ok_json(
+        StatusCode::ACCEPTED,
+        json!({
+            "ok": true,
+            "jobId": job_id,
+            "conversationId": conversation_id,
+            "status": "queued",
+            "requestId": stored.request_id,
+            "estimatedWaitTime": state.stats.estimated_wait_ms(DATABASE_QUEUE, backlog),
+        }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/jobs/{job_id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if !added.created {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// `GET /api/chat/conversations/{id}`.
+pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(ApiError::field("id", "id must be a UUID"));
+    }
+    match state.store.get_conversation(&id).await? {
+        Some(c) => Ok(ok_json(
+            StatusCode::OK,
+            json!({ "ok": true, "conversation": c }),
+        )),
+        None => Err(ApiError::NotFound(format!("no conversation {id} (yet)"))),
+    }
+}
+
+/// `GET /api/users/{id}/conversations?limit=&cursor=`.
+pub async fn list_for_user(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let user = UserId::parse("userId", &user)?;
+    let limit = query_number(q.get("limit"), "limit", 20, 1, 100)?;
+    let cursor = q.get("cursor").map(String::as_str);
+    if cursor.is_some_and(|c| uuid::Uuid::parse_str(c).is_err()) {
+        return Err(ApiError::field(
+            "cursor",
+            "cursor must be a conversation id from nextCursor",
+        ));
+    }
+    let items = state
+        .store
+        .list_conversations(user.as_str(), limit as u32, cursor)
+        .await?;
+    let next = (items.len() as u64 == limit)
+        .then(|| items.last().map(|c| c.id.clone()))
+        .flatten();
+    Ok(ok_json(
+        StatusCode::OK,
+        json!({ "ok": true, "conversations": items, "nextCursor": next }),
+    ))
+}

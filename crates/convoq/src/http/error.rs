@@ -1,0 +1,200 @@
+//! [`ApiError`]: the one error type at the HTTP edge. Each variant maps to a status and a
+//! stable snake_case code; the body has one shape, `{"ok": false, "error": {code, message,
+//! field?}}`, and never carries internals (SQL, paths, stack traces): those are logged once,
+//! with the request id, and the client gets a generic message.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::domain::Invalid;
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed or a field is invalid.
+    BadRequest {
+        /// Stable code (`invalid_field`, `malformed_json`, `unknown_field`).
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+        /// The field at fault.
+        field: Option<String>,
+    },
+    /// 401: no or wrong credentials.
+    Unauthorized(&'static str),
+    /// 403: credentials without the right role, or a non-loopback client in protected mode.
+    Forbidden(&'static str, String),
+    /// 404: nothing here.
+    NotFound(String),
+    /// 405: wrong method.
+    MethodNotAllowed,
+    /// 409: a conflict with stored state.
+    Conflict(&'static str, String),
+    /// 413: body too large.
+    PayloadTooLarge(usize),
+    /// 415: not JSON.
+    UnsupportedMediaType,
+    /// 422: understood but refused (idempotency key reused, job failed).
+    Unprocessable(&'static str, String),
+    /// 429: backlog over its limit.
+    TooManyRequests {
+        /// Seconds to wait.
+        retry_after: u64,
+        /// Why.
+        message: String,
+    },
+    /// 503: a dependency (queue, store) is unavailable; nothing was accepted.
+    Unavailable {
+        /// Seconds to wait.
+        retry_after: u64,
+        /// Why, without internals.
+        message: String,
+    },
+    /// 500: a bug or corrupt data. The detail is logged, never sent.
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming an invalid field.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code: "invalid_field",
+            message: message.into(),
+            field: Some(field.to_owned()),
+        }
+    }
+
+    /// A 503 for an unavailable dependency; `detail` is logged, not sent.
+    pub fn unavailable(what: &str, detail: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %detail, "{what} unavailable");
+        ApiError::Unavailable {
+            retry_after: 2,
+            message: format!("the {what} is unavailable; nothing was accepted, retry later"),
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::field(e.field, format!("{}: {}", e.field, e.message))
+    }
+}
+
+impl From<convoq_queue::QueueError> for ApiError {
+    fn from(e: convoq_queue::QueueError) -> Self {
+        use convoq_queue::QueueError as Q;
+        match e {
+            Q::Unavailable(_) | Q::Closed => ApiError::unavailable("queue", e),
+            Q::WrongState { job_id, state } => ApiError::Conflict(
+                "wrong_job_state",
+                format!("job {job_id} is {state}, which does not allow this"),
+            ),
+            Q::Invalid(m) => ApiError::BadRequest {
+                code: "invalid_request",
+                message: m,
+                field: None,
+            },
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as S;
+        match e {
+            S::Unavailable(_) => ApiError::unavailable("store", e),
+            S::Conflict(m) => ApiError::Conflict("conflict", m),
+            S::UnknownUser(u) => ApiError::NotFound(format!("unknown user {u}")),
+            S::Corrupt(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message, field, retry_after) = match self {
+            ApiError::BadRequest {
+                code,
+                message,
+                field,
+            } => (StatusCode::BAD_REQUEST, code, message, field, None),
+            ApiError::Unauthorized(m) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                m.to_owned(),
+                None,
+                None,
+            ),
+            ApiError::Forbidden(code, m) => (StatusCode::FORBIDDEN, code, m, None, None),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m, None, None),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this method is not allowed on this path".to_owned(),
+                None,
+                None,
+            ),
+            ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m, None, None),
+            ApiError::PayloadTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body must be at most {limit} bytes"),
+                None,
+                None,
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Content-Type must be application/json".to_owned(),
+                None,
+                None,
+            ),
+            ApiError::Unprocessable(code, m) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, code, m, None, None)
+            }
+            ApiError::TooManyRequests {
+                retry_after,
+                message,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "backlog_full",
+                message,
+                None,
+                Some(retry_after),
+            ),
+            ApiError::Unavailable {
+                retry_after,
+                message,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                message,
+                None,
+                Some(retry_after),
+            ),
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "an internal error occurred; it has been logged".to_owned(),
+                    None,
+                    None,
+                )
+            }
+        };
+        let mut error = json!({ "code": code, "message": message });
+        if let Some(f) = field {
+            error["field"] = json!(f);
+        }
+        let mut resp = (status, Json(json!({ "ok": false, "error": error }))).into_response();
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

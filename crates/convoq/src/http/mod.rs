@@ -1,0 +1,168 @@
+//! The HTTP API of SPEC §3: the router, its shared state, and the middleware every request
+//! passes (request id, authentication, metrics).
+//!
+//! Layout: `conversations.rs` (POST and reads), `jobs.rs` (job state, long-poll, SSE, operator
+//! actions on jobs), `users.rs`, `queues.rs` (stats and operator actions on queues),
+//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `auth.rs`, `stats.rs` (backlog and
+//! throughput for 429 and `estimatedWaitTime`), `error.rs`, `extract.rs`.
+//!
+//! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
+//! [`crate::store::Store`].
+
+mod auth;
+mod conversations;
+pub mod error;
+pub mod extract;
+mod health;
+mod jobs;
+mod queues;
+mod stats;
+mod users;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use convoq_queue::{Queues, WorkerPool};
+
+pub use auth::Caller;
+use error::ApiError;
+pub use stats::QueueStats;
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// The request id header.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id of the request being served, in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The queues.
+    pub queues: Queues,
+    /// The store.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Backlog and throughput per queue.
+    pub stats: Arc<QueueStats>,
+    /// This process's workers, if it runs any (readiness looks at them).
+    pub workers: Arc<Mutex<Option<WorkerPool>>>,
+}
+
+/// The router with every route and middleware.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/chat/conversations", post(conversations::create))
+        .route("/api/chat/conversations/{id}", get(conversations::get_one))
+        .route("/api/users/{id}", put(users::put))
+        .route(
+            "/api/users/{id}/conversations",
+            get(conversations::list_for_user),
+        )
+        .route("/api/jobs/{id}", get(jobs::get_one).delete(jobs::remove))
+        .route("/api/jobs/{id}/events", get(jobs::events))
+        .route("/api/jobs/{id}/retry", post(jobs::retry))
+        .route("/api/queues", get(queues::list))
+        .route("/api/queues/{name}", get(queues::get_one))
+        .route("/api/queues/{name}/jobs", get(queues::jobs))
+        .route("/api/queues/{name}/pause", post(queues::pause))
+        .route("/api/queues/{name}/resume", post(queues::resume))
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    api.layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ))
+    .layer(middleware::from_fn_with_state(state.clone(), observe))
+    .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A client's request id if it is sane (1 to 128 characters of `A-Z a-z 0-9 . _ -`), else a
+/// new UUIDv7.
+fn request_id_of(req: &Request) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// Outermost middleware: assigns the request id, logs the request, times it into the HTTP
+/// metrics under its route template, and echoes the id in `X-Request-Id`.
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request_id_of(&req);
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let mut resp = {
+        let _enter = span.enter();
+        tracing::debug!("request received");
+        drop(_enter);
+        tracing::Instrument::instrument(next.run(req), span.clone()).await
+    };
+    let status = resp.status();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[&method, &route, status.as_str()])
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[&method, &route])
+        .observe(elapsed.as_secs_f64());
+    if status.is_server_error() {
+        tracing::warn!(parent: &span, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1000.0, "request failed");
+    } else if route != "/metrics" && route != "/healthz" && route != "/readyz" {
+        tracing::info!(parent: &span, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1000.0, "request served");
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    resp
+}
+
+/// Turns a handler result into a response (handlers return `Result<Response, ApiError>`).
+pub(crate) type ApiResult = Result<Response, ApiError>;
+
+pub(crate) fn ok_json(status: axum::http::StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}

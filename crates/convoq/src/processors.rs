@@ -1,0 +1,204 @@
+//! The job processors: `create_conversation` (queue `database`) and `record_audit_event`
+//! (queue `audit`).
+//!
+//! When the queue and the store share one database (the embedded default), a processor returns
+//! its insert as a [`TxEffect`] so that the insert, the audit job and the completion commit in
+//! one transaction. Otherwise it inserts on its own first; the inserts are idempotent, so a
+//! retried job still has one effect.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use convoq_queue::sql::{SqlConn, TxEffect};
+use convoq_queue::{Completion, Job, NewJob, ProcessError, Processor};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::domain::{
+    AuditEventJob, CreateConversationJob, PersonalityMode, Title, UserId, AUDIT_QUEUE,
+    RECORD_AUDIT_EVENT,
+};
+use crate::store::{self, NewAuditEvent, NewConversation, Store, StoreError};
+
+/// The audit event recorded when a conversation is created.
+pub const CONVERSATION_CREATED: &str = "conversation.created";
+
+fn classify(e: StoreError) -> ProcessError {
+    match e {
+        StoreError::Unavailable(m) => ProcessError::retryable(format!("store unavailable: {m}")),
+        StoreError::UnknownUser(u) => ProcessError::unrecoverable(format!(
+            "unknown user {u:?}: create it with PUT /api/users/{{id}} first"
+        )),
+        other => ProcessError::unrecoverable(other),
+    }
+}
+
+/// A conversation id for a job that carries none (one added by a Node producer of the system
+/// being replaced): a UUIDv7 built from the job's creation time and a digest of its queue and
+/// id, so every attempt of that job derives the same conversation.
+pub fn derived_conversation_id(job: &Job) -> String {
+    let digest = Sha256::digest(format!("{}\u{0}{}", job.queue, job.id).as_bytes());
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&digest[..10]);
+    let ms = job.created_at.timestamp_millis().max(0) as u64;
+    uuid::Builder::from_unix_timestamp_millis(ms, &random)
+        .into_uuid()
+        .to_string()
+}
+
+/// Processes `create_conversation`.
+pub struct CreateConversation {
+    /// The store.
+    pub store: Store,
+    /// Whether the queue engine commits effects in the store's database.
+    pub shared_transaction: bool,
+    /// The configured personality modes.
+    pub modes: Vec<String>,
+}
+
+struct InsertConversation(NewConversation, DateTime<Utc>);
+
+#[async_trait]
+impl TxEffect for InsertConversation {
+    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
+        match conn {
+            SqlConn::Sqlite(c) => store::insert_conversation_on(c, &self.0, self.1)
+                .await
+                .map_err(classify),
+        }
+    }
+}
+
+#[async_trait]
+impl Processor for CreateConversation {
+    async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
+        let payload: CreateConversationJob = serde_json::from_value(job.data.clone())
+            .map_err(|e| ProcessError::unrecoverable(format!("invalid job payload: {e}")))?;
+        let invalid = |e: crate::domain::Invalid| {
+            ProcessError::unrecoverable(format!("invalid job payload: {e}"))
+        };
+        let user_id = UserId::parse("userId", &payload.user_id).map_err(invalid)?;
+        let title = Title::parse(payload.title.as_deref()).map_err(invalid)?;
+        let mode = PersonalityMode::parse(payload.personality_mode.as_deref(), &self.modes)
+            .map_err(invalid)?;
+        let conversation_id = payload
+            .conversation_id
+            .clone()
+            .unwrap_or_else(|| derived_conversation_id(job));
+        if uuid::Uuid::parse_str(&conversation_id).is_err() {
+            return Err(ProcessError::unrecoverable(
+                "invalid job payload: conversationId must be a UUID",
+            ));
+        }
+        if self
+            .store
+            .get_user(user_id.as_str())
+            .await
+            .map_err(classify)?
+            .is_none()
+        {
+            return Err(classify(StoreError::UnknownUser(user_id.to_string())));
+        }
+        let created_at = Utc::now();
+        let conversation = NewConversation {
+            id: conversation_id.clone(),
+            user_id: user_id.to_string(),
+            title: title.map(|t| t.as_str().to_owned()),
+            personality_mode: mode.as_str().to_owned(),
+        };
+        let actor = payload.actor.clone().unwrap_or_else(|| "unknown".into());
+        let audit = AuditEventJob {
+            event: CONVERSATION_CREATED.into(),
+            subject_id: conversation_id.clone(),
+            actor,
+            request_id: payload.request_id.clone(),
+            at: store::timestamp(created_at),
+        };
+        let audit_job = NewJob::new(
+            AUDIT_QUEUE,
+            RECORD_AUDIT_EVENT,
+            serde_json::to_value(&audit).unwrap_or_default(),
+        )
+        .with_id(format!("{CONVERSATION_CREATED}:{conversation_id}"));
+        let mut completion = Completion::with_result(json!({
+            "success": true,
+            "conversationId": conversation_id,
+            "createdAt": store::timestamp(created_at),
+        }));
+        completion.follow_ups.push(audit_job);
+        if self.shared_transaction {
+            completion.effect = Some(Arc::new(InsertConversation(conversation, created_at)));
+        } else {
+            self.store
+                .insert_conversation(&conversation, created_at)
+                .await
+                .map_err(classify)?;
+        }
+        tracing::info!(
+            request_id = payload.request_id.as_deref().unwrap_or(""),
+            job_id = %job.id,
+            user_id = %user_id,
+            conversation_id = %conversation_id,
+            attempt = job.attempts_made,
+            "conversation created"
+        );
+        Ok(completion)
+    }
+}
+
+/// Processes `record_audit_event`.
+pub struct RecordAuditEvent {
+    /// The store.
+    pub store: Store,
+    /// Whether the queue engine commits effects in the store's database.
+    pub shared_transaction: bool,
+}
+
+struct InsertAudit(NewAuditEvent, DateTime<Utc>);
+
+#[async_trait]
+impl TxEffect for InsertAudit {
+    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
+        match conn {
+            SqlConn::Sqlite(c) => store::insert_audit_on(c, &self.0, self.1)
+                .await
+                .map_err(classify),
+        }
+    }
+}
+
+#[async_trait]
+impl Processor for RecordAuditEvent {
+    async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
+        let payload: AuditEventJob = serde_json::from_value(job.data.clone())
+            .map_err(|e| ProcessError::unrecoverable(format!("invalid job payload: {e}")))?;
+        let at = DateTime::parse_from_rfc3339(&payload.at)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| ProcessError::unrecoverable(format!("invalid job payload: at: {e}")))?;
+        let event = NewAuditEvent {
+            id: job.id.clone(),
+            event: payload.event.clone(),
+            subject_id: payload.subject_id.clone(),
+            actor: payload.actor.clone(),
+            request_id: payload.request_id.clone(),
+        };
+        let mut completion = Completion::with_result(json!({ "success": true, "auditId": job.id }));
+        if self.shared_transaction {
+            completion.effect = Some(Arc::new(InsertAudit(event, at)));
+        } else {
+            self.store
+                .insert_audit(&event, at)
+                .await
+                .map_err(classify)?;
+        }
+        tracing::info!(
+            request_id = payload.request_id.as_deref().unwrap_or(""),
+            job_id = %job.id,
+            event = %payload.event,
+            conversation_id = %payload.subject_id,
+            "audit event recorded"
+        );
+        Ok(completion)
+    }
+}
