@@ -20,6 +20,7 @@ mod sqlite;
 mod writer;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,6 +106,15 @@ impl SqlConfig {
     }
 }
 
+/// Counters of the group-commit writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Operations applied in them.
+    pub operations: u64,
+}
+
 /// The SQL engine. Create it with [`SqlEngine::connect`].
 pub struct SqlEngine {
     owner: String,
@@ -117,6 +127,10 @@ pub struct SqlEngine {
 /// State shared between the engine's handle and its writer task.
 pub(crate) struct Shared {
     pub(crate) watches: WatchRegistry,
+    /// Transactions committed by the writer.
+    pub(crate) commits: AtomicU64,
+    /// Operations applied by the writer.
+    pub(crate) ops: AtomicU64,
     // A std mutex: only looked up or inserted into, never held across an await.
     work: Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
 }
@@ -174,6 +188,8 @@ impl SqlEngine {
             .connect_lazy_with(opts);
         let shared = Arc::new(Shared {
             watches: WatchRegistry::default(),
+            commits: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
             work: Mutex::new(Default::default()),
         });
         let writer = writer::spawn(
@@ -189,6 +205,15 @@ impl SqlEngine {
             writer,
             shared,
         }))
+    }
+
+    /// How many transactions the writer has committed and how many operations they held; the
+    /// ratio is the group-commit factor.
+    pub fn write_stats(&self) -> WriteStats {
+        WriteStats {
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            operations: self.shared.ops.load(Ordering::Relaxed),
+        }
     }
 
     /// The read pool, for a store that shares this database (reads only; write through

@@ -283,7 +283,24 @@ pub(crate) async fn claim(
                     token: token.to_owned(),
                 });
             }
-            Err(e) => return Ok(Err(e)),
+            Err(e) => {
+                // A job that cannot be read can never run: fail it with the reason, so it is
+                // visible to operators instead of stalling forever, and go on with the others.
+                let id: String = row.try_get(1)?;
+                tracing::error!(queue, job_id = %id, error = %e, "failing a job whose stored data cannot be read");
+                sqlx::query(
+                    "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
+                     lease_token = NULL, lease_expires_at = NULL WHERE queue = ? AND id = ?",
+                )
+                .bind(e.to_string())
+                .bind(now)
+                .bind(queue)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                batch.count_failed(queue);
+                batch.changed(queue, &id);
+            }
         }
     }
     let mut next_due_ms = None;

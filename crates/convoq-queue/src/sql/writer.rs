@@ -243,6 +243,8 @@ async fn run(
 }
 
 fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Shared) {
+    shared.commits.fetch_add(1, Ordering::Relaxed);
+    shared.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
     for (op, done) in ops.drain(..).zip(dones) {
         deliver(op, done);
     }

@@ -1,0 +1,249 @@
+//! Behaviour specific to the SQL engine on SQLite: transactional effects, group commit, and
+//! refusing corrupt or foreign data without panicking.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, TxEffect};
+use convoq_queue::{
+    Completion, Engine, JobState, NewJob, Outcome, ProcessError, QueueError, Queues,
+};
+use serde_json::json;
+
+const Q: &str = "sql";
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn engine(dir: &tempfile::TempDir) -> (Arc<SqlEngine>, String) {
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    (
+        SqlEngine::connect(SqlConfig::new(url.clone()))
+            .await
+            .unwrap(),
+        url,
+    )
+}
+
+/// Inserts a row into `effects`, or fails as told.
+struct InsertRow {
+    key: String,
+    fail: Option<ProcessError>,
+}
+
+#[async_trait]
+impl TxEffect for InsertRow {
+    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
+        let SqlConn::Sqlite(conn) = conn;
+        sqlx::query("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
+            .execute(&mut *conn)
+            .await
+            .map_err(ProcessError::retryable)?;
+        sqlx::query("INSERT INTO effects (key) VALUES (?)")
+            .bind(&self.key)
+            .execute(&mut *conn)
+            .await
+            .map_err(ProcessError::retryable)?;
+        match &self.fail {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn rows(url: &str, key: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'effects'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    if exists == 0 {
+        return 0;
+    }
+    sqlx::query_scalar("SELECT COUNT(*) FROM effects WHERE key = ?")
+        .bind(key)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+}
+
+fn completion(key: &str, fail: Option<ProcessError>) -> Outcome {
+    let mut c = Completion::with_result(json!({ "key": key }));
+    c.follow_ups
+        .push(NewJob::new("audit", "audit", json!({ "of": key })).with_id(format!("audit-{key}")));
+    c.effect = Some(Arc::new(InsertRow {
+        key: key.to_owned(),
+        fail,
+    }));
+    Outcome::Completed(c)
+}
+
+#[tokio::test]
+async fn effect_commits_with_the_completion_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, url) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let mut opts = queues.defaults(Q);
+    opts.attempts = Some(2);
+    queues.set_defaults(Q, opts);
+
+    // Success: row, follow-up and completion together.
+    let ok = queues
+        .add(NewJob::new(Q, "w", json!({})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    engine.finish(&c, completion("ok", None)).await.unwrap();
+    assert_eq!(rows(&url, "ok").await, 1);
+    assert!(queues.get("audit", "audit-ok").await.unwrap().is_some());
+    assert_eq!(
+        queues.get(Q, &ok).await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+
+    // A failing effect rolls back its row and follow-up, and fails the attempt with its error.
+    let bad = queues
+        .add(NewJob::new(Q, "w", json!({})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    let err = ProcessError::unrecoverable("unknown user u9");
+    engine
+        .finish(&c, completion("bad", Some(err)))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&url, "bad").await,
+        0,
+        "the effect's insert was rolled back"
+    );
+    assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
+    let j = queues.get(Q, &bad).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.failed_reason.as_deref(), Some("unknown user u9"));
+
+    // A stale lease applies nothing.
+    let stale = queues
+        .add(NewJob::new(Q, "w", json!({})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let mut c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    c.token = "not-the-token".into();
+    let r = engine.finish(&c, completion("stale", None)).await;
+    assert!(matches!(r, Err(QueueError::LeaseLost { .. })), "{r:?}");
+    assert_eq!(rows(&url, "stale").await, 0);
+    assert_eq!(
+        queues.get(Q, &stale).await.unwrap().unwrap().state,
+        JobState::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
+    let before = engine.write_stats();
+    let barrier = Arc::new(tokio::sync::Barrier::new(32));
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let (q, b) = (queues.clone(), barrier.clone());
+            tokio::spawn(async move {
+                b.wait().await;
+                q.add(NewJob::new(Q, "w", json!(i))).await.unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = engine.write_stats();
+    assert_eq!(after.operations - before.operations, 32);
+    let commits = after.commits - before.commits;
+    assert!(commits < 32, "32 concurrent adds took {commits} commits");
+    assert_eq!(queues.counts(Q).await.unwrap().waiting, 33);
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, url) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let id = queues
+        .add(NewJob::new(Q, "w", json!({"a": 1})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE cq_jobs SET data = '{not json' WHERE id = ?")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = queues.get(Q, &id).await.unwrap_err();
+    assert!(
+        matches!(err, QueueError::Corrupt(ref m) if m.contains("payload")),
+        "{err}"
+    );
+    let fine = queues
+        .add(NewJob::new(Q, "w", json!({"b": 2})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let claimed = engine.claim(Q, 10, LEASE).await.unwrap();
+    let ids: Vec<_> = claimed.jobs.iter().map(|c| c.job.id.clone()).collect();
+    assert_eq!(
+        ids,
+        vec![fine],
+        "the readable job is claimed, the corrupt one is not"
+    );
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!(
+        (counts.failed, counts.waiting),
+        (1, 0),
+        "the corrupt job failed visibly"
+    );
+    let reason: String = sqlx::query_scalar("SELECT failed_reason FROM cq_jobs WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(reason.contains("corrupt"), "{reason}");
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, url) = engine(&dir).await;
+    engine.close().await;
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("INSERT INTO cq_schema (version) VALUES (99)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = SqlEngine::connect(SqlConfig::new(url)).await.err().unwrap();
+    assert!(err.to_string().contains("newer than this build"), "{err}");
+}
+
+#[tokio::test]
+async fn closed_engine_refuses_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    engine.close().await;
+    let err = Queues::new(engine)
+        .add(NewJob::new(Q, "w", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::Closed), "{err}");
+}
