@@ -7,13 +7,16 @@
 //! - `writer.rs`: the group-commit writer. Every write (add, claim, finish, extend, release,
 //!   reap, prune, operator actions) is an `Op` sent to one task that drains whatever is queued
 //!   and applies it in one transaction, so 32 concurrent adds cost one commit.
-//! - `sqlite.rs`: the SQLite dialect: schema, statements, and row mapping.
+//! - `dialect.rs`: what a dialect provides: the statements behind each write operation and the
+//!   reads.
+//! - `sqlite/`: the SQLite dialect: schema, statements, and row mapping.
 //! - `history.rs`: rebuilding a job's event history from its row and its event rows.
 //! - `effect.rs`: [`TxEffect`], database work that commits together with a job's completion.
 //!
 //! Timestamps are milliseconds since the Unix epoch from the engine's [`Clock`]. On SQLite all
 //! processes share one machine and so one clock.
 
+mod dialect;
 mod effect;
 mod history;
 mod sqlite;
@@ -25,8 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
 use tokio::sync::{oneshot, watch};
 
 pub use effect::{SqlConn, TxEffect};
@@ -36,6 +37,7 @@ use crate::engine::{Capabilities, ClaimBatch, ClaimedJob, Engine, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use dialect::Reads;
 use writer::{Op, Request, WriterHandle};
 
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`, in WAL mode).
@@ -119,7 +121,8 @@ pub struct WriteStats {
 pub struct SqlEngine {
     owner: String,
     clock: Arc<dyn Clock>,
-    reads: SqlitePool,
+    name: &'static str,
+    reads: Box<dyn Reads>,
     writer: WriterHandle,
     shared: Arc<Shared>,
 }
@@ -165,27 +168,7 @@ impl SqlEngine {
                 redact_url(&config.url)
             )));
         }
-        let opts = SqliteConnectOptions::from_str(&config.url)
-            .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match config.durability {
-                Durability::Normal => SqliteSynchronous::Normal,
-                Durability::Full => SqliteSynchronous::Full,
-                Durability::Off => SqliteSynchronous::Off,
-            })
-            .busy_timeout(config.busy_timeout)
-            .foreign_keys(true)
-            .pragma("temp_store", "memory")
-            .pragma("cache_size", "-16000");
-        let mut write_conn = sqlite::open_writer(opts.clone()).await?;
-        sqlite::migrate(&mut write_conn).await?;
-        // Lazy: read connections open on first use, with the same settings.
-        let reads = SqlitePoolOptions::new()
-            .max_connections(config.read_connections.max(1))
-            .min_connections(0)
-            .acquire_timeout(config.busy_timeout)
-            .connect_lazy_with(opts);
+        let (write_conn, reads) = sqlite::open(&config).await?;
         let shared = Arc::new(Shared {
             watches: WatchRegistry::default(),
             commits: AtomicU64::new(0),
@@ -193,6 +176,7 @@ impl SqlEngine {
             work: Mutex::new(Default::default()),
         });
         let writer = writer::spawn(
+            sqlite::Sqlite,
             write_conn,
             config.clock.clone(),
             shared.clone(),
@@ -200,8 +184,9 @@ impl SqlEngine {
         );
         Ok(Arc::new(SqlEngine {
             owner: uuid::Uuid::now_v7().to_string(),
+            name: "sqlite",
             clock: config.clock,
-            reads,
+            reads: Box::new(reads),
             writer,
             shared,
         }))
@@ -214,12 +199,6 @@ impl SqlEngine {
             commits: self.shared.commits.load(Ordering::Relaxed),
             operations: self.shared.ops.load(Ordering::Relaxed),
         }
-    }
-
-    /// The read pool, for a store that shares this database (reads only; write through
-    /// [`TxEffect`]s or your own connections).
-    pub fn read_pool(&self) -> &SqlitePool {
-        &self.reads
     }
 
     async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
@@ -251,7 +230,7 @@ pub fn redact_url(url: &str) -> String {
 #[async_trait]
 impl Engine for SqlEngine {
     fn name(&self) -> &'static str {
-        "sqlite"
+        self.name
     }
 
     fn owner_id(&self) -> &str {
@@ -281,7 +260,7 @@ impl Engine for SqlEngine {
     }
 
     async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>> {
-        sqlite::get(&self.reads, queue, id, self.clock.now_ms()).await
+        self.reads.get(queue, id, self.clock.now_ms()).await
     }
 
     async fn list(
@@ -291,19 +270,13 @@ impl Engine for SqlEngine {
         offset: u64,
         limit: u64,
     ) -> Result<Vec<Job>> {
-        sqlite::list(
-            &self.reads,
-            queue,
-            state,
-            offset,
-            limit,
-            self.clock.now_ms(),
-        )
-        .await
+        self.reads
+            .list(queue, state, offset, limit, self.clock.now_ms())
+            .await
     }
 
     async fn counts(&self, queue: &str) -> Result<QueueCounts> {
-        sqlite::counts(&self.reads, queue, self.clock.now_ms()).await
+        self.reads.counts(queue, self.clock.now_ms()).await
     }
 
     async fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
@@ -317,7 +290,7 @@ impl Engine for SqlEngine {
     }
 
     async fn is_paused(&self, queue: &str) -> Result<bool> {
-        sqlite::is_paused(&self.reads, queue).await
+        self.reads.is_paused(queue).await
     }
 
     async fn retry(&self, queue: &str, id: &str) -> Result<Job> {
@@ -331,7 +304,7 @@ impl Engine for SqlEngine {
     }
 
     async fn history(&self, queue: &str, id: &str) -> Result<Option<Vec<JobEvent>>> {
-        sqlite::history(&self.reads, queue, id, self.clock.now_ms()).await
+        self.reads.history(queue, id, self.clock.now_ms()).await
     }
 
     async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch> {
@@ -395,7 +368,7 @@ impl Engine for SqlEngine {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlite::ping(&self.reads).await
+        self.reads.ping().await
     }
 
     async fn close(&self) {

@@ -9,11 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{sqlite, Shared};
+use super::dialect::{Dialect, SqlResult};
+use super::Shared;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
@@ -156,15 +156,16 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer task on `conn`.
-pub(crate) fn spawn(
-    conn: SqliteConnection,
+/// Starts the writer task of dialect `D` on `conn`.
+pub(crate) fn spawn<D: Dialect>(
+    dialect: D,
+    conn: D::Conn,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     max_batch: usize,
 ) -> WriterHandle {
     let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-    let task = tokio::spawn(run(conn, rx, clock, shared, max_batch.max(1)));
+    let task = tokio::spawn(run(dialect, conn, rx, clock, shared, max_batch.max(1)));
     WriterHandle {
         tx,
         closed: AtomicBool::new(false),
@@ -172,8 +173,9 @@ pub(crate) fn spawn(
     }
 }
 
-async fn run(
-    mut conn: SqliteConnection,
+async fn run<D: Dialect>(
+    d: D,
+    mut conn: D::Conn,
     mut rx: mpsc::Receiver<Request>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
@@ -204,27 +206,26 @@ async fn run(
         if ops.is_empty() {
             continue;
         }
-        let now = clock.now_ms();
-        match apply_batch(&mut conn, &ops, now).await {
+        match apply_batch(&d, &mut conn, &ops, &*clock).await {
             Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
             Err(e) if ops.len() > 1 => {
                 tracing::warn!(error = %e, ops = ops.len(), "group commit failed; applying its operations one by one");
                 for op in std::mem::take(&mut ops) {
                     let single = [op];
-                    match apply_batch(&mut conn, &single, clock.now_ms()).await {
+                    match apply_batch(&d, &mut conn, &single, &*clock).await {
                         Ok((dones, batch)) => {
                             let mut v: Vec<Op> = single.into();
                             deliver_all(&mut v, dones, batch, &shared);
                         }
                         Err(e) => {
                             let [op] = single;
-                            refuse(op, sqlite::map_err(e));
+                            refuse(op, d.map_err(e));
                         }
                     }
                 }
             }
             Err(e) => {
-                let err = sqlite::map_err(e);
+                let err = d.map_err(e);
                 tracing::error!(error = %err, "write failed");
                 for op in ops.drain(..) {
                     refuse(op, clone_err(&err));
@@ -233,7 +234,7 @@ async fn run(
         }
     }
     if let Some(tx) = closing {
-        let _ = conn.close().await;
+        d.close(conn).await;
         let _ = tx.send(());
     }
     rx.close();
@@ -256,79 +257,71 @@ fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Share
     }
 }
 
-async fn apply_batch(
-    conn: &mut SqliteConnection,
+async fn apply_batch<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
     ops: &[Op],
-    now: i64,
-) -> std::result::Result<(Vec<Done>, Batch), sqlx::Error> {
-    sqlite::begin(conn).await?;
-    let result = apply_ops(conn, ops, now).await;
+    clock: &dyn Clock,
+) -> SqlResult<(Vec<Done>, Batch)> {
+    let now = d.now_ms(conn, clock).await?;
+    d.begin(conn).await?;
+    let result = apply_ops(d, conn, ops, now).await;
     match result {
-        Ok((dones, batch)) => match sqlite::commit(conn, &batch).await {
+        Ok((dones, batch)) => match d.commit(conn, &batch).await {
             Ok(()) => Ok((dones, batch)),
             Err(e) => {
-                let _ = sqlite::rollback(conn).await;
+                let _ = d.rollback(conn).await;
                 Err(e)
             }
         },
         Err(e) => {
-            let _ = sqlite::rollback(conn).await;
+            let _ = d.rollback(conn).await;
             Err(e)
         }
     }
 }
 
-async fn apply_ops(
-    conn: &mut SqliteConnection,
+async fn apply_ops<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
     ops: &[Op],
     now: i64,
-) -> std::result::Result<(Vec<Done>, Batch), sqlx::Error> {
+) -> SqlResult<(Vec<Done>, Batch)> {
     let mut batch = Batch::default();
     let mut dones = Vec::with_capacity(ops.len());
     for op in ops {
+        let b = &mut batch;
         let done = match op {
-            Op::Add { jobs, .. } => {
-                Done::Added(sqlite::add_jobs(conn, jobs, now, &mut batch).await?)
-            }
+            Op::Add { jobs, .. } => Done::Added(d.add_jobs(conn, jobs, now, b).await?),
             Op::Claim {
                 queue,
                 max,
                 lease_ms,
                 token,
                 ..
-            } => Done::Claimed(
-                sqlite::claim(conn, queue, *max, *lease_ms, token, now, &mut batch).await?,
-            ),
+            } => Done::Claimed(d.claim(conn, queue, *max, *lease_ms, token, now, b).await?),
             Op::Extend {
                 queue,
                 leases,
                 lease_ms,
                 ..
-            } => Done::Bools(sqlite::extend(conn, queue, leases, *lease_ms, now).await?),
+            } => Done::Bools(d.extend(conn, queue, leases, *lease_ms, now).await?),
             Op::Finish { job, outcome, .. } => {
-                Done::Unit(sqlite::finish(conn, job, outcome, now, &mut batch).await?)
+                Done::Unit(d.finish(conn, job, outcome, now, b).await?)
             }
-            Op::Release { job, .. } => {
-                Done::Unit(sqlite::release(conn, job, now, &mut batch).await?)
-            }
+            Op::Release { job, .. } => Done::Unit(d.release(conn, job, now, b).await?),
             Op::ReapStalled {
                 queue, max_stalled, ..
-            } => {
-                Done::Count(sqlite::reap_stalled(conn, queue, *max_stalled, now, &mut batch).await?)
-            }
-            Op::Prune { queue, .. } => Done::Count(sqlite::prune(conn, queue, now).await?),
+            } => Done::Count(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
+            Op::Prune { queue, .. } => Done::Count(d.prune(conn, queue, now).await?),
             Op::SetPaused { queue, paused, .. } => {
                 if !paused {
-                    batch.wake(queue);
+                    b.wake(queue);
                 }
-                Done::Unit(sqlite::set_paused(conn, queue, *paused).await?)
+                Done::Unit(d.set_paused(conn, queue, *paused).await?)
             }
-            Op::Retry { queue, id, .. } => {
-                Done::Job(sqlite::retry(conn, queue, id, now, &mut batch).await?)
-            }
-            Op::Remove { queue, id, .. } => {
-                Done::Bool(sqlite::remove(conn, queue, id, &mut batch).await?)
-            }
+            Op::Retry { queue, id, .. } => Done::Job(d.retry(conn, queue, id, now, b).await?),
+            Op::Remove { queue, id, .. } => Done::Bool(d.remove(conn, queue, id, b).await?),
             Op::Close(_) => unreachable!("close is taken out of the batch before it is applied"),
         };
         dones.push(done);

@@ -1,0 +1,131 @@
+//! What a SQL dialect provides to the engine: the statements behind each write operation (run by
+//! the writer inside its transaction) and the reads (run on a pool). SQLite implements it in
+//! `sqlite/`; Postgres is the second dialect of the same engine.
+//!
+//! Every write takes `now`, the batch's clock reading in milliseconds, from [`Dialect::now_ms`]:
+//! the injected clock on SQLite (one machine, one clock), the database's clock on a shared
+//! server, so that no worker's clock is ever compared with a stored timestamp.
+
+use async_trait::async_trait;
+
+use super::writer::Batch;
+use crate::clock::Clock;
+use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::error::{QueueError, Result};
+use crate::events::JobEvent;
+use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+
+/// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
+/// answer (lease lost, wrong state) and the batch goes on.
+pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
+
+/// The write side of a dialect, driven by the writer task.
+#[async_trait]
+pub(crate) trait Dialect: Send + Sync + 'static {
+    /// A connection the writer owns.
+    type Conn: Send + 'static;
+
+    /// Maps a driver error to the crate's error.
+    fn map_err(&self, e: sqlx::Error) -> QueueError;
+    /// The batch's clock reading.
+    async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> SqlResult<i64>;
+    /// Opens the batch's transaction.
+    async fn begin(&self, conn: &mut Self::Conn) -> SqlResult<()>;
+    /// Adds the batch's lifetime totals and commits.
+    async fn commit(&self, conn: &mut Self::Conn, batch: &Batch) -> SqlResult<()>;
+    /// Abandons the batch.
+    async fn rollback(&self, conn: &mut Self::Conn) -> SqlResult<()>;
+    /// Closes a connection.
+    async fn close(&self, conn: Self::Conn);
+
+    async fn add_jobs(
+        &self,
+        conn: &mut Self::Conn,
+        jobs: &[NewJob],
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<Vec<Added>>>;
+    #[allow(clippy::too_many_arguments)]
+    async fn claim(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        max: usize,
+        lease_ms: i64,
+        token: &str,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<ClaimBatch>>;
+    async fn extend(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        leases: &[(String, String)],
+        lease_ms: i64,
+        now: i64,
+    ) -> SqlResult<Result<Vec<bool>>>;
+    async fn finish(
+        &self,
+        conn: &mut Self::Conn,
+        job: &ClaimedJob,
+        outcome: &Outcome,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<()>>;
+    async fn release(
+        &self,
+        conn: &mut Self::Conn,
+        job: &ClaimedJob,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<()>>;
+    async fn reap_stalled(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        max_stalled: u32,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<u64>>;
+    async fn prune(&self, conn: &mut Self::Conn, queue: &str, now: i64) -> SqlResult<Result<u64>>;
+    async fn set_paused(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        paused: bool,
+    ) -> SqlResult<Result<()>>;
+    async fn retry(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        id: &str,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<Job>>;
+    async fn remove(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        id: &str,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<bool>>;
+}
+
+/// The read side of a dialect, on a pool.
+#[async_trait]
+pub(crate) trait Reads: Send + Sync + 'static {
+    async fn get(&self, queue: &str, id: &str, now: i64) -> Result<Option<Job>>;
+    async fn list(
+        &self,
+        queue: &str,
+        state: JobState,
+        offset: u64,
+        limit: u64,
+        now: i64,
+    ) -> Result<Vec<Job>>;
+    async fn counts(&self, queue: &str, now: i64) -> Result<QueueCounts>;
+    async fn is_paused(&self, queue: &str) -> Result<bool>;
+    async fn history(&self, queue: &str, id: &str, now: i64) -> Result<Option<Vec<JobEvent>>>;
+    async fn ping(&self) -> Result<()>;
+    async fn close(&self);
+}
