@@ -183,13 +183,29 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!(listen = %addr, engine = app.queues.engine().name(), owner = app.queues.engine().owner_id(),
                 workers = !no_workers, "convoq listening");
             let router = http::router(state.clone());
-            axum::serve(
+            let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+            let serve = axum::serve(
                 listener,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("serving HTTP")?;
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                let _ = stopping_tx.send(true);
+            });
+            // Open connections get the grace period to finish after the signal, no more: an
+            // event stream on a job that cannot finish (or a long-poll) must not hold the process.
+            let grace = app.config.shutdown_grace;
+            let drain_deadline = async move {
+                let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                served = serve => served.context("serving HTTP")?,
+                () = drain_deadline => tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "HTTP connections still open after the grace period; closing them"
+                ),
+            }
             tracing::info!("HTTP stopped; finishing in-flight jobs");
             let pool = state
                 .workers

@@ -137,6 +137,14 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         drop(_enter);
         tracing::Instrument::instrument(next.run(req), span.clone()).await
     };
+    if resp.status() == axum::http::StatusCode::BAD_REQUEST
+        && resp
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"))
+    {
+        resp = json_rejection(resp).await;
+    }
     let status = resp.status();
     let elapsed = started.elapsed();
     state
@@ -158,6 +166,26 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     resp
+}
+
+/// axum's own extractor rejections (a path segment that is not UTF-8: "Invalid URL: Invalid
+/// UTF-8 in `id`") are plain text; answers them in the one error shape, naming the field.
+async fn json_rejection(resp: Response) -> Response {
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let field = text.split('`').nth(1).map(str::to_owned);
+    ApiError::BadRequest {
+        code: if field.is_some() {
+            "invalid_field"
+        } else {
+            "invalid_request"
+        },
+        message: text,
+        field,
+    }
+    .into_response()
 }
 
 /// Turns a handler result into a response (handlers return `Result<Response, ApiError>`).

@@ -1,0 +1,541 @@
+//! Shared helpers for the tests that drive the real `convoq` binary (`e2e.rs`, `crash.rs`):
+//! a [`Server`] process on a temporary directory and a free loopback port, a minimal HTTP/1.1
+//! client over a plain TCP socket (one connection per request, so a killed server shows up as a
+//! connection error and nothing is pooled across restarts), a server-sent-events reader, and the
+//! SQLite file opened with `sqlx`.
+//!
+//! Everything targets 127.0.0.1 and every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long one request may take before it counts as lost.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A port nobody listens on right now (bound to 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A `convoq` process on its own directory and database. Killed (SIGKILL) when dropped if it
+/// still runs.
+pub struct Server {
+    /// The port it listens on (kept across restarts).
+    pub port: u16,
+    /// Its working directory, holding the database and the logs.
+    pub dir: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    /// How many times a process was started.
+    pub starts: u32,
+}
+
+impl Server {
+    /// Starts `convoq` on `dir` (database `dir/convoq.db`) with extra `CONVOQ_*` settings, on a
+    /// free port, and waits until it is ready.
+    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let mut server = Server {
+            port: 0,
+            dir: dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            starts: 0,
+        };
+        // Another process may take the port between our probe and the bind: try a few.
+        for _ in 0..3 {
+            server.port = free_port();
+            server.spawn();
+            match server.try_ready(Duration::from_secs(30)).await {
+                Ok(()) => return server,
+                Err(e) if e.contains("binding") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("convoq could not bind a free port in 3 tries");
+    }
+
+    /// The SQLite file.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("convoq.db")
+    }
+
+    /// The log file (stderr) of the `n`th start (1-based).
+    pub fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("convoq-{n}.log"))
+    }
+
+    /// The logs of every start so far, concatenated.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect()
+    }
+
+    /// The last lines of the logs, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Starts a new process on the same port and database (the previous one must have exited).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "a convoq process is still running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_convoq"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CONVOQ_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.current_dir(&self.dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--database-url")
+            .arg(format!("sqlite://{}", self.db_path().display()))
+            .env("CONVOQ_LOG_FORMAT", "json")
+            .env("CONVOQ_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.child = Some(cmd.spawn().expect("spawn convoq"));
+    }
+
+    /// Waits (bounded) until `GET /readyz` answers 200; panics with the log tail otherwise.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        if let Err(e) = self.try_ready(timeout).await {
+            panic!("{e}");
+        }
+    }
+
+    async fn try_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Err(format!(
+                    "convoq exited with {status} before it was ready; log tail:\n{}",
+                    self.log_tail()
+                ));
+            }
+            if let Ok(r) = get(self.port, "/readyz").await {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "convoq not ready after {timeout:?}; log tail:\n{}",
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running convoq").id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("a running convoq");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The exit status if the process has exited (and reaps it).
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                self.child = None;
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits (bounded) for the process to exit; `None` if it is still running at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0) within `timeout`.
+    pub async fn stop(&mut self, timeout: Duration) {
+        self.sigterm();
+        let started = Instant::now();
+        let status = self.wait_exit(timeout).await;
+        match status {
+            Some(s) => assert!(
+                s.success(),
+                "convoq exited with {s} after SIGTERM; log tail:\n{}",
+                self.log_tail()
+            ),
+            None => panic!(
+                "convoq still running {:?} after SIGTERM; log tail:\n{}",
+                started.elapsed(),
+                self.log_tail()
+            ),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body (de-chunked).
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics with the body if it is not.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("status {}: not JSON ({e}): {}", self.status, self.text()))
+    }
+}
+
+fn bad_data(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Writes one request on a new connection (`Connection: close`).
+async fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let body = body.map(|b| serde_json::to_vec(b).expect("JSON body"));
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = &body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    if let Some(b) = body {
+        bytes.extend_from_slice(&b);
+    }
+    stream.write_all(&bytes).await?;
+    stream.flush().await?;
+    Ok(stream)
+}
+
+/// A response head: status, headers (names lowercased), and where the body starts.
+type Head = (u16, Vec<(String, String)>, usize);
+
+/// Splits a response head from the bytes read so far, once it is complete.
+fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad_data("head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| bad_data(format!("bad status line {status_line:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Some((status, headers, end + 4)))
+}
+
+/// Decodes the complete chunks of a chunked body; `true` once the last chunk was seen.
+fn dechunk(mut raw: &[u8]) -> io::Result<(Vec<u8>, bool)> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return Ok((out, false));
+        };
+        let size_s = std::str::from_utf8(&raw[..eol]).map_err(|_| bad_data("chunk size"))?;
+        let size_s = size_s.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_s, 16)
+            .map_err(|_| bad_data(format!("chunk size {size_s:?}")))?;
+        if size == 0 {
+            return Ok((out, true));
+        }
+        let start = eol + 2;
+        if raw.len() < start + size + 2 {
+            return Ok((out, false));
+        }
+        out.extend_from_slice(&raw[start..start + size]);
+        raw = &raw[start + size + 2..];
+    }
+}
+
+/// One request on its own connection, read to the end. Errors are transport errors (refused,
+/// reset, cut short, timed out): the request may or may not have been served.
+pub async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> io::Result<Resp> {
+    let exchange = async {
+        let mut stream = send(port, method, path, headers, body).await?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await?;
+        let (status, headers, body_at) = parse_head(&buf)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no complete response"))?;
+        let raw = &buf[body_at..];
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+        let length = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let body = if chunked {
+            let (body, complete) = dechunk(raw)?;
+            if !complete {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "body cut short",
+                ));
+            }
+            body
+        } else if let Some(n) = length {
+            if raw.len() < n {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "body cut short",
+                ));
+            }
+            raw[..n].to_vec()
+        } else {
+            raw.to_vec()
+        };
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")))
+}
+
+/// `GET path`.
+pub async fn get(port: u16, path: &str) -> io::Result<Resp> {
+    request(port, "GET", path, &[], None).await
+}
+
+/// `GET path`, expecting 200 and JSON.
+#[track_caller]
+pub fn expect_ok(resp: io::Result<Resp>, what: &str) -> Value {
+    let r = resp.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(r.status, 200, "{what}: {}", r.text());
+    r.json()
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `event:`.
+    pub event: String,
+    /// `data:` (lines joined with `\n`).
+    pub data: String,
+}
+
+fn parse_sse(text: &str) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    // Only complete events (ended by a blank line).
+    let complete = match text.rfind("\n\n") {
+        Some(i) => &text[..i + 2],
+        None => return out,
+    };
+    for block in complete.split("\n\n") {
+        let mut event = String::new();
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim_start().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if !event.is_empty() || !data.is_empty() {
+            out.push(SseEvent {
+                event,
+                data: data.join("\n"),
+            });
+        }
+    }
+    out
+}
+
+/// Reads `GET path` as server-sent events until an event named in `until` arrives (or the
+/// stream ends), within `timeout`. Comments (keep-alives) are skipped.
+pub async fn sse_until(
+    port: u16,
+    path: &str,
+    until: &[&str],
+    timeout: Duration,
+) -> io::Result<(u16, Option<String>, Vec<SseEvent>)> {
+    let read = async {
+        let mut stream = send(port, "GET", path, &[("Accept", "text/event-stream")], None).await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((status, headers, body_at)) = parse_head(&buf)? {
+                let content_type = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-type")
+                    .map(|(_, v)| v.clone());
+                if status != 200 {
+                    return Ok((status, content_type, Vec::new()));
+                }
+                let chunked = headers
+                    .iter()
+                    .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+                let body = if chunked {
+                    dechunk(&buf[body_at..])?.0
+                } else {
+                    buf[body_at..].to_vec()
+                };
+                let events = parse_sse(&String::from_utf8_lossy(&body).replace("\r\n", "\n"));
+                if n == 0 || events.iter().any(|e| until.contains(&e.event.as_str())) {
+                    return Ok((status, content_type, events));
+                }
+            } else if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "no response head",
+                ));
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "event stream timed out",
+            ))
+        })
+}
+
+/// The SQLite file, opened by the test (the server may or may not be running).
+pub async fn open_db(path: &Path) -> SqlitePool {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(false)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// `SELECT COUNT(*) …` (or any single integer).
+pub async fn count(db: &SqlitePool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The JSON log lines (non-JSON lines skipped).
+pub fn json_lines(logs: &str) -> Vec<Value> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
