@@ -33,7 +33,9 @@ struct InsertRow {
 #[async_trait]
 impl TxEffect for InsertRow {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        let SqlConn::Sqlite(conn) = conn;
+        let SqlConn::Sqlite(conn) = conn else {
+            return Err(ProcessError::unrecoverable("this test runs on SQLite"));
+        };
         sqlx::query("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
             .execute(&mut *conn)
             .await

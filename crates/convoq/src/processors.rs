@@ -66,6 +66,9 @@ impl TxEffect for InsertConversation {
             SqlConn::Sqlite(c) => store::insert_conversation_on(c, &self.0, self.1)
                 .await
                 .map_err(classify),
+            SqlConn::Postgres(_) => Err(ProcessError::unrecoverable(
+                "the store does not run on Postgres yet",
+            )),
         }
     }
 }
@@ -164,6 +167,9 @@ impl TxEffect for InsertAudit {
             SqlConn::Sqlite(c) => store::insert_audit_on(c, &self.0, self.1)
                 .await
                 .map_err(classify),
+            SqlConn::Postgres(_) => Err(ProcessError::unrecoverable(
+                "the store does not run on Postgres yet",
+            )),
         }
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::writer::Batch;
 use crate::clock::Clock;
-use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
@@ -72,6 +72,23 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>>;
+    /// Completes jobs whose completions carry no effect and no follow-up jobs, answering per
+    /// job as [`Dialect::finish`] would. By default one `finish` after another; a dialect may do
+    /// it in one statement.
+    async fn complete_plain(
+        &self,
+        conn: &mut Self::Conn,
+        jobs: &[(&ClaimedJob, &Completion)],
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Vec<Result<()>>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for (job, completion) in jobs {
+            let outcome = Outcome::Completed((*completion).clone());
+            out.push(self.finish(conn, job, &outcome, now, batch).await?);
+        }
+        Ok(out)
+    }
     async fn release(
         &self,
         conn: &mut Self::Conn,

@@ -12,6 +12,8 @@ use crate::error::ProcessError;
 pub enum SqlConn<'a> {
     /// The SQLite engine's writer connection.
     Sqlite(&'a mut sqlx::SqliteConnection),
+    /// One of the Postgres engine's writer connections.
+    Postgres(&'a mut sqlx::PgConnection),
 }
 
 /// Database work committed atomically with a job's completion.

@@ -10,15 +10,20 @@
 //! - `dialect.rs`: what a dialect provides: the statements behind each write operation and the
 //!   reads.
 //! - `sqlite/`: the SQLite dialect: schema, statements, and row mapping.
+//! - `postgres/`: the Postgres dialect: the same schema and statements in Postgres's SQL,
+//!   `SKIP LOCKED` claims, several writer connections, and `LISTEN/NOTIFY` wake-ups.
 //! - `history.rs`: rebuilding a job's event history from its row and its event rows.
 //! - `effect.rs`: [`TxEffect`], database work that commits together with a job's completion.
 //!
 //! Timestamps are milliseconds since the Unix epoch from the engine's [`Clock`]. On SQLite all
-//! processes share one machine and so one clock.
+//! processes share one machine and so one clock. On Postgres, writes are stamped with the
+//! database server's clock (shifted by the injected clock's offset from the system clock, which
+//! is zero outside tests), so that processes on several machines agree on lease expiry.
 
 mod dialect;
 mod effect;
 mod history;
+mod postgres;
 mod sqlite;
 mod writer;
 
@@ -73,15 +78,29 @@ impl FromStr for Durability {
 /// Settings of the SQL engine.
 #[derive(Debug, Clone)]
 pub struct SqlConfig {
-    /// `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+    /// `sqlite://PATH` (created if missing), `sqlite::memory:`, or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (also `postgresql://`).
     pub url: String,
-    /// SQLite's `synchronous` setting.
+    /// SQLite's `synchronous` setting (SQLite only).
     pub durability: Durability,
     /// How long a statement waits for another process's write lock before failing as
-    /// unavailable.
+    /// unavailable (SQLite); on Postgres, how long a caller waits for a free read connection.
     pub busy_timeout: Duration,
-    /// Connections for reads (writes use one connection of their own).
+    /// Connections for reads (SQLite only: writes use one connection of their own).
     pub read_connections: u32,
+    /// Postgres only: the most connections this engine opens, all included (default 10).
+    /// They are split into writer connections (each runs its own group-commit writer task,
+    /// `min(4, (max_connections - 1) / 2)`, at least 1), one listener connection when
+    /// [`SqlConfig::notify`] is on, and the read pool (the rest, at least 1). With the default:
+    /// 4 writers, 1 listener, 5 readers.
+    pub max_connections: u32,
+    /// Postgres only: the server-side `statement_timeout` of every connection (default 30 s). A
+    /// statement that runs longer is cancelled and the operation fails as unavailable.
+    pub statement_timeout: Duration,
+    /// Postgres only: wake idle workers through `LISTEN/NOTIFY` (default true). Turn it off
+    /// behind a transaction-mode connection pooler (which breaks `LISTEN`): workers then find
+    /// other processes' jobs by polling only. Writers send notifications either way.
+    pub notify: bool,
     /// The most operations applied in one group commit.
     pub max_batch: usize,
     /// The clock jobs are stamped with.
@@ -96,6 +115,9 @@ impl SqlConfig {
             durability: Durability::default(),
             busy_timeout: Duration::from_secs(5),
             read_connections: 4,
+            max_connections: 10,
+            statement_timeout: Duration::from_secs(30),
+            notify: true,
             max_batch: 1024,
             clock: Arc::new(SystemClock),
         }
@@ -125,6 +147,8 @@ pub struct SqlEngine {
     reads: Box<dyn Reads>,
     writer: WriterHandle,
     shared: Arc<Shared>,
+    /// Background tasks to stop at close (the Postgres listener).
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// State shared between the engine's handle and its writer task.
@@ -152,6 +176,21 @@ impl Shared {
     pub(crate) fn wake(&self, queue: &str) {
         self.signal(queue).send_modify(|v| *v += 1);
     }
+
+    /// Announces that jobs may have become ready on every queue this process watches (after
+    /// notifications may have been missed).
+    pub(crate) fn wake_all(&self) {
+        let senders: Vec<_> = self
+            .work
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in senders {
+            s.send_modify(|v| *v += 1);
+        }
+    }
 }
 
 impl SqlEngine {
@@ -162,33 +201,54 @@ impl SqlEngine {
     /// [`QueueError::Invalid`] for a URL this engine does not take; [`QueueError::Unavailable`]
     /// when the database cannot be opened or migrated.
     pub async fn connect(config: SqlConfig) -> Result<Arc<SqlEngine>> {
-        if !config.url.starts_with("sqlite:") {
-            return Err(QueueError::Invalid(format!(
-                "the SQL engine takes sqlite:// URLs here, not {:?}",
-                redact_url(&config.url)
-            )));
-        }
-        let (write_conn, reads) = sqlite::open(&config).await?;
         let shared = Arc::new(Shared {
             watches: WatchRegistry::default(),
             commits: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             work: Mutex::new(Default::default()),
         });
-        let writer = writer::spawn(
-            sqlite::Sqlite,
-            write_conn,
-            config.clock.clone(),
-            shared.clone(),
-            config.max_batch,
-        );
+        let (name, reads, writer, background): (_, Box<dyn Reads>, _, _) = if config
+            .url
+            .starts_with("sqlite:")
+        {
+            let (write_conn, reads) = sqlite::open(&config).await?;
+            // SQLite has one writer: exactly one writer task.
+            let writer = writer::spawn(
+                sqlite::Sqlite,
+                vec![write_conn],
+                config.clock.clone(),
+                shared.clone(),
+                config.max_batch,
+            );
+            ("sqlite", Box::new(reads), writer, Vec::new())
+        } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+            let opened = postgres::open(&config).await?;
+            let writer = writer::spawn(
+                opened.dialect,
+                opened.writers,
+                config.clock.clone(),
+                shared.clone(),
+                config.max_batch,
+            );
+            let mut background = Vec::new();
+            if let Some(listener) = opened.listener {
+                background.push(postgres::spawn_listener(listener, Arc::downgrade(&shared)));
+            }
+            ("postgres", Box::new(opened.reads), writer, background)
+        } else {
+            return Err(QueueError::Invalid(format!(
+                "the SQL engine takes sqlite:// or postgres:// URLs, not {:?}",
+                redact_url(&config.url)
+            )));
+        };
         Ok(Arc::new(SqlEngine {
             owner: uuid::Uuid::now_v7().to_string(),
-            name: "sqlite",
+            name,
             clock: config.clock,
-            reads: Box::new(reads),
+            reads,
             writer,
             shared,
+            background: Mutex::new(background),
         }))
     }
 
@@ -372,6 +432,11 @@ impl Engine for SqlEngine {
     }
 
     async fn close(&self) {
+        let background =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in background {
+            task.abort();
+        }
         self.writer.close().await;
         self.reads.close().await;
     }

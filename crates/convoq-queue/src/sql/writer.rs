@@ -4,6 +4,13 @@
 //! SQLite allows one writer at a time, so funnelling writes through one task costs nothing in
 //! concurrency and turns N concurrent commits into one. If a batch fails, its operations are
 //! applied again one by one, so a single bad operation fails alone.
+//!
+//! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
+//! own connection, pulling batches from the same channel: while one commits, the next drains
+//! what has queued meanwhile. SQLite keeps exactly one.
+//!
+//! Completions that carry no effect and no follow-up jobs are applied together, at the start of
+//! their batch, through [`Dialect::complete_plain`] (one statement on Postgres).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +22,7 @@ use tokio::task::JoinHandle;
 use super::dialect::{Dialect, SqlResult};
 use super::Shared;
 use crate::clock::Clock;
-use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 
@@ -125,11 +132,11 @@ impl Batch {
     }
 }
 
-/// The engine's handle on the writer task.
+/// The engine's handle on the writer tasks.
 pub(crate) struct WriterHandle {
     tx: mpsc::Sender<Request>,
     closed: AtomicBool,
-    task: Mutex<Option<JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl WriterHandle {
@@ -149,70 +156,118 @@ impl WriterHandle {
         if self.tx.send(Request(Op::Close(tx))).await.is_ok() {
             let _ = rx.await;
         }
-        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
             let _ = task.await;
         }
     }
 }
 
-/// Starts the writer task of dialect `D` on `conn`.
+/// The channel the writer tasks share, and whether one of them has taken the close.
+struct Inbox {
+    rx: tokio::sync::Mutex<mpsc::Receiver<Request>>,
+    closing: AtomicBool,
+}
+
+/// Starts one writer task of dialect `D` per connection in `conns` (SQLite passes exactly one),
+/// all draining the same channel.
 pub(crate) fn spawn<D: Dialect>(
     dialect: D,
-    conn: D::Conn,
+    conns: Vec<D::Conn>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     max_batch: usize,
 ) -> WriterHandle {
     let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-    let task = tokio::spawn(run(dialect, conn, rx, clock, shared, max_batch.max(1)));
+    let inbox = Arc::new(Inbox {
+        rx: tokio::sync::Mutex::new(rx),
+        closing: AtomicBool::new(false),
+    });
+    let dialect = Arc::new(dialect);
+    let tasks = conns
+        .into_iter()
+        .map(|conn| {
+            tokio::spawn(run(
+                dialect.clone(),
+                conn,
+                inbox.clone(),
+                clock.clone(),
+                shared.clone(),
+                max_batch.max(1),
+            ))
+        })
+        .collect();
     WriterHandle {
         tx,
         closed: AtomicBool::new(false),
-        task: Mutex::new(Some(task)),
+        tasks: Mutex::new(tasks),
     }
 }
 
+/// Takes the next batch off the shared channel: waits for one operation, then takes whatever
+/// else is queued, up to `max_batch`. Returns `None` when the writer is done (closed or every
+/// sender dropped); a batch may come with the closer's reply when it held the close.
+async fn next_batch(
+    inbox: &Inbox,
+    ops: &mut Vec<Op>,
+    max_batch: usize,
+) -> Option<Option<oneshot::Sender<()>>> {
+    let mut rx = inbox.rx.lock().await;
+    if inbox.closing.load(Ordering::Acquire) {
+        return None;
+    }
+    let Request(first) = rx.recv().await?;
+    ops.push(first);
+    while ops.len() < max_batch {
+        match rx.try_recv() {
+            Ok(Request(op)) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+    let mut closer = None;
+    if let Some(pos) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
+        // Everything queued before the close is applied; anything after it is refused.
+        for op in ops.drain(pos + 1..) {
+            refuse(op, QueueError::Closed);
+        }
+        if let Some(Op::Close(tx)) = ops.pop() {
+            closer = Some(tx);
+        }
+        inbox.closing.store(true, Ordering::Release);
+        rx.close();
+        while let Ok(Request(op)) = rx.try_recv() {
+            refuse(op, QueueError::Closed);
+        }
+    }
+    Some(closer)
+}
+
 async fn run<D: Dialect>(
-    d: D,
+    d: Arc<D>,
     mut conn: D::Conn,
-    mut rx: mpsc::Receiver<Request>,
+    inbox: Arc<Inbox>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     max_batch: usize,
 ) {
+    let d = &*d;
     let mut ops: Vec<Op> = Vec::with_capacity(max_batch);
     let mut closing: Option<oneshot::Sender<()>> = None;
     while closing.is_none() {
-        let Some(Request(first)) = rx.recv().await else {
+        let Some(closer) = next_batch(&inbox, &mut ops, max_batch).await else {
             break;
         };
-        ops.push(first);
-        while ops.len() < max_batch {
-            match rx.try_recv() {
-                Ok(Request(op)) => ops.push(op),
-                Err(_) => break,
-            }
-        }
-        if let Some(pos) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
-            // Everything queued before the close is applied; anything after it is refused.
-            for op in ops.drain(pos + 1..) {
-                refuse(op, QueueError::Closed);
-            }
-            if let Some(Op::Close(tx)) = ops.pop() {
-                closing = Some(tx);
-            }
-        }
+        closing = closer;
         if ops.is_empty() {
             continue;
         }
-        match apply_batch(&d, &mut conn, &ops, &*clock).await {
+        match apply_batch(d, &mut conn, &ops, &*clock).await {
             Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
             Err(e) if ops.len() > 1 => {
                 tracing::warn!(error = %e, ops = ops.len(), "group commit failed; applying its operations one by one");
                 for op in std::mem::take(&mut ops) {
                     let single = [op];
-                    match apply_batch(&d, &mut conn, &single, &*clock).await {
+                    match apply_batch(d, &mut conn, &single, &*clock).await {
                         Ok((dones, batch)) => {
                             let mut v: Vec<Op> = single.into();
                             deliver_all(&mut v, dones, batch, &shared);
@@ -233,13 +288,9 @@ async fn run<D: Dialect>(
             }
         }
     }
+    d.close(conn).await;
     if let Some(tx) = closing {
-        d.close(conn).await;
         let _ = tx.send(());
-    }
-    rx.close();
-    while let Ok(Request(op)) = rx.try_recv() {
-        refuse(op, QueueError::Closed);
     }
 }
 
@@ -281,6 +332,18 @@ async fn apply_batch<D: Dialect>(
     }
 }
 
+/// A completion with nothing to commit but itself.
+fn plain_completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
+    match op {
+        Op::Finish {
+            job,
+            outcome: Outcome::Completed(c),
+            ..
+        } if c.effect.is_none() && c.follow_ups.is_empty() => Some((job, c)),
+        _ => None,
+    }
+}
+
 async fn apply_ops<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
@@ -289,7 +352,27 @@ async fn apply_ops<D: Dialect>(
 ) -> SqlResult<(Vec<Done>, Batch)> {
     let mut batch = Batch::default();
     let mut dones = Vec::with_capacity(ops.len());
-    for op in ops {
+    // Plain completions go first, together. Operations of one batch come from concurrent
+    // callers, so their order among themselves is no one's promise.
+    let plain: Vec<(usize, (&ClaimedJob, &Completion))> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, op)| plain_completion(op).map(|p| (i, p)))
+        .collect();
+    let mut grouped: Vec<Option<Result<()>>> = Vec::new();
+    if plain.len() > 1 {
+        grouped.resize_with(ops.len(), || None);
+        let jobs: Vec<_> = plain.iter().map(|(_, p)| *p).collect();
+        let results = d.complete_plain(conn, &jobs, now, &mut batch).await?;
+        for ((i, _), r) in plain.iter().zip(results) {
+            grouped[*i] = Some(r);
+        }
+    }
+    for (i, op) in ops.iter().enumerate() {
+        if let Some(r) = grouped.get_mut(i).and_then(Option::take) {
+            dones.push(Done::Unit(r));
+            continue;
+        }
         let b = &mut batch;
         let done = match op {
             Op::Add { jobs, .. } => Done::Added(d.add_jobs(conn, jobs, now, b).await?),

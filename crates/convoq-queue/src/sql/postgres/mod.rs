@@ -1,0 +1,456 @@
+//! The Postgres dialect of the SQL engine: `schema.rs` (tables, error mapping and transaction
+//! control), `write.rs` (the writers' statements), `read.rs` (reads and row mapping).
+//!
+//! It is a second dialect of the same engine, not a second engine: the same operations go
+//! through the same group-commit writer, with these differences:
+//! - Several writer tasks, each with its own connection, share the writer's channel (SQLite has
+//!   exactly one). Claims and stall checks lock rows with `FOR UPDATE SKIP LOCKED`, so writers
+//!   (of this process or another) never pick the same job nor wait for each other to.
+//! - Time comes from the database server (see [`Postgres::now_ms`]), so that processes on
+//!   several machines agree on leases and due times.
+//! - A batch that made jobs ready notifies `convoq_jobs` with the queue's name, inside its
+//!   transaction; every engine listens (unless [`SqlConfig::notify`] is off) and wakes its
+//!   workers on that queue. Polling stays the fallback.
+//! - Completions without effect or follow-ups are applied in one statement per batch.
+
+mod read;
+mod schema;
+mod write;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+pub(crate) use super::dialect::SqlResult;
+use super::dialect::{Dialect, Reads};
+use super::writer::Batch;
+use super::{Shared, SqlConfig};
+use crate::clock::Clock;
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
+use crate::error::{QueueError, Result};
+use crate::events::JobEvent;
+use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+
+/// The Postgres dialect.
+pub(crate) struct Postgres {
+    pub(crate) clock: Arc<DbClock>,
+}
+
+/// The database server's clock, as seen from this process: its lead over this machine's system
+/// clock, measured on the writers' connections.
+///
+/// A measurement reads the system clock before and after `SELECT clock_timestamp()` and takes
+/// the midpoint, so the error is at most half the round trip. A measurement replaces the one
+/// held if its round trip is under a millisecond or no worse than the held one's, or if the
+/// held one is older than a minute; a slow round trip (a busy scheduler) thus never moves the
+/// clock by its noise. The lead is rounded to whole milliseconds, so a database on the same
+/// machine leads by exactly zero.
+#[derive(Debug, Default)]
+pub(crate) struct DbClock {
+    held: Mutex<Option<Lead>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lead {
+    lead_ms: i64,
+    rtt_us: i64,
+    taken_at_us: i64,
+}
+
+fn system_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl DbClock {
+    /// Reads the database's clock on `conn` and returns the lead to use.
+    async fn sample(&self, conn: &mut PgConnection) -> SqlResult<i64> {
+        self.sample_with(conn, false).await
+    }
+
+    /// [`DbClock::sample`], opening the batch's transaction in the same round trip when
+    /// `begin` is set.
+    async fn sample_with(&self, conn: &mut PgConnection, begin: bool) -> SqlResult<i64> {
+        const READ: &str = "SELECT floor(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+        let before = system_us();
+        let db_us: i64 = if begin {
+            // Simple protocol, two statements, one round trip.
+            const BEGIN_READ: &str =
+                "BEGIN; SELECT floor(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+            let row = sqlx::Executor::fetch_one(&mut *conn, sqlx::raw_sql(BEGIN_READ)).await?;
+            sqlx::Row::try_get(&row, 0)?
+        } else {
+            sqlx::query_scalar(READ).fetch_one(&mut *conn).await?
+        };
+        let after = system_us();
+        let rtt_us = after - before;
+        let lead_us = db_us - (before + rtt_us / 2);
+        let sample = Lead {
+            lead_ms: (lead_us as f64 / 1000.0).round() as i64,
+            rtt_us,
+            taken_at_us: after,
+        };
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let take = match *held {
+            None => true,
+            Some(h) => rtt_us < 1_000 || rtt_us <= h.rtt_us || after - h.taken_at_us > 60_000_000,
+        };
+        if take {
+            *held = Some(sample);
+        }
+        Ok(held.map_or(sample.lead_ms, |h| h.lead_ms))
+    }
+
+    /// The lead last measured (zero before any measurement).
+    pub(crate) fn lead_ms(&self) -> i64 {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |h| h.lead_ms)
+    }
+}
+
+/// A writer task's connection: reopened at the next batch after it broke.
+pub(crate) struct PgWriter {
+    conn: Option<PgConnection>,
+    opts: PgConnectOptions,
+}
+
+impl PgWriter {
+    fn conn(&mut self) -> SqlResult<&mut PgConnection> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| sqlx::Error::Protocol("the writer's connection is not open".into()))
+    }
+}
+
+/// What [`open`] opened.
+pub(crate) struct Opened {
+    pub(crate) writers: Vec<PgWriter>,
+    pub(crate) reads: PgReads,
+    pub(crate) listener: Option<PgListener>,
+    pub(crate) dialect: Postgres,
+}
+
+/// How [`SqlConfig::max_connections`] is split: (writers, listener, readers).
+fn budget(config: &SqlConfig) -> (u32, u32, u32) {
+    let total = config.max_connections.max(1);
+    let writers = ((total.saturating_sub(1)) / 2).clamp(1, 4);
+    let listener = u32::from(config.notify);
+    let readers = total.saturating_sub(writers + listener).max(1);
+    (writers, listener, readers)
+}
+
+/// Opens the writer connections (migrating the schema on the first), the read pool and, unless
+/// notifications are off, the listener.
+pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
+    let statement_timeout = config.statement_timeout.as_millis().max(1).to_string();
+    let opts = PgConnectOptions::from_str(&config.url)
+        .map_err(|e| QueueError::Invalid(format!("bad Postgres URL: {e}")))?
+        .application_name("convoq")
+        .options([("statement_timeout", statement_timeout.as_str())])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    let (n_writers, listener, readers) = budget(config);
+    let mut first = opts.connect().await.map_err(schema::map_err)?;
+    schema::migrate(&mut first).await?;
+    let clock = Arc::new(DbClock::default());
+    for _ in 0..5 {
+        clock.sample(&mut first).await.map_err(schema::map_err)?;
+    }
+    let mut writers = vec![PgWriter {
+        conn: Some(first),
+        opts: opts.clone(),
+    }];
+    for _ in 1..n_writers {
+        writers.push(PgWriter {
+            conn: Some(opts.connect().await.map_err(schema::map_err)?),
+            opts: opts.clone(),
+        });
+    }
+    // Lazy: read connections open on first use.
+    let pool = PgPoolOptions::new()
+        .max_connections(readers)
+        .min_connections(0)
+        .acquire_timeout(config.busy_timeout)
+        .connect_lazy_with(opts.clone());
+    let listener = if listener > 0 {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.busy_timeout)
+            .connect_lazy_with(opts);
+        let mut l = PgListener::connect_with(&pool)
+            .await
+            .map_err(schema::map_err)?;
+        l.listen(schema::CHANNEL).await.map_err(schema::map_err)?;
+        Some(l)
+    } else {
+        None
+    };
+    Ok(Opened {
+        writers,
+        reads: PgReads {
+            pool,
+            clock: clock.clone(),
+        },
+        listener,
+        dialect: Postgres { clock },
+    })
+}
+
+/// Starts the task that turns notifications into wake-ups of this process's workers. It ends
+/// when the engine is dropped or closed.
+pub(crate) fn spawn_listener(
+    mut listener: PgListener,
+    shared: Weak<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            match next {
+                // Nothing for a while: check that the engine is still there.
+                Err(_) => {}
+                Ok(Ok(Some(n))) => shared.wake(n.payload()),
+                Ok(Ok(None)) => {
+                    // The connection was lost and is re-established on the next call;
+                    // notifications sent meanwhile are lost, so wake every queue.
+                    tracing::warn!("the Postgres notification connection was lost; reconnecting");
+                    shared.wake_all();
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "listening for Postgres notifications failed; polling meanwhile");
+                    shared.wake_all();
+                    drop(shared);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}
+
+#[async_trait]
+impl Dialect for Postgres {
+    type Conn = PgWriter;
+
+    fn map_err(&self, e: sqlx::Error) -> QueueError {
+        schema::map_err(e)
+    }
+
+    /// The batch's time: the database server's clock, read in this batch, plus the offset of
+    /// the injected clock from the system clock (`clock.now_ms() - SystemClock.now_ms()`).
+    ///
+    /// In production the injected clock is the system clock, the offset is zero, and every
+    /// lease, due time and fence is stamped by the one clock all processes share: the
+    /// database's. No worker's clock is ever compared with a stored timestamp. In tests the
+    /// offset is how far a `ManualClock` has been moved, so the conformance suite still moves
+    /// time without sleeping.
+    ///
+    /// The reading is corrected for the round trip ([`DbClock`]): `db + (clock - system)` is
+    /// computed as `clock + (db - system)` with the database's lead over this machine rounded
+    /// to whole milliseconds, so that a database on the same machine adds exactly zero and a
+    /// test's clock reads the same in every batch until it is moved.
+    ///
+    /// Opens the batch's transaction in the same round trip, and reopens the writer's
+    /// connection if it broke in an earlier batch.
+    async fn now_ms(&self, w: &mut PgWriter, clock: &dyn Clock) -> SqlResult<i64> {
+        if w.conn.is_none() {
+            w.conn = Some(w.opts.connect().await?);
+        }
+        // The batch's transaction opens in the same round trip (see `begin`).
+        match self.clock.sample_with(w.conn()?, true).await {
+            Ok(lead_ms) => Ok(clock.now_ms().saturating_add(lead_ms)),
+            Err(e) => {
+                // Most likely a broken connection: open a new one for the next batch.
+                w.conn = None;
+                Err(e)
+            }
+        }
+    }
+    /// Nothing to do: [`Postgres::now_ms`], which the writer calls right before, has opened
+    /// the transaction in the round trip that read the clock.
+    async fn begin(&self, w: &mut PgWriter) -> SqlResult<()> {
+        w.conn().map(drop)
+    }
+    async fn commit(&self, w: &mut PgWriter, batch: &Batch) -> SqlResult<()> {
+        schema::commit(w.conn()?, batch).await
+    }
+    async fn rollback(&self, w: &mut PgWriter) -> SqlResult<()> {
+        let r = schema::rollback(w.conn()?).await;
+        if r.is_err() {
+            w.conn = None;
+        }
+        r
+    }
+    async fn close(&self, w: PgWriter) {
+        if let Some(conn) = w.conn {
+            let _ = conn.close().await;
+        }
+    }
+    async fn add_jobs(
+        &self,
+        w: &mut PgWriter,
+        jobs: &[NewJob],
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<Vec<Added>>> {
+        write::add_jobs(w.conn()?, jobs, now, batch).await
+    }
+    async fn claim(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        max: usize,
+        lease_ms: i64,
+        token: &str,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<ClaimBatch>> {
+        write::claim(w.conn()?, queue, max, lease_ms, token, now, batch).await
+    }
+    async fn extend(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        leases: &[(String, String)],
+        lease_ms: i64,
+        now: i64,
+    ) -> SqlResult<Result<Vec<bool>>> {
+        write::extend(w.conn()?, queue, leases, lease_ms, now).await
+    }
+    async fn finish(
+        &self,
+        w: &mut PgWriter,
+        job: &ClaimedJob,
+        outcome: &Outcome,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<()>> {
+        write::finish(w.conn()?, job, outcome, now, batch).await
+    }
+    async fn complete_plain(
+        &self,
+        w: &mut PgWriter,
+        jobs: &[(&ClaimedJob, &Completion)],
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Vec<Result<()>>> {
+        write::complete_plain(w.conn()?, jobs, now, batch).await
+    }
+    async fn release(
+        &self,
+        w: &mut PgWriter,
+        job: &ClaimedJob,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<()>> {
+        write::release(w.conn()?, job, now, batch).await
+    }
+    async fn reap_stalled(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        max_stalled: u32,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<u64>> {
+        write::reap_stalled(w.conn()?, queue, max_stalled, now, batch).await
+    }
+    async fn prune(&self, w: &mut PgWriter, queue: &str, now: i64) -> SqlResult<Result<u64>> {
+        write::prune(w.conn()?, queue, now).await
+    }
+    async fn set_paused(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        paused: bool,
+    ) -> SqlResult<Result<()>> {
+        write::set_paused(w.conn()?, queue, paused).await
+    }
+    async fn retry(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        id: &str,
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<Job>> {
+        write::retry(w.conn()?, queue, id, now, batch).await
+    }
+    async fn remove(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        id: &str,
+        batch: &mut Batch,
+    ) -> SqlResult<Result<bool>> {
+        write::remove(w.conn()?, queue, id, batch).await
+    }
+}
+
+/// Postgres reads on a pool. The engine's clock reading is moved to the database's clock by
+/// the writers' last measurement of its lead.
+pub(crate) struct PgReads {
+    pool: PgPool,
+    clock: Arc<DbClock>,
+}
+
+impl PgReads {
+    fn at(&self, now: i64) -> i64 {
+        now.saturating_add(self.clock.lead_ms())
+    }
+}
+
+#[async_trait]
+impl Reads for PgReads {
+    async fn get(&self, queue: &str, id: &str, now: i64) -> Result<Option<Job>> {
+        read::get(&self.pool, queue, id, self.at(now)).await
+    }
+    async fn list(
+        &self,
+        queue: &str,
+        state: JobState,
+        offset: u64,
+        limit: u64,
+        now: i64,
+    ) -> Result<Vec<Job>> {
+        read::list(&self.pool, queue, state, offset, limit, self.at(now)).await
+    }
+    async fn counts(&self, queue: &str, now: i64) -> Result<QueueCounts> {
+        read::counts(&self.pool, queue, self.at(now)).await
+    }
+    async fn is_paused(&self, queue: &str) -> Result<bool> {
+        read::is_paused(&self.pool, queue).await
+    }
+    async fn history(&self, queue: &str, id: &str, now: i64) -> Result<Option<Vec<JobEvent>>> {
+        read::history(&self.pool, queue, id, self.at(now)).await
+    }
+    async fn ping(&self) -> Result<()> {
+        read::ping(&self.pool).await
+    }
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::budget;
+    use crate::sql::SqlConfig;
+
+    #[test]
+    fn connection_budget_splits_as_documented() {
+        let mut c = SqlConfig::new("postgres://u@h/db");
+        assert_eq!(budget(&c), (4, 1, 5));
+        c.max_connections = 3;
+        assert_eq!(budget(&c), (1, 1, 1));
+        c.notify = false;
+        c.max_connections = 1;
+        assert_eq!(budget(&c), (1, 0, 1));
+    }
+}

@@ -1,0 +1,808 @@
+//! The Postgres statements behind the writer's operations: add, claim, extend, finish, release,
+//! reap stalled, prune, pause, retry, remove. Each runs inside one writer's open transaction
+//! and records what to announce after the commit in the [`Batch`].
+//!
+//! Several writers run at once, each in its own transaction, so the statements that pick rows
+//! (claim, reap) lock them with `FOR UPDATE SKIP LOCKED`: two writers never pick the same row,
+//! and never wait for each other to do so. Every change to an active job is fenced by its lease
+//! token in the statement's `WHERE`, which Postgres re-checks on the latest row version.
+
+use std::collections::HashMap;
+
+use rand::Rng;
+use sqlx::postgres::PgConnection;
+use sqlx::Row;
+
+use super::read::{get_on, job_from_row, JOB_COLUMNS};
+use super::SqlResult;
+use crate::clock::ms_to_datetime;
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
+use crate::error::{ProcessError, QueueError, Result};
+use crate::events::JobEventKind;
+use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
+use crate::sql::effect::SqlConn;
+use crate::sql::writer::Batch;
+
+fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
+    match keep.unwrap_or(KeepJobs::FOREVER) {
+        KeepJobs::RemoveAtOnce => (Some(0), Some(finished_at)),
+        KeepJobs::Keep { count, age_secs } => (
+            count.map(|c| c.min(i64::MAX as u64) as i64),
+            age_secs.map(|a| finished_at.saturating_add((a as i64).saturating_mul(1000))),
+        ),
+    }
+}
+
+fn to_json(v: &impl serde::Serialize) -> String {
+    // Serialising a serde_json::Value or our own option types cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn lease_lost(claimed: &ClaimedJob) -> QueueError {
+    QueueError::LeaseLost {
+        queue: claimed.job.queue.clone(),
+        job_id: claimed.job.id.clone(),
+    }
+}
+
+/// Inserts jobs; a custom id that exists already yields the existing job.
+///
+/// One statement for the whole list (`unnest`), returning the ids it inserted; the jobs it did
+/// not insert (their custom id exists, or appeared earlier in the list) are read back. A custom
+/// id being inserted by another writer's open transaction waits for that transaction, then
+/// conflicts, as on SQLite.
+pub(crate) async fn add_jobs(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Vec<Added>>> {
+    if jobs.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let n = jobs.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut datas = Vec::with_capacity(n);
+    let mut optss = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    for job in jobs {
+        queues.push(job.queue.as_str());
+        ids.push(
+            job.opts
+                .job_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        );
+        names.push(job.name.as_str());
+        datas.push(to_json(&job.data));
+        optss.push(to_json(&job.opts));
+        priorities.push(job.opts.priority.unwrap_or(0) as i64);
+        run_ats.push(now.saturating_add(job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64));
+        max_attempts.push(job.opts.max_attempts() as i64);
+    }
+    // `WITH ORDINALITY` keeps the list's order in `seq`, so that FIFO follows the order added.
+    let inserted: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
+         max_attempts, created_at) \
+         SELECT v.queue, v.id, v.name, v.data, v.opts, 'waiting', v.priority, v.run_at, \
+         v.max_attempts, $9 \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
+         $7::int8[], $8::int8[]) WITH ORDINALITY \
+         AS v(queue, id, name, data, opts, priority, run_at, max_attempts, ord) \
+         ORDER BY v.ord \
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+    )
+    .bind(&queues)
+    .bind(&ids)
+    .bind(&names)
+    .bind(&datas)
+    .bind(&optss)
+    .bind(&priorities)
+    .bind(&run_ats)
+    .bind(&max_attempts)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut fresh: HashMap<(String, String), usize> = HashMap::with_capacity(inserted.len());
+    for key in inserted {
+        *fresh.entry(key).or_default() += 1;
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, job) in jobs.iter().enumerate() {
+        let id = &ids[i];
+        let created = match fresh.get_mut(&(job.queue.clone(), id.clone())) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        };
+        if created {
+            let run_at = run_ats[i];
+            batch.wake(&job.queue);
+            out.push(Added {
+                job: Job {
+                    id: id.clone(),
+                    queue: job.queue.clone(),
+                    name: job.name.clone(),
+                    data: job.data.clone(),
+                    opts: job.opts.clone(),
+                    state: if run_at > now {
+                        JobState::Delayed
+                    } else {
+                        JobState::Waiting
+                    },
+                    attempts_made: 0,
+                    stalled_count: 0,
+                    result: None,
+                    failed_reason: None,
+                    created_at: ms_to_datetime(now),
+                    available_at: ms_to_datetime(run_at),
+                    processed_at: None,
+                    finished_at: None,
+                },
+                created: true,
+            });
+        } else {
+            match get_on(&mut *conn, &job.queue, id, now).await? {
+                Ok(Some(existing)) => out.push(Added {
+                    job: existing,
+                    created: false,
+                }),
+                Ok(None) => {
+                    return Ok(Err(QueueError::Corrupt(format!(
+                        "job {id} conflicted on insert but cannot be read"
+                    ))))
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// Claims up to `max` ready jobs of an unpaused queue, under one lease token. Rows locked by
+/// another writer's claim are skipped, not waited for.
+pub(crate) async fn claim(
+    conn: &mut PgConnection,
+    queue: &str,
+    max: usize,
+    lease_ms: i64,
+    token: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<ClaimBatch>> {
+    let sql = format!(
+        "WITH picked AS (SELECT seq FROM cq_jobs WHERE queue = $4 AND state = 'waiting' \
+           AND run_at <= $3 \
+           AND NOT EXISTS (SELECT 1 FROM cq_queues WHERE name = $4 AND paused) \
+           ORDER BY priority, run_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED), \
+         claimed AS (UPDATE cq_jobs SET state = 'active', lease_token = $1, \
+           lease_expires_at = $2, attempts_made = attempts_made + 1, processed_at = $3 \
+           FROM picked WHERE cq_jobs.seq = picked.seq \
+           RETURNING {JOB_COLUMNS}, cq_jobs.priority, cq_jobs.seq) \
+         SELECT * FROM claimed ORDER BY priority, run_at, seq"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(token)
+        .bind(now.saturating_add(lease_ms))
+        .bind(now)
+        .bind(queue)
+        .bind(max.min(i64::MAX as usize) as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match job_from_row(row, now, false) {
+            Ok(job) => {
+                batch.changed(&job.queue, &job.id);
+                jobs.push(ClaimedJob {
+                    job,
+                    token: token.to_owned(),
+                });
+            }
+            Err(e) => {
+                // A job that cannot be read can never run: fail it with the reason, so it is
+                // visible to operators instead of stalling forever, and go on with the others.
+                let id: String = row.try_get(1)?;
+                tracing::error!(queue, job_id = %id, error = %e, "failing a job whose stored data cannot be read");
+                sqlx::query(
+                    "UPDATE cq_jobs SET state = 'failed', failed_reason = $1, finished_at = $2, \
+                     lease_token = NULL, lease_expires_at = NULL WHERE queue = $3 AND id = $4",
+                )
+                .bind(e.to_string())
+                .bind(now)
+                .bind(queue)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                batch.count_failed(queue);
+                batch.changed(queue, &id);
+            }
+        }
+    }
+    let mut next_due_ms = None;
+    if jobs.is_empty() {
+        next_due_ms = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MIN(run_at) FROM cq_jobs WHERE queue = $1 AND state = 'waiting'",
+        )
+        .bind(queue)
+        .fetch_one(&mut *conn)
+        .await?;
+    }
+    Ok(Ok(ClaimBatch { jobs, next_due_ms }))
+}
+
+/// Extends leases, in one statement; a lease is held if its (id, token) pair still matches.
+pub(crate) async fn extend(
+    conn: &mut PgConnection,
+    queue: &str,
+    leases: &[(String, String)],
+    lease_ms: i64,
+    now: i64,
+) -> SqlResult<Result<Vec<bool>>> {
+    if leases.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let ids: Vec<&str> = leases.iter().map(|(id, _)| id.as_str()).collect();
+    let tokens: Vec<&str> = leases.iter().map(|(_, t)| t.as_str()).collect();
+    let held: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE cq_jobs AS j SET lease_expires_at = $1 \
+         FROM unnest($3::text[], $4::text[]) AS v(id, token) \
+         WHERE j.queue = $2 AND j.id = v.id AND j.state = 'active' AND j.lease_token = v.token \
+         RETURNING j.id, j.lease_token",
+    )
+    .bind(now.saturating_add(lease_ms))
+    .bind(queue)
+    .bind(&ids)
+    .bind(&tokens)
+    .fetch_all(&mut *conn)
+    .await?;
+    let held: std::collections::HashSet<(String, String)> = held.into_iter().collect();
+    Ok(Ok(leases.iter().map(|l| held.contains(l)).collect()))
+}
+
+async fn insert_event(
+    conn: &mut PgConnection,
+    queue: &str,
+    id: &str,
+    kind: JobEventKind,
+    attempt: u32,
+    at: i64,
+    detail: Option<serde_json::Value>,
+) -> SqlResult<()> {
+    sqlx::query(
+        "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(queue)
+    .bind(id)
+    .bind(kind.as_str())
+    .bind(attempt as i64)
+    .bind(at)
+    .bind(detail.map(|d| to_json(&d)))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Completes jobs whose completions carry no effect and no follow-ups, in one statement, each
+/// fenced by its lease token.
+pub(crate) async fn complete_plain(
+    conn: &mut PgConnection,
+    jobs: &[(&ClaimedJob, &Completion)],
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Vec<Result<()>>> {
+    let n = jobs.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut results = Vec::with_capacity(n);
+    let mut keep_counts = Vec::with_capacity(n);
+    let mut expire_ats = Vec::with_capacity(n);
+    for (claimed, completion) in jobs {
+        let (keep_count, expire_at) = keep_columns(claimed.job.opts.remove_on_complete, now);
+        queues.push(claimed.job.queue.as_str());
+        ids.push(claimed.job.id.as_str());
+        tokens.push(claimed.token.as_str());
+        results.push(to_json(&completion.result));
+        keep_counts.push(keep_count);
+        expire_ats.push(expire_at);
+    }
+    let done: Vec<(String, String, String)> = sqlx::query_as(
+        "UPDATE cq_jobs AS j SET state = 'completed', result = v.result, finished_at = $1, \
+         lease_token = NULL, lease_expires_at = NULL, keep_count = v.keep_count, \
+         expire_at = v.expire_at \
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
+         AS v(queue, id, token, result, keep_count, expire_at) \
+         WHERE j.queue = v.queue AND j.id = v.id AND j.state = 'active' \
+         AND j.lease_token = v.token \
+         RETURNING j.queue, j.id, v.token",
+    )
+    .bind(now)
+    .bind(&queues)
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&results)
+    .bind(&keep_counts)
+    .bind(&expire_ats)
+    .fetch_all(&mut *conn)
+    .await?;
+    // A job listed twice with one token is completed once: the second answers lease lost.
+    let mut left: HashMap<(String, String, String), usize> = HashMap::with_capacity(done.len());
+    for key in done {
+        *left.entry(key).or_default() += 1;
+    }
+    let mut out = Vec::with_capacity(n);
+    for (claimed, _) in jobs {
+        let key = (
+            claimed.job.queue.clone(),
+            claimed.job.id.clone(),
+            claimed.token.clone(),
+        );
+        match left.get_mut(&key) {
+            Some(k) if *k > 0 => {
+                *k -= 1;
+                batch.count_completed(&claimed.job.queue);
+                batch.changed(&claimed.job.queue, &claimed.job.id);
+                out.push(Ok(()));
+            }
+            _ => out.push(Err(lease_lost(claimed))),
+        }
+    }
+    Ok(out)
+}
+
+/// Records the end of an attempt, fenced by the lease token. A completion's effect runs in a
+/// savepoint after the fence, exactly as on SQLite.
+pub(crate) async fn finish(
+    conn: &mut PgConnection,
+    claimed: &ClaimedJob,
+    outcome: &Outcome,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    match outcome {
+        Outcome::Completed(c) => {
+            if c.effect.is_some() {
+                sqlx::query("SAVEPOINT effect").execute(&mut *conn).await?;
+            }
+            let (keep_count, expire_at) = keep_columns(job.opts.remove_on_complete, now);
+            let n = sqlx::query(
+                "UPDATE cq_jobs SET state = 'completed', result = $1, finished_at = $2, \
+                 lease_token = NULL, lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
+                 WHERE queue = $5 AND id = $6 AND state = 'active' AND lease_token = $7",
+            )
+            .bind(to_json(&c.result))
+            .bind(now)
+            .bind(keep_count)
+            .bind(expire_at)
+            .bind(&job.queue)
+            .bind(&job.id)
+            .bind(&claimed.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                if c.effect.is_some() {
+                    sqlx::query("RELEASE SAVEPOINT effect")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                return Ok(Err(lease_lost(claimed)));
+            }
+            if let Some(effect) = &c.effect {
+                if let Err(e) = effect.apply(SqlConn::Postgres(&mut *conn), now).await {
+                    sqlx::query("ROLLBACK TO SAVEPOINT effect")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("RELEASE SAVEPOINT effect")
+                        .execute(&mut *conn)
+                        .await?;
+                    return fail_attempt(conn, claimed, &e, now, batch).await;
+                }
+                sqlx::query("RELEASE SAVEPOINT effect")
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            match add_jobs(conn, &c.follow_ups, now, batch).await? {
+                Ok(_) => {}
+                Err(e) => return Ok(Err(e)),
+            }
+            batch.count_completed(&job.queue);
+            batch.changed(&job.queue, &job.id);
+            Ok(Ok(()))
+        }
+        Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch).await,
+    }
+}
+
+async fn fail_attempt(
+    conn: &mut PgConnection,
+    claimed: &ClaimedJob,
+    error: &ProcessError,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    let attempt = job.attempts_made;
+    let final_failure = !error.is_retryable() || attempt >= job.max_attempts();
+    let n = if final_failure {
+        let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
+        sqlx::query(
+            "UPDATE cq_jobs SET state = 'failed', failed_reason = $1, finished_at = $2, \
+             lease_token = NULL, lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
+             WHERE queue = $5 AND id = $6 AND state = 'active' AND lease_token = $7",
+        )
+        .bind(error.reason())
+        .bind(now)
+        .bind(keep_count)
+        .bind(expire_at)
+        .bind(&job.queue)
+        .bind(&job.id)
+        .bind(&claimed.token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+    } else {
+        let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
+        let delay = backoff
+            .delay_for(attempt, rand::thread_rng().gen::<f64>())
+            .as_millis() as i64;
+        let n = sqlx::query(
+            "UPDATE cq_jobs SET state = 'waiting', failed_reason = $1, run_at = $2, \
+             lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+             WHERE queue = $3 AND id = $4 AND state = 'active' AND lease_token = $5",
+        )
+        .bind(error.reason())
+        .bind(now.saturating_add(delay))
+        .bind(&job.queue)
+        .bind(&job.id)
+        .bind(&claimed.token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
+            insert_event(
+                conn,
+                &job.queue,
+                &job.id,
+                JobEventKind::Active,
+                attempt,
+                started,
+                None,
+            )
+            .await?;
+            let detail = serde_json::json!({ "reason": error.reason(), "delayMs": delay });
+            insert_event(
+                conn,
+                &job.queue,
+                &job.id,
+                JobEventKind::Retrying,
+                attempt,
+                now,
+                Some(detail),
+            )
+            .await?;
+        }
+        n
+    };
+    if n != 1 {
+        return Ok(Err(lease_lost(claimed)));
+    }
+    if final_failure {
+        batch.count_failed(&job.queue);
+    }
+    batch.changed(&job.queue, &job.id);
+    Ok(Ok(()))
+}
+
+/// Gives a job back without counting its attempt.
+pub(crate) async fn release(
+    conn: &mut PgConnection,
+    claimed: &ClaimedJob,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
+    let job = &claimed.job;
+    let n = sqlx::query(
+        "UPDATE cq_jobs SET state = 'waiting', run_at = $1, \
+         attempts_made = GREATEST(attempts_made - 1, 0), \
+         lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+         WHERE queue = $2 AND id = $3 AND state = 'active' AND lease_token = $4",
+    )
+    .bind(now)
+    .bind(&job.queue)
+    .bind(&job.id)
+    .bind(&claimed.token)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        return Ok(Err(lease_lost(claimed)));
+    }
+    let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
+    let attempt = job.attempts_made;
+    insert_event(
+        conn,
+        &job.queue,
+        &job.id,
+        JobEventKind::Active,
+        attempt,
+        started,
+        None,
+    )
+    .await?;
+    let detail =
+        serde_json::json!({ "reason": "released at shutdown; the attempt does not count" });
+    insert_event(
+        conn,
+        &job.queue,
+        &job.id,
+        JobEventKind::Waiting,
+        attempt.saturating_sub(1),
+        now,
+        Some(detail),
+    )
+    .await?;
+    batch.wake(&job.queue);
+    batch.changed(&job.queue, &job.id);
+    Ok(Ok(()))
+}
+
+/// Takes back active jobs whose lease expired. Rows another writer holds (a completion racing
+/// the expiry) are skipped: if that writer commits, the job is no longer active; if not, the
+/// next check takes it.
+pub(crate) async fn reap_stalled(
+    conn: &mut PgConnection,
+    queue: &str,
+    max_stalled: u32,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<u64>> {
+    let rows = sqlx::query(
+        "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
+         WHERE queue = $1 AND state = 'active' AND lease_expires_at < $2 \
+         ORDER BY seq FOR UPDATE SKIP LOCKED",
+    )
+    .bind(queue)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut n = 0;
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        let attempt: i64 = row.try_get(1)?;
+        let stalled: i64 = row.try_get(2)?;
+        let started: Option<i64> = row.try_get(3)?;
+        let opts: JobOptions = serde_json::from_str(row.try_get::<&str, _>(4)?).unwrap_or_default();
+        let attempt = attempt.max(0) as u32;
+        insert_event(
+            conn,
+            queue,
+            &id,
+            JobEventKind::Active,
+            attempt,
+            started.unwrap_or(now),
+            None,
+        )
+        .await?;
+        let reason = "the job's lease expired: its worker stopped or stalled";
+        insert_event(
+            conn,
+            queue,
+            &id,
+            JobEventKind::Stalled,
+            attempt,
+            now,
+            Some(reason.into()),
+        )
+        .await?;
+        if stalled + 1 > max_stalled as i64 {
+            let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
+            sqlx::query(
+                "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
+                 failed_reason = $1, finished_at = $2, processed_at = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
+                 WHERE queue = $5 AND id = $6",
+            )
+            .bind(format!(
+                "job stalled more than the allowed {max_stalled} times"
+            ))
+            .bind(now)
+            .bind(keep_count)
+            .bind(expire_at)
+            .bind(queue)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            batch.count_failed(queue);
+        } else {
+            sqlx::query(
+                "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
+                 run_at = $1, processed_at = NULL, lease_token = NULL, lease_expires_at = NULL \
+                 WHERE queue = $2 AND id = $3",
+            )
+            .bind(now)
+            .bind(queue)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            batch.wake(queue);
+        }
+        batch.changed(queue, &id);
+        n += 1;
+    }
+    Ok(Ok(n))
+}
+
+/// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
+/// touched.
+pub(crate) async fn prune(
+    conn: &mut PgConnection,
+    queue: &str,
+    now: i64,
+) -> SqlResult<Result<u64>> {
+    let expired: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
+         AND expire_at IS NOT NULL AND expire_at <= $2 RETURNING id",
+    )
+    .bind(queue)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let surplus: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+         ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
+         FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
+         AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count) RETURNING id",
+    )
+    .bind(queue)
+    .fetch_all(&mut *conn)
+    .await?;
+    let removed: Vec<&str> = expired.iter().chain(&surplus).map(String::as_str).collect();
+    if !removed.is_empty() {
+        sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = ANY($2::text[])")
+            .bind(queue)
+            .bind(&removed)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Ok(removed.len() as u64))
+}
+
+pub(crate) async fn set_paused(
+    conn: &mut PgConnection,
+    queue: &str,
+    paused: bool,
+) -> SqlResult<Result<()>> {
+    sqlx::query(
+        "INSERT INTO cq_queues (name, paused) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+    )
+    .bind(queue)
+    .bind(paused)
+    .execute(conn)
+    .await?;
+    Ok(Ok(()))
+}
+
+pub(crate) async fn retry(
+    conn: &mut PgConnection,
+    queue: &str,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
+    // Lock the row first, so that two operators' retries do not both record events.
+    sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
+        .bind(queue)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let Some(job) = (match get_on(&mut *conn, queue, id, now).await? {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    }) else {
+        return Ok(Err(QueueError::Invalid(format!(
+            "no job {id} in queue {queue}"
+        ))));
+    };
+    if job.state != JobState::Failed {
+        return Ok(Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: job.state.to_string(),
+        }));
+    }
+    let finished = job.finished_at.map_or(now, |t| t.timestamp_millis());
+    if let Some(started) = job.processed_at {
+        insert_event(
+            conn,
+            queue,
+            id,
+            JobEventKind::Active,
+            job.attempts_made,
+            started.timestamp_millis(),
+            None,
+        )
+        .await?;
+    }
+    let reason = job.failed_reason.clone().map(serde_json::Value::String);
+    insert_event(
+        conn,
+        queue,
+        id,
+        JobEventKind::Failed,
+        job.attempts_made,
+        finished,
+        reason,
+    )
+    .await?;
+    insert_event(
+        conn,
+        queue,
+        id,
+        JobEventKind::Waiting,
+        0,
+        now,
+        Some("retried by an operator".into()),
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = $1, \
+         processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
+         WHERE queue = $2 AND id = $3",
+    )
+    .bind(now)
+    .bind(queue)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.wake(queue);
+    batch.changed(queue, id);
+    Ok(get_on(conn, queue, id, now)
+        .await?
+        .and_then(|j| j.ok_or_else(|| QueueError::Corrupt(format!("job {id} vanished")))))
+}
+
+pub(crate) async fn remove(
+    conn: &mut PgConnection,
+    queue: &str,
+    id: &str,
+    batch: &mut Batch,
+) -> SqlResult<Result<bool>> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
+            .bind(queue)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match state.as_deref() {
+        None => Ok(Ok(false)),
+        Some("active") => Ok(Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: "active".into(),
+        })),
+        Some(_) => {
+            sqlx::query("DELETE FROM cq_jobs WHERE queue = $1 AND id = $2")
+                .bind(queue)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = $2")
+                .bind(queue)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            batch.changed(queue, id);
+            Ok(Ok(true))
+        }
+    }
+}
