@@ -1,0 +1,896 @@
+//! Throughput and memory benchmark of the SQLite queue engine.
+//!
+//! ```sh
+//! cargo bench -p convoq-queue --bench engine                 # every scenario, default sizes
+//! cargo bench -p convoq-queue --bench engine -- --jobs 20000 # smaller claim-and-complete runs
+//! cargo bench -p convoq-queue --bench engine -- --help
+//! ```
+//!
+//! Scenarios, each on a fresh database in a fresh temporary directory:
+//! 1. `add, single`: one task adding jobs one at a time with `Queues::add`.
+//! 2. `add, concurrent`: 32 tasks adding one at a time (the writer's group commit).
+//! 3. `add, bulk`: `Queues::add_bulk` in chunks of 1,000.
+//! 4. `claim+complete`: a worker pool with a no-op processor over pre-added jobs, concurrency 1
+//!    and 32 (batch 64), timed from pool start until `completed_total` reaches N (counts are
+//!    polled every 20 ms).
+//! 5. `RSS`: the bench re-executes itself as a child process that opens the engine on a
+//!    database holding 100,000 waiting jobs, starts a pool (concurrency 32) whose processor
+//!    holds each job for 60 s, waits 3 s and reports `VmRSS`/`VmHWM` from `/proc/self/status`.
+//!
+//! Every timed scenario stops at a time cap (`--cap`, 20 s by default) so that the whole run is
+//! bounded; a capped row says how many of its jobs it got through. Besides jobs/s each row
+//! shows the writer's group-commit factor (operations per commit), the CPU the process used
+//! (in cores), the busy share of the busiest `sqlx-sqlite-worker` thread (the writer
+//! connection's thread) and context switches per job, to tell what bounds the figure.
+//!
+//! Progress goes to stderr; the Markdown report to stdout.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use convoq_queue::sql::{Durability, SqlConfig, SqlEngine};
+use convoq_queue::{
+    Completion, Engine, Job, NewJob, ProcessError, Processor, Queues, WorkerOptions,
+};
+
+const QUEUE: &str = "bench";
+const JOB_NAME: &str = "noop";
+/// Environment variable that turns the bench binary into the RSS child (its value: the DB path).
+const CHILD_ENV: &str = "CONVOQ_BENCH_RSS_CHILD";
+/// `/proc/<pid>/task/<tid>/stat` times are in USER_HZ, which Linux fixes at 100.
+const TICKS_PER_SEC: f64 = 100.0;
+
+#[derive(Debug, Clone)]
+struct Args {
+    add_single: usize,
+    add_concurrent: usize,
+    tasks: usize,
+    bulk: usize,
+    chunk: usize,
+    jobs: usize,
+    rss_jobs: usize,
+    poll: Duration,
+    cap: Duration,
+    full: bool,
+    rss: bool,
+    only: Option<Vec<String>>,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            add_single: 5_000,
+            add_concurrent: 50_000,
+            tasks: 32,
+            bulk: 100_000,
+            chunk: 1_000,
+            jobs: 50_000,
+            rss_jobs: 100_000,
+            poll: Duration::from_millis(20),
+            cap: Duration::from_secs(20),
+            full: true,
+            rss: true,
+            only: None,
+        }
+    }
+}
+
+const HELP: &str = "\
+options (after `cargo bench -p convoq-queue --bench engine --`):
+  --add-single N      jobs of scenario 1 (default 5000)
+  --add-concurrent N  jobs of scenario 2 (default 50000)
+  --tasks N           adding tasks of scenario 2 (default 32)
+  --bulk N            jobs of scenario 3 (default 100000)
+  --chunk N           add_bulk chunk size (default 1000)
+  --jobs N            pre-added jobs of scenario 4 (default 50000)
+  --rss-jobs N        waiting jobs of scenario 5 (default 100000)
+  --poll-ms N         counts poll interval of scenario 4 (default 20)
+  --cap SECS          time cap of each timed scenario (default 20)
+  --no-full           skip the Durability::Full comparison rows
+  --no-rss            skip scenario 5
+  --only a,b          run only these scenarios (single, concurrent, bulk, claim, rss)";
+
+fn parse_args() -> Args {
+    let mut a = Args::default();
+    let mut it = std::env::args().skip(1);
+    let num = |v: Option<String>, flag: &str| -> usize {
+        v.and_then(|s| s.replace('_', "").parse().ok())
+            .unwrap_or_else(|| panic!("{flag} takes a number"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            // cargo bench passes `--bench` to harness = false targets.
+            "--bench" => {}
+            "--add-single" => a.add_single = num(it.next(), &arg),
+            "--add-concurrent" => a.add_concurrent = num(it.next(), &arg),
+            "--tasks" => a.tasks = num(it.next(), &arg).max(1),
+            "--bulk" => a.bulk = num(it.next(), &arg),
+            "--chunk" => a.chunk = num(it.next(), &arg).max(1),
+            "--jobs" => a.jobs = num(it.next(), &arg),
+            "--rss-jobs" => a.rss_jobs = num(it.next(), &arg),
+            "--poll-ms" => a.poll = Duration::from_millis(num(it.next(), &arg).max(1) as u64),
+            "--cap" => a.cap = Duration::from_secs(num(it.next(), &arg).max(1) as u64),
+            "--no-full" => a.full = false,
+            "--no-rss" => a.rss = false,
+            "--only" => {
+                let v = it.next().expect("--only takes a list");
+                a.only = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
+            }
+            "-h" | "--help" => {
+                println!("{HELP}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown argument {other:?}\n{HELP}");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+impl Args {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == scenario))
+    }
+}
+
+fn new_job(i: usize) -> NewJob {
+    NewJob::new(
+        QUEUE,
+        JOB_NAME,
+        serde_json::json!({ "conversation_id": i, "user_id": "user-1", "text": "hello there" }),
+    )
+}
+
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Normal => "normal",
+        Durability::Full => "full",
+        Durability::Off => "off",
+    }
+}
+
+async fn open(dir: &Path, durability: Durability) -> (Arc<SqlEngine>, Queues) {
+    let url = format!("sqlite://{}", dir.join("queue.db").display());
+    let mut config = SqlConfig::new(url);
+    config.durability = durability;
+    let engine = SqlEngine::connect(config).await.expect("open the engine");
+    let queues = Queues::new(engine.clone());
+    (engine, queues)
+}
+
+async fn preload(queues: &Queues, n: usize, chunk: usize) {
+    let mut i = 0;
+    while i < n {
+        let m = chunk.min(n - i);
+        queues
+            .add_bulk((i..i + m).map(new_job).collect())
+            .await
+            .expect("pre-add jobs");
+        i += m;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread CPU and context switches, from /proc/self/task.
+
+#[derive(Debug, Clone, Default)]
+struct ThreadSample {
+    comm: String,
+    ticks: u64,
+    ctx_switches: u64,
+}
+
+fn sample_threads() -> HashMap<u64, ThreadSample> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let path = entry.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        // Fields after the command: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field =
+            |n: usize| -> u64 { fields.get(n - 3).and_then(|s| s.parse().ok()).unwrap_or(0) };
+        let ticks = field(14) + field(15);
+        let ctx_switches = std::fs::read_to_string(path.join("status"))
+            .map(|s| {
+                s.lines()
+                    .filter(|l| {
+                        l.starts_with("voluntary_ctxt_switches")
+                            || l.starts_with("nonvoluntary_ctxt_switches")
+                    })
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        out.insert(
+            tid,
+            ThreadSample {
+                comm,
+                ticks,
+                ctx_switches,
+            },
+        );
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    /// CPU of the whole process, in cores.
+    cores: f64,
+    /// Busy share of the busiest sqlx-sqlite worker thread (the writer connection's).
+    writer_thread: f64,
+    /// CPU of the tokio runtime's workers, in cores.
+    tokio_cores: f64,
+    /// Context switches of all threads.
+    ctx_switches: u64,
+}
+
+fn cpu_between(
+    before: &HashMap<u64, ThreadSample>,
+    after: &HashMap<u64, ThreadSample>,
+    secs: f64,
+) -> CpuUse {
+    let mut total = 0u64;
+    let mut tokio = 0u64;
+    let mut sqlite_max = 0u64;
+    let mut ctx = 0u64;
+    for (tid, a) in after {
+        let b = before.get(tid).filter(|b| b.comm == a.comm);
+        let ticks = a.ticks - b.map_or(0, |b| b.ticks.min(a.ticks));
+        ctx += a.ctx_switches - b.map_or(0, |b| b.ctx_switches.min(a.ctx_switches));
+        total += ticks;
+        if a.comm.starts_with("tokio-r") {
+            tokio += ticks;
+        }
+        if a.comm.starts_with("sqlx-sqlite") {
+            sqlite_max = sqlite_max.max(ticks);
+        }
+    }
+    let per = |t: u64| t as f64 / TICKS_PER_SEC / secs.max(1e-9);
+    CpuUse {
+        cores: per(total),
+        writer_thread: per(sqlite_max),
+        tokio_cores: per(tokio),
+        ctx_switches: ctx,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results.
+
+#[derive(Debug, Clone)]
+struct Row {
+    scenario: String,
+    durability: Durability,
+    done: u64,
+    secs: f64,
+    ops_per_commit: f64,
+    cpu: CpuUse,
+    note: String,
+}
+
+impl Row {
+    fn per_sec(&self) -> f64 {
+        self.done as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// The writer's and the threads' counters at the start of a timed section.
+struct Meter {
+    stats: convoq_queue::sql::WriteStats,
+    threads: HashMap<u64, ThreadSample>,
+    t0: Instant,
+}
+
+impl Meter {
+    fn start(engine: &SqlEngine) -> Meter {
+        let stats = engine.write_stats();
+        let threads = sample_threads();
+        Meter {
+            stats,
+            threads,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Ends the timed section: `done` jobs went through.
+    fn finish(
+        self,
+        engine: &SqlEngine,
+        scenario: String,
+        durability: Durability,
+        done: u64,
+        note: String,
+    ) -> Row {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let threads = sample_threads();
+        let stats = engine.write_stats();
+        let commits = stats.commits - self.stats.commits;
+        let ops = stats.operations - self.stats.operations;
+        let row = Row {
+            scenario,
+            durability,
+            done,
+            secs,
+            ops_per_commit: ops as f64 / commits.max(1) as f64,
+            cpu: cpu_between(&self.threads, &threads, secs),
+            note,
+        };
+        eprintln!(
+            "  {} [{}]: {} jobs in {:.2} s = {:.0} jobs/s, {:.1} ops/commit ({commits} commits), \
+             {:.2} cores (tokio {:.2}), writer thread {:.0} %, {:.1} ctx sw/job",
+            row.scenario,
+            durability_name(durability),
+            row.done,
+            row.secs,
+            row.per_sec(),
+            row.ops_per_commit,
+            row.cpu.cores,
+            row.cpu.tokio_cores,
+            row.cpu.writer_thread * 100.0,
+            row.cpu.ctx_switches as f64 / row.done.max(1) as f64,
+        );
+        row
+    }
+}
+
+fn capped_note(done: u64, planned: usize, cap: Duration) -> String {
+    if (done as usize) < planned {
+        format!("capped at {} s: {done} of {planned}", cap.as_secs())
+    } else {
+        String::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+async fn add_single(args: &Args, durability: Durability) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, queues) = open(dir.path(), durability).await;
+    let (n, cap) = (args.add_single, args.cap);
+    let meter = Meter::start(&engine);
+    let mut done = 0u64;
+    for i in 0..n {
+        queues.add(new_job(i)).await.expect("add");
+        done += 1;
+        if meter.t0.elapsed() >= cap {
+            break;
+        }
+    }
+    let note = capped_note(done, n, cap);
+    let row = meter.finish(&engine, "1. add, single".into(), durability, done, note);
+    engine.close().await;
+    row
+}
+
+async fn add_concurrent(args: &Args, durability: Durability) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, queues) = open(dir.path(), durability).await;
+    let (n, tasks, cap) = (args.add_concurrent, args.tasks, args.cap);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let meter = Meter::start(&engine);
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (queues, stop, count) = (queues.clone(), stop.clone(), count.clone());
+            let share = n / tasks + usize::from(t < n % tasks);
+            tokio::spawn(async move {
+                for i in 0..share {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    queues.add(new_job(t * n + i)).await.expect("add");
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let watchdog = tokio::spawn({
+        let (stop, at) = (stop.clone(), meter.t0 + cap);
+        async move {
+            tokio::time::sleep_until(at.into()).await;
+            stop.store(true, Ordering::Relaxed);
+        }
+    });
+    for h in handles {
+        h.await.expect("adding task");
+    }
+    watchdog.abort();
+    let done = count.load(Ordering::Relaxed);
+    let scenario = format!("2. add, concurrent ({tasks} tasks)");
+    let note = capped_note(done, n, cap);
+    let row = meter.finish(&engine, scenario, durability, done, note);
+    engine.close().await;
+    row
+}
+
+async fn add_bulk(args: &Args, durability: Durability) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, queues) = open(dir.path(), durability).await;
+    let (n, chunk, cap) = (args.bulk, args.chunk, args.cap);
+    let meter = Meter::start(&engine);
+    let mut i = 0;
+    while i < n && meter.t0.elapsed() < cap {
+        let m = chunk.min(n - i);
+        // Building the chunk is part of the caller's cost, as in real use.
+        queues
+            .add_bulk((i..i + m).map(new_job).collect())
+            .await
+            .expect("add_bulk");
+        i += m;
+    }
+    let scenario = format!("3. add, bulk (chunks of {chunk})");
+    let note = capped_note(i as u64, n, cap);
+    let row = meter.finish(&engine, scenario, durability, i as u64, note);
+    engine.close().await;
+    row
+}
+
+struct Noop;
+
+#[async_trait]
+impl Processor for Noop {
+    async fn process(&self, _job: &Job) -> Result<Completion, ProcessError> {
+        Ok(Completion::default())
+    }
+}
+
+struct Hold(Duration);
+
+#[async_trait]
+impl Processor for Hold {
+    async fn process(&self, _job: &Job) -> Result<Completion, ProcessError> {
+        tokio::time::sleep(self.0).await;
+        Ok(Completion::default())
+    }
+}
+
+async fn claim_complete(args: &Args, durability: Durability, concurrency: usize) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, queues) = open(dir.path(), durability).await;
+    let (n, cap, poll) = (args.jobs, args.cap, args.poll);
+    let t = Instant::now();
+    preload(&queues, n, args.chunk).await;
+    eprintln!(
+        "  (pre-added {n} jobs in {:.2} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let meter = Meter::start(&engine);
+    let pool = queues
+        .workers()
+        .processor(JOB_NAME, Arc::new(Noop))
+        .queue(
+            QUEUE,
+            WorkerOptions {
+                concurrency,
+                batch: 64,
+                ..WorkerOptions::default()
+            },
+        )
+        .start();
+    let (mut polls, mut in_counts) = (0u32, Duration::ZERO);
+    let done = loop {
+        let c0 = Instant::now();
+        let counts = queues.counts(QUEUE).await.expect("counts");
+        in_counts += c0.elapsed();
+        polls += 1;
+        if counts.completed_total >= n as u64 || meter.t0.elapsed() >= cap {
+            break counts.completed_total;
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let mut note = capped_note(done, n, cap);
+    if !note.is_empty() {
+        note.push_str("; ");
+    }
+    note.push_str(&format!(
+        "counts() {:.1} ms avg over {polls} polls",
+        in_counts.as_secs_f64() * 1e3 / f64::from(polls.max(1))
+    ));
+    let scenario = format!("4. claim+complete, concurrency {concurrency}");
+    let row = meter.finish(&engine, scenario, durability, done, note);
+    pool.shutdown(Duration::from_secs(5)).await;
+    engine.close().await;
+    row
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 5: resident memory of a worker process, measured in a child process.
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The child: opens the engine on `db`, reports memory before and after starting a holding pool,
+/// then waits to be killed.
+fn rss_child(db: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = Path::new(db).parent().expect("db dir").to_owned();
+        let (_engine, queues) = open(&dir, Durability::Normal).await;
+        println!(
+            "OPEN VmRSS={} VmHWM={}",
+            status_kib("VmRSS:"),
+            status_kib("VmHWM:")
+        );
+        let pool = queues
+            .workers()
+            .processor(JOB_NAME, Arc::new(Hold(Duration::from_secs(60))))
+            .queue(
+                QUEUE,
+                WorkerOptions {
+                    concurrency: 32,
+                    batch: 64,
+                    ..WorkerOptions::default()
+                },
+            )
+            .start();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rss, hwm, in_flight) = (status_kib("VmRSS:"), status_kib("VmHWM:"), pool.in_flight());
+        // One read of the whole queue (what a dashboard or the HTTP layer would do) fills a read
+        // connection's page cache: reported separately.
+        let counts = queues.counts(QUEUE).await.expect("counts");
+        let (rss1, hwm1) = (status_kib("VmRSS:"), status_kib("VmHWM:"));
+        // Then as many at once as there are read connections, so that each fills its cache.
+        let all = futures::future::join_all((0..4).map(|_| queues.counts(QUEUE))).await;
+        for c in all {
+            c.expect("counts");
+        }
+        println!(
+            "POOL VmRSS={rss} VmHWM={hwm} in_flight={in_flight} waiting={} active={} \
+             counted_VmRSS={rss1} counted_VmHWM={hwm1} counted4_VmRSS={} counted4_VmHWM={}",
+            counts.waiting,
+            counts.active,
+            status_kib("VmRSS:"),
+            status_kib("VmHWM:"),
+        );
+        // Held until the parent kills this process.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+}
+
+fn kv(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+struct RssReport {
+    open_rss: u64,
+    open_hwm: u64,
+    rss: u64,
+    hwm: u64,
+    in_flight: u64,
+    waiting: u64,
+    active: u64,
+    counted_rss: u64,
+    counted_hwm: u64,
+    counted4_rss: u64,
+    counted4_hwm: u64,
+}
+
+async fn rss(args: &Args) -> RssReport {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (engine, queues) = open(dir.path(), Durability::Normal).await;
+        let t = Instant::now();
+        preload(&queues, args.rss_jobs, args.chunk).await;
+        eprintln!(
+            "  (pre-added {} jobs in {:.2} s)",
+            args.rss_jobs,
+            t.elapsed().as_secs_f64()
+        );
+        engine.close().await;
+    }
+    let db = dir.path().join("queue.db");
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .env(CHILD_ENV, &db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the RSS child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut report = RssReport {
+        open_rss: 0,
+        open_hwm: 0,
+        rss: 0,
+        hwm: 0,
+        in_flight: 0,
+        waiting: 0,
+        active: 0,
+        counted_rss: 0,
+        counted_hwm: 0,
+        counted4_rss: 0,
+        counted4_hwm: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::task::block_in_place(|| rx.recv_timeout(left));
+        let Ok(line) = line else {
+            eprintln!("  RSS child did not report in time");
+            break;
+        };
+        if line.starts_with("OPEN ") {
+            report.open_rss = kv(&line, "VmRSS").unwrap_or(0);
+            report.open_hwm = kv(&line, "VmHWM").unwrap_or(0);
+        } else if line.starts_with("POOL ") {
+            report.rss = kv(&line, "VmRSS").unwrap_or(0);
+            report.hwm = kv(&line, "VmHWM").unwrap_or(0);
+            report.in_flight = kv(&line, "in_flight").unwrap_or(0);
+            report.waiting = kv(&line, "waiting").unwrap_or(0);
+            report.active = kv(&line, "active").unwrap_or(0);
+            report.counted_rss = kv(&line, "counted_VmRSS").unwrap_or(0);
+            report.counted_hwm = kv(&line, "counted_VmHWM").unwrap_or(0);
+            report.counted4_rss = kv(&line, "counted4_VmRSS").unwrap_or(0);
+            report.counted4_hwm = kv(&line, "counted4_VmHWM").unwrap_or(0);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "  RSS: {:.1} MiB (HWM {:.1} MiB), after open {:.1} MiB, after one counts() {:.1} MiB, after 4 concurrent {:.1} MiB; \
+         in flight {}, waiting {}, active {}",
+        mib(report.rss),
+        mib(report.hwm),
+        mib(report.open_rss),
+        mib(report.counted_rss),
+        mib(report.counted4_rss),
+        report.in_flight,
+        report.waiting,
+        report.active
+    );
+    report
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+fn machine_line() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |k| {
+            format!(", {:.1} GiB RAM", k as f64 / 1048576.0)
+        });
+    format!("nproc = {nproc}, CPU model \"{model}\"{mem}")
+}
+
+/// The commit the bench was built from, and whether the engine's sources differ from it.
+fn build_line() -> String {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--", "src"]).is_some_and(|s| !s.is_empty());
+            format!(
+                "release build of `{head}`{}",
+                if dirty {
+                    " with uncommitted changes in crates/convoq-queue/src"
+                } else {
+                    ""
+                }
+            )
+        }
+        None => "release build".into(),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn fmt_int(v: f64) -> String {
+    let s = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn target_for(scenario: &str) -> &'static str {
+    if scenario.starts_with("3.") {
+        "≥ 50,000"
+    } else if scenario.starts_with("4.") {
+        "≥ 20,000"
+    } else {
+        "—"
+    }
+}
+
+fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str, secs: f64) {
+    let sqlite_version = sqlite_version();
+    println!();
+    println!("### convoq-queue SQLite engine benchmark");
+    println!();
+    println!("Build: {}.", build_line());
+    println!("Machine: {}; SQLite {sqlite_version}; load average {load0} at start, {} at end; whole run {secs:.0} s.", machine_line(), loadavg());
+    println!(
+        "Settings: time cap {} s per scenario, counts polled every {} ms, payload ~70 bytes of JSON, default job options.",
+        args.cap.as_secs(),
+        args.poll.as_millis()
+    );
+    println!();
+    println!("| scenario | durability | jobs | s | jobs/s | target | ops/commit | CPU cores (tokio) | writer thread | ctx sw/job | notes |");
+    println!("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.2} | **{}** | {} | {:.1} | {:.2} ({:.2}) | {:.0} % | {:.1} | {} |",
+            r.scenario,
+            durability_name(r.durability),
+            fmt_int(r.done as f64),
+            r.secs,
+            fmt_int(r.per_sec()),
+            target_for(&r.scenario),
+            r.ops_per_commit,
+            r.cpu.cores,
+            r.cpu.tokio_cores,
+            r.cpu.writer_thread * 100.0,
+            r.cpu.ctx_switches as f64 / r.done.max(1) as f64,
+            r.note
+        );
+    }
+    if let Some(m) = rss {
+        println!(
+            "| 5. RSS, worker process, {} waiting, concurrency 32 holding | normal | — | — | **{:.1} MiB** VmRSS, {:.1} MiB VmHWM | < 64 MiB | — | — | — | — | after engine open {:.1} MiB; after one `counts()` {:.1} MiB (HWM {:.1}), after 4 concurrent `counts()` {:.1} MiB (HWM {:.1}); pool: {} in flight, {} active, {} waiting |",
+            fmt_int(args.rss_jobs as f64),
+            mib(m.rss),
+            mib(m.hwm),
+            mib(m.open_rss),
+            mib(m.counted_rss),
+            mib(m.counted_hwm),
+            mib(m.counted4_rss),
+            mib(m.counted4_hwm),
+            m.in_flight,
+            m.active,
+            m.waiting
+        );
+    }
+    println!();
+    println!("Columns: *ops/commit* = writer operations per group commit (engine `write_stats`); *CPU cores* = process CPU time ÷ wall time (2 = both cores), in brackets the tokio runtime workers' share; *writer thread* = busy share of the busiest `sqlx-sqlite-worker` thread (the writer connection's); *ctx sw/job* = voluntary + involuntary context switches of all threads per job.");
+}
+
+fn sqlite_version() -> String {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect("sqlite::memory:")
+                .await
+                .ok()?;
+            let v: String = sqlx::query_scalar("SELECT sqlite_version()")
+                .fetch_one(&mut c)
+                .await
+                .ok()?;
+            Some(v)
+        })
+    })
+    .unwrap_or_else(|| "?".into())
+}
+
+fn main() {
+    if let Ok(db) = std::env::var(CHILD_ENV) {
+        rss_child(&db);
+        return;
+    }
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let load0 = loadavg();
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let mut rows = Vec::new();
+        let mut durabilities = vec![Durability::Normal];
+        if args.full {
+            durabilities.push(Durability::Full);
+        }
+        eprintln!("machine: {}; load {load0}", machine_line());
+        if args.wants("single") {
+            rows.push(add_single(&args, Durability::Normal).await);
+        }
+        if args.wants("concurrent") {
+            for &d in &durabilities {
+                rows.push(add_concurrent(&args, d).await);
+            }
+        }
+        if args.wants("bulk") {
+            rows.push(add_bulk(&args, Durability::Normal).await);
+        }
+        if args.wants("claim") {
+            for &d in &durabilities {
+                for c in [1, 32] {
+                    rows.push(claim_complete(&args, d, c).await);
+                }
+            }
+        }
+        let rss = if args.rss && args.wants("rss") {
+            Some(rss(&args).await)
+        } else {
+            None
+        };
+        print_report(
+            &args,
+            &rows,
+            rss.as_ref(),
+            &load0,
+            t0.elapsed().as_secs_f64(),
+        );
+    });
+}
