@@ -42,6 +42,11 @@ pub enum QueueError {
         /// What it cannot do.
         what: &'static str,
     },
+    /// A completion's effect failed inside the engine's transaction: nothing of the effect
+    /// was kept, and the attempt was recorded as failed with this error (retried or failed for
+    /// good by the job's attempts, as if the processor had returned it).
+    #[error("the completion's effect failed: {}", .0.reason())]
+    EffectFailed(ProcessError),
     /// Stored data could not be read back (a corrupt row or payload).
     #[error("corrupt stored job data: {0}")]
     Corrupt(String),

@@ -415,21 +415,23 @@ impl QueueLoop {
             }
         };
         let elapsed = started.elapsed();
-        let (mut end, error) = match &outcome {
+        let failure_end = |e: &ProcessError| {
+            let last = job.attempts_made >= job.max_attempts();
+            let end = if e.is_retryable() && !last {
+                AttemptEnd::Retrying
+            } else {
+                AttemptEnd::Failed
+            };
+            (end, Some(e.reason().to_owned()))
+        };
+        let (mut end, mut error) = match &outcome {
             Outcome::Completed(_) => (AttemptEnd::Completed, None),
-            Outcome::Failed(e) => {
-                let last = job.attempts_made >= job.max_attempts();
-                let end = if e.is_retryable() && !last {
-                    AttemptEnd::Retrying
-                } else {
-                    AttemptEnd::Failed
-                };
-                (end, Some(e.reason().to_owned()))
-            }
+            Outcome::Failed(e) => failure_end(e),
         };
         if let Err(e) = self.finish_with_retries(&claimed, outcome).await {
             end = AttemptEnd::NotRecorded;
             match e {
+                QueueError::EffectFailed(e) => (end, error) = failure_end(&e),
                 QueueError::LeaseLost { .. } => {
                     tracing::warn!(queue = %job.queue, job_id = %job.id,
                     "attempt finished after its lease was taken back; its result was discarded")

@@ -120,10 +120,11 @@ async fn effect_commits_with_the_completion_or_not_at_all() {
         .id;
     let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
     let err = ProcessError::unrecoverable("unknown user u9");
-    engine
-        .finish(&c, completion("bad", Some(err)))
-        .await
-        .unwrap();
+    let r = engine.finish(&c, completion("bad", Some(err))).await;
+    assert!(
+        matches!(&r, Err(QueueError::EffectFailed(e)) if e.reason() == "unknown user u9"),
+        "{r:?}"
+    );
     assert_eq!(
         rows(&url, "bad").await,
         0,

@@ -115,10 +115,11 @@ async fn effect_commits_with_the_completion_or_not_at_all() {
         .id;
     let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
     let err = ProcessError::unrecoverable("unknown user u9");
-    engine
-        .finish(&c, completion("bad", Some(err)))
-        .await
-        .unwrap();
+    let r = engine.finish(&c, completion("bad", Some(err))).await;
+    assert!(
+        matches!(&r, Err(QueueError::EffectFailed(e)) if e.reason() == "unknown user u9"),
+        "{r:?}"
+    );
     assert_eq!(
         rows(&url, "bad").await,
         0,
@@ -248,4 +249,91 @@ async fn closed_engine_refuses_work() {
         .await
         .unwrap_err();
     assert!(matches!(err, QueueError::Closed), "{err}");
+}
+
+/// Completions that arrive together commit together; one failing effect among them fails its
+/// own attempt only, and the others still commit with their effects and follow-ups.
+#[tokio::test]
+async fn a_failing_effect_in_a_group_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, url) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let jobs: Vec<_> = (0..12).map(|i| NewJob::new(Q, "w", json!(i))).collect();
+    queues.add_bulk(jobs).await.unwrap();
+    let claimed = engine.claim(Q, 12, LEASE).await.unwrap().jobs;
+    assert_eq!(claimed.len(), 12);
+    let before = engine.write_stats();
+    // On this single-threaded runtime every finish is queued before the writer runs, so the
+    // twelve land in one batch.
+    let results = futures::future::join_all(claimed.iter().enumerate().map(|(i, c)| {
+        let fail = (i == 5).then(|| ProcessError::unrecoverable("unknown user g5"));
+        engine.finish(c, completion(&format!("g{i}"), fail))
+    }))
+    .await;
+    let after = engine.write_stats();
+    assert_eq!(after.operations - before.operations, 12);
+    assert_eq!(after.commits - before.commits, 1, "one batch, one commit");
+    for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
+        assert_eq!(r.is_ok(), i != 5, "job {i}: {r:?}");
+        let key = format!("g{i}");
+        let job = queues.get(Q, &c.job.id).await.unwrap().unwrap();
+        let follow_up = queues.get("audit", &format!("audit-{key}")).await.unwrap();
+        if i == 5 {
+            assert_eq!(job.state, JobState::Failed);
+            assert_eq!(job.failed_reason.as_deref(), Some("unknown user g5"));
+            assert_eq!(rows(&url, &key).await, 0, "the failed effect left no row");
+            assert!(follow_up.is_none());
+        } else {
+            assert_eq!(job.state, JobState::Completed, "job {i}");
+            assert_eq!(rows(&url, &key).await, 1, "job {i}'s effect");
+            assert!(follow_up.is_some(), "job {i}'s follow-up");
+        }
+    }
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!((counts.completed_total, counts.failed_total), (11, 1));
+}
+
+/// Pruning more jobs than one chunk takes several writer operations and keeps exactly the
+/// newest `count`, with the lifetime totals untouched.
+#[tokio::test]
+async fn pruning_beyond_one_chunk_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let mut opts = queues.defaults(Q);
+    opts.remove_on_complete = Some(convoq_queue::KeepJobs::Keep {
+        count: Some(100),
+        age_secs: None,
+    });
+    queues.set_defaults(Q, opts);
+    let n = 4_500;
+    let jobs: Vec<_> = (0..n).map(|i| NewJob::new(Q, "w", json!(i))).collect();
+    queues.add_bulk(jobs).await.unwrap();
+    let mut last = Vec::new();
+    loop {
+        let claimed = engine.claim(Q, 500, LEASE).await.unwrap().jobs;
+        if claimed.is_empty() {
+            break;
+        }
+        let done =
+            futures::future::join_all(claimed.iter().map(|c| {
+                engine.finish(c, Outcome::Completed(Completion::with_result(json!(null))))
+            }))
+            .await;
+        done.into_iter().for_each(|r| r.unwrap());
+        last = claimed.iter().map(|c| c.job.id.clone()).collect();
+    }
+    let before = engine.write_stats();
+    assert_eq!(engine.prune(Q).await.unwrap(), n - 100);
+    assert!(
+        engine.write_stats().commits - before.commits >= 3,
+        "chunks of 2,000"
+    );
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!((counts.completed, counts.completed_total), (100, n));
+    // The survivors are the last ones finished.
+    for id in last.iter().rev().take(100) {
+        assert!(queues.get(Q, id).await.unwrap().is_some());
+    }
+    assert_eq!(engine.prune(Q).await.unwrap(), 0);
 }

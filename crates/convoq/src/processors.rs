@@ -94,15 +94,8 @@ impl Processor for CreateConversation {
                 "invalid job payload: conversationId must be a UUID",
             ));
         }
-        if self
-            .store
-            .get_user(user_id.as_str())
-            .await
-            .map_err(classify)?
-            .is_none()
-        {
-            return Err(classify(StoreError::UnknownUser(user_id.to_string())));
-        }
+        // No lookup of the user first: the foreign key on `conversations.user_id` rejects an
+        // unknown user inside the insert, and `classify` turns that into the job's reason.
         let created_at = Utc::now();
         let conversation = NewConversation {
             id: conversation_id.clone(),

@@ -8,6 +8,7 @@
 
 use async_trait::async_trait;
 
+use super::effect::SqlConn;
 use super::writer::Batch;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
@@ -89,6 +90,8 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         }
         Ok(out)
     }
+    /// The connection as handed to a [`crate::sql::TxEffect`].
+    fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> SqlResult<SqlConn<'a>>;
     async fn release(
         &self,
         conn: &mut Self::Conn,
@@ -104,7 +107,14 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<u64>>;
-    async fn prune(&self, conn: &mut Self::Conn, queue: &str, now: i64) -> SqlResult<Result<u64>>;
+    /// Removes at most `limit` finished jobs past their retention, with their events.
+    async fn prune(
+        &self,
+        conn: &mut Self::Conn,
+        queue: &str,
+        limit: u64,
+        now: i64,
+    ) -> SqlResult<Result<u64>>;
     async fn set_paused(
         &self,
         conn: &mut Self::Conn,

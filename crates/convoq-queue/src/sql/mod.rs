@@ -139,6 +139,9 @@ pub struct WriteStats {
     pub operations: u64,
 }
 
+/// The most finished jobs one prune operation removes.
+const PRUNE_CHUNK: u64 = 2_000;
+
 /// The SQL engine. Create it with [`SqlEngine::connect`].
 pub struct SqlEngine {
     owner: String,
@@ -423,8 +426,23 @@ impl Engine for SqlEngine {
     }
 
     async fn prune(&self, queue: &str) -> Result<u64> {
-        let queue = queue.to_owned();
-        self.request(|reply| Op::Prune { queue, reply }).await
+        // One chunk per writer operation, so that other writes get their turn between chunks
+        // instead of waiting behind one long delete.
+        let mut removed = 0;
+        loop {
+            let queue = queue.to_owned();
+            let n = self
+                .request(|reply| Op::Prune {
+                    queue,
+                    limit: PRUNE_CHUNK,
+                    reply,
+                })
+                .await?;
+            removed += n;
+            if n < PRUNE_CHUNK {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<()> {

@@ -9,8 +9,13 @@
 //! own connection, pulling batches from the same channel: while one commits, the next drains
 //! what has queued meanwhile. SQLite keeps exactly one.
 //!
-//! Completions that carry no effect and no follow-up jobs are applied together, at the start of
-//! their batch, through [`Dialect::complete_plain`] (one statement on Postgres).
+//! Completions are applied together, at the start of their batch: one fenced statement for all
+//! of them ([`Dialect::complete_plain`]), then their effects (without savepoints), then all
+//! their follow-up jobs in one add. If an effect fails, the batch is rolled back and applied
+//! again with completions that carry effects one by one, each effect in a savepoint, so that
+//! the failure is its attempt's alone. A batch therefore costs a handful of statements rather
+//! than a few per job, which is what bounds a writer that talks to its database one statement
+//! at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::dialect::{Dialect, SqlResult};
+use super::dialect::Dialect;
 use super::Shared;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
@@ -63,6 +68,7 @@ pub(crate) enum Op {
     },
     Prune {
         queue: String,
+        limit: u64,
         reply: Reply<u64>,
     },
     SetPaused {
@@ -242,6 +248,33 @@ async fn next_batch(
     Some(closer)
 }
 
+/// Why a batch did not commit.
+pub(crate) enum Abort {
+    /// The database failed.
+    Sql(sqlx::Error),
+    /// An effect or follow-up failed in a batch applied without savepoints: its partial writes
+    /// cannot be undone alone, so the batch is applied again with a savepoint per effect.
+    Careful,
+}
+
+impl From<sqlx::Error> for Abort {
+    fn from(e: sqlx::Error) -> Self {
+        Abort::Sql(e)
+    }
+}
+
+/// How a batch applies its completions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every completion in one fenced statement, effects without savepoints, every follow-up
+    /// job in one add: a handful of statements per batch, whatever its size. Any effect failure
+    /// aborts the batch with [`Abort::Careful`].
+    Grouped,
+    /// Completions that carry effects or follow-ups one by one, each effect in a savepoint, so
+    /// that a failing effect fails its own attempt only.
+    Careful,
+}
+
 async fn run<D: Dialect>(
     d: Arc<D>,
     mut conn: D::Conn,
@@ -261,26 +294,30 @@ async fn run<D: Dialect>(
         if ops.is_empty() {
             continue;
         }
-        match apply_batch(d, &mut conn, &ops, &*clock).await {
+        let mut result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Grouped).await;
+        if matches!(result, Err(Abort::Careful)) {
+            result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Careful).await;
+        }
+        match result {
             Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
             Err(e) if ops.len() > 1 => {
-                tracing::warn!(error = %e, ops = ops.len(), "group commit failed; applying its operations one by one");
+                tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
                 for op in std::mem::take(&mut ops) {
                     let single = [op];
-                    match apply_batch(d, &mut conn, &single, &*clock).await {
+                    match apply_batch(d, &mut conn, &single, &*clock, Mode::Careful).await {
                         Ok((dones, batch)) => {
                             let mut v: Vec<Op> = single.into();
                             deliver_all(&mut v, dones, batch, &shared);
                         }
                         Err(e) => {
                             let [op] = single;
-                            refuse(op, d.map_err(e));
+                            refuse(op, abort_err(d, e));
                         }
                     }
                 }
             }
             Err(e) => {
-                let err = d.map_err(e);
+                let err = abort_err(d, e);
                 tracing::error!(error = %err, "write failed");
                 for op in ops.drain(..) {
                     refuse(op, clone_err(&err));
@@ -291,6 +328,14 @@ async fn run<D: Dialect>(
     d.close(conn).await;
     if let Some(tx) = closing {
         let _ = tx.send(());
+    }
+}
+
+fn abort_err<D: Dialect>(d: &D, e: Abort) -> QueueError {
+    match e {
+        Abort::Sql(e) => d.map_err(e),
+        // Careful mode never asks for itself; kept total rather than trusted.
+        Abort::Careful => QueueError::Unavailable("a batch could not be applied".into()),
     }
 }
 
@@ -313,16 +358,17 @@ async fn apply_batch<D: Dialect>(
     conn: &mut D::Conn,
     ops: &[Op],
     clock: &dyn Clock,
-) -> SqlResult<(Vec<Done>, Batch)> {
+    mode: Mode,
+) -> std::result::Result<(Vec<Done>, Batch), Abort> {
     let now = d.now_ms(conn, clock).await?;
     d.begin(conn).await?;
-    let result = apply_ops(d, conn, ops, now).await;
+    let result = apply_ops(d, conn, ops, now, mode).await;
     match result {
         Ok((dones, batch)) => match d.commit(conn, &batch).await {
             Ok(()) => Ok((dones, batch)),
             Err(e) => {
                 let _ = d.rollback(conn).await;
-                Err(e)
+                Err(e.into())
             }
         },
         Err(e) => {
@@ -332,16 +378,61 @@ async fn apply_batch<D: Dialect>(
     }
 }
 
-/// A completion with nothing to commit but itself.
-fn plain_completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
+/// A successful attempt, and whether it carries nothing to commit but itself.
+fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
     match op {
         Op::Finish {
             job,
             outcome: Outcome::Completed(c),
             ..
-        } if c.effect.is_none() && c.follow_ups.is_empty() => Some((job, c)),
+        } => Some((job, c)),
         _ => None,
     }
+}
+
+fn is_plain(c: &Completion) -> bool {
+    c.effect.is_none() && c.follow_ups.is_empty()
+}
+
+/// Applies the batch's completions together (see [`Mode`]). Returns each one's answer by the
+/// index of its operation.
+async fn complete_together<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    now: i64,
+    mode: Mode,
+    batch: &mut Batch,
+) -> std::result::Result<Vec<Option<Result<()>>>, Abort> {
+    let together: Vec<(usize, (&ClaimedJob, &Completion))> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, op)| completion(op).map(|p| (i, p)))
+        .filter(|(_, (_, c))| mode == Mode::Grouped || is_plain(c))
+        .collect();
+    let mut answers: Vec<Option<Result<()>>> = Vec::new();
+    answers.resize_with(ops.len(), || None);
+    if together.is_empty() {
+        return Ok(answers);
+    }
+    let jobs: Vec<_> = together.iter().map(|(_, p)| *p).collect();
+    let results = d.complete_plain(conn, &jobs, now, batch).await?;
+    let mut follow_ups = Vec::new();
+    for ((i, (_, c)), r) in together.iter().zip(results) {
+        if r.is_ok() {
+            if let Some(effect) = &c.effect {
+                if effect.apply(d.effect_conn(conn)?, now).await.is_err() {
+                    return Err(Abort::Careful);
+                }
+            }
+            follow_ups.extend(c.follow_ups.iter().cloned());
+        }
+        answers[*i] = Some(r);
+    }
+    if !follow_ups.is_empty() && d.add_jobs(conn, &follow_ups, now, batch).await?.is_err() {
+        return Err(Abort::Careful);
+    }
+    Ok(answers)
 }
 
 async fn apply_ops<D: Dialect>(
@@ -349,27 +440,15 @@ async fn apply_ops<D: Dialect>(
     conn: &mut D::Conn,
     ops: &[Op],
     now: i64,
-) -> SqlResult<(Vec<Done>, Batch)> {
+    mode: Mode,
+) -> std::result::Result<(Vec<Done>, Batch), Abort> {
     let mut batch = Batch::default();
     let mut dones = Vec::with_capacity(ops.len());
-    // Plain completions go first, together. Operations of one batch come from concurrent
-    // callers, so their order among themselves is no one's promise.
-    let plain: Vec<(usize, (&ClaimedJob, &Completion))> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(i, op)| plain_completion(op).map(|p| (i, p)))
-        .collect();
-    let mut grouped: Vec<Option<Result<()>>> = Vec::new();
-    if plain.len() > 1 {
-        grouped.resize_with(ops.len(), || None);
-        let jobs: Vec<_> = plain.iter().map(|(_, p)| *p).collect();
-        let results = d.complete_plain(conn, &jobs, now, &mut batch).await?;
-        for ((i, _), r) in plain.iter().zip(results) {
-            grouped[*i] = Some(r);
-        }
-    }
+    // Completions go first, together. Operations of one batch come from concurrent callers, so
+    // their order among themselves is no one's promise.
+    let mut together = complete_together(d, conn, ops, now, mode, &mut batch).await?;
     for (i, op) in ops.iter().enumerate() {
-        if let Some(r) = grouped.get_mut(i).and_then(Option::take) {
+        if let Some(r) = together[i].take() {
             dones.push(Done::Unit(r));
             continue;
         }
@@ -396,7 +475,7 @@ async fn apply_ops<D: Dialect>(
             Op::ReapStalled {
                 queue, max_stalled, ..
             } => Done::Count(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
-            Op::Prune { queue, .. } => Done::Count(d.prune(conn, queue, now).await?),
+            Op::Prune { queue, limit, .. } => Done::Count(d.prune(conn, queue, *limit, now).await?),
             Op::SetPaused { queue, paused, .. } => {
                 if !paused {
                     b.wake(queue);

@@ -1,17 +1,21 @@
 //! Backlog and throughput per queue, for backpressure (429), `estimatedWaitTime`, and the
-//! queue stats endpoints. Counts are cached for a short time so that a busy POST path does not
-//! count the queue on every request.
+//! queue stats endpoints. Counts are cached and refreshed in the background (stale while
+//! revalidating), so that a POST never waits for the queue to be counted except on the very
+//! first request or when the cache is too old to trust.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use convoq_queue::{QueueCounts, QueueError, Queues};
 
 use crate::telemetry::Metrics;
 
-/// How long cached counts are used.
+/// How long cached counts are used as they are.
 const FRESH_FOR: Duration = Duration::from_millis(250);
+/// How long stale counts are still answered while one refresh runs in the background; older
+/// than this, a caller waits for fresh counts.
+const STALE_FOR: Duration = Duration::from_secs(5);
 /// The window for throughput and mean duration.
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -26,6 +30,7 @@ struct Sample {
 #[derive(Default)]
 struct PerQueue {
     counts: Option<(Instant, QueueCounts)>,
+    refreshing: bool,
     samples: VecDeque<Sample>,
 }
 
@@ -46,24 +51,53 @@ pub struct Throughput {
 }
 
 impl QueueStats {
-    /// The queue's counts, at most [`FRESH_FOR`] old.
+    /// The queue's counts: at most [`FRESH_FOR`] old, or at most [`STALE_FOR`] old while a
+    /// refresh runs in the background (one at a time per queue).
     ///
     /// # Errors
-    /// When the queue cannot be read.
+    /// When the queue cannot be read and no recent counts are cached.
     pub async fn counts(
-        &self,
+        self: &Arc<Self>,
         queues: &Queues,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         queue: &str,
     ) -> Result<QueueCounts, QueueError> {
-        if let Some((at, c)) = self.lock().get(queue).and_then(|q| q.counts.clone()) {
-            if at.elapsed() < FRESH_FOR {
-                return Ok(c);
+        let cached = {
+            let mut map = self.lock();
+            let q = map.entry(queue.to_owned()).or_default();
+            match &q.counts {
+                Some((at, c)) if at.elapsed() < FRESH_FOR => return Ok(c.clone()),
+                Some((at, c)) if at.elapsed() < STALE_FOR => {
+                    let start = !q.refreshing;
+                    q.refreshing = true;
+                    Some((c.clone(), start))
+                }
+                _ => None,
+            }
+        };
+        match cached {
+            Some((counts, start_refresh)) => {
+                if start_refresh {
+                    let (this, queues, metrics) = (self.clone(), queues.clone(), metrics.clone());
+                    let queue = queue.to_owned();
+                    tokio::spawn(async move {
+                        let fresh = queues.counts(&queue).await;
+                        if let Ok(c) = &fresh {
+                            this.record(&metrics, &queue, c);
+                        }
+                        if let Some(q) = this.lock().get_mut(&queue) {
+                            q.refreshing = false;
+                        }
+                    });
+                }
+                Ok(counts)
+            }
+            None => {
+                let counts = queues.counts(queue).await?;
+                self.record(metrics, queue, &counts);
+                Ok(counts)
             }
         }
-        let counts = queues.counts(queue).await?;
-        self.record(metrics, queue, &counts);
-        Ok(counts)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PerQueue>> {
@@ -134,19 +168,18 @@ impl QueueStats {
 }
 
 fn duration_totals(metrics: &Metrics, queue: &str) -> (f64, u64) {
-    let mut sum = 0.0;
-    let mut count = 0;
-    for name in [
-        crate::domain::CREATE_CONVERSATION,
-        crate::domain::RECORD_AUDIT_EVENT,
-    ] {
-        if let Ok(h) = metrics
-            .job_duration
-            .get_metric_with_label_values(&[queue, name])
-        {
-            sum += h.get_sample_sum();
-            count += h.get_sample_count();
-        }
+    use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, DATABASE_QUEUE, RECORD_AUDIT_EVENT};
+    // Only the pairs that exist, so that reading never creates an empty series.
+    let name = match queue {
+        DATABASE_QUEUE => CREATE_CONVERSATION,
+        AUDIT_QUEUE => RECORD_AUDIT_EVENT,
+        _ => return (0.0, 0),
+    };
+    match metrics
+        .job_duration
+        .get_metric_with_label_values(&[queue, name])
+    {
+        Ok(h) => (h.get_sample_sum(), h.get_sample_count()),
+        Err(_) => (0.0, 0),
     }
-    (sum, count)
 }

@@ -34,6 +34,7 @@ use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::sql::effect::SqlConn;
 
 /// The Postgres dialect.
 pub(crate) struct Postgres {
@@ -342,6 +343,9 @@ impl Dialect for Postgres {
     ) -> SqlResult<Vec<Result<()>>> {
         write::complete_plain(w.conn()?, jobs, now, batch).await
     }
+    fn effect_conn<'a>(&self, w: &'a mut PgWriter) -> SqlResult<SqlConn<'a>> {
+        Ok(SqlConn::Postgres(w.conn()?))
+    }
     async fn release(
         &self,
         w: &mut PgWriter,
@@ -361,8 +365,14 @@ impl Dialect for Postgres {
     ) -> SqlResult<Result<u64>> {
         write::reap_stalled(w.conn()?, queue, max_stalled, now, batch).await
     }
-    async fn prune(&self, w: &mut PgWriter, queue: &str, now: i64) -> SqlResult<Result<u64>> {
-        write::prune(w.conn()?, queue, now).await
+    async fn prune(
+        &self,
+        w: &mut PgWriter,
+        queue: &str,
+        limit: u64,
+        now: i64,
+    ) -> SqlResult<Result<u64>> {
+        write::prune(w.conn()?, queue, limit, now).await
     }
     async fn set_paused(
         &self,

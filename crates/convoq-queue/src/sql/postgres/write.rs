@@ -405,7 +405,10 @@ pub(crate) async fn finish(
                     sqlx::query("RELEASE SAVEPOINT effect")
                         .execute(&mut *conn)
                         .await?;
-                    return fail_attempt(conn, claimed, &e, now, batch).await;
+                    // The attempt is recorded as failed; the caller learns why.
+                    return Ok(fail_attempt(conn, claimed, &e, now, batch)
+                        .await?
+                        .and(Err(QueueError::EffectFailed(e))));
                 }
                 sqlx::query("RELEASE SAVEPOINT effect")
                     .execute(&mut *conn)
@@ -648,26 +651,35 @@ pub(crate) async fn reap_stalled(
 pub(crate) async fn prune(
     conn: &mut PgConnection,
     queue: &str,
+    limit: u64,
     now: i64,
 ) -> SqlResult<Result<u64>> {
-    let expired: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
-         AND expire_at IS NOT NULL AND expire_at <= $2 RETURNING id",
+    let limit = limit.min(i64::MAX as u64) as i64;
+    let mut expired: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = $1 \
+         AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= $2 \
+         LIMIT $3) RETURNING id",
     )
     .bind(queue)
     .bind(now)
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let surplus: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-         ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
-         FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
-         AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count) RETURNING id",
-    )
-    .bind(queue)
-    .fetch_all(&mut *conn)
-    .await?;
-    let removed: Vec<&str> = expired.iter().chain(&surplus).map(String::as_str).collect();
+    let left = limit - expired.len() as i64;
+    if left > 0 {
+        let surplus: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+             ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
+             FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
+             AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count LIMIT $2) RETURNING id",
+        )
+        .bind(queue)
+        .bind(left)
+        .fetch_all(&mut *conn)
+        .await?;
+        expired.extend(surplus);
+    }
+    let removed: Vec<&str> = expired.iter().map(String::as_str).collect();
     if !removed.is_empty() {
         sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = ANY($2::text[])")
             .bind(queue)

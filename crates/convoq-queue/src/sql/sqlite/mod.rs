@@ -19,10 +19,11 @@ use super::dialect::{Dialect, Reads};
 use super::writer::Batch;
 use super::{Durability, SqlConfig};
 use crate::clock::Clock;
-use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::sql::effect::SqlConn;
 
 /// The SQLite dialect.
 pub(crate) struct Sqlite;
@@ -44,7 +45,10 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteConnection, Sqlite
         .pragma("cache_size", "-16000");
     let mut writer = schema::open_writer(opts.clone()).await?;
     schema::migrate(&mut writer).await?;
-    // Lazy: read connections open on first use, with the same settings.
+    // Lazy: read connections open on first use, with the same settings but SQLite's default
+    // page cache (2 MB): a reader's cache is dropped whenever the writer commits, so a large
+    // one buys nothing under load and costs resident memory per connection.
+    let opts = opts.pragma("cache_size", "-2000");
     let pool = SqlitePoolOptions::new()
         .max_connections(config.read_connections.max(1))
         .min_connections(0)
@@ -116,6 +120,18 @@ impl Dialect for Sqlite {
     ) -> SqlResult<Result<()>> {
         write::finish(conn, job, outcome, now, batch).await
     }
+    async fn complete_plain(
+        &self,
+        conn: &mut SqliteConnection,
+        jobs: &[(&ClaimedJob, &Completion)],
+        now: i64,
+        batch: &mut Batch,
+    ) -> SqlResult<Vec<Result<()>>> {
+        write::complete_plain(conn, jobs, now, batch).await
+    }
+    fn effect_conn<'a>(&self, conn: &'a mut SqliteConnection) -> SqlResult<SqlConn<'a>> {
+        Ok(SqlConn::Sqlite(conn))
+    }
     async fn release(
         &self,
         conn: &mut SqliteConnection,
@@ -139,9 +155,10 @@ impl Dialect for Sqlite {
         &self,
         conn: &mut SqliteConnection,
         queue: &str,
+        limit: u64,
         now: i64,
     ) -> SqlResult<Result<u64>> {
-        write::prune(conn, queue, now).await
+        write::prune(conn, queue, limit, now).await
     }
     async fn set_paused(
         &self,

@@ -2,13 +2,15 @@
 //! reap stalled, prune, pause, retry, remove. Each runs inside the writer's open transaction
 //! and records what to announce after the commit in the [`Batch`].
 
+use std::collections::{HashMap, HashSet};
+
 use rand::Rng;
 use sqlx::{Row, SqliteConnection};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
 use crate::clock::ms_to_datetime;
-use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
 use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
@@ -30,14 +32,20 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
 }
 
-/// Inserts jobs; a custom id that exists already yields the existing job.
+/// Inserts jobs in one statement (the rows travel as one JSON array, so a bulk add is one
+/// round trip to SQLite whatever its size); a custom id that exists already yields the existing
+/// job.
 pub(crate) async fn add_jobs(
     conn: &mut SqliteConnection,
     jobs: &[NewJob],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
-    let mut out = Vec::with_capacity(jobs.len());
+    if jobs.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let mut rows = Vec::with_capacity(jobs.len());
+    let mut planned = Vec::with_capacity(jobs.len());
     for job in jobs {
         let id = job
             .opts
@@ -45,25 +53,34 @@ pub(crate) async fn add_jobs(
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let run_at = now.saturating_add(job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64);
-        let inserted = sqlx::query(
-            "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
-             max_attempts, created_at) VALUES (?, ?, ?, ?, ?, 'waiting', ?, ?, ?, ?) \
-             ON CONFLICT (queue, id) DO NOTHING",
-        )
-        .bind(&job.queue)
-        .bind(&id)
-        .bind(&job.name)
-        .bind(to_json(&job.data))
-        .bind(to_json(&job.opts))
-        .bind(job.opts.priority.unwrap_or(0) as i64)
-        .bind(run_at)
-        .bind(job.opts.max_attempts() as i64)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
-        if inserted {
+        rows.push(serde_json::json!([
+            job.queue,
+            id,
+            job.name,
+            to_json(&job.data),
+            to_json(&job.opts),
+            job.opts.priority.unwrap_or(0),
+            run_at,
+            job.opts.max_attempts(),
+        ]));
+        planned.push((id, run_at));
+    }
+    let inserted: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
+         max_attempts, created_at) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, 'waiting', value->>5, \
+         value->>6, value->>7, ?1 FROM json_each(?2) WHERE true \
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+    )
+    .bind(now)
+    .bind(to_json(&rows))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (job, (id, run_at)) in jobs.iter().zip(planned) {
+        // `remove` so that a custom id listed twice is created once and found once.
+        if fresh.remove(&(job.queue.clone(), id.clone())) {
             batch.wake(&job.queue);
             out.push(Added {
                 job: Job {
@@ -271,7 +288,10 @@ pub(crate) async fn finish(
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("RELEASE effect").execute(&mut *conn).await?;
-                    return fail_attempt(conn, claimed, &e, now, batch).await;
+                    // The attempt is recorded as failed; the caller learns why.
+                    return Ok(fail_attempt(conn, claimed, &e, now, batch)
+                        .await?
+                        .and(Err(QueueError::EffectFailed(e))));
                 }
                 sqlx::query("RELEASE effect").execute(&mut *conn).await?;
             }
@@ -285,6 +305,68 @@ pub(crate) async fn finish(
         }
         Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch).await,
     }
+}
+
+/// Completes jobs in one statement, fenced per job by its lease token (the rows travel as one
+/// JSON array). Answers per job as [`finish`] would; effects and follow-ups are the caller's.
+pub(crate) async fn complete_plain(
+    conn: &mut SqliteConnection,
+    jobs: &[(&ClaimedJob, &Completion)],
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Vec<Result<()>>> {
+    let rows: Vec<serde_json::Value> = jobs
+        .iter()
+        .map(|(claimed, completion)| {
+            let (keep_count, expire_at) = keep_columns(claimed.job.opts.remove_on_complete, now);
+            serde_json::json!([
+                claimed.job.queue,
+                claimed.job.id,
+                claimed.token,
+                to_json(&completion.result),
+                keep_count,
+                expire_at,
+            ])
+        })
+        .collect();
+    let done: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE cq_jobs SET state = 'completed', result = v.result, finished_at = ?1, \
+         lease_token = NULL, lease_expires_at = NULL, keep_count = v.keep_count, \
+         expire_at = v.expire_at \
+         FROM (SELECT value->>0 AS queue, value->>1 AS id, value->>2 AS token, \
+           value->>3 AS result, value->>4 AS keep_count, value->>5 AS expire_at \
+           FROM json_each(?2)) AS v \
+         WHERE cq_jobs.queue = v.queue AND cq_jobs.id = v.id AND cq_jobs.state = 'active' \
+         AND cq_jobs.lease_token = v.token \
+         RETURNING cq_jobs.queue, cq_jobs.id",
+    )
+    .bind(now)
+    .bind(to_json(&rows))
+    .fetch_all(&mut *conn)
+    .await?;
+    // A job listed twice under one token is completed once: the second answers lease lost.
+    let mut left: HashMap<(String, String), usize> = HashMap::with_capacity(done.len());
+    for key in done {
+        *left.entry(key).or_default() += 1;
+    }
+    Ok(jobs
+        .iter()
+        .map(|(claimed, _)| {
+            let job = &claimed.job;
+            match left.get_mut(&(job.queue.clone(), job.id.clone())) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    batch.count_completed(&job.queue);
+                    batch.changed(&job.queue, &job.id);
+                    Ok(())
+                }
+                _ => Err(QueueError::LeaseLost {
+                    queue: job.queue.clone(),
+                    job_id: job.id.clone(),
+                }),
+            }
+        })
+        .collect())
 }
 
 async fn fail_attempt(
@@ -508,38 +590,51 @@ pub(crate) async fn reap_stalled(
     Ok(Ok(n))
 }
 
-/// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
-/// touched.
+/// Removes at most `limit` finished jobs past their retention (expired first, then those
+/// beyond their keep count), with their events, in a few set-based statements. Lifetime totals
+/// live in `cq_queues` and are not touched.
 pub(crate) async fn prune(
     conn: &mut SqliteConnection,
     queue: &str,
+    limit: u64,
     now: i64,
 ) -> SqlResult<Result<u64>> {
-    let expired: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE queue = ? AND state IN ('completed', 'failed') \
-         AND expire_at IS NOT NULL AND expire_at <= ? RETURNING id",
+    let limit = limit.min(i64::MAX as u64) as i64;
+    let mut removed: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?1 \
+         AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= ?2 \
+         LIMIT ?3) RETURNING id",
     )
     .bind(queue)
     .bind(now)
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let surplus: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-         ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
-         FROM cq_jobs WHERE queue = ? AND state IN ('completed', 'failed') \
-         AND keep_count IS NOT NULL) WHERE rn > keep_count) RETURNING id",
-    )
-    .bind(queue)
-    .fetch_all(&mut *conn)
-    .await?;
-    for id in expired.iter().chain(&surplus) {
-        sqlx::query("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")
-            .bind(queue)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+    let left = limit - removed.len() as i64;
+    if left > 0 {
+        let surplus: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+             ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
+             FROM cq_jobs WHERE queue = ?1 AND state IN ('completed', 'failed') \
+             AND keep_count IS NOT NULL) WHERE rn > keep_count LIMIT ?2) RETURNING id",
+        )
+        .bind(queue)
+        .bind(left)
+        .fetch_all(&mut *conn)
+        .await?;
+        removed.extend(surplus);
     }
-    Ok(Ok((expired.len() + surplus.len()) as u64))
+    if !removed.is_empty() {
+        sqlx::query(
+            "DELETE FROM cq_job_events WHERE queue = ?1 \
+             AND job_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(queue)
+        .bind(to_json(&removed))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(Ok(removed.len() as u64))
 }
 
 pub(crate) async fn set_paused(
