@@ -293,6 +293,9 @@ impl QueueLoop {
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(self.opts.poll_interval) => continue,
             };
+            // Attempts that end together (their completions commit in one batch) free their
+            // slots together: let them, so that one claim takes them all rather than one each.
+            tokio::task::yield_now().await;
             let mut permits = vec![free];
             while permits.len() < self.opts.batch.max(1) {
                 match self.permits.clone().try_acquire_owned() {

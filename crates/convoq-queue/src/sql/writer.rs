@@ -224,6 +224,10 @@ async fn next_batch(
     }
     let Request(first) = rx.recv().await?;
     ops.push(first);
+    // Callers that were woken together (the attempts of one claimed batch, say) are about to
+    // send their operations: let them, so that they share this commit instead of each waiting
+    // for the next one.
+    tokio::task::yield_now().await;
     while ops.len() < max_batch {
         match rx.try_recv() {
             Ok(Request(op)) => ops.push(op),

@@ -151,52 +151,43 @@ pub(crate) async fn list(
 }
 
 pub(crate) async fn counts(pool: &SqlitePool, queue: &str, now: i64) -> Result<QueueCounts> {
-    // One part per state, so that each is counted through its partial index rather than by
-    // visiting every row of the queue.
-    let rows = sqlx::query(
-        "SELECT 'waiting', run_at > ?1, COUNT(*) FROM cq_jobs \
-         WHERE queue = ?2 AND state = 'waiting' GROUP BY 2 \
-         UNION ALL SELECT 'active', 0, COUNT(*) FROM cq_jobs WHERE queue = ?2 AND state = 'active' \
-         UNION ALL SELECT state, 0, COUNT(*) FROM cq_jobs \
-         WHERE queue = ?2 AND state IN ('completed', 'failed') GROUP BY state",
+    // One subquery per state, each answered from its partial index alone (the finished ones
+    // repeat that index's condition, which is how SQLite sees that it applies).
+    let row = sqlx::query(
+        "SELECT \
+         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting'), \
+         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting' AND run_at > ?2), \
+         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'active'), \
+         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
+         AND state IN ('completed', 'failed') AND state = 'completed'), \
+         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
+         AND state IN ('completed', 'failed') AND state = 'failed'), \
+         (SELECT paused FROM cq_queues WHERE name = ?1), \
+         (SELECT completed_total FROM cq_queues WHERE name = ?1), \
+         (SELECT failed_total FROM cq_queues WHERE name = ?1)",
     )
-    .bind(now)
     .bind(queue)
-    .fetch_all(pool)
+    .bind(now)
+    .fetch_one(pool)
     .await
     .map_err(map_err)?;
-    let q =
-        sqlx::query("SELECT paused, completed_total, failed_total FROM cq_queues WHERE name = ?")
-            .bind(queue)
-            .fetch_optional(pool)
-            .await
-            .map_err(map_err)?;
-    let mut c = QueueCounts::default();
-    let (paused, completed_total, failed_total) = match q {
-        Some(r) => (
-            r.try_get::<i64, _>(0).map_err(map_err)? != 0,
-            r.try_get::<i64, _>(1).map_err(map_err)?,
-            r.try_get::<i64, _>(2).map_err(map_err)?,
-        ),
-        None => (false, 0, 0),
+    let get = |i: usize| -> Result<u64> {
+        let v: Option<i64> = row.try_get(i).map_err(map_err)?;
+        Ok(v.unwrap_or(0).max(0) as u64)
     };
-    c.completed_total = completed_total.max(0) as u64;
-    c.failed_total = failed_total.max(0) as u64;
-    for r in rows {
-        let state: String = r.try_get(0).map_err(map_err)?;
-        let later: bool = r.try_get::<i64, _>(1).map_err(map_err)? != 0;
-        let n = r.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64;
-        match (state.as_str(), later) {
-            ("waiting", true) => c.delayed += n,
-            ("waiting", false) if paused => c.paused += n,
-            ("waiting", false) => c.waiting += n,
-            ("active", _) => c.active += n,
-            ("completed", _) => c.completed += n,
-            ("failed", _) => c.failed += n,
-            _ => {}
-        }
-    }
-    Ok(c)
+    let (waiting, delayed) = (get(0)?, get(1)?);
+    let ready = waiting.saturating_sub(delayed);
+    let paused = get(5)? != 0;
+    Ok(QueueCounts {
+        waiting: if paused { 0 } else { ready },
+        paused: if paused { ready } else { 0 },
+        delayed,
+        active: get(2)?,
+        completed: get(3)?,
+        failed: get(4)?,
+        completed_total: get(6)?,
+        failed_total: get(7)?,
+    })
 }
 
 pub(crate) async fn history(
