@@ -81,10 +81,14 @@ pub struct Capabilities {
     /// it (the SQL engine). Where false, effects are refused and follow-ups are added before the
     /// completion (at least once).
     pub transactional_effects: bool,
+    /// Lease expiry follows the engine's [`Clock`] (the SQL engine stamps leases with it). Where
+    /// false, leases expire by the backend's own time (BullMQ's locks are Redis keys with a
+    /// TTL): a test that moves a manual clock must also let the lease run out in real time.
+    pub leases_follow_clock: bool,
 }
 
 /// A queue engine. Implemented by the SQL engine ([`crate::sql::SqlEngine`]) and the BullMQ
-/// engine.
+/// engine (`crate::bullmq::BullEngine`, feature `redis`).
 ///
 /// Every method translates the backend's errors to [`crate::QueueError`]; transient failures are
 /// [`crate::QueueError::Unavailable`].

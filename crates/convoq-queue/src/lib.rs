@@ -9,6 +9,7 @@
 //! - [`worker`]: [`WorkerPool`]s that claim and run jobs with [`Processor`]s.
 //! - [`events`]: a job's history and its live events ([`Follower`]).
 //! - [`sql`]: the SQL engine (SQLite; Postgres as a second dialect).
+//! - `bullmq` (feature `redis`): the BullMQ engine, wire-compatible with Node BullMQ.
 //! - [`clock`]: injectable time.
 //! - `testkit` (feature `testkit`): the conformance suite every engine runs.
 //!
@@ -23,6 +24,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "redis")]
+pub mod bullmq;
 pub mod clock;
 pub mod engine;
 pub mod error;

@@ -307,6 +307,7 @@ impl Engine for SqlEngine {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             transactional_effects: true,
+            leases_follow_clock: true,
         }
     }
 
