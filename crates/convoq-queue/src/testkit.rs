@@ -49,7 +49,7 @@ macro_rules! conformance_tests {
             pool_runs_jobs_and_follow_ups, pool_survives_panics_and_times_out_attempts,
             add_wakes_idle_worker_without_polling, graceful_shutdown_releases_unfinished_job,
             graceful_shutdown_lets_short_job_finish, wait_finished_returns_when_done,
-            unknown_job_name_fails_with_reason);
+            unknown_job_name_fails_with_reason, effects_follow_capabilities);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(
@@ -91,6 +91,21 @@ async fn real(factory: &dyn EngineFactory) -> Queues {
 }
 
 const LEASE: Duration = Duration::from_secs(10);
+
+/// Lets leases of length up to `by` expire: moves the manual clock, and where the engine's
+/// leases expire by its backend's own time ([`crate::Capabilities::leases_follow_clock`] false:
+/// BullMQ's locks are Redis keys with a TTL) also waits that long in real time, saying so.
+async fn let_leases_expire(engine: &dyn Engine, clock: &ManualClock, by: Duration) {
+    clock.advance(by);
+    if !engine.capabilities().leases_follow_clock {
+        println!(
+            "documented difference: {} engine leases expire by the backend's clock, not the \
+             injected one; waiting {by:?} in real time",
+            engine.name()
+        );
+        tokio::time::sleep(by).await;
+    }
+}
 
 /// An added job reads back with its payload, merged options and state.
 pub async fn add_and_read_back(factory: &dyn EngineFactory) {
@@ -298,7 +313,7 @@ pub async fn late_completion_after_lease_expiry_is_rejected(factory: &dyn Engine
         0,
         "lease still valid"
     );
-    clock.advance(Duration::from_secs(2));
+    let_leases_expire(engine.as_ref(), &clock, Duration::from_secs(2)).await;
     assert_eq!(engine.reap_stalled(Q, 5).await.unwrap(), 1);
     let stalled = queues.get(Q, &id).await.unwrap().unwrap();
     assert_eq!(stalled.state, JobState::Waiting);
@@ -363,7 +378,7 @@ pub async fn job_stalling_too_often_fails(factory: &dyn EngineFactory) {
             .jobs
             .pop()
             .unwrap();
-        clock.advance(Duration::from_secs(2));
+        let_leases_expire(engine.as_ref(), &clock, Duration::from_secs(2)).await;
         engine.reap_stalled(Q, 1).await.unwrap();
     }
     let j = queues.get(Q, &id).await.unwrap().unwrap();
@@ -799,6 +814,49 @@ pub async fn unknown_job_name_fails_with_reason(factory: &dyn EngineFactory) {
     assert_eq!(j.state, JobState::Failed);
     assert!(j.failed_reason.unwrap().contains("\"mystery\""));
     pool.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A completion's transactional effect commits with it on engines that can
+/// ([`crate::Capabilities::transactional_effects`]); elsewhere it is refused as unsupported and
+/// the job stays active, so that a processor knows to do its work on its own first.
+pub async fn effects_follow_capabilities(factory: &dyn EngineFactory) {
+    struct Noop(Arc<AtomicUsize>);
+    #[async_trait]
+    impl crate::sql::TxEffect for Noop {
+        async fn apply(&self, _: crate::sql::SqlConn<'_>, _: i64) -> Result<(), ProcessError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let (queues, _) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let id = queues.add(job(1)).await.unwrap().job.id;
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    let applied = Arc::new(AtomicUsize::new(0));
+    let completion = Completion {
+        result: json!("done"),
+        follow_ups: Vec::new(),
+        effect: Some(Arc::new(Noop(applied.clone()))),
+    };
+    let finished = engine.finish(&c, Outcome::Completed(completion)).await;
+    let state = queues.get(Q, &id).await.unwrap().unwrap().state;
+    if engine.capabilities().transactional_effects {
+        finished.unwrap();
+        assert_eq!(applied.load(Ordering::SeqCst), 1, "the effect ran once");
+        assert_eq!(state, JobState::Completed);
+    } else {
+        println!(
+            "documented difference: the {} engine has no transactional effects; a completion \
+             carrying one is refused",
+            engine.name()
+        );
+        assert!(
+            matches!(finished, Err(QueueError::Unsupported { .. })),
+            "{finished:?}"
+        );
+        assert_eq!(applied.load(Ordering::SeqCst), 0);
+        assert_eq!(state, JobState::Active, "nothing was recorded");
+    }
 }
 
 async fn wait_for_state(queues: &Queues, id: &str, state: JobState) {
