@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use convoq_queue::bullmq::{BullConfig, BullEngine};
 use convoq_queue::sql::{SqlConfig, SqlEngine};
-use convoq_queue::{Queues, WorkerOptions, WorkerPool};
+use convoq_queue::{Engine, Queues, WorkerOptions, WorkerPool};
 
 use crate::config::{Command, Config};
 use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
@@ -44,9 +45,7 @@ impl App {
                     convoq_queue::sql::redact_url(&config.database_url)
                 )
             })?;
-        let mut sql = SqlConfig::new(config.queue_url.clone());
-        sql.durability = config.durability;
-        let engine = SqlEngine::connect(sql).await.with_context(|| {
+        let engine = open_engine(&config).await.with_context(|| {
             format!(
                 "opening the queue at {}",
                 convoq_queue::sql::redact_url(&config.queue_url)
@@ -118,6 +117,50 @@ impl App {
             workers: Arc::new(Mutex::new(workers)),
         }
     }
+}
+
+/// Opens the queue engine the queue URL names: BullMQ on Redis for `redis://` and `rediss://`,
+/// the SQL engine otherwise.
+async fn open_engine(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
+    if !config.queue_url.starts_with("redis") {
+        let mut sql = SqlConfig::new(config.queue_url.clone());
+        sql.durability = config.durability;
+        return Ok(SqlEngine::connect(sql).await?);
+    }
+    let bull = BullConfig::new(config.queue_url.clone()).with_prefix(config.queue_prefix.clone());
+    let engine = BullEngine::connect(bull).await?;
+    check_eviction_policy(&engine, config.allow_redis_eviction).await?;
+    Ok(engine)
+}
+
+/// Refuses to start on a Redis that may evict keys: under any `maxmemory-policy` but
+/// `noeviction`, Redis drops keys when memory runs short, and a dropped job key is a lost job
+/// (a 202 that never runs). `CONVOQ_ALLOW_REDIS_EVICTION=true` turns the refusal into a warning.
+async fn check_eviction_policy(engine: &BullEngine, allow: bool) -> anyhow::Result<()> {
+    let policy = match engine.maxmemory_policy().await {
+        Ok(p) => p,
+        Err(e) => {
+            // Managed services may refuse CONFIG GET; the operator has to know the policy then.
+            tracing::warn!(error = %e, "could not read Redis's maxmemory-policy; make sure it is noeviction");
+            return Ok(());
+        }
+    };
+    if policy == "noeviction" {
+        return Ok(());
+    }
+    if allow {
+        tracing::warn!(
+            maxmemory_policy = %policy,
+            "REDIS MAY EVICT JOBS: maxmemory-policy is not noeviction, so Redis may drop queued \
+             jobs when memory runs short; started anyway because CONVOQ_ALLOW_REDIS_EVICTION=true"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "Redis's maxmemory-policy is {policy:?}: it may drop queued jobs when memory runs short. \
+         Set it to noeviction (CONFIG SET maxmemory-policy noeviction), or start with \
+         CONVOQ_ALLOW_REDIS_EVICTION=true to accept the risk"
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -20,6 +20,9 @@ use crate::domain::DEFAULT_MODES;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 /// Default store (and queue) URL: one SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://convoq.db";
+/// The Redis key prefix of the BullMQ engine: Node BullMQ's default, so that Node producers and
+/// dashboards find convoq's queues without configuration.
+pub const DEFAULT_QUEUE_PREFIX: &str = "bull";
 /// Default per-queue worker concurrency.
 pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 4), ("chat", 4)];
 /// Default backlog (waiting + delayed jobs) above which POSTs get 429.
@@ -103,6 +106,11 @@ pub struct Config {
     pub database_url: String,
     /// The queue engine's URL (the store's by default).
     pub queue_url: String,
+    /// The BullMQ engine's Redis key prefix (`redis://` queue URLs only).
+    pub queue_prefix: String,
+    /// Start even when Redis may evict keys (`maxmemory-policy` other than `noeviction`),
+    /// with a warning instead of a refusal.
+    pub allow_redis_eviction: bool,
     /// API keys; none means protected mode (loopback clients only).
     pub api_keys: Vec<ApiKey>,
     /// A key that `/metrics` requires, if any.
@@ -168,9 +176,16 @@ pub struct Settings {
     /// Store URL: sqlite://PATH [default: sqlite://convoq.db].
     #[arg(long, env = "CONVOQ_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
-    /// Queue engine URL [default: the database URL].
+    /// Queue engine URL: sqlite://PATH, or redis://… / rediss://… for BullMQ on Redis
+    /// [default: the database URL].
     #[arg(long, env = "CONVOQ_QUEUE_URL", global = true)]
     pub queue_url: Option<String>,
+    /// Redis key prefix of BullMQ queues [default: bull].
+    #[arg(long, env = "CONVOQ_QUEUE_PREFIX", global = true)]
+    pub queue_prefix: Option<String>,
+    /// true: start even if Redis's maxmemory-policy may evict job keys (warns) [default: false].
+    #[arg(long, env = "CONVOQ_ALLOW_REDIS_EVICTION", global = true)]
+    pub allow_redis_eviction: Option<String>,
     /// Comma-separated name:role:secret, role service or admin.
     #[arg(long, env = "CONVOQ_API_KEYS", global = true, hide_env_values = true)]
     pub api_keys: Option<String>,
@@ -215,6 +230,8 @@ struct FileSettings {
     listen: Option<String>,
     database_url: Option<String>,
     queue_url: Option<String>,
+    queue_prefix: Option<String>,
+    allow_redis_eviction: Option<bool>,
     api_keys: Option<Vec<String>>,
     metrics_key: Option<String>,
     concurrency: Option<BTreeMap<String, usize>>,
@@ -294,7 +311,16 @@ impl Config {
             .queue_url
             .or(f.queue_url)
             .unwrap_or_else(|| database_url.clone());
-        check_url("--queue-url (CONVOQ_QUEUE_URL)", &queue_url, &["sqlite:"])?;
+        check_url(
+            "--queue-url (CONVOQ_QUEUE_URL)",
+            &queue_url,
+            &["sqlite:", "redis://", "rediss://"],
+        )?;
+        let (queue_prefix, allow_redis_eviction) = redis_settings(
+            s.queue_prefix.or(f.queue_prefix),
+            s.allow_redis_eviction,
+            f.allow_redis_eviction,
+        )?;
         let key_specs: Vec<String> = match (s.api_keys, f.api_keys) {
             (Some(csv), _) => csv
                 .split(',')
@@ -429,6 +455,8 @@ impl Config {
             listen,
             database_url,
             queue_url,
+            queue_prefix,
+            allow_redis_eviction,
             api_keys,
             metrics_key,
             concurrency,
@@ -468,6 +496,37 @@ fn number(
         return Err(bad(setting, format!("{n} is outside {min} to {max}")));
     }
     Ok(n)
+}
+
+/// The BullMQ engine's settings: the key prefix (BullMQ forbids `:` in it) and whether Redis
+/// eviction is tolerated.
+fn redis_settings(
+    prefix: Option<String>,
+    allow: Option<String>,
+    file_allow: Option<bool>,
+) -> Result<(String, bool), ConfigError> {
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_QUEUE_PREFIX.into());
+    if prefix.is_empty() || prefix.contains([':', '{', '}']) || prefix.chars().any(char::is_control)
+    {
+        return Err(bad(
+            "--queue-prefix (CONVOQ_QUEUE_PREFIX)",
+            format!("{prefix:?}: must be non-empty, without ':', braces or control characters"),
+        ));
+    }
+    let allow = match allow {
+        None => file_allow.unwrap_or(false),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" | "" => false,
+            other => {
+                return Err(bad(
+                    "--allow-redis-eviction (CONVOQ_ALLOW_REDIS_EVICTION)",
+                    format!("{other:?}: expected true or false"),
+                ))
+            }
+        },
+    };
+    Ok((prefix, allow))
 }
 
 fn check_url(setting: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -590,6 +649,40 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("CONVOQ_DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn redis_queue_urls_take_a_prefix_and_an_eviction_override() {
+        let c = load(Settings {
+            queue_url: Some("redis://:pw@127.0.0.1:6379/2".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.queue_prefix, DEFAULT_QUEUE_PREFIX);
+        assert!(!c.allow_redis_eviction);
+        let c = load(Settings {
+            queue_url: Some("rediss://redis.internal:6380".into()),
+            queue_prefix: Some("convoq".into()),
+            allow_redis_eviction: Some("true".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.queue_prefix.as_str(), c.allow_redis_eviction),
+            ("convoq", true)
+        );
+        let e = load(Settings {
+            queue_prefix: Some("a:b".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_QUEUE_PREFIX"), "{e}");
+        let e = load(Settings {
+            allow_redis_eviction: Some("maybe".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_ALLOW_REDIS_EVICTION"), "{e}");
     }
 
     #[test]

@@ -116,7 +116,8 @@ impl Processor for CreateConversation {
             RECORD_AUDIT_EVENT,
             serde_json::to_value(&audit).unwrap_or_default(),
         )
-        .with_id(format!("{CONVERSATION_CREATED}:{conversation_id}"));
+        // No ':' in the id: BullMQ forbids it in custom ids (it separates key parts).
+        .with_id(format!("{CONVERSATION_CREATED}-{conversation_id}"));
         let mut completion = Completion::with_result(json!({
             "success": true,
             "conversationId": conversation_id,

@@ -305,7 +305,7 @@ async fn a_conversation_end_to_end() {
     let audit = expect_ok(
         get(
             port,
-            &format!("/api/jobs/conversation.created:{cid}?wait=10"),
+            &format!("/api/jobs/conversation.created-{cid}?wait=10"),
         )
         .await,
         "GET audit job",
@@ -399,7 +399,7 @@ async fn a_conversation_end_to_end() {
                     msg(l, "job completed")
                         && l["request_id"] == json!(rid)
                         && l["job_name"] == json!("record_audit_event")
-                        && l["job_id"] == json!(format!("conversation.created:{cid}"))
+                        && l["job_id"] == json!(format!("conversation.created-{cid}"))
                 });
                 (request
                     && enqueued
