@@ -31,7 +31,8 @@ pub(super) fn ensure(engine: &BullEngine, queue: &str) {
     let signal = engine.signal(queue);
     let watches = engine.watches.clone();
     let name = queue.to_owned();
-    let task = runtime.spawn(run(name, opts, signal, watches));
+    let stop = engine.stop_listeners.subscribe();
+    let task = runtime.spawn(run(name, opts, signal, watches, stop));
     listeners.insert(queue.to_owned(), task);
 }
 
@@ -40,9 +41,10 @@ async fn run(
     opts: QueueEventsOptions,
     signal: tokio::sync::watch::Sender<u64>,
     watches: WatchRegistry,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut retry = Duration::from_millis(200);
-    loop {
+    while !*stop.borrow() {
         let events = match QueueEvents::with_options(&queue, opts.clone()).await {
             Ok(e) => e,
             Err(e) => {
@@ -55,7 +57,12 @@ async fn run(
         retry = Duration::from_millis(200);
         // Jobs added while the listener was (re)connecting were not seen: look once.
         signal.send_modify(|v| *v += 1);
-        while let Some(entry) = events.next_event().await {
+        loop {
+            let entry = tokio::select! {
+                e = events.next_event() => e,
+                _ = stop.changed() => None,
+            };
+            let Some(entry) = entry else { break };
             if let Some(id) = entry.event.job_id() {
                 watches.notify(&queue, id);
             }
@@ -66,7 +73,11 @@ async fn run(
                 signal.send_modify(|v| *v += 1);
             }
         }
+        // The listener's own reading task ends only when told to.
         events.close().await;
+        if *stop.borrow() {
+            return;
+        }
         tokio::time::sleep(retry).await;
     }
 }

@@ -122,6 +122,8 @@ pub struct BullEngine {
     // Std mutexes: only looked up or inserted into, never held across an await.
     signals: Mutex<HashMap<String, watch::Sender<u64>>>,
     listeners: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Set at close: every listener closes its `QueueEvents` and ends.
+    stop_listeners: watch::Sender<bool>,
     queues: tokio::sync::Mutex<HashMap<String, bullmq::Queue>>,
     closed: AtomicBool,
 }
@@ -196,6 +198,7 @@ impl BullEngine {
             watches: WatchRegistry::default(),
             signals: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
+            stop_listeners: watch::channel(false).0,
             queues: tokio::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         };
@@ -1256,8 +1259,14 @@ impl Engine for BullEngine {
             .drain()
             .map(|(_, h)| h)
             .collect();
-        for h in listeners {
-            h.abort();
+        let _ = self.stop_listeners.send(true);
+        for mut h in listeners {
+            if tokio::time::timeout(Duration::from_secs(1), &mut h)
+                .await
+                .is_err()
+            {
+                h.abort();
+            }
         }
         self.conn.close().await;
     }
