@@ -32,8 +32,36 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
 }
 
-/// Inserts jobs in one statement (the rows travel as one JSON array, so a bulk add is one
-/// round trip to SQLite whatever its size); a custom id that exists already yields the existing
+/// The most rows one multi-row statement carries (9 parameters a row stays far below SQLite's
+/// limit of 32,766).
+const MAX_ROWS: usize = 256;
+
+/// Splits `n` rows into statement sizes that are powers of two (256, then 128, 64, …, 1), so
+/// that a handful of statement texts, each prepared once and cached by the driver, carry any
+/// number of rows.
+fn row_chunks(n: usize) -> impl Iterator<Item = usize> {
+    let mut left = n;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let size = if left >= MAX_ROWS {
+            MAX_ROWS
+        } else {
+            1 << (usize::BITS - 1 - left.leading_zeros())
+        };
+        left -= size;
+        Some(size)
+    })
+}
+
+/// `row` repeated `rows` times, comma-separated: the VALUES of a multi-row statement.
+fn values(rows: usize, row: &str) -> String {
+    vec![row; rows].join(", ")
+}
+
+/// Inserts jobs with multi-row statements (see [`row_chunks`]), so that a bulk add costs a few
+/// round trips to SQLite whatever its size; a custom id that exists already yields the existing
 /// job.
 pub(crate) async fn add_jobs(
     conn: &mut SqliteConnection,
@@ -41,42 +69,45 @@ pub(crate) async fn add_jobs(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
-    if jobs.is_empty() {
-        return Ok(Ok(Vec::new()));
+    let planned: Vec<(String, i64)> = jobs
+        .iter()
+        .map(|job| {
+            let id = job
+                .opts
+                .job_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let delay = job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64;
+            (id, now.saturating_add(delay))
+        })
+        .collect();
+    let mut fresh: HashSet<(String, String)> = HashSet::with_capacity(jobs.len());
+    let mut start = 0;
+    for size in row_chunks(jobs.len()) {
+        let sql = format!(
+            "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, max_attempts, \
+             created_at, state) VALUES {} ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+            values(size, "(?, ?, ?, ?, ?, ?, ?, ?, ?, 'waiting')")
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+        for (job, (id, run_at)) in jobs[start..start + size]
+            .iter()
+            .zip(&planned[start..start + size])
+        {
+            q = q
+                .bind(&job.queue)
+                .bind(id)
+                .bind(&job.name)
+                .bind(to_json(&job.data))
+                .bind(to_json(&job.opts))
+                .bind(job.opts.priority.unwrap_or(0) as i64)
+                .bind(*run_at)
+                .bind(job.opts.max_attempts() as i64)
+                .bind(now);
+        }
+        fresh.extend(q.fetch_all(&mut *conn).await?);
+        start += size;
     }
-    let mut rows = Vec::with_capacity(jobs.len());
-    let mut planned = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let id = job
-            .opts
-            .job_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let run_at = now.saturating_add(job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64);
-        rows.push(serde_json::json!([
-            job.queue,
-            id,
-            job.name,
-            to_json(&job.data),
-            to_json(&job.opts),
-            job.opts.priority.unwrap_or(0),
-            run_at,
-            job.opts.max_attempts(),
-        ]));
-        planned.push((id, run_at));
-    }
-    let inserted: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
-         max_attempts, created_at) \
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, 'waiting', value->>5, \
-         value->>6, value->>7, ?1 FROM json_each(?2) WHERE true \
-         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
-    )
-    .bind(now)
-    .bind(to_json(&rows))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
     let mut out = Vec::with_capacity(jobs.len());
     for (job, (id, run_at)) in jobs.iter().zip(planned) {
         // `remove` so that a custom id listed twice is created once and found once.
@@ -307,43 +338,41 @@ pub(crate) async fn finish(
     }
 }
 
-/// Completes jobs in one statement, fenced per job by its lease token (the rows travel as one
-/// JSON array). Answers per job as [`finish`] would; effects and follow-ups are the caller's.
+/// Completes jobs with multi-row statements (see [`row_chunks`]), fenced per job by its lease
+/// token. Answers per job as [`finish`] would; effects and follow-ups are the caller's.
 pub(crate) async fn complete_plain(
     conn: &mut SqliteConnection,
     jobs: &[(&ClaimedJob, &Completion)],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Vec<Result<()>>> {
-    let rows: Vec<serde_json::Value> = jobs
-        .iter()
-        .map(|(claimed, completion)| {
+    let mut done: Vec<(String, String)> = Vec::with_capacity(jobs.len());
+    let mut start = 0;
+    for size in row_chunks(jobs.len()) {
+        let sql = format!(
+            "WITH v (queue, id, token, result, keep_count, expire_at) AS (VALUES {}) \
+             UPDATE cq_jobs SET state = 'completed', result = v.result, finished_at = ?, \
+             lease_token = NULL, lease_expires_at = NULL, keep_count = v.keep_count, \
+             expire_at = v.expire_at FROM v \
+             WHERE cq_jobs.queue = v.queue AND cq_jobs.id = v.id AND cq_jobs.state = 'active' \
+             AND cq_jobs.lease_token = v.token \
+             RETURNING cq_jobs.queue, cq_jobs.id",
+            values(size, "(?, ?, ?, ?, ?, ?)")
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+        for (claimed, completion) in &jobs[start..start + size] {
             let (keep_count, expire_at) = keep_columns(claimed.job.opts.remove_on_complete, now);
-            serde_json::json!([
-                claimed.job.queue,
-                claimed.job.id,
-                claimed.token,
-                to_json(&completion.result),
-                keep_count,
-                expire_at,
-            ])
-        })
-        .collect();
-    let done: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE cq_jobs SET state = 'completed', result = v.result, finished_at = ?1, \
-         lease_token = NULL, lease_expires_at = NULL, keep_count = v.keep_count, \
-         expire_at = v.expire_at \
-         FROM (SELECT value->>0 AS queue, value->>1 AS id, value->>2 AS token, \
-           value->>3 AS result, value->>4 AS keep_count, value->>5 AS expire_at \
-           FROM json_each(?2)) AS v \
-         WHERE cq_jobs.queue = v.queue AND cq_jobs.id = v.id AND cq_jobs.state = 'active' \
-         AND cq_jobs.lease_token = v.token \
-         RETURNING cq_jobs.queue, cq_jobs.id",
-    )
-    .bind(now)
-    .bind(to_json(&rows))
-    .fetch_all(&mut *conn)
-    .await?;
+            q = q
+                .bind(&claimed.job.queue)
+                .bind(&claimed.job.id)
+                .bind(&claimed.token)
+                .bind(to_json(&completion.result))
+                .bind(keep_count)
+                .bind(expire_at);
+        }
+        done.extend(q.bind(now).fetch_all(&mut *conn).await?);
+        start += size;
+    }
     // A job listed twice under one token is completed once: the second answers lease lost.
     let mut left: HashMap<(String, String), usize> = HashMap::with_capacity(done.len());
     for key in done {
@@ -757,5 +786,24 @@ pub(crate) async fn remove(
             batch.changed(queue, id);
             Ok(Ok(true))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_chunks_are_powers_of_two_that_add_up() {
+        for n in [0, 1, 2, 3, 255, 256, 257, 1000, 5000] {
+            let sizes: Vec<usize> = row_chunks(n).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}");
+            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= MAX_ROWS));
+        }
+        assert_eq!(
+            row_chunks(1000).collect::<Vec<_>>(),
+            [256, 256, 256, 128, 64, 32, 8]
+        );
+        assert_eq!(values(2, "(?, ?)"), "(?, ?), (?, ?)");
     }
 }
