@@ -58,7 +58,8 @@ impl WorkerObserver for NoObserver {}
 /// Settings of one queue's workers.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// How many attempts run at once.
+    /// How many attempts run at once. An attempt frees its slot when its processor returns,
+    /// while its result is being recorded.
     pub concurrency: usize,
     /// How long a claim holds a job before another worker may take it back; renewed every third
     /// of it while the attempt runs.
@@ -140,6 +141,7 @@ impl WorkerPoolBuilder {
                 observer: self.observer.clone(),
                 permits: Arc::new(Semaphore::new(opts.concurrency.max(1))),
                 in_flight: Mutex::new(HashMap::new()),
+                live: watch::Sender::new(0),
                 last_tick_ms: AtomicI64::new(now_ms()),
                 stopping: AtomicBool::new(false),
                 opts,
@@ -227,9 +229,10 @@ impl WorkerPool {
         for l in self.loops {
             let _ = l.fetch.await;
             l.renew.abort();
-            let all = l.shared.opts.concurrency.max(1) as u32;
-            let drained =
-                tokio::time::timeout_at(deadline, l.shared.permits.acquire_many(all)).await;
+            // Done when every attempt has recorded its result, not merely when every slot is
+            // free: a slot is freed before the result is written.
+            let mut live = l.shared.live.subscribe();
+            let drained = tokio::time::timeout_at(deadline, live.wait_for(|n| *n == 0)).await;
             if drained.is_ok() {
                 continue;
             }
@@ -263,9 +266,20 @@ struct QueueLoop {
     permits: Arc<Semaphore>,
     // A std mutex: held only to insert or remove an entry, never across an await.
     in_flight: Mutex<HashMap<String, (ClaimedJob, tokio::task::AbortHandle)>>,
+    /// Attempt tasks alive, until their result is recorded (a slot is freed earlier).
+    live: watch::Sender<usize>,
     last_tick_ms: AtomicI64,
     stopping: AtomicBool,
     opts: WorkerOptions,
+}
+
+/// Held by an attempt task for as long as it lives.
+struct Live(Arc<QueueLoop>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 fn now_ms() -> i64 {
@@ -377,17 +391,23 @@ impl QueueLoop {
         let id = claimed.job.id.clone();
         // Hold the map lock across spawn so the task cannot remove its entry before it exists.
         let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        self.live.send_modify(|n| *n += 1);
         let task = tokio::spawn({
             let claimed = claimed.clone();
             async move {
-                this.run_attempt(claimed).await;
-                drop(permit);
+                // Counts the task down however it ends, aborted at shutdown included.
+                let _live = Live(this.clone());
+                this.run_attempt(claimed, permit).await;
             }
         });
         map.insert(id, (claimed, task.abort_handle()));
     }
 
-    async fn run_attempt(self: Arc<Self>, claimed: ClaimedJob) {
+    async fn run_attempt(
+        self: Arc<Self>,
+        claimed: ClaimedJob,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let job = &claimed.job;
         self.observer.started(job);
         let started = Instant::now();
@@ -418,6 +438,9 @@ impl QueueLoop {
             }
         };
         let elapsed = started.elapsed();
+        // The processor is done with the slot: free it now, so that the next claim can share a
+        // commit with this attempt's result instead of waiting for it.
+        drop(slot);
         let failure_end = |e: &ProcessError| {
             let last = job.attempts_made >= job.max_attempts();
             let end = if e.is_retryable() && !last {
