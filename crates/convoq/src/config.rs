@@ -24,7 +24,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://convoq.db";
 /// dashboards find convoq's queues without configuration.
 pub const DEFAULT_QUEUE_PREFIX: &str = "bull";
 /// Default per-queue worker concurrency.
-pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 4), ("chat", 4)];
+pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 32), ("chat", 4)];
 /// Default backlog (waiting + delayed jobs) above which POSTs get 429.
 pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
 /// Default grace period for in-flight jobs at shutdown.
