@@ -536,6 +536,9 @@ async fn idempotency_key_must_be_sane() {
     h.create(SERVICE, &body, &[("idempotency-key", "")])
         .await
         .assert_error(400, "invalid_field", Some("Idempotency-Key"));
+    h.create(SERVICE, &body, &[("idempotency-key", "two words")])
+        .await
+        .assert_error(400, "invalid_field", Some("Idempotency-Key"));
     let ok = "k".repeat(255);
     let r = h.create(SERVICE, &body, &[("idempotency-key", &ok)]).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);

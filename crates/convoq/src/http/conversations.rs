@@ -61,7 +61,12 @@ pub async fn create(
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
-            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
+            let visible = |k: &&str| k.bytes().all(|b| b.is_ascii_graphic());
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .filter(visible);
             Some(k.ok_or_else(|| {
                 ApiError::field(
                     "Idempotency-Key",
