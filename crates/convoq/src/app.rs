@@ -15,7 +15,7 @@ use crate::config::{Command, Config};
 use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
 use crate::http::{self, AppState, QueueStats};
 use crate::processors::{CreateConversation, RecordAuditEvent};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::telemetry::{JobTelemetry, Metrics};
 
 /// Everything a role needs.
@@ -37,14 +37,18 @@ impl App {
     /// When either cannot be opened.
     pub async fn open(config: Config) -> anyhow::Result<App> {
         let metrics = Metrics::new();
-        let store = Store::connect(&config.database_url, metrics.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "opening the store at {}",
-                    convoq_queue::sql::redact_url(&config.database_url)
-                )
-            })?;
+        let store = Store::connect(
+            &config.database_url,
+            &StoreOptions::default(),
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "opening the store at {}",
+                convoq_queue::sql::redact_url(&config.database_url)
+            )
+        })?;
         let engine = open_engine(&config).await.with_context(|| {
             format!(
                 "opening the queue at {}",

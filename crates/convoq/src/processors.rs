@@ -1,9 +1,9 @@
 //! The job processors: `create_conversation` (queue `database`) and `record_audit_event`
 //! (queue `audit`).
 //!
-//! When the queue and the store share one database (the embedded default), a processor returns
-//! its insert as a [`TxEffect`] so that the insert, the audit job and the completion commit in
-//! one transaction. Otherwise it inserts on its own first; the inserts are idempotent, so a
+//! When the queue and the store share one database (the embedded default, or one Postgres
+//! database for both), a processor returns its insert as a [`TxEffect`] so that the insert, the
+//! audit job and the completion commit in one transaction. Otherwise it inserts on its own first; the inserts are idempotent, so a
 //! retried job still has one effect.
 
 use std::sync::Arc;
@@ -57,19 +57,15 @@ pub struct CreateConversation {
     pub modes: Vec<String>,
 }
 
-struct InsertConversation(NewConversation, DateTime<Utc>);
+struct InsertConversation(Store, NewConversation, DateTime<Utc>);
 
 #[async_trait]
 impl TxEffect for InsertConversation {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        match conn {
-            SqlConn::Sqlite(c) => store::insert_conversation_on(c, &self.0, self.1)
-                .await
-                .map_err(classify),
-            SqlConn::Postgres(_) => Err(ProcessError::unrecoverable(
-                "the store does not run on Postgres yet",
-            )),
-        }
+        self.0
+            .insert_conversation_in(conn, &self.1, self.2)
+            .await
+            .map_err(classify)
     }
 }
 
@@ -125,7 +121,11 @@ impl Processor for CreateConversation {
         }));
         completion.follow_ups.push(audit_job);
         if self.shared_transaction {
-            completion.effect = Some(Arc::new(InsertConversation(conversation, created_at)));
+            completion.effect = Some(Arc::new(InsertConversation(
+                self.store.clone(),
+                conversation,
+                created_at,
+            )));
         } else {
             self.store
                 .insert_conversation(&conversation, created_at)
@@ -152,19 +152,15 @@ pub struct RecordAuditEvent {
     pub shared_transaction: bool,
 }
 
-struct InsertAudit(NewAuditEvent, DateTime<Utc>);
+struct InsertAudit(Store, NewAuditEvent, DateTime<Utc>);
 
 #[async_trait]
 impl TxEffect for InsertAudit {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        match conn {
-            SqlConn::Sqlite(c) => store::insert_audit_on(c, &self.0, self.1)
-                .await
-                .map_err(classify),
-            SqlConn::Postgres(_) => Err(ProcessError::unrecoverable(
-                "the store does not run on Postgres yet",
-            )),
-        }
+        self.0
+            .insert_audit_in(conn, &self.1, self.2)
+            .await
+            .map_err(classify)
     }
 }
 
@@ -185,7 +181,7 @@ impl Processor for RecordAuditEvent {
         };
         let mut completion = Completion::with_result(json!({ "success": true, "auditId": job.id }));
         if self.shared_transaction {
-            completion.effect = Some(Arc::new(InsertAudit(event, at)));
+            completion.effect = Some(Arc::new(InsertAudit(self.store.clone(), event, at)));
         } else {
             self.store
                 .insert_audit(&event, at)

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,404 @@
+//! The store: users, conversations and the audit log, on SQLite or Postgres, chosen by the
+//! URL's scheme as the queue engine chooses its dialect. Every query is timed into
+//! `convoq_db_query_duration_seconds{operation}`.
+//!
+//! Layout: this file holds the types, the errors and [`Store`], which times each operation and
+//! hands it to its dialect: `sqlite.rs` and `postgres.rs`, each with its own embedded, numbered
+//! migrations (`migrations/sqlite/NNNN_*.sql`, `migrations/postgres/NNNN_*.sql`, in step).
+//!
+//! Conversation and audit inserts come in two forms: `*_in(conn)`, run inside the queue
+//! engine's completion transaction when the queue and the store share one database, and the
+//! pool form for when they do not. Both are idempotent (`ON CONFLICT DO NOTHING`).
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use convoq_queue::sql::SqlConn;
+use serde::Serialize;
+use sqlx::{PgPool, SqlitePool};
+
+use crate::telemetry::Metrics;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is busy; worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The conversation's user does not exist.
+    #[error("unknown user {0}")]
+    UnknownUser(String),
+    /// A uniqueness rule was broken (another user has this Discord id).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data could not be read.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// Maps a driver error of either dialect: constraint violations to what they mean, decoding
+/// failures to corrupt data, and everything else (connection, timeout, busy) to unavailable.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            StoreError::UnknownUser(String::new())
+        }
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_owned())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// A user.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    /// Id.
+    pub id: String,
+    /// Discord id.
+    pub discord_id: String,
+    /// User name.
+    pub username: String,
+    /// Display name.
+    pub global_name: Option<String>,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last updated (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A conversation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conversation {
+    /// UUIDv7.
+    pub id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Title, if any.
+    pub title: Option<String>,
+    /// Personality mode.
+    pub personality_mode: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last updated (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A conversation to insert.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    /// Fixed at enqueue time.
+    pub id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Title.
+    pub title: Option<String>,
+    /// Mode.
+    pub personality_mode: String,
+}
+
+/// An audit event to record.
+#[derive(Debug, Clone)]
+pub struct NewAuditEvent {
+    /// Deterministic from the event, so a retried job records it once.
+    pub id: String,
+    /// `conversation.created`.
+    pub event: String,
+    /// What it is about.
+    pub subject_id: String,
+    /// Who did it.
+    pub actor: String,
+    /// The request.
+    pub request_id: Option<String>,
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Connection settings of the store. SQLite keeps a small pool of its own; on Postgres these
+/// bound the store's pool.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Postgres: the most connections of the store's pool.
+    pub max_connections: u32,
+    /// Postgres: the server-side `statement_timeout` of each connection.
+    pub statement_timeout: Duration,
+    /// How long a query waits for a free connection before failing as unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 5,
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The database behind the store.
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Opens the store at `url` (`sqlite://PATH`, created if missing, or `postgres://…` /
+    /// `postgresql://…`) and migrates it.
+    ///
+    /// # Errors
+    /// When the URL is of neither kind, or the database cannot be opened or migrated.
+    pub async fn connect(
+        url: &str,
+        options: &StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let db = if url.starts_with("sqlite:") {
+            Db::Sqlite(sqlite::open(url, options)?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Db::Postgres(postgres::open(url, options)?)
+        } else {
+            return Err(StoreError::Unavailable(format!(
+                "the store takes sqlite:// or postgres:// URLs, not {:?}",
+                convoq_queue::sql::redact_url(url)
+            )));
+        };
+        let store = Store { db, metrics };
+        {
+            let _t = store.metrics.db_timer("migrate");
+            match &store.db {
+                Db::Sqlite(p) => sqlite::migrate(p).await?,
+                Db::Postgres(p) => postgres::migrate(p).await?,
+            }
+        }
+        Ok(store)
+    }
+
+    /// Which database the store runs on: `sqlite` or `postgres`.
+    pub fn dialect(&self) -> &'static str {
+        match self.db {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Checks the database answers.
+    ///
+    /// # Errors
+    /// When it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _t = self.metrics.db_timer("ping");
+        match &self.db {
+            Db::Sqlite(p) => sqlite::ping(p).await,
+            Db::Postgres(p) => postgres::ping(p).await,
+        }
+    }
+
+    /// Creates or updates a user. Returns the user and whether it was created.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when another user has this Discord id.
+    pub async fn upsert_user(
+        &self,
+        id: &str,
+        discord_id: &str,
+        username: &str,
+        global_name: Option<&str>,
+    ) -> Result<(User, bool), StoreError> {
+        let _t = self.metrics.db_timer("upsert_user");
+        let r = match &self.db {
+            Db::Sqlite(p) => sqlite::upsert_user(p, id, discord_id, username, global_name).await,
+            Db::Postgres(p) => {
+                postgres::upsert_user(p, id, discord_id, username, global_name).await
+            }
+        };
+        r.map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict("another user has this discordId".into())
+            }
+            other => other,
+        })
+    }
+
+    /// Reads a user.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let _t = self.metrics.db_timer("get_user");
+        match &self.db {
+            Db::Sqlite(p) => sqlite::get_user(p, id).await,
+            Db::Postgres(p) => postgres::get_user(p, id).await,
+        }
+    }
+
+    /// Reads a conversation.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn get_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let _t = self.metrics.db_timer("get_conversation");
+        match &self.db {
+            Db::Sqlite(p) => sqlite::get_conversation(p, id).await,
+            Db::Postgres(p) => postgres::get_conversation(p, id).await,
+        }
+    }
+
+    /// A user's conversations, newest first, after `cursor` (the last id of the previous page:
+    /// UUIDv7 ids sort by creation time).
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let _t = self.metrics.db_timer("list_conversations");
+        match &self.db {
+            Db::Sqlite(p) => sqlite::list_conversations(p, user_id, limit, cursor).await,
+            Db::Postgres(p) => postgres::list_conversations(p, user_id, limit, cursor).await,
+        }
+    }
+
+    /// Inserts a conversation on its own (when the queue does not share this database).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownUser`] when the user does not exist.
+    pub async fn insert_conversation(
+        &self,
+        c: &NewConversation,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _t = self.metrics.db_timer("insert_conversation");
+        let r = match &self.db {
+            Db::Sqlite(p) => match p.acquire().await {
+                Ok(mut conn) => sqlite::insert_conversation(&mut conn, c, now).await,
+                Err(e) => Err(e),
+            },
+            Db::Postgres(p) => match p.acquire().await {
+                Ok(mut conn) => postgres::insert_conversation(&mut conn, c, now).await,
+                Err(e) => Err(e),
+            },
+        };
+        r.map_err(|e| conversation_err(e, c))
+    }
+
+    /// Inserts a conversation on `conn`, inside the queue engine's open transaction (when the
+    /// queue and the store share one database). Idempotent.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownUser`] when the user does not exist.
+    pub async fn insert_conversation_in(
+        &self,
+        conn: SqlConn<'_>,
+        c: &NewConversation,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _t = self.metrics.db_timer("insert_conversation");
+        let r = match conn {
+            SqlConn::Sqlite(conn) => sqlite::insert_conversation(conn, c, now).await,
+            SqlConn::Postgres(conn) => postgres::insert_conversation(conn, c, now).await,
+        };
+        r.map_err(|e| conversation_err(e, c))
+    }
+
+    /// Records an audit event on its own.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    pub async fn insert_audit(
+        &self,
+        e: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _t = self.metrics.db_timer("insert_audit_event");
+        let r = match &self.db {
+            Db::Sqlite(p) => match p.acquire().await {
+                Ok(mut conn) => sqlite::insert_audit(&mut conn, e, now).await,
+                Err(err) => Err(err),
+            },
+            Db::Postgres(p) => match p.acquire().await {
+                Ok(mut conn) => postgres::insert_audit(&mut conn, e, now).await,
+                Err(err) => Err(err),
+            },
+        };
+        r.map_err(map_err)
+    }
+
+    /// Records an audit event on `conn`, inside the queue engine's open transaction.
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    pub async fn insert_audit_in(
+        &self,
+        conn: SqlConn<'_>,
+        e: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _t = self.metrics.db_timer("insert_audit_event");
+        let r = match conn {
+            SqlConn::Sqlite(conn) => sqlite::insert_audit(conn, e, now).await,
+            SqlConn::Postgres(conn) => postgres::insert_audit(conn, e, now).await,
+        };
+        r.map_err(map_err)
+    }
+
+    /// Audit events about a subject (for operators and tests).
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn audit_events_for(
+        &self,
+        subject_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let _t = self.metrics.db_timer("list_audit_events");
+        match &self.db {
+            Db::Sqlite(p) => sqlite::audit_events_for(p, subject_id).await,
+            Db::Postgres(p) => postgres::audit_events_for(p, subject_id).await,
+        }
+    }
+
+    /// The metrics this store times its queries into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match &self.db {
+            Db::Sqlite(p) => p.close().await,
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+/// A conversation insert's error, naming the user when it is unknown.
+fn conversation_err(e: sqlx::Error, c: &NewConversation) -> StoreError {
+    match map_err(e) {
+        StoreError::UnknownUser(_) => StoreError::UnknownUser(c.user_id.clone()),
+        other => other,
+    }
+}

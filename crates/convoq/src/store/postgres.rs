@@ -1,0 +1,273 @@
+//! The store on Postgres: the pool, the migrations of `migrations/postgres/` (numbered in step
+//! with SQLite's), and the statements.
+//!
+//! Differences from SQLite: timestamps are `TIMESTAMPTZ` (read back and sent as RFC 3339 UTC
+//! with milliseconds, as SQLite's text), conversation ids sort with the `C` collation so that
+//! pagination follows UUIDv7 byte order whatever the database's locale, migrations are
+//! serialised across processes by an advisory lock, and an upsert tells an insert from an
+//! update in the same statement.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
+
+use super::{
+    map_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError, StoreOptions,
+    User,
+};
+
+/// The migrations, in order, numbered in step with SQLite's.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+
+/// The advisory lock that serialises the store's migrations in one database ("cv_schem" in
+/// ASCII; the queue's is "cq_schem").
+const MIGRATION_LOCK: i64 = 0x6376_5f73_6368_656d;
+
+/// Opens the pool (lazily: connections open on first use and are re-opened after they break).
+pub(super) fn open(url: &str, options: &StoreOptions) -> Result<PgPool, StoreError> {
+    let statement_timeout = options.statement_timeout.as_millis().max(1).to_string();
+    let opts = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
+        .application_name("convoq-store")
+        .options([("statement_timeout", statement_timeout.as_str())])
+        .log_statements(tracing::log::LevelFilter::Trace);
+    Ok(PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .min_connections(0)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_lazy_with(opts))
+}
+
+/// Applies the migrations the database lacks, under an advisory transaction lock so that
+/// processes starting together apply each step once.
+pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.map_err(map_err)?;
+    let r = migrate_steps(&mut conn).await;
+    if r.is_err() {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    r
+}
+
+async fn migrate_steps(conn: &mut PgConnection) -> Result<(), StoreError> {
+    let run = |sql: &'static str| sqlx::query(sql);
+    run("BEGIN").execute(&mut *conn).await.map_err(map_err)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    run("CREATE TABLE IF NOT EXISTS convoq_schema (version BIGINT NOT NULL)")
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM convoq_schema")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let have = have.unwrap_or(0) as usize;
+    if have > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "the store's schema is version {have}, newer than this build knows ({}); upgrade convoq",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(have) {
+        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(statement)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_err)?;
+        }
+        sqlx::query("INSERT INTO convoq_schema (version) VALUES ($1)")
+            .bind(i as i64 + 1)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+    }
+    run("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
+    Ok(())
+}
+
+pub(super) async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map(drop)
+        .map_err(map_err)
+}
+
+pub(super) async fn upsert_user(
+    pool: &PgPool,
+    id: &str,
+    discord_id: &str,
+    username: &str,
+    global_name: Option<&str>,
+) -> Result<(User, bool), StoreError> {
+    // `xmax = 0` holds for a row this statement inserted, not for one it updated.
+    let row = sqlx::query(
+        "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
+         discord_id = excluded.discord_id, username = excluded.username, \
+         global_name = excluded.global_name, updated_at = excluded.updated_at \
+         RETURNING id, discord_id, username, global_name, created_at, updated_at, (xmax = 0)",
+    )
+    .bind(id)
+    .bind(discord_id)
+    .bind(username)
+    .bind(global_name)
+    .bind(now_ms())
+    .fetch_one(pool)
+    .await
+    .map_err(map_err)?;
+    let created: bool = row.try_get(6).map_err(map_err)?;
+    Ok((user_from_row(&row)?, created))
+}
+
+pub(super) async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    row.map(|r| user_from_row(&r)).transpose()
+}
+
+pub(super) async fn get_conversation(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<Conversation>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+         FROM conversations WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    row.map(|r| conversation_from_row(&r)).transpose()
+}
+
+pub(super) async fn list_conversations(
+    pool: &PgPool,
+    user_id: &str,
+    limit: u32,
+    cursor: Option<&str>,
+) -> Result<Vec<Conversation>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+         FROM conversations WHERE user_id = $1 AND ($2::text IS NULL OR id < $2) \
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(user_id)
+    .bind(cursor)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
+    rows.iter().map(conversation_from_row).collect()
+}
+
+pub(super) async fn audit_events_for(
+    pool: &PgPool,
+    subject_id: &str,
+) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT event, actor, request_id FROM audit_log WHERE subject_id = $1 ORDER BY created_at",
+    )
+    .bind(subject_id)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(map_err)?,
+                r.try_get(1).map_err(map_err)?,
+                r.try_get(2).map_err(map_err)?,
+            ))
+        })
+        .collect()
+}
+
+/// Inserts a conversation on `conn` (a pool's, or inside the queue's transaction). Idempotent.
+pub(super) async fn insert_conversation(
+    conn: &mut PgConnection,
+    c: &NewConversation,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO conversations (id, user_id, title, personality_mode, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&c.id)
+    .bind(&c.user_id)
+    .bind(&c.title)
+    .bind(&c.personality_mode)
+    .bind(millis(now))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Records an audit event on `conn`. Idempotent.
+pub(super) async fn insert_audit(
+    conn: &mut PgConnection,
+    e: &NewAuditEvent,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (id, event, subject_id, actor, request_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&e.id)
+    .bind(&e.event)
+    .bind(&e.subject_id)
+    .bind(&e.actor)
+    .bind(&e.request_id)
+    .bind(millis(now))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// `t` cut to whole milliseconds, the precision SQLite's text keeps, so that both dialects
+/// read back the same instant.
+fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+fn now_ms() -> DateTime<Utc> {
+    millis(Utc::now())
+}
+
+fn rfc3339(r: &sqlx::postgres::PgRow, i: usize) -> Result<String, StoreError> {
+    let t: DateTime<Utc> = r.try_get(i).map_err(map_err)?;
+    Ok(timestamp(t))
+}
+
+fn user_from_row(r: &sqlx::postgres::PgRow) -> Result<User, StoreError> {
+    Ok(User {
+        id: r.try_get(0).map_err(map_err)?,
+        discord_id: r.try_get(1).map_err(map_err)?,
+        username: r.try_get(2).map_err(map_err)?,
+        global_name: r.try_get(3).map_err(map_err)?,
+        created_at: rfc3339(r, 4)?,
+        updated_at: rfc3339(r, 5)?,
+    })
+}
+
+fn conversation_from_row(r: &sqlx::postgres::PgRow) -> Result<Conversation, StoreError> {
+    Ok(Conversation {
+        id: r.try_get(0).map_err(map_err)?,
+        user_id: r.try_get(1).map_err(map_err)?,
+        title: r.try_get(2).map_err(map_err)?,
+        personality_mode: r.try_get(3).map_err(map_err)?,
+        created_at: rfc3339(r, 4)?,
+        updated_at: rfc3339(r, 5)?,
+    })
+}

@@ -1,0 +1,235 @@
+//! The store on SQLite: the pool, the migrations of `migrations/sqlite/`, and the statements.
+//! Timestamps are stored as RFC 3339 text (UTC, milliseconds), which sorts like time.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use super::{
+    map_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError, StoreOptions,
+    User,
+};
+
+/// The migrations, in order, numbered in step with Postgres's. A database records how many it
+/// has applied in `convoq_schema`.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+
+/// Opens the pool (lazily: the first query opens the file, creating it if needed).
+pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, StoreError> {
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true);
+    Ok(SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_lazy_with(opts))
+}
+
+/// Applies the migrations the database lacks, in one immediate transaction.
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.map_err(map_err)?;
+    let r = migrate_steps(&mut conn).await;
+    if r.is_err() {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    r.map_err(map_err)
+}
+
+async fn migrate_steps(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS convoq_schema (version INTEGER NOT NULL)")
+        .execute(&mut *conn)
+        .await?;
+    let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM convoq_schema")
+        .fetch_one(&mut *conn)
+        .await?;
+    for (i, step) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(have.unwrap_or(0) as usize)
+    {
+        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(statement).execute(&mut *conn).await?;
+        }
+        sqlx::query("INSERT INTO convoq_schema (version) VALUES (?)")
+            .bind(i as i64 + 1)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    Ok(())
+}
+
+pub(super) async fn ping(pool: &SqlitePool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map(drop)
+        .map_err(map_err)
+}
+
+pub(super) async fn upsert_user(
+    pool: &SqlitePool,
+    id: &str,
+    discord_id: &str,
+    username: &str,
+    global_name: Option<&str>,
+) -> Result<(User, bool), StoreError> {
+    let now = timestamp(Utc::now());
+    let existed = get_user(pool, id).await?.is_some();
+    let row = sqlx::query(
+        "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
+         discord_id = excluded.discord_id, username = excluded.username, \
+         global_name = excluded.global_name, updated_at = excluded.updated_at \
+         RETURNING id, discord_id, username, global_name, created_at, updated_at",
+    )
+    .bind(id)
+    .bind(discord_id)
+    .bind(username)
+    .bind(global_name)
+    .bind(&now)
+    .fetch_one(pool)
+    .await
+    .map_err(map_err)?;
+    Ok((user_from_row(&row)?, !existed))
+}
+
+pub(super) async fn get_user(pool: &SqlitePool, id: &str) -> Result<Option<User>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    row.map(|r| user_from_row(&r)).transpose()
+}
+
+pub(super) async fn get_conversation(
+    pool: &SqlitePool,
+    id: &str,
+) -> Result<Option<Conversation>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+         FROM conversations WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    row.map(|r| conversation_from_row(&r)).transpose()
+}
+
+pub(super) async fn list_conversations(
+    pool: &SqlitePool,
+    user_id: &str,
+    limit: u32,
+    cursor: Option<&str>,
+) -> Result<Vec<Conversation>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+         FROM conversations WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2) \
+         ORDER BY id DESC LIMIT ?3",
+    )
+    .bind(user_id)
+    .bind(cursor)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
+    rows.iter().map(conversation_from_row).collect()
+}
+
+pub(super) async fn audit_events_for(
+    pool: &SqlitePool,
+    subject_id: &str,
+) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT event, actor, request_id FROM audit_log WHERE subject_id = ? ORDER BY created_at",
+    )
+    .bind(subject_id)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(map_err)?,
+                r.try_get(1).map_err(map_err)?,
+                r.try_get(2).map_err(map_err)?,
+            ))
+        })
+        .collect()
+}
+
+/// Inserts a conversation on `conn` (a pool's, or inside the queue's transaction). Idempotent.
+pub(super) async fn insert_conversation(
+    conn: &mut SqliteConnection,
+    c: &NewConversation,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let now = timestamp(now);
+    sqlx::query(
+        "INSERT INTO conversations (id, user_id, title, personality_mode, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&c.id)
+    .bind(&c.user_id)
+    .bind(&c.title)
+    .bind(&c.personality_mode)
+    .bind(&now)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Records an audit event on `conn`. Idempotent.
+pub(super) async fn insert_audit(
+    conn: &mut SqliteConnection,
+    e: &NewAuditEvent,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (id, event, subject_id, actor, request_id, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&e.id)
+    .bind(&e.event)
+    .bind(&e.subject_id)
+    .bind(&e.actor)
+    .bind(&e.request_id)
+    .bind(timestamp(now))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
+    Ok(User {
+        id: r.try_get(0).map_err(map_err)?,
+        discord_id: r.try_get(1).map_err(map_err)?,
+        username: r.try_get(2).map_err(map_err)?,
+        global_name: r.try_get(3).map_err(map_err)?,
+        created_at: r.try_get(4).map_err(map_err)?,
+        updated_at: r.try_get(5).map_err(map_err)?,
+    })
+}
+
+fn conversation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Conversation, StoreError> {
+    Ok(Conversation {
+        id: r.try_get(0).map_err(map_err)?,
+        user_id: r.try_get(1).map_err(map_err)?,
+        title: r.try_get(2).map_err(map_err)?,
+        personality_mode: r.try_get(3).map_err(map_err)?,
+        created_at: r.try_get(4).map_err(map_err)?,
+        updated_at: r.try_get(5).map_err(map_err)?,
+    })
+}

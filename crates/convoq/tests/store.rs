@@ -1,0 +1,273 @@
+//! The store on each database it runs on: SQLite always, Postgres when
+//! `CONVOQ_TEST_POSTGRES_URL` names a server (each test its own database). One body per
+//! behaviour, run on both by `on_each_database!`.
+
+mod support;
+
+use chrono::{TimeZone, Utc};
+use convoq::store::{NewAuditEvent, NewConversation, Store, StoreError, StoreOptions};
+use convoq::telemetry::Metrics;
+use convoq_queue::sql::SqlConn;
+use sqlx::Connection;
+use support::postgres::{admin_url, Databases};
+
+/// A database for one test: its URL, and what keeps it alive.
+struct Db {
+    url: String,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+async fn sqlite() -> Option<Db> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    Some(Db {
+        url,
+        _keep: Box::new(dir),
+    })
+}
+
+async fn postgres() -> Option<Db> {
+    let dbs = Databases::new(admin_url()?);
+    let url = dbs.create().await;
+    Some(Db {
+        url,
+        _keep: Box::new(dbs),
+    })
+}
+
+async fn open(url: &str) -> Store {
+    Store::connect(url, &StoreOptions::default(), Metrics::new())
+        .await
+        .expect("store opens")
+}
+
+/// Runs each listed test body on SQLite and on Postgres.
+macro_rules! on_each_database {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(db) = super::sqlite().await {
+                    super::$name(&db.url).await;
+                }
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(db) = super::postgres().await {
+                    super::$name(&db.url).await;
+                }
+            })*
+        }
+    };
+}
+
+on_each_database!(
+    migrations_are_idempotent_and_concurrent,
+    users_upsert_and_conflict,
+    conversations_insert_once_and_page_newest_first,
+    inserts_run_inside_a_callers_transaction,
+    every_operation_is_timed,
+);
+
+async fn migrations_are_idempotent_and_concurrent(url: &str) {
+    // Processes that start together migrate once; a second start changes nothing.
+    let opened = futures::future::join_all((0..3).map(|_| open(url))).await;
+    assert!(opened.iter().all(|s| !s.dialect().is_empty()));
+    let again = open(url).await;
+    again.ping().await.expect("ping");
+}
+
+async fn users_upsert_and_conflict(url: &str) {
+    let store = open(url).await;
+    let (u, created) = store
+        .upsert_user("u1", "100", "alice", None)
+        .await
+        .expect("create");
+    assert!(created);
+    assert_eq!(u.global_name, None);
+    let (u2, created) = store
+        .upsert_user("u1", "100", "alice2", Some("Alice"))
+        .await
+        .expect("update");
+    assert!(!created, "an update is not a creation");
+    assert_eq!(u2.username, "alice2");
+    assert_eq!(u2.global_name.as_deref(), Some("Alice"));
+    assert_eq!(u2.created_at, u.created_at, "creation time is kept");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&u2.updated_at).is_ok(),
+        "{}",
+        u2.updated_at
+    );
+    let err = store
+        .upsert_user("u2", "100", "bob", None)
+        .await
+        .expect_err("another user has this discord id");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(store.get_user("u2").await.expect("read"), None);
+}
+
+fn conversation(id: &str, user: &str, title: Option<&str>) -> NewConversation {
+    NewConversation {
+        id: id.to_owned(),
+        user_id: user.to_owned(),
+        title: title.map(str::to_owned),
+        personality_mode: "helpful".to_owned(),
+    }
+}
+
+async fn conversations_insert_once_and_page_newest_first(url: &str) {
+    let store = open(url).await;
+    store
+        .upsert_user("u1", "1", "alice", None)
+        .await
+        .expect("user");
+    let at = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap()
+        + chrono::Duration::microseconds(123_456);
+    let ids: Vec<String> = (0..5)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            uuid::Uuid::now_v7().to_string()
+        })
+        .collect();
+    for id in &ids {
+        let c = conversation(id, "u1", Some("t"));
+        store.insert_conversation(&c, at).await.expect("insert");
+        // A retried job inserts again: nothing changes.
+        store
+            .insert_conversation(&c, at)
+            .await
+            .expect("insert again");
+    }
+    let got = store
+        .get_conversation(&ids[0])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        got.created_at, "2024-05-06T07:08:09.123Z",
+        "UTC, milliseconds"
+    );
+    assert_eq!(got.title.as_deref(), Some("t"));
+    let first = store
+        .list_conversations("u1", 3, None)
+        .await
+        .expect("page 1");
+    let rest = store
+        .list_conversations("u1", 3, Some(&first[2].id))
+        .await
+        .expect("page 2");
+    let listed: Vec<String> = first.iter().chain(&rest).map(|c| c.id.clone()).collect();
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first);
+    let err = store
+        .insert_conversation(&conversation(&ids[0], "ghost", None), at)
+        .await;
+    assert!(
+        err.is_ok(),
+        "an existing id is a no-op even for another user"
+    );
+    let fresh = uuid::Uuid::now_v7().to_string();
+    let err = store
+        .insert_conversation(&conversation(&fresh, "ghost", None), at)
+        .await
+        .expect_err("unknown user");
+    assert!(
+        matches!(&err, StoreError::UnknownUser(u) if u == "ghost"),
+        "{err:?}"
+    );
+}
+
+async fn inserts_run_inside_a_callers_transaction(url: &str) {
+    let store = open(url).await;
+    store
+        .upsert_user("u1", "1", "alice", None)
+        .await
+        .expect("user");
+    let now = Utc::now();
+    let kept = uuid::Uuid::now_v7().to_string();
+    let dropped = uuid::Uuid::now_v7().to_string();
+    let audit = |id: &str| NewAuditEvent {
+        id: format!("conversation.created:{id}"),
+        event: "conversation.created".to_owned(),
+        subject_id: id.to_owned(),
+        actor: "test".to_owned(),
+        request_id: Some("r1".to_owned()),
+    };
+    for (id, commit) in [(&kept, true), (&dropped, false)] {
+        let c = conversation(id, "u1", None);
+        let a = audit(id);
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            sqlx::query("BEGIN")
+                .execute(&mut conn)
+                .await
+                .expect("begin");
+            store
+                .insert_conversation_in(SqlConn::Sqlite(&mut conn), &c, now)
+                .await
+                .expect("insert");
+            store
+                .insert_audit_in(SqlConn::Sqlite(&mut conn), &a, now)
+                .await
+                .expect("audit");
+            let end = if commit { "COMMIT" } else { "ROLLBACK" };
+            sqlx::query(end).execute(&mut conn).await.expect("end");
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query("BEGIN")
+                .execute(&mut conn)
+                .await
+                .expect("begin");
+            store
+                .insert_conversation_in(SqlConn::Postgres(&mut conn), &c, now)
+                .await
+                .expect("insert");
+            store
+                .insert_audit_in(SqlConn::Postgres(&mut conn), &a, now)
+                .await
+                .expect("audit");
+            let end = if commit { "COMMIT" } else { "ROLLBACK" };
+            sqlx::query(end).execute(&mut conn).await.expect("end");
+        }
+    }
+    assert!(store.get_conversation(&kept).await.expect("read").is_some());
+    assert!(store
+        .get_conversation(&dropped)
+        .await
+        .expect("read")
+        .is_none());
+    let events = store.audit_events_for(&kept).await.expect("audit");
+    assert_eq!(
+        events,
+        vec![(
+            "conversation.created".to_owned(),
+            "test".to_owned(),
+            Some("r1".to_owned())
+        )]
+    );
+    assert!(store
+        .audit_events_for(&dropped)
+        .await
+        .expect("audit")
+        .is_empty());
+}
+
+async fn every_operation_is_timed(url: &str) {
+    let metrics = Metrics::new();
+    let store = Store::connect(url, &StoreOptions::default(), metrics.clone())
+        .await
+        .expect("store opens");
+    store.ping().await.expect("ping");
+    store
+        .upsert_user("u1", "1", "alice", None)
+        .await
+        .expect("user");
+    store.get_user("u1").await.expect("read");
+    let text = metrics.render();
+    for op in ["migrate", "ping", "upsert_user", "get_user"] {
+        let series = format!("convoq_db_query_duration_seconds_count{{operation=\"{op}\"}}");
+        assert!(text.contains(&series), "no {series} in:\n{text}");
+    }
+}
