@@ -11,7 +11,7 @@ use convoq_queue::bullmq::{BullConfig, BullEngine};
 use convoq_queue::sql::{SqlConfig, SqlEngine};
 use convoq_queue::{Engine, Queues, WorkerOptions, WorkerPool};
 
-use crate::config::{Command, Config};
+use crate::config::{Backend, Command, Config};
 use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
 use crate::http::{self, AppState, QueueStats};
 use crate::processors::{CreateConversation, RecordAuditEvent};
@@ -37,18 +37,19 @@ impl App {
     /// When either cannot be opened.
     pub async fn open(config: Config) -> anyhow::Result<App> {
         let metrics = Metrics::new();
-        let store = Store::connect(
-            &config.database_url,
-            &StoreOptions::default(),
-            metrics.clone(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "opening the store at {}",
-                convoq_queue::sql::redact_url(&config.database_url)
-            )
-        })?;
+        let store_options = StoreOptions {
+            max_connections: (config.pg_max_connections / 2).max(2),
+            statement_timeout: config.pg_statement_timeout,
+            ..StoreOptions::default()
+        };
+        let store = Store::connect(&config.database_url, &store_options, metrics.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the store at {}",
+                    convoq_queue::sql::redact_url(&config.database_url)
+                )
+            })?;
         let engine = open_engine(&config).await.with_context(|| {
             format!(
                 "opening the queue at {}",
@@ -126,10 +127,8 @@ impl App {
 /// Opens the queue engine the queue URL names: BullMQ on Redis for `redis://` and `rediss://`,
 /// the SQL engine otherwise.
 async fn open_engine(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
-    if !config.queue_url.starts_with("redis") {
-        let mut sql = SqlConfig::new(config.queue_url.clone());
-        sql.durability = config.durability;
-        return Ok(SqlEngine::connect(sql).await?);
+    if Backend::of(&config.queue_url) != Some(Backend::Redis) {
+        return Ok(SqlEngine::connect(sql_config(config)).await?);
     }
     let bull = BullConfig::new(config.queue_url.clone()).with_prefix(config.queue_prefix.clone());
     let engine = BullEngine::connect(bull).await?;
@@ -165,6 +164,17 @@ async fn check_eviction_policy(engine: &BullEngine, allow: bool) -> anyhow::Resu
          Set it to noeviction (CONFIG SET maxmemory-policy noeviction), or start with \
          CONVOQ_ALLOW_REDIS_EVICTION=true to accept the risk"
     )
+}
+
+/// The queue engine's settings from the configuration (the `pg_*` ones apply on Postgres
+/// only, `durability` on SQLite only).
+pub fn sql_config(config: &Config) -> SqlConfig {
+    let mut sql = SqlConfig::new(config.queue_url.clone());
+    sql.durability = config.durability;
+    sql.max_connections = config.pg_max_connections;
+    sql.statement_timeout = config.pg_statement_timeout;
+    sql.notify = !config.pg_poll_only;
+    sql
 }
 
 /// Resolves on SIGTERM or SIGINT.

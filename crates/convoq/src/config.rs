@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -31,6 +32,53 @@ pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default job lease.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default most Postgres connections of the queue engine per process.
+pub const DEFAULT_PG_MAX_CONNECTIONS: u32 = 10;
+/// Default server-side statement timeout on Postgres.
+pub const DEFAULT_PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The kind of database or service a URL names, by its scheme. Each URL setting says which
+/// kinds it accepts; a new engine adds a variant here and to the settings that take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://PATH` or `sqlite::memory:`.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+    /// `redis://…` or `rediss://…` (TLS): the BullMQ engine.
+    Redis,
+}
+
+impl Backend {
+    /// Every kind, with the URL prefixes that name it.
+    const PREFIXES: [(Backend, &'static [&'static str]); 3] = [
+        (Backend::Sqlite, &["sqlite:"]),
+        (Backend::Postgres, &["postgres://", "postgresql://"]),
+        (Backend::Redis, &["redis://", "rediss://"]),
+    ];
+
+    /// The kind `url` names, if any.
+    pub fn of(url: &str) -> Option<Backend> {
+        Self::PREFIXES
+            .iter()
+            .find(|(_, prefixes)| prefixes.iter().any(|p| url.starts_with(p)))
+            .map(|(b, _)| *b)
+    }
+
+    /// How URLs of this kind start, for error messages.
+    fn example(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite://PATH",
+            Backend::Postgres => "postgres://USER@HOST/DATABASE",
+            Backend::Redis => "redis://HOST[:PORT]",
+        }
+    }
+}
+
+/// The kinds `--database-url` takes.
+const STORE_BACKENDS: &[Backend] = &[Backend::Sqlite, Backend::Postgres];
+/// The kinds `--queue-url` takes.
+const QUEUE_BACKENDS: &[Backend] = &[Backend::Sqlite, Backend::Postgres, Backend::Redis];
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, PartialEq, Eq)]
@@ -131,6 +179,14 @@ pub struct Config {
     pub lease: Duration,
     /// SQLite durability (`normal`, `full`, `off`).
     pub durability: convoq_queue::sql::Durability,
+    /// Postgres: the most connections the queue engine opens in this process (the store's
+    /// pool gets half as many again, at least 2).
+    pub pg_max_connections: u32,
+    /// Postgres: the server-side `statement_timeout` of every connection.
+    pub pg_statement_timeout: Duration,
+    /// Postgres: find jobs by polling only, without `LISTEN` (behind a transaction-mode
+    /// connection pooler).
+    pub pg_poll_only: bool,
 }
 
 /// The command line. Every option also reads a `CONVOQ_*` variable.
@@ -173,11 +229,11 @@ pub struct Settings {
     /// HTTP address [default: 127.0.0.1:3000].
     #[arg(long, env = "CONVOQ_LISTEN", global = true)]
     pub listen: Option<String>,
-    /// Store URL: sqlite://PATH [default: sqlite://convoq.db].
+    /// Store URL: sqlite://PATH or postgres://USER@HOST/DATABASE [default: sqlite://convoq.db].
     #[arg(long, env = "CONVOQ_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
-    /// Queue engine URL: sqlite://PATH, or redis://… / rediss://… for BullMQ on Redis
-    /// [default: the database URL].
+    /// Queue engine URL: sqlite://PATH, postgres://…, or redis://… / rediss://… for BullMQ on
+    /// Redis [default: the database URL].
     #[arg(long, env = "CONVOQ_QUEUE_URL", global = true)]
     pub queue_url: Option<String>,
     /// Redis key prefix of BullMQ queues [default: bull].
@@ -221,6 +277,22 @@ pub struct Settings {
     /// SQLite durability: normal, full or off [default: normal].
     #[arg(long, env = "CONVOQ_DURABILITY", global = true)]
     pub durability: Option<String>,
+    /// Postgres: most connections of the queue engine per process; the store's pool gets half
+    /// as many again [default: 10].
+    #[arg(long, env = "CONVOQ_PG_MAX_CONNECTIONS", global = true)]
+    pub pg_max_connections: Option<String>,
+    /// Postgres: statement timeout in milliseconds [default: 30000].
+    #[arg(long, env = "CONVOQ_PG_STATEMENT_TIMEOUT_MS", global = true)]
+    pub pg_statement_timeout_ms: Option<String>,
+    /// Postgres: no LISTEN/NOTIFY, poll only (for transaction-mode poolers) [default: false].
+    #[arg(
+        long,
+        env = "CONVOQ_PG_POLL_ONLY",
+        global = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub pg_poll_only: Option<String>,
 }
 
 /// The TOML file's shape.
@@ -242,6 +314,9 @@ struct FileSettings {
     shutdown_grace: Option<u64>,
     lease_ms: Option<u64>,
     durability: Option<String>,
+    pg_max_connections: Option<u64>,
+    pg_statement_timeout_ms: Option<u64>,
+    pg_poll_only: Option<bool>,
 }
 
 /// A configuration error, naming the setting.
@@ -305,17 +380,13 @@ impl Config {
         check_url(
             "--database-url (CONVOQ_DATABASE_URL)",
             &database_url,
-            &["sqlite:"],
+            STORE_BACKENDS,
         )?;
         let queue_url = s
             .queue_url
             .or(f.queue_url)
             .unwrap_or_else(|| database_url.clone());
-        check_url(
-            "--queue-url (CONVOQ_QUEUE_URL)",
-            &queue_url,
-            &["sqlite:", "redis://", "rediss://"],
-        )?;
+        check_url("--queue-url (CONVOQ_QUEUE_URL)", &queue_url, QUEUE_BACKENDS)?;
         let (queue_prefix, allow_redis_eviction) = redis_settings(
             s.queue_prefix.or(f.queue_prefix),
             s.allow_redis_eviction,
@@ -451,6 +522,27 @@ impl Config {
                 .parse()
                 .map_err(|e: String| bad("--durability (CONVOQ_DURABILITY)", e))?,
         };
+        let pg_max_connections = number(
+            "--pg-max-connections (CONVOQ_PG_MAX_CONNECTIONS)",
+            s.pg_max_connections,
+            f.pg_max_connections,
+            u64::from(DEFAULT_PG_MAX_CONNECTIONS),
+            3,
+            1000,
+        )? as u32;
+        let pg_statement_timeout_ms = number(
+            "--pg-statement-timeout-ms (CONVOQ_PG_STATEMENT_TIMEOUT_MS)",
+            s.pg_statement_timeout_ms,
+            f.pg_statement_timeout_ms,
+            DEFAULT_PG_STATEMENT_TIMEOUT.as_millis() as u64,
+            100,
+            3_600_000,
+        )?;
+        let pg_poll_only = match (s.pg_poll_only, f.pg_poll_only) {
+            (Some(v), _) => boolean("--pg-poll-only (CONVOQ_PG_POLL_ONLY)", &v)?,
+            (None, Some(b)) => b,
+            (None, None) => false,
+        };
         Ok(Config {
             listen,
             database_url,
@@ -467,6 +559,9 @@ impl Config {
             shutdown_grace: Duration::from_secs(grace),
             lease: Duration::from_millis(lease_ms),
             durability,
+            pg_max_connections,
+            pg_statement_timeout: Duration::from_millis(pg_statement_timeout_ms),
+            pg_poll_only,
         })
     }
 
@@ -529,18 +624,34 @@ fn redis_settings(
     Ok((prefix, allow))
 }
 
-fn check_url(setting: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    if schemes.iter().any(|s| url.starts_with(s)) {
-        Ok(())
-    } else {
-        let shown = convoq_queue::sql::redact_url(url);
-        Err(bad(
-            setting,
-            format!(
-                "{shown:?}: expected a URL starting with {}",
-                schemes.join(" or ")
-            ),
-        ))
+fn boolean(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(bad(setting, format!("{v:?}: expected true or false"))),
+    }
+}
+
+/// Checks that `url` names one of the `accepted` kinds, and that a Postgres URL parses.
+/// Messages show the URL with its password hidden.
+fn check_url(setting: &'static str, url: &str, accepted: &[Backend]) -> Result<(), ConfigError> {
+    let shown = convoq_queue::sql::redact_url(url);
+    match Backend::of(url) {
+        Some(b) if accepted.contains(&b) => {
+            if b == Backend::Postgres {
+                // The parser's message names the part at fault, never the password.
+                sqlx::postgres::PgConnectOptions::from_str(url)
+                    .map_err(|e| bad(setting, format!("{shown:?}: {e}")))?;
+            }
+            Ok(())
+        }
+        _ => {
+            let expected: Vec<&str> = accepted.iter().map(|b| b.example()).collect();
+            Err(bad(
+                setting,
+                format!("{shown:?}: expected a URL like {}", expected.join(" or ")),
+            ))
+        }
     }
 }
 
@@ -703,6 +814,93 @@ mod tests {
             toml::from_str::<FileSettings>("lisen = 1").is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn postgres_urls_and_settings() {
+        let c = load(Settings {
+            database_url: Some("postgres://convoq:pw@db.internal:5432/convoq".into()),
+            pg_max_connections: Some("20".into()),
+            pg_statement_timeout_ms: Some("5000".into()),
+            pg_poll_only: Some("true".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.queue_url, c.database_url, "the queue follows the store");
+        assert_eq!(Backend::of(&c.queue_url), Some(Backend::Postgres));
+        assert_eq!(c.pg_max_connections, 20);
+        assert_eq!(c.pg_statement_timeout, Duration::from_secs(5));
+        assert!(c.pg_poll_only);
+        let c = load(Settings {
+            queue_url: Some("postgresql://u@h/q".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(Backend::of(&c.database_url), Some(Backend::Sqlite));
+        assert_eq!(c.pg_max_connections, DEFAULT_PG_MAX_CONNECTIONS);
+        assert!(!c.pg_poll_only);
+
+        let e = load(Settings {
+            queue_url: Some("postgres://u:hunter2@h:notaport/q".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_QUEUE_URL"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = load(Settings {
+            queue_url: Some("mysql://u:hunter2@h/q".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("postgres://"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        for (s, name) in [
+            (
+                Settings {
+                    pg_max_connections: Some("2".into()),
+                    ..Default::default()
+                },
+                "CONVOQ_PG_MAX_CONNECTIONS",
+            ),
+            (
+                Settings {
+                    pg_statement_timeout_ms: Some("soon".into()),
+                    ..Default::default()
+                },
+                "CONVOQ_PG_STATEMENT_TIMEOUT_MS",
+            ),
+            (
+                Settings {
+                    pg_poll_only: Some("maybe".into()),
+                    ..Default::default()
+                },
+                "CONVOQ_PG_POLL_ONLY",
+            ),
+        ] {
+            let e = load(s).unwrap_err();
+            assert!(e.to_string().contains(name), "{e}");
+        }
+        let file: FileSettings = toml::from_str(
+            "pg_max_connections = 4\npg_statement_timeout_ms = 250\npg_poll_only = true\n",
+        )
+        .unwrap();
+        let c = Config::from_layers(Settings::default(), file).unwrap();
+        assert_eq!(
+            (
+                c.pg_max_connections,
+                c.pg_statement_timeout.as_millis(),
+                c.pg_poll_only
+            ),
+            (4, 250, true)
+        );
+    }
+
+    #[test]
+    fn poll_only_is_a_switch_on_the_command_line() {
+        let cli = Cli::try_parse_from(["convoq", "worker", "--pg-poll-only"]).unwrap();
+        assert_eq!(cli.settings.pg_poll_only.as_deref(), Some("true"));
+        let cli = Cli::try_parse_from(["convoq", "--pg-poll-only=false"]).unwrap();
+        assert!(!load(cli.settings).unwrap().pg_poll_only);
     }
 
     #[test]
