@@ -1,4 +1,6 @@
-//! End to end against the real `convoq` binary on a temporary directory (SPEC §3, §4, §6):
+//! End to end against the real `convoq` binary (SPEC §3, §4, §6), each scenario on SQLite
+//! (module `sqlite`) and on Postgres (module `postgres`, its own fresh database; skipped when
+//! `CONVOQ_TEST_POSTGRES_URL` is unset), by `on_each_database!`:
 //!
 //! * `a_conversation_end_to_end`: a user, a conversation POSTed with `X-Request-Id`, the job
 //!   followed to `completed` three ways at once (polling, long-poll `?wait=`, server-sent events)
@@ -6,9 +8,10 @@
 //!   in the JSON logs of the request, the job and the audit event, and every metric of SPEC §6
 //!   with plausible values.
 //! * `sigterm_under_load_exits_cleanly_and_loses_nothing`: SIGTERM while POSTs and jobs are in
-//!   flight; exit 0 within the grace period, no job left `active` in the SQLite file, and after
+//!   flight; exit 0 within the grace period, no job left `active` in the database, and after
 //!   a restart every accepted conversation exists.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -17,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{count, eventually, expect_ok, get, json_lines, open_db, request, sse_until, Server};
+use support::{eventually, expect_ok, get, json_lines, request, sse_until, Server, TestDatabase};
 
 const USER: &str = "u1";
 
@@ -104,10 +107,16 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     found[0]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_conversation_end_to_end() {
+on_each_database!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    a_conversation_end_to_end,
+    sigterm_under_load_exits_cleanly_and_loses_nothing,
+    sigterm_is_not_held_by_open_event_streams_or_long_polls,
+);
+
+async fn a_conversation_end_to_end(database: TestDatabase) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(dir.path(), &[]).await;
+    let mut server = Server::start_on(dir.path(), &database.url, &[]).await;
     let port = server.port;
     create_user(port).await;
 
@@ -531,14 +540,18 @@ async fn a_conversation_end_to_end() {
     server.stop(Duration::from_secs(20)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
+async fn sigterm_under_load_exits_cleanly_and_loses_nothing(database: TestDatabase) {
     const POSTS: usize = 200;
     const CLIENTS: usize = 8;
     const GRACE_SECS: u64 = 10;
     let dir = tempfile::tempdir().expect("tempdir");
     let grace = GRACE_SECS.to_string();
-    let mut server = Server::start(dir.path(), &[("CONVOQ_SHUTDOWN_GRACE", &grace)]).await;
+    let mut server = Server::start_on(
+        dir.path(),
+        &database.url,
+        &[("CONVOQ_SHUTDOWN_GRACE", &grace)],
+    )
+    .await;
     let port = server.port;
     create_user(port).await;
 
@@ -612,19 +625,17 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     assert_eq!(accepted.len() + lost, POSTS);
 
     {
-        let db = open_db(&server.db_path()).await;
-        let active = count(&db, "SELECT COUNT(*) FROM cq_jobs WHERE state = 'active'").await;
-        let waiting = count(
-            &db,
-            "SELECT COUNT(*) FROM cq_jobs WHERE state = 'waiting' AND queue = 'database'",
-        )
-        .await;
-        let audit_waiting = count(
-            &db,
-            "SELECT COUNT(*) FROM cq_jobs WHERE state = 'waiting' AND queue = 'audit'",
-        )
-        .await;
-        let rows = count(&db, "SELECT COUNT(*) FROM conversations").await;
+        let db = database.open().await;
+        let active = db
+            .count("SELECT COUNT(*) FROM cq_jobs WHERE state = 'active'")
+            .await;
+        let waiting = db
+            .count("SELECT COUNT(*) FROM cq_jobs WHERE state = 'waiting' AND queue = 'database'")
+            .await;
+        let audit_waiting = db
+            .count("SELECT COUNT(*) FROM cq_jobs WHERE state = 'waiting' AND queue = 'audit'")
+            .await;
+        let rows = db.count("SELECT COUNT(*) FROM conversations").await;
         assert_eq!(active, 0, "no job is left active after a graceful stop");
         let released = json_lines(&logs)
             .into_iter()
@@ -659,17 +670,15 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         );
         assert_eq!(c["conversation"]["id"], json!(cid), "{c}");
     }
-    let db = open_db(&server.db_path()).await;
-    let rows = count(&db, "SELECT COUNT(*) FROM conversations").await;
+    let db = database.open().await;
+    let rows = db.count("SELECT COUNT(*) FROM conversations").await;
     assert!(rows as usize >= accepted.len(), "{rows} rows");
     assert!(rows as usize <= POSTS, "{rows} rows for {POSTS} POSTs");
     // The audit jobs left waiting at the stop run after the restart: one event per conversation.
     eventually(Duration::from_secs(30), "the audit jobs to drain", || {
         let db = db.clone();
         async move {
-            let audited = count(
-                &db,
-                "SELECT COUNT(DISTINCT subject_id) FROM audit_log WHERE event = 'conversation.created'",
+            let audited = db.count("SELECT COUNT(DISTINCT subject_id) FROM audit_log WHERE event = 'conversation.created'",
             )
             .await;
             (audited == rows).then_some(())
@@ -677,7 +686,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     })
     .await;
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM audit_log").await,
+        db.count("SELECT COUNT(*) FROM audit_log").await,
         rows,
         "one audit event per conversation"
     );
@@ -685,12 +694,16 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     server.stop(Duration::from_secs(GRACE_SECS + 10)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_is_not_held_by_open_event_streams_or_long_polls() {
+async fn sigterm_is_not_held_by_open_event_streams_or_long_polls(database: TestDatabase) {
     const GRACE_SECS: u64 = 2;
     let dir = tempfile::tempdir().expect("tempdir");
     let grace = GRACE_SECS.to_string();
-    let mut server = Server::start(dir.path(), &[("CONVOQ_SHUTDOWN_GRACE", &grace)]).await;
+    let mut server = Server::start_on(
+        dir.path(),
+        &database.url,
+        &[("CONVOQ_SHUTDOWN_GRACE", &grace)],
+    )
+    .await;
     let port = server.port;
     create_user(port).await;
     // A job that cannot finish: its queue is paused.
@@ -756,9 +769,10 @@ async fn sigterm_is_not_held_by_open_event_streams_or_long_polls() {
     let _ = tokio::time::timeout(Duration::from_secs(5), long)
         .await
         .expect("the long-poll ends with the process");
-    let db = open_db(&server.db_path()).await;
+    let db = database.open().await;
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM cq_jobs WHERE state = 'active'").await,
+        db.count("SELECT COUNT(*) FROM cq_jobs WHERE state = 'active'")
+            .await,
         0
     );
     db.close().await;

@@ -2,6 +2,7 @@
 //! `CONVOQ_TEST_POSTGRES_URL` names a server (each test its own database). One body per
 //! behaviour, run on both by `on_each_database!`.
 
+#[macro_use]
 mod support;
 
 use chrono::{TimeZone, Utc};
@@ -9,31 +10,7 @@ use convoq::store::{NewAuditEvent, NewConversation, Store, StoreError, StoreOpti
 use convoq::telemetry::Metrics;
 use convoq_queue::sql::SqlConn;
 use sqlx::Connection;
-use support::postgres::{admin_url, Databases};
-
-/// A database for one test: its URL, and what keeps it alive.
-struct Db {
-    url: String,
-    _keep: Box<dyn std::any::Any + Send>,
-}
-
-async fn sqlite() -> Option<Db> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    Some(Db {
-        url,
-        _keep: Box::new(dir),
-    })
-}
-
-async fn postgres() -> Option<Db> {
-    let dbs = Databases::new(admin_url()?);
-    let url = dbs.create().await;
-    Some(Db {
-        url,
-        _keep: Box::new(dbs),
-    })
-}
+use support::TestDatabase;
 
 async fn open(url: &str) -> Store {
     Store::connect(url, &StoreOptions::default(), Metrics::new())
@@ -41,29 +18,8 @@ async fn open(url: &str) -> Store {
         .expect("store opens")
 }
 
-/// Runs each listed test body on SQLite and on Postgres.
-macro_rules! on_each_database {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(db) = super::sqlite().await {
-                    super::$name(&db.url).await;
-                }
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(db) = super::postgres().await {
-                    super::$name(&db.url).await;
-                }
-            })*
-        }
-    };
-}
-
 on_each_database!(
+    #[tokio::test]
     migrations_are_idempotent_and_concurrent,
     users_upsert_and_conflict,
     conversations_insert_once_and_page_newest_first,
@@ -71,7 +27,8 @@ on_each_database!(
     every_operation_is_timed,
 );
 
-async fn migrations_are_idempotent_and_concurrent(url: &str) {
+async fn migrations_are_idempotent_and_concurrent(db: TestDatabase) {
+    let url = db.url.as_str();
     // Processes that start together migrate once; a second start changes nothing.
     let opened = futures::future::join_all((0..3).map(|_| open(url))).await;
     assert!(opened.iter().all(|s| !s.dialect().is_empty()));
@@ -79,7 +36,8 @@ async fn migrations_are_idempotent_and_concurrent(url: &str) {
     again.ping().await.expect("ping");
 }
 
-async fn users_upsert_and_conflict(url: &str) {
+async fn users_upsert_and_conflict(db: TestDatabase) {
+    let url = db.url.as_str();
     let store = open(url).await;
     let (u, created) = store
         .upsert_user("u1", "100", "alice", None)
@@ -117,7 +75,8 @@ fn conversation(id: &str, user: &str, title: Option<&str>) -> NewConversation {
     }
 }
 
-async fn conversations_insert_once_and_page_newest_first(url: &str) {
+async fn conversations_insert_once_and_page_newest_first(db: TestDatabase) {
+    let url = db.url.as_str();
     let store = open(url).await;
     store
         .upsert_user("u1", "1", "alice", None)
@@ -179,7 +138,8 @@ async fn conversations_insert_once_and_page_newest_first(url: &str) {
     );
 }
 
-async fn inserts_run_inside_a_callers_transaction(url: &str) {
+async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
+    let url = db.url.as_str();
     let store = open(url).await;
     store
         .upsert_user("u1", "1", "alice", None)
@@ -254,7 +214,8 @@ async fn inserts_run_inside_a_callers_transaction(url: &str) {
         .is_empty());
 }
 
-async fn every_operation_is_timed(url: &str) {
+async fn every_operation_is_timed(db: TestDatabase) {
+    let url = db.url.as_str();
     let metrics = Metrics::new();
     let store = Store::connect(url, &StoreOptions::default(), metrics.clone())
         .await

@@ -1,8 +1,11 @@
-//! Shared helpers for the tests that drive the real `convoq` binary (`e2e.rs`, `crash.rs`):
-//! a [`Server`] process on a temporary directory and a free loopback port, a minimal HTTP/1.1
-//! client over a plain TCP socket (one connection per request, so a killed server shows up as a
-//! connection error and nothing is pooled across restarts), a server-sent-events reader, and the
-//! SQLite file opened with `sqlx`.
+//! Shared helpers for the tests that drive the real `convoq` binary (`e2e.rs`, `crash.rs`,
+//! `multiprocess.rs`, `outage.rs`) and the store (`store.rs`): a [`Server`] process on a
+//! temporary directory and a free loopback port, a minimal HTTP/1.1 client over a plain TCP
+//! socket (one connection per request, so a killed server shows up as a connection error and
+//! nothing is pooled across restarts), a server-sent-events reader, and the database a test
+//! runs on ([`TestDatabase`]: a SQLite file, or a fresh Postgres database from
+//! `CONVOQ_TEST_POSTGRES_URL`), opened with `sqlx`; [`on_each_database!`] runs one test body on
+//! each.
 //!
 //! Everything targets 127.0.0.1 and every wait is bounded.
 
@@ -10,12 +13,38 @@
 
 pub mod postgres;
 
+/// Runs each listed test body (`async fn name(db: TestDatabase)`) once on SQLite (module
+/// `sqlite`) and once on Postgres (module `postgres`, skipped with a printed reason when
+/// `CONVOQ_TEST_POSTGRES_URL` is unset), under the given test attribute.
+#[allow(unused_macros)] // Not every test file runs on each database.
+macro_rules! on_each_database {
+    (#[$attr:meta] $($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[$attr]
+            async fn $name() {
+                if let Some(db) = crate::support::TestDatabase::sqlite().await {
+                    super::$name(db).await;
+                }
+            })*
+        }
+        mod postgres {
+            $(#[$attr]
+            async fn $name() {
+                if let Some(db) = crate::support::TestDatabase::postgres().await {
+                    super::$name(db).await;
+                }
+            })*
+        }
+    };
+}
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,13 +58,97 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// The database a test runs on, dropped (file or Postgres database) when the test ends.
+pub struct TestDatabase {
+    /// Its URL, for `--database-url`.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    _pg: Option<postgres::Databases>,
+}
+
+impl TestDatabase {
+    /// A SQLite file in a temporary directory (`Option` only to match [`TestDatabase::postgres`]).
+    pub async fn sqlite() -> Option<TestDatabase> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Some(TestDatabase {
+            url: format!("sqlite://{}", dir.path().join("convoq.db").display()),
+            _dir: Some(dir),
+            _pg: None,
+        })
+    }
+
+    /// A fresh Postgres database, or `None` (after saying the test is skipped) when
+    /// `CONVOQ_TEST_POSTGRES_URL` is unset.
+    pub async fn postgres() -> Option<TestDatabase> {
+        let dbs = postgres::Databases::new(postgres::admin_url()?);
+        let url = dbs.create().await;
+        Some(TestDatabase {
+            url,
+            _dir: None,
+            _pg: Some(dbs),
+        })
+    }
+
+    /// Whether this is Postgres.
+    pub fn is_postgres(&self) -> bool {
+        self._pg.is_some()
+    }
+
+    /// Opens the database from the test (the server may or may not be running).
+    pub async fn open(&self) -> Db {
+        match &self._dir {
+            Some(dir) => Db::Sqlite(open_db(&dir.path().join("convoq.db")).await),
+            None => Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&self.url)
+                    .await
+                    .unwrap_or_else(|e| panic!("open the test database: {e}")),
+            ),
+        }
+    }
+}
+
+/// A test's own connection to the database convoq runs on.
+#[derive(Clone)]
+pub enum Db {
+    /// The SQLite file.
+    Sqlite(SqlitePool),
+    /// The Postgres database.
+    Postgres(PgPool),
+}
+
+impl Db {
+    /// `SELECT COUNT(*) …` (or any query of one integer; on Postgres it is cast to `bigint`, so
+    /// that a `SUM` reads as on SQLite).
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(pool) => count(pool, sql).await,
+            Db::Postgres(pool) => sqlx::query_scalar::<_, i64>(&format!("SELECT ({sql})::bigint"))
+                .fetch_one(pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
+        }
+    }
+
+    /// Closes the test's connections.
+    pub async fn close(self) {
+        match self {
+            Db::Sqlite(pool) => pool.close().await,
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
 /// A `convoq` process on its own directory and database. Killed (SIGKILL) when dropped if it
 /// still runs.
 pub struct Server {
     /// The port it listens on (kept across restarts).
     pub port: u16,
-    /// Its working directory, holding the database and the logs.
+    /// Its working directory, holding the logs (and, by default, the SQLite database).
     pub dir: PathBuf,
+    /// The database URL it runs on.
+    pub database_url: String,
     env: Vec<(String, String)>,
     child: Option<Child>,
     /// How many times a process was started.
@@ -46,9 +159,17 @@ impl Server {
     /// Starts `convoq` on `dir` (database `dir/convoq.db`) with extra `CONVOQ_*` settings, on a
     /// free port, and waits until it is ready.
     pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let url = format!("sqlite://{}", dir.join("convoq.db").display());
+        Self::start_on(dir, &url, env).await
+    }
+
+    /// Starts `convoq` on the database at `database_url`, with its logs in `dir`, and waits
+    /// until it is ready.
+    pub async fn start_on(dir: &Path, database_url: &str, env: &[(&str, &str)]) -> Server {
         let mut server = Server {
             port: 0,
             dir: dir.to_path_buf(),
+            database_url: database_url.to_owned(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -108,7 +229,7 @@ impl Server {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--database-url")
-            .arg(format!("sqlite://{}", self.db_path().display()))
+            .arg(&self.database_url)
             .env("CONVOQ_LOG_FORMAT", "json")
             .env("CONVOQ_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
