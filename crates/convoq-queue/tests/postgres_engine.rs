@@ -1,7 +1,7 @@
 //! Behaviour specific to the SQL engine on Postgres: transactional effects, group commit across
 //! several writers, refusing corrupt or foreign data without panicking, migrations of processes
 //! starting together, wake-ups through LISTEN/NOTIFY between engines (processes), the poll-only
-//! setting, and histories read by another engine.
+//! setting, connections the server kills, and histories read by another engine.
 //!
 //! Runs when `CONVOQ_TEST_POSTGRES_URL` is set; each test gets its own database.
 
@@ -451,6 +451,82 @@ async fn notify_wakes_a_worker_of_another_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_only_engine_still_finds_work() {
     wake_across_engines(false).await;
+}
+
+/// The server kills every connection of the engines (a restart, a failover, an idle reaper):
+/// the next write succeeds on a new connection without an error reaching the caller, the
+/// listener listens again, and an idle worker of the other engine is still woken at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_server_kills_are_reopened() {
+    let Some((_dbs, url)) = database().await else {
+        return;
+    };
+    let producer = engine(&url).await;
+    let consumer = engine(&url).await;
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pool = Queues::new(consumer.clone())
+        .workers()
+        .processor("w", Arc::new(Count(runs.clone())))
+        .queue(
+            Q,
+            WorkerOptions {
+                concurrency: 1,
+                // Only a notification (or the listener's wake-up after reconnecting) can wake it.
+                poll_interval: Duration::from_secs(60),
+                ..WorkerOptions::default()
+            },
+        )
+        .start();
+    let queues = Queues::new(producer.clone()).with_follow_poll(Duration::from_millis(50));
+    let first = queues
+        .add(NewJob::new(Q, "w", json!(1)))
+        .await
+        .unwrap()
+        .job
+        .id;
+    queues
+        .wait_finished(Q, &first, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("the first job runs");
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the worker go idle
+
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert!(
+        killed >= 4,
+        "writers, listeners and readers were connected: {killed}"
+    );
+
+    let started = std::time::Instant::now();
+    let second = queues
+        .add(NewJob::new(Q, "w", json!(2)))
+        .await
+        .expect("a write after the server dropped the connections")
+        .job
+        .id;
+    let done = queues
+        .wait_finished(Q, &second, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("the second job runs");
+    assert_eq!(done.state, JobState::Completed);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "woken in {took:?}, not by the 60 s poll"
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    pool.shutdown(Duration::from_secs(1)).await;
+    producer.close().await;
+    consumer.close().await;
 }
 
 /// A follower on one engine sees changes made by another engine, by polling the shared history.

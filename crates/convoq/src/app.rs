@@ -212,17 +212,58 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker => {
-            let pool = app.start_workers();
+            let state = app.state(Some(app.start_workers()));
             tracing::info!(
                 engine = app.queues.engine().name(),
                 owner = app.queues.engine().owner_id(),
                 "workers started"
             );
+            // Probes and scrapes, when asked for: this process's readiness and job metrics.
+            let (stop_ops, ops) = match app.config.worker_listen {
+                None => (None, None),
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr} (--worker-listen)"))?;
+                    tracing::info!(listen = %listener.local_addr()?, "worker health and metrics listening");
+                    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                    let serve = axum::serve(
+                        listener,
+                        http::ops_router(state.clone())
+                            .into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    });
+                    (Some(tx), Some(tokio::spawn(async move { serve.await })))
+                }
+            };
             shutdown_signal().await;
             tracing::info!("shutting down: finishing in-flight jobs");
-            let report = pool.shutdown(app.config.shutdown_grace).await;
-            tracing::info!(released = report.released, "workers stopped");
+            if let Some(stop) = stop_ops {
+                let _ = stop.send(());
+            }
+            let pool = state
+                .workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(pool) = pool {
+                let report = pool.shutdown(app.config.shutdown_grace).await;
+                tracing::info!(released = report.released, "workers stopped");
+            }
+            if let Some(ops) = ops {
+                // Only probes and scrapes are served, each answered within seconds.
+                if tokio::time::timeout(std::time::Duration::from_secs(2), ops)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("health connections still open at shutdown; closing them");
+                }
+            }
             app.queues.engine().close().await;
+            app.store.close().await;
+            tracing::info!("shutdown complete");
             Ok(())
         }
         Command::Serve { no_workers } => {
@@ -274,6 +315,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 tracing::info!(released = report.released, "workers stopped");
             }
             app.queues.engine().close().await;
+            app.store.close().await;
             tracing::info!("shutdown complete");
             Ok(())
         }

@@ -150,6 +150,9 @@ pub enum LogFormat {
 pub struct Config {
     /// HTTP address.
     pub listen: SocketAddr,
+    /// Where a `convoq worker` process serves `/healthz`, `/readyz` and `/metrics`; `None`:
+    /// it serves no HTTP.
+    pub worker_listen: Option<SocketAddr>,
     /// The store's URL.
     pub database_url: String,
     /// The queue engine's URL (the store's by default).
@@ -229,6 +232,9 @@ pub struct Settings {
     /// HTTP address [default: 127.0.0.1:3000].
     #[arg(long, env = "CONVOQ_LISTEN", global = true)]
     pub listen: Option<String>,
+    /// Address where `convoq worker` serves /healthz, /readyz and /metrics [default: none].
+    #[arg(long, env = "CONVOQ_WORKER_LISTEN", global = true)]
+    pub worker_listen: Option<String>,
     /// Store URL: sqlite://PATH or postgres://USER@HOST/DATABASE [default: sqlite://convoq.db].
     #[arg(long, env = "CONVOQ_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
@@ -300,6 +306,7 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 struct FileSettings {
     listen: Option<String>,
+    worker_listen: Option<String>,
     database_url: Option<String>,
     queue_url: Option<String>,
     queue_prefix: Option<String>,
@@ -373,6 +380,15 @@ impl Config {
                 format!("{listen_s:?} is not an address like 127.0.0.1:3000: {e}"),
             )
         })?;
+        let worker_listen = match s.worker_listen.or(f.worker_listen) {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    "--worker-listen (CONVOQ_WORKER_LISTEN)",
+                    format!("{a:?} is not an address like 127.0.0.1:9090: {e}"),
+                )
+            })?),
+        };
         let database_url = s
             .database_url
             .or(f.database_url)
@@ -545,6 +561,7 @@ impl Config {
         };
         Ok(Config {
             listen,
+            worker_listen,
             database_url,
             queue_url,
             queue_prefix,
@@ -728,6 +745,10 @@ mod tests {
         assert_eq!(c.queue_url, DEFAULT_DATABASE_URL);
         assert!(c.protected_mode());
         assert_eq!(c.concurrency["database"], 32);
+        assert_eq!(
+            c.worker_listen, None,
+            "a worker serves no HTTP unless asked"
+        );
     }
 
     #[test]
@@ -738,6 +759,12 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("CONVOQ_LISTEN"), "{e}");
+        let e = load(Settings {
+            worker_listen: Some("9090".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("CONVOQ_WORKER_LISTEN"), "{e}");
         let e = load(Settings {
             api_keys: Some("svc:root:supersecretvalue123".into()),
             ..Default::default()

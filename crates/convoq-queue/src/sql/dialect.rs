@@ -20,6 +20,19 @@ use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 /// answer (lease lost, wrong state) and the batch goes on.
 pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
 
+/// Whether the driver says the connection itself failed (I/O, TLS, protocol, pool).
+pub(crate) fn transport_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
 /// The write side of a dialect, driven by the writer task.
 #[async_trait]
 pub(crate) trait Dialect: Send + Sync + 'static {
@@ -28,6 +41,19 @@ pub(crate) trait Dialect: Send + Sync + 'static {
 
     /// Maps a driver error to the crate's error.
     fn map_err(&self, e: sqlx::Error) -> QueueError;
+    /// How long a batch (clock reading to commit) may take before the writer abandons it and
+    /// [`Dialect::discard`]s its connection; `None`: no limit (a local file cannot hang).
+    fn batch_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
+    fn discard(&self, _conn: &mut Self::Conn) {}
+    /// Whether an error says the connection failed, not an operation: the batch may succeed
+    /// as a whole on another connection, and no operation would on this one. By default, the
+    /// driver's transport errors; a dialect adds its server's own ways of saying so.
+    fn connection_lost(&self, e: &sqlx::Error) -> bool {
+        transport_error(e)
+    }
     /// The batch's clock reading.
     async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> SqlResult<i64>;
     /// Opens the batch's transaction.

@@ -234,8 +234,12 @@ impl SqlEngine {
                 config.max_batch,
             );
             let mut background = Vec::new();
-            if let Some(listener) = opened.listener {
-                background.push(postgres::spawn_listener(listener, Arc::downgrade(&shared)));
+            if let Some((listener, pool)) = opened.listener {
+                background.push(postgres::spawn_listener(
+                    listener,
+                    pool,
+                    Arc::downgrade(&shared),
+                ));
             }
             ("postgres", Box::new(opened.reads), writer, background)
         } else {

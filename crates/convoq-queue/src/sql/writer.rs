@@ -3,7 +3,9 @@
 //!
 //! SQLite allows one writer at a time, so funnelling writes through one task costs nothing in
 //! concurrency and turns N concurrent commits into one. If a batch fails, its operations are
-//! applied again one by one, so a single bad operation fails alone.
+//! applied again one by one, so a single bad operation fails alone; if it failed because its
+//! connection did, it is applied once more as a whole on a new connection, and otherwise
+//! refused as a whole (the database is unreachable: no operation could succeed).
 //!
 //! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
 //! own connection, pulling batches from the same channel: while one commits, the next drains
@@ -299,12 +301,19 @@ async fn run<D: Dialect>(
             continue;
         }
         let mut result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Grouped).await;
+        if lost(d, &result) {
+            // The connection broke, now or while idle (a restarted server): once more, on a
+            // new one. If the database is really gone this fails as fast as connecting does,
+            // and the whole batch is refused below, not retried one operation at a time.
+            result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Grouped).await;
+        }
         if matches!(result, Err(Abort::Careful)) {
             result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Careful).await;
         }
+        let connection_failed = lost(d, &result);
         match result {
             Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
-            Err(e) if ops.len() > 1 => {
+            Err(e) if ops.len() > 1 && !connection_failed => {
                 tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
                 for op in std::mem::take(&mut ops) {
                     let single = [op];
@@ -322,7 +331,11 @@ async fn run<D: Dialect>(
             }
             Err(e) => {
                 let err = abort_err(d, e);
-                tracing::error!(error = %err, "write failed");
+                if err.is_transient() {
+                    tracing::warn!(error = %err, ops = ops.len(), "write failed; the database is unavailable");
+                } else {
+                    tracing::error!(error = %err, ops = ops.len(), "write failed");
+                }
                 for op in ops.drain(..) {
                     refuse(op, clone_err(&err));
                 }
@@ -333,6 +346,11 @@ async fn run<D: Dialect>(
     if let Some(tx) = closing {
         let _ = tx.send(());
     }
+}
+
+/// Whether a batch failed because its connection did (see [`Dialect::connection_lost`]).
+fn lost<D: Dialect, T>(d: &D, result: &std::result::Result<T, Abort>) -> bool {
+    matches!(result, Err(Abort::Sql(e)) if d.connection_lost(e))
 }
 
 fn abort_err<D: Dialect>(d: &D, e: Abort) -> QueueError {
@@ -357,7 +375,34 @@ fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Share
     }
 }
 
+/// Applies `ops` in one transaction, within the dialect's batch timeout. A batch that runs out
+/// of time has its connection discarded (its state is unknown: the commit may or may not have
+/// happened) and fails as unavailable, like a batch whose connection broke.
 async fn apply_batch<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    clock: &dyn Clock,
+    mode: Mode,
+) -> std::result::Result<(Vec<Done>, Batch), Abort> {
+    let Some(limit) = d.batch_timeout() else {
+        return apply_batch_now(d, conn, ops, clock, mode).await;
+    };
+    match tokio::time::timeout(limit, apply_batch_now(d, conn, ops, clock, mode)).await {
+        Ok(r) => r,
+        Err(_) => {
+            d.discard(conn);
+            Err(Abort::Sql(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "a write batch did not finish within {limit:?}; its connection was dropped"
+                ),
+            ))))
+        }
+    }
+}
+
+async fn apply_batch_now<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
     ops: &[Op],

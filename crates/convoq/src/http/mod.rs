@@ -93,6 +93,24 @@ pub fn router(state: AppState) -> Router {
     .with_state(state)
 }
 
+/// The router of a `convoq worker` process: `/healthz`, `/readyz` and `/metrics` only, behind
+/// the same middleware (metrics key, request ids, HTTP metrics), so that each worker process
+/// can be probed and scraped on its own.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())
 }

@@ -140,9 +140,24 @@ impl Db {
     }
 }
 
+/// What a `convoq` process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `convoq` (API and workers), on `--listen`.
+    Serve,
+    /// `convoq serve --no-workers`, on `--listen`.
+    Api,
+    /// `convoq worker`, with its health and metrics on `--worker-listen`.
+    Worker,
+}
+
 /// A `convoq` process on its own directory and database. Killed (SIGKILL) when dropped if it
 /// still runs.
 pub struct Server {
+    /// Names its log files (`NAME-N.log`), so that several processes may share a directory.
+    pub name: String,
+    /// What it runs.
+    pub role: Role,
     /// The port it listens on (kept across restarts).
     pub port: u16,
     /// Its working directory, holding the logs (and, by default, the SQLite database).
@@ -166,7 +181,21 @@ impl Server {
     /// Starts `convoq` on the database at `database_url`, with its logs in `dir`, and waits
     /// until it is ready.
     pub async fn start_on(dir: &Path, database_url: &str, env: &[(&str, &str)]) -> Server {
+        Self::launch(dir, "convoq", Role::Serve, database_url, env).await
+    }
+
+    /// Starts a `convoq` process of `role`, logging to `dir/NAME-N.log`, on the database at
+    /// `database_url`, and waits until its `/readyz` answers 200.
+    pub async fn launch(
+        dir: &Path,
+        name: &str,
+        role: Role,
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut server = Server {
+            name: name.to_owned(),
+            role,
             port: 0,
             dir: dir.to_path_buf(),
             database_url: database_url.to_owned(),
@@ -197,7 +226,7 @@ impl Server {
 
     /// The log file (stderr) of the `n`th start (1-based).
     pub fn log_path(&self, n: u32) -> PathBuf {
-        self.dir.join(format!("convoq-{n}.log"))
+        self.dir.join(format!("{}-{n}.log", self.name))
     }
 
     /// The logs of every start so far, concatenated.
@@ -225,9 +254,13 @@ impl Server {
                 cmd.env_remove(k);
             }
         }
+        let listen = format!("127.0.0.1:{}", self.port);
+        match self.role {
+            Role::Serve => cmd.arg("--listen").arg(&listen),
+            Role::Api => cmd.args(["serve", "--no-workers", "--listen", &listen]),
+            Role::Worker => cmd.args(["worker", "--worker-listen", &listen]),
+        };
         cmd.current_dir(&self.dir)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
             .arg("--database-url")
             .arg(&self.database_url)
             .env("CONVOQ_LOG_FORMAT", "json")

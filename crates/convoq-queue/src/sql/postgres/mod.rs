@@ -12,23 +12,34 @@
 //!   transaction; every engine listens (unless [`SqlConfig::notify`] is off) and wakes its
 //!   workers on that queue. Polling stays the fallback.
 //! - Completions without effect or follow-ups are applied in one statement per batch.
+//!
+//! It rides out a database outage without a restart: a writer whose connection broke opens a
+//! new one at its next batch (bounded by [`CONNECT_TIMEOUT`]), a batch that does not finish in
+//! time gives its connection up ([`Dialect::batch_timeout`]), the listener reconnects with
+//! backoff (`listen.rs`), and while the writers cannot reach the database, reads give up after
+//! [`READ_WHILE_DOWN`] instead of waiting for the pool to connect ([`Reachability`]).
 
+mod listen;
 mod read;
 mod schema;
 mod write;
 
+use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
+pub(crate) use listen::spawn_listener;
+
 pub(crate) use super::dialect::SqlResult;
-use super::dialect::{Dialect, Reads};
+use super::dialect::{transport_error, Dialect, Reads};
 use super::writer::Batch;
-use super::{Shared, SqlConfig};
+use super::SqlConfig;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
@@ -36,9 +47,45 @@ use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use crate::sql::effect::SqlConn;
 
+/// How long a writer waits for a new connection to open before its batch fails as
+/// unavailable (the next batch tries again).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a read may take while the writers find the database unreachable. Without this, a
+/// read would wait the pool's whole acquire timeout ([`SqlConfig::busy_timeout`]) as the pool
+/// retries refused connections, and an HTTP caller would wait as long for its 503.
+pub(crate) const READ_WHILE_DOWN: Duration = Duration::from_millis(500);
+
+/// Whether the writers reached the database at their last attempt. Set by every batch's first
+/// round trip; read by the reads to decide how long to wait.
+#[derive(Debug, Default)]
+pub(crate) struct Reachability {
+    down: AtomicBool,
+}
+
+impl Reachability {
+    fn set(&self, reachable: bool) {
+        let was_down = self.down.swap(!reachable, Ordering::Relaxed);
+        if was_down && reachable {
+            tracing::info!("the database is reachable again");
+        } else if !was_down && !reachable {
+            tracing::warn!(
+                "the database is unreachable; writes fail as unavailable until it returns"
+            );
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+}
+
 /// The Postgres dialect.
 pub(crate) struct Postgres {
     pub(crate) clock: Arc<DbClock>,
+    pub(crate) reach: Arc<Reachability>,
+    /// How long a batch may take before its connection counts as lost.
+    pub(crate) batch_timeout: Duration,
 }
 
 /// The database server's clock, as seen from this process: its lead over this machine's system
@@ -132,7 +179,8 @@ impl PgWriter {
 pub(crate) struct Opened {
     pub(crate) writers: Vec<PgWriter>,
     pub(crate) reads: PgReads,
-    pub(crate) listener: Option<PgListener>,
+    /// The listener, and the one-connection pool it reconnects from.
+    pub(crate) listener: Option<(PgListener, PgPool)>,
     pub(crate) dialect: Postgres,
 }
 
@@ -183,55 +231,27 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
             .max_connections(1)
             .acquire_timeout(config.busy_timeout)
             .connect_lazy_with(opts);
-        let mut l = PgListener::connect_with(&pool)
-            .await
-            .map_err(schema::map_err)?;
-        l.listen(schema::CHANNEL).await.map_err(schema::map_err)?;
-        Some(l)
+        let l = listen::connect(&pool).await.map_err(schema::map_err)?;
+        Some((l, pool))
     } else {
         None
     };
+    let reach = Arc::new(Reachability::default());
     Ok(Opened {
         writers,
         reads: PgReads {
             pool,
             clock: clock.clone(),
+            reach: reach.clone(),
         },
         listener,
-        dialect: Postgres { clock },
-    })
-}
-
-/// Starts the task that turns notifications into wake-ups of this process's workers. It ends
-/// when the engine is dropped or closed.
-pub(crate) fn spawn_listener(
-    mut listener: PgListener,
-    shared: Weak<Shared>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            match next {
-                // Nothing for a while: check that the engine is still there.
-                Err(_) => {}
-                Ok(Ok(Some(n))) => shared.wake(n.payload()),
-                Ok(Ok(None)) => {
-                    // The connection was lost and is re-established on the next call;
-                    // notifications sent meanwhile are lost, so wake every queue.
-                    tracing::warn!("the Postgres notification connection was lost; reconnecting");
-                    shared.wake_all();
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "listening for Postgres notifications failed; polling meanwhile");
-                    shared.wake_all();
-                    drop(shared);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+        dialect: Postgres {
+            clock,
+            reach,
+            // Every statement of a batch is bounded by the statement timeout on the server;
+            // a batch still running long after that has lost its server.
+            batch_timeout: config.statement_timeout * 2 + Duration::from_secs(5),
+        },
     })
 }
 
@@ -241,6 +261,28 @@ impl Dialect for Postgres {
 
     fn map_err(&self, e: sqlx::Error) -> QueueError {
         schema::map_err(e)
+    }
+
+    /// The driver's transport errors, and the server saying it ends the session: connection
+    /// exceptions (`08…`) and shutdowns (`57P01` admin, `57P02` crash, `57P03` cannot connect
+    /// now).
+    fn connection_lost(&self, e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+            other => transport_error(other),
+        }
+    }
+
+    fn batch_timeout(&self) -> Option<Duration> {
+        Some(self.batch_timeout)
+    }
+
+    /// The connection's state is unknown after a batch was abandoned mid-flight: close it, and
+    /// open a new one at the next batch.
+    fn discard(&self, w: &mut PgWriter) {
+        w.conn = None;
     }
 
     /// The batch's time: the database server's clock, read in this batch, plus the offset of
@@ -261,13 +303,30 @@ impl Dialect for Postgres {
     /// connection if it broke in an earlier batch.
     async fn now_ms(&self, w: &mut PgWriter, clock: &dyn Clock) -> SqlResult<i64> {
         if w.conn.is_none() {
-            w.conn = Some(w.opts.connect().await?);
+            match tokio::time::timeout(CONNECT_TIMEOUT, w.opts.connect()).await {
+                Ok(Ok(conn)) => w.conn = Some(conn),
+                Ok(Err(e)) => {
+                    self.reach.set(false);
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.reach.set(false);
+                    return Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection to the database within {CONNECT_TIMEOUT:?}"),
+                    )));
+                }
+            }
         }
         // The batch's transaction opens in the same round trip (see `begin`).
         match self.clock.sample_with(w.conn()?, true).await {
-            Ok(lead_ms) => Ok(clock.now_ms().saturating_add(lead_ms)),
+            Ok(lead_ms) => {
+                self.reach.set(true);
+                Ok(clock.now_ms().saturating_add(lead_ms))
+            }
             Err(e) => {
-                // Most likely a broken connection: open a new one for the next batch.
+                // Most likely a broken connection: open a new one for the next batch (whether
+                // the database is down tells itself then).
                 w.conn = None;
                 Err(e)
             }
@@ -408,18 +467,34 @@ impl Dialect for Postgres {
 pub(crate) struct PgReads {
     pool: PgPool,
     clock: Arc<DbClock>,
+    reach: Arc<Reachability>,
 }
 
 impl PgReads {
     fn at(&self, now: i64) -> i64 {
         now.saturating_add(self.clock.lead_ms())
     }
+
+    /// Runs a read, bounded by [`READ_WHILE_DOWN`] while the writers cannot reach the database.
+    async fn bounded<T>(&self, read: impl Future<Output = Result<T>>) -> Result<T> {
+        if !self.reach.is_down() {
+            return read.await;
+        }
+        tokio::time::timeout(READ_WHILE_DOWN, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(QueueError::Unavailable(
+                    "the database is unreachable".to_owned(),
+                ))
+            })
+    }
 }
 
 #[async_trait]
 impl Reads for PgReads {
     async fn get(&self, queue: &str, id: &str, now: i64) -> Result<Option<Job>> {
-        read::get(&self.pool, queue, id, self.at(now)).await
+        self.bounded(read::get(&self.pool, queue, id, self.at(now)))
+            .await
     }
     async fn list(
         &self,
@@ -429,19 +504,29 @@ impl Reads for PgReads {
         limit: u64,
         now: i64,
     ) -> Result<Vec<Job>> {
-        read::list(&self.pool, queue, state, offset, limit, self.at(now)).await
+        self.bounded(read::list(
+            &self.pool,
+            queue,
+            state,
+            offset,
+            limit,
+            self.at(now),
+        ))
+        .await
     }
     async fn counts(&self, queue: &str, now: i64) -> Result<QueueCounts> {
-        read::counts(&self.pool, queue, self.at(now)).await
+        self.bounded(read::counts(&self.pool, queue, self.at(now)))
+            .await
     }
     async fn is_paused(&self, queue: &str) -> Result<bool> {
-        read::is_paused(&self.pool, queue).await
+        self.bounded(read::is_paused(&self.pool, queue)).await
     }
     async fn history(&self, queue: &str, id: &str, now: i64) -> Result<Option<Vec<JobEvent>>> {
-        read::history(&self.pool, queue, id, self.at(now)).await
+        self.bounded(read::history(&self.pool, queue, id, self.at(now)))
+            .await
     }
     async fn ping(&self) -> Result<()> {
-        read::ping(&self.pool).await
+        self.bounded(read::ping(&self.pool)).await
     }
     async fn close(&self) {
         self.pool.close().await;
