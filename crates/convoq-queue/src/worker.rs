@@ -544,7 +544,15 @@ impl QueueLoop {
             {
                 Ok(held) => {
                     for ((id, _), ok) in leases.iter().zip(held) {
-                        if !ok {
+                        // An attempt that finished since the leases were listed holds none
+                        // either; only one still running has lost its lease.
+                        let running = || {
+                            self.in_flight
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .contains_key(id)
+                        };
+                        if !ok && running() {
                             tracing::warn!(queue = %self.queue, job_id = %id, "lease lost while the attempt runs");
                         }
                     }

@@ -103,6 +103,9 @@ impl App {
                     concurrency,
                     lease: self.config.lease,
                     batch: concurrency.min(64),
+                    // A job whose worker died is taken back within a lease and a half at most:
+                    // expired leases are looked for every half lease (every 5 s at most).
+                    stalled_interval: stalled_interval(self.config.lease),
                     ..WorkerOptions::default()
                 },
             );
@@ -163,6 +166,14 @@ async fn check_eviction_policy(engine: &BullEngine, allow: bool) -> anyhow::Resu
         "Redis's maxmemory-policy is {policy:?}: it may drop queued jobs when memory runs short. \
          Set it to noeviction (CONFIG SET maxmemory-policy noeviction), or start with \
          CONVOQ_ALLOW_REDIS_EVICTION=true to accept the risk"
+    )
+}
+
+/// How often workers look for expired leases: every half lease, between 250 ms and 5 s.
+pub fn stalled_interval(lease: std::time::Duration) -> std::time::Duration {
+    (lease / 2).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
     )
 }
 

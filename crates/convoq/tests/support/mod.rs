@@ -310,11 +310,16 @@ impl Server {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        assert!(status.success(), "kill -{name} failed: {status}");
     }
 
     /// SIGKILLs the process and reaps it.
