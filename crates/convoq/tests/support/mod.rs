@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod proxy;
 
 /// Runs each listed test body (`async fn name(db: TestDatabase)`) once on SQLite (module
 /// `sqlite`) and once on Postgres (module `postgres`, skipped with a printed reason when
