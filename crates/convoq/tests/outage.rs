@@ -11,7 +11,8 @@
 //! * after it, with no process restarted, POSTs are accepted again, `/readyz` is 200 everywhere,
 //!   every accepted (202) job completes (checked in the database, with the proxy out of the way),
 //!   each exactly once (one `completed` event), each conversation exists once with one audit
-//!   event, and no conversation exists that was not accepted.
+//!   event, and no conversation exists that no stored job created (a 503 may hide a commit
+//!   whose answer was lost with its connection, never the other way round).
 //!
 //! The whole test takes about 25 s and is bounded by [`BUDGET`].
 
