@@ -290,12 +290,14 @@ pub struct Settings {
     /// Postgres: statement timeout in milliseconds [default: 30000].
     #[arg(long, env = "CONVOQ_PG_STATEMENT_TIMEOUT_MS", global = true)]
     pub pg_statement_timeout_ms: Option<String>,
-    /// Postgres: no LISTEN/NOTIFY, poll only (for transaction-mode poolers) [default: false].
+    /// Postgres: no LISTEN/NOTIFY, poll only (for transaction-mode poolers); a bare
+    /// --pg-poll-only means true, or give --pg-poll-only=false [default: false].
     #[arg(
         long,
         env = "CONVOQ_PG_POLL_ONLY",
         global = true,
         num_args = 0..=1,
+        require_equals = true,
         default_missing_value = "true"
     )]
     pub pg_poll_only: Option<String>,
@@ -928,6 +930,10 @@ mod tests {
         assert_eq!(cli.settings.pg_poll_only.as_deref(), Some("true"));
         let cli = Cli::try_parse_from(["convoq", "--pg-poll-only=false"]).unwrap();
         assert!(!load(cli.settings).unwrap().pg_poll_only);
+        // A bare switch before the subcommand does not swallow it.
+        let cli = Cli::try_parse_from(["convoq", "--pg-poll-only", "worker"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Worker));
+        assert!(load(cli.settings).unwrap().pg_poll_only);
     }
 
     #[test]
