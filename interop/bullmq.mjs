@@ -53,6 +53,13 @@ async function produce(count, userId) {
     for (const job of jobs) {
       try {
         const returnvalue = await job.waitUntilFinished(events, timeoutMs);
+        // waitUntilFinished answers from the job itself when the job had finished before it was
+        // called, possibly before QueueEvents has read the `completed` event off its stream:
+        // give the event the same time to arrive.
+        const deadline = Date.now() + timeoutMs;
+        while (!seen.has(job.id) && Date.now() < deadline) {
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        }
         print({ id: job.id, outcome: 'completed', returnvalue, fromEvent: seen.get(job.id) ?? null });
       } catch (err) {
         print({ id: job.id, outcome: 'failed', failedReason: String(err?.message ?? err) });
