@@ -14,7 +14,8 @@
 #   CONVOQ_VARIANTS="default"   space-separated convoq passes, each on a fresh SQLite file:
 #                           "default" (no --concurrency flag), a number N (--concurrency
 #                           database=N), "log=info" (default concurrency, --log info), or
-#                           "N,log=info"
+#                           "N,log=info"; add ",pg" (or "pg" alone) to run convoq on a fresh
+#                           Postgres database (store and queue) instead of SQLite
 #   CONVOQ_LOG=warn         log filter for passes that do not say log=...
 #   PERF=0                  1: perf record -g the convoq process during the wrk window
 #   SHARED=/work/shared     where bench/ of the spec lives
@@ -275,6 +276,7 @@ sqlite_count() {
 if command -v sqlite3 >/dev/null; then
   sqlite_count() { sqlite3 -readonly -cmd '.timeout 5000' "$CONVOQ_DB" 'SELECT COUNT(*) FROM conversations'; }
 fi
+convoq_pg_count() { "${PG[@]}" -d convoq_bench -tAc 'SELECT count(*) FROM conversations'; }
 convoq_accepted() {
   curl -s -m 3 "http://127.0.0.1:$CONVOQ_PORT/metrics" \
     | awk '/^convoq_http_requests_total\{/ && /route="\/api\/chat\/conversations"/ && /status="202"/ && /method="POST"/ {s+=$NF} END {printf "%d\n", s}'
@@ -297,19 +299,27 @@ PY
 }
 
 run_convoq() { # variant
-  local variant=$1 conc="" level="$CONVOQ_LOG" part
+  local variant=$1 conc="" level="$CONVOQ_LOG" part backend=sqlite
   for part in ${variant//,/ }; do
     case $part in
       default) ;;
       log=*) level=${part#log=} ;;
       [0-9]*) conc=$part ;;
+      pg) backend=pg ;;
       *) die "unknown CONVOQ_VARIANTS entry: $part" ;;
     esac
   done
   local tag="convoq-${conc:-dflt}-$level"
   local dbdir; dbdir=$(mktemp -d /tmp/convoq-pipeline-db.XXXX); TMPDIRS+=("$dbdir")
   CONVOQ_DB="$dbdir/convoq.db"
-  local args=(--listen "127.0.0.1:$CONVOQ_PORT" --database-url "sqlite://$CONVOQ_DB"
+  local url="sqlite://$CONVOQ_DB" count=sqlite_count
+  if [ "$backend" = pg ]; then
+    tag="$tag-pg"
+    "${PG[@]}" -d postgres -c 'DROP DATABASE IF EXISTS convoq_bench' -c 'CREATE DATABASE convoq_bench' >/dev/null \
+      || die "cannot create the Postgres database convoq_bench"
+    url="postgres://${PGUSER:-root}@127.0.0.1:5432/convoq_bench" count=convoq_pg_count
+  fi
+  local args=(--listen "127.0.0.1:$CONVOQ_PORT" --database-url "$url"
               --personality-modes "$MODES" --log "$level")
   [ -n "$conc" ] && args+=(--concurrency "database=$conc")
   log "$tag: convoq ${args[*]}"
@@ -317,7 +327,7 @@ run_convoq() { # variant
   local pid=$!; PIDS+=("$pid")
   wait_http "http://127.0.0.1:$CONVOQ_PORT/healthz" 20 || die "convoq did not start (see $OUT_DIR/$tag.log)"
   create_users || die "creating users failed"
-  measure "$tag" "http://127.0.0.1:$CONVOQ_PORT" "$pid" sqlite_count convoq_accepted
+  measure "$tag" "http://127.0.0.1:$CONVOQ_PORT" "$pid" "$count" convoq_accepted
   echo "args=${args[*]}" >>"$OUT_DIR/$tag.result"
   stop_pid "$pid"
   ls -l "$dbdir" >"$OUT_DIR/$tag/dbfiles.txt" 2>&1
