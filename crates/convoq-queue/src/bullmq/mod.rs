@@ -42,6 +42,7 @@ use async_trait::async_trait;
 use bullmq::keys::QueueKeys;
 use bullmq::options::RedisConnectionOptions;
 use bullmq::redis_connection::RedisConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use tokio::sync::watch;
 
@@ -65,6 +66,15 @@ const MAX_CLAIM: usize = 64;
 
 /// The most finished jobs one prune looks at per state.
 const PRUNE_SCAN: isize = 1000;
+
+/// Reconnection attempts per round on the engine's own connection, and the delays between
+/// them. Short on purpose: while a round runs, every call waits for it, so a long round would
+/// hold each POST for the whole command timeout during an outage. With these a call on a
+/// Redis that refuses connections fails within a few hundred milliseconds (a 503 at once), the
+/// next call starts a new round, and a Redis that is back is found by the first call after it.
+const RECONNECT_TRIES: usize = 2;
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// Settings of the BullMQ engine.
 #[derive(Debug, Clone)]
@@ -116,6 +126,11 @@ impl BullConfig {
 pub struct BullEngine {
     owner: String,
     config: BullConfig,
+    /// The engine's own multiplexed connection, for every script and command it sends itself;
+    /// reconnects in short rounds (see [`RECONNECT_TRIES`]).
+    redis: ConnectionManager,
+    /// The `bullmq-official` crate's connection, for its operator calls (pause, resume,
+    /// retry, remove) only.
     conn: RedisConnection,
     scripts: &'static Scripts,
     watches: WatchRegistry,
@@ -176,23 +191,41 @@ impl BullEngine {
                 "the key prefix must be non-empty, without ':' or braces".into(),
             ));
         }
+        let timed_out = || {
+            unavailable(format!(
+                "connecting to {} timed out after {:?}",
+                redacted(&config.url),
+                config.connect_timeout
+            ))
+        };
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| QueueError::Invalid(format!("the Redis URL: {e}")))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_number_of_retries(RECONNECT_TRIES)
+            .set_min_delay(RECONNECT_MIN_DELAY)
+            .set_max_delay(RECONNECT_MAX_DELAY)
+            .set_connection_timeout(Some(config.connect_timeout.min(config.command_timeout)))
+            // Every call is bounded by the command timeout already.
+            .set_response_timeout(None);
+        let redis = tokio::time::timeout(
+            config.connect_timeout,
+            ConnectionManager::new_with_config(client, manager),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(unavailable)?;
         let opts = RedisConnectionOptions::new().url(config.url.clone());
         let conn = tokio::time::timeout(
             config.connect_timeout,
             RedisConnection::new_managed_only(&opts),
         )
         .await
-        .map_err(|_| {
-            unavailable(format!(
-                "connecting to {} timed out after {:?}",
-                redacted(&config.url),
-                config.connect_timeout
-            ))
-        })?
+        .map_err(|_| timed_out())?
         .map_err(from_bullmq)?;
         let engine = BullEngine {
             owner: uuid::Uuid::new_v4().to_string(),
             config,
+            redis,
             conn,
             scripts: Scripts::get(),
             watches: WatchRegistry::default(),
@@ -202,7 +235,7 @@ impl BullEngine {
             queues: tokio::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         };
-        let mut c = engine.conn.connection();
+        let mut c = engine.redis.clone();
         engine
             .io(engine.scripts.load(&mut c))
             .await
@@ -219,7 +252,7 @@ impl BullEngine {
     /// # Errors
     /// When Redis cannot be reached, or refuses `CONFIG GET` (some managed services do).
     pub async fn maxmemory_policy(&self) -> Result<String> {
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let reply: Vec<String> = self
             .io(redis::cmd("CONFIG")
                 .arg("GET")
@@ -256,7 +289,7 @@ impl BullEngine {
     /// Runs a pipeline (or transaction) that calls scripts; if Redis lost its script cache (a
     /// restart), loads the scripts and runs it once more.
     async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let first = tokio::time::timeout(self.config.command_timeout, pipe.query_async(&mut c))
             .await
             .map_err(|_| unavailable("no answer in time"))?;
@@ -441,7 +474,7 @@ impl BullEngine {
             "{}:lock",
             self.keys(&claimed.job.queue).job_key(&claimed.job.id)
         );
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let held: Option<String> = self
             .io(redis::cmd("GET").arg(lock).query_async(&mut c))
             .await?;
@@ -824,7 +857,7 @@ impl Engine for BullEngine {
         }
         let k = self.keys(queue);
         let (start, stop) = (offset as isize, (offset + limit - 1) as isize);
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let at = |state| Placement {
             state,
             due_ms: None,
@@ -962,7 +995,7 @@ impl Engine for BullEngine {
     }
 
     async fn is_paused(&self, queue: &str) -> Result<bool> {
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         self.io(redis::cmd("HEXISTS")
             .arg(self.keys(queue).meta())
             .arg("paused")
@@ -1163,7 +1196,7 @@ impl Engine for BullEngine {
         let reply = self.eval(cmd).await?;
         Self::check_move(claimed, &reply, "moveJobFromActiveToWait")?;
         // The released attempt does not count: take back the start moveToActive counted.
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let _: i64 = self
             .io(redis::cmd("HINCRBY")
                 .arg(&job_key)
@@ -1186,7 +1219,7 @@ impl Engine for BullEngine {
         let mut doomed = Vec::new();
         for completed in [true, false] {
             let set = if completed { k.completed() } else { k.failed() };
-            let mut c = self.conn.connection();
+            let mut c = self.redis.clone();
             let total: u64 = self
                 .io(redis::cmd("ZCARD").arg(&set).query_async(&mut c))
                 .await?;
@@ -1243,7 +1276,7 @@ impl Engine for BullEngine {
     }
 
     async fn ping(&self) -> Result<()> {
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let _: String = self.io(redis::cmd("PING").query_async(&mut c)).await?;
         Ok(())
     }
@@ -1276,7 +1309,7 @@ impl BullEngine {
     /// Ready jobs' ids in run order: the wait list from its consuming end, then the prioritized
     /// set by priority, from `offset`, at most `limit`.
     async fn ready_ids(&self, k: &QueueKeys, offset: u64, limit: u64) -> Result<Vec<String>> {
-        let mut c = self.conn.connection();
+        let mut c = self.redis.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("LLEN").arg(k.wait()).cmd("LLEN").arg(k.paused());
         let (wait_len, legacy_len): (u64, u64) = self.query(&pipe).await?;
