@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -301,23 +301,7 @@ impl QueueLoop {
             if *stop.borrow() {
                 return;
             }
-            // Wait for a free slot first, so that claimed jobs never wait for a worker.
-            let free = tokio::select! {
-                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = stop.changed() => return,
-                _ = tokio::time::sleep(self.opts.poll_interval) => continue,
-            };
-            // Attempts that end together (their completions commit in one batch) free their
-            // slots together: let them, so that one claim takes them all rather than one each.
-            tokio::task::yield_now().await;
-            let mut permits = vec![free];
-            while permits.len() < self.opts.batch.max(1) {
-                match self.permits.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-            signal.borrow_and_update();
+            // Housekeeping first, so that it runs while every slot is busy too.
             if last_reap.elapsed() >= self.opts.stalled_interval {
                 last_reap = Instant::now();
                 match self
@@ -340,6 +324,23 @@ impl QueueLoop {
                     tracing::warn!(queue = %self.queue, error = %e, "retention pruning failed");
                 }
             }
+            // Wait for a free slot first, so that claimed jobs never wait for a worker.
+            let free = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(self.opts.poll_interval) => continue,
+            };
+            // Attempts that end together (their completions commit in one batch) free their
+            // slots together: let them, so that one claim takes them all rather than one each.
+            tokio::task::yield_now().await;
+            let mut permits = vec![free];
+            while permits.len() < self.opts.batch.max(1) {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            signal.borrow_and_update();
             let batch = match self
                 .engine
                 .claim(&self.queue, permits.len(), self.opts.lease)
@@ -382,6 +383,8 @@ impl QueueLoop {
         }
     }
 
+    /// Runs `claimed` in a task holding `permit`; then, as long as each attempt's end handed
+    /// over the queue's next job ([`Engine::finish_and_claim`]), runs that one in the same slot.
     fn spawn_attempt(
         self: &Arc<Self>,
         claimed: ClaimedJob,
@@ -389,24 +392,50 @@ impl QueueLoop {
     ) {
         let this = self.clone();
         let id = claimed.job.id.clone();
+        let own_handle = Arc::new(OnceLock::<tokio::task::AbortHandle>::new());
         // Hold the map lock across spawn so the task cannot remove its entry before it exists.
         let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         self.live.send_modify(|n| *n += 1);
         let task = tokio::spawn({
             let claimed = claimed.clone();
+            let own_handle = own_handle.clone();
             async move {
                 // Counts the task down however it ends, aborted at shutdown included.
                 let _live = Live(this.clone());
-                this.run_attempt(claimed, permit).await;
+                let mut current = claimed;
+                let mut slot = permit;
+                loop {
+                    let (next, kept) = this.clone().run_attempt(current.clone(), slot).await;
+                    // Swap the entries in one step, so that shutdown always sees the job this
+                    // task holds.
+                    let mut map = this.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    map.remove(&current.job.id);
+                    // A job is handed over only to an attempt that kept its slot.
+                    let (Some(next), Some(kept), Some(handle)) = (next, kept, own_handle.get())
+                    else {
+                        break;
+                    };
+                    map.insert(next.job.id.clone(), (next.clone(), handle.clone()));
+                    drop(map);
+                    current = next;
+                    slot = kept;
+                }
             }
         });
-        map.insert(id, (claimed, task.abort_handle()));
+        let abort = task.abort_handle();
+        let _ = own_handle.set(abort.clone());
+        map.insert(id, (claimed, abort));
     }
 
+    /// Runs one attempt and records its end. Returns the job handed over with the end, if any,
+    /// with the slot kept for it.
     async fn run_attempt(
         self: Arc<Self>,
         claimed: ClaimedJob,
         slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> (
+        Option<ClaimedJob>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let job = &claimed.job;
         self.observer.started(job);
@@ -438,9 +467,17 @@ impl QueueLoop {
             }
         };
         let elapsed = started.elapsed();
-        // The processor is done with the slot: free it now, so that the next claim can share a
-        // commit with this attempt's result instead of waiting for it.
-        drop(slot);
+        // The processor is done with the slot. Where the engine hands over the next job with
+        // this attempt's end, keep the slot for that job; otherwise free it now, so that the
+        // next claim can share a commit with this attempt's result instead of waiting for it.
+        let fetch_next =
+            self.engine.capabilities().fetch_next && !self.stopping.load(Ordering::Relaxed);
+        let kept = if fetch_next {
+            Some(slot)
+        } else {
+            drop(slot);
+            None
+        };
         let failure_end = |e: &ProcessError| {
             let last = job.attempts_made >= job.max_attempts();
             let end = if e.is_retryable() && !last {
@@ -454,36 +491,57 @@ impl QueueLoop {
             Outcome::Completed(_) => (AttemptEnd::Completed, None),
             Outcome::Failed(e) => failure_end(e),
         };
-        if let Err(e) = self.finish_with_retries(&claimed, outcome).await {
-            end = AttemptEnd::NotRecorded;
-            match e {
-                QueueError::EffectFailed(e) => (end, error) = failure_end(&e),
-                QueueError::LeaseLost { .. } => {
-                    tracing::warn!(queue = %job.queue, job_id = %job.id,
-                    "attempt finished after its lease was taken back; its result was discarded")
+        let mut next = None;
+        match self
+            .finish_with_retries(&claimed, outcome, fetch_next)
+            .await
+        {
+            Ok(n) => next = n,
+            Err(e) => {
+                end = AttemptEnd::NotRecorded;
+                match e {
+                    QueueError::EffectFailed(e) => (end, error) = failure_end(&e),
+                    QueueError::LeaseLost { .. } => {
+                        tracing::warn!(queue = %job.queue, job_id = %job.id,
+                            "attempt finished after its lease was taken back; its result was discarded")
+                    }
+                    e => tracing::error!(queue = %job.queue, job_id = %job.id, error = %e,
+                        "could not record the attempt; the job will be taken back when its lease expires"),
                 }
-                e => tracing::error!(queue = %job.queue, job_id = %job.id, error = %e,
-                    "could not record the attempt; the job will be taken back when its lease expires"),
             }
         }
         self.observer.finished(job, end, elapsed, error.as_deref());
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job.id);
+        (next, kept)
     }
 
     /// Records an attempt's end, retrying while the engine is unavailable for up to one lease
-    /// period (after that the lease has expired and another worker takes the job back).
+    /// period (after that the lease has expired and another worker takes the job back). With
+    /// `fetch_next`, the first try also takes the queue's next job; retries do not, so that an
+    /// answer lost on the way leaves at most one job claimed by nobody (its lease expires and
+    /// it is taken back).
     async fn finish_with_retries(
         &self,
         claimed: &ClaimedJob,
         outcome: Outcome,
-    ) -> Result<(), QueueError> {
+        fetch_next: bool,
+    ) -> Result<Option<ClaimedJob>, QueueError> {
         let deadline = Instant::now() + self.opts.lease;
         let mut wait = Duration::from_millis(50);
+        let mut first = true;
         loop {
-            match self.engine.finish(claimed, outcome.clone()).await {
+            let fetch = fetch_next && first && !self.stopping.load(Ordering::Relaxed);
+            first = false;
+            let ended = if fetch {
+                self.engine
+                    .finish_and_claim(claimed, outcome.clone(), self.opts.lease)
+                    .await
+            } else {
+                self.engine
+                    .finish(claimed, outcome.clone())
+                    .await
+                    .map(|()| None)
+            };
+            match ended {
                 Err(QueueError::Unavailable(_))
                     if Instant::now() + wait < deadline
                         && !self.stopping.load(Ordering::Relaxed) =>

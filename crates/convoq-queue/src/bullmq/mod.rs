@@ -499,19 +499,22 @@ impl BullEngine {
                 "{script} answered {code} for job {}/{}",
                 claimed.job.queue, claimed.job.id
             ))),
-            // A non-integer reply is a job handed over by a fetch-next, which convoq never asks
-            // for.
+            // A non-integer reply is a fetch-next's answer, parsed by the caller.
             None => Ok(()),
         }
     }
 
-    /// Ends an attempt as completed or failed for good, with BullMQ's `moveToFinished`.
+    /// Ends an attempt as completed or failed for good, with BullMQ's `moveToFinished`. With
+    /// `next_lease_ms`, the script also takes the queue's next ready job (fetch-next) and locks
+    /// it with the finishing attempt's token, as Node's workers do: one token is held by one
+    /// job at a time, since it passes on only when its job is finished.
     async fn move_to_finished(
         &self,
         claimed: &ClaimedJob,
         completed: bool,
         value: &str,
-    ) -> Result<()> {
+        next_lease_ms: Option<u64>,
+    ) -> Result<Option<ClaimOne>> {
         let job = &claimed.job;
         let k = self.keys(&job.queue);
         let (target, field, keep, metrics) = if completed {
@@ -532,7 +535,7 @@ impl BullEngine {
         let opts = codec::pack_finish_opts(
             &claimed.token,
             keep.unwrap_or(KeepJobs::FOREVER),
-            UNUSED_LOCK_MS,
+            next_lease_ms.unwrap_or(UNUSED_LOCK_MS),
             job.max_attempts(),
             "convoq",
         );
@@ -560,14 +563,86 @@ impl BullEngine {
                 field.as_bytes(),
                 value.as_bytes(),
                 if completed { b"completed" } else { b"failed" },
-                b"0",
+                if next_lease_ms.is_some() { b"1" } else { b"0" },
                 k.key_prefix().as_bytes(),
                 &opts,
                 b"",
             ],
         );
         let reply = self.eval(cmd).await?;
-        Self::check_move(claimed, &reply, "moveToFinished")
+        if matches!(reply, Value::Array(_)) {
+            return self
+                .parse_claim(&job.queue, reply, claimed.token.clone())
+                .map(Some);
+        }
+        Self::check_move(claimed, &reply, "moveToFinished").map(|()| None)
+    }
+
+    /// [`Engine::finish`], and [`Engine::finish_and_claim`] with `next_lease`.
+    async fn end_attempt(
+        &self,
+        claimed: &ClaimedJob,
+        outcome: Outcome,
+        next_lease: Option<Duration>,
+    ) -> Result<Option<ClaimedJob>> {
+        let next_lease_ms = next_lease.map(|l| l.as_millis().max(1) as u64);
+        let fetched;
+        let job = &claimed.job;
+        match outcome {
+            Outcome::Completed(completion) => {
+                if completion.effect.is_some() {
+                    return Err(QueueError::Unsupported {
+                        engine: "redis",
+                        what: "transactional effects (insert on your own first, idempotently)",
+                    });
+                }
+                if !completion.follow_ups.is_empty() {
+                    // Follow-ups go in before the completion (at least once, deduplicated by
+                    // their custom ids); but not for an attempt whose lease is already gone.
+                    if !self.holds_lock(claimed).await? {
+                        return Err(Self::lease_lost(claimed));
+                    }
+                    self.add_bulk(completion.follow_ups).await?;
+                }
+                let value = serde_json::to_string(&completion.result)
+                    .map_err(|e| QueueError::Invalid(format!("job result: {e}")))?;
+                fetched = self
+                    .move_to_finished(claimed, true, &value, next_lease_ms)
+                    .await?;
+            }
+            Outcome::Failed(error) => {
+                let retry = error.is_retryable() && job.attempts_made < job.max_attempts();
+                if retry {
+                    let delay = job
+                        .opts
+                        .backoff
+                        .map(|b| b.delay_for(job.attempts_made.max(1), rand::random::<f64>()))
+                        .unwrap_or_default();
+                    self.move_to_delayed(claimed, delay.as_millis() as u64, error.reason())
+                        .await?;
+                    self.wake(&job.queue);
+                    fetched = None;
+                } else {
+                    fetched = self
+                        .move_to_finished(claimed, false, error.reason(), next_lease_ms)
+                        .await?;
+                }
+            }
+        }
+        self.changed(&job.queue, &job.id);
+        match fetched {
+            Some(ClaimOne::Job(next, None)) => {
+                self.changed(&job.queue, &next.job.id);
+                Ok(Some(*next))
+            }
+            Some(ClaimOne::Job(next, Some(reason))) => {
+                // A failure BullMQ deferred to the next worker: fail it without running it.
+                self.move_to_finished(&next, false, &reason, None).await?;
+                self.changed(&job.queue, &next.job.id);
+                Ok(None)
+            }
+            Some(ClaimOne::None(_)) | None => Ok(None),
+        }
     }
 
     /// Ends an attempt with a retry after `delay_ms`, with BullMQ's `moveToDelayed` (which
@@ -705,6 +780,7 @@ impl Engine for BullEngine {
         Capabilities {
             transactional_effects: false,
             leases_follow_clock: false,
+            fetch_next: true,
         }
     }
 
@@ -1090,7 +1166,8 @@ impl Engine for BullEngine {
                     ClaimOne::Job(claimed, Some(reason)) => {
                         // A failure BullMQ deferred to the next worker (a Node stalled check):
                         // fail the job without running it, as Node workers do.
-                        self.move_to_finished(&claimed, false, &reason).await?;
+                        self.move_to_finished(&claimed, false, &reason, None)
+                            .await?;
                         self.changed(queue, &claimed.job.id);
                     }
                     ClaimOne::None(next) => {
@@ -1133,46 +1210,16 @@ impl Engine for BullEngine {
     }
 
     async fn finish(&self, claimed: &ClaimedJob, outcome: Outcome) -> Result<()> {
-        let job = &claimed.job;
-        match outcome {
-            Outcome::Completed(completion) => {
-                if completion.effect.is_some() {
-                    return Err(QueueError::Unsupported {
-                        engine: "redis",
-                        what: "transactional effects (insert on your own first, idempotently)",
-                    });
-                }
-                if !completion.follow_ups.is_empty() {
-                    // Follow-ups go in before the completion (at least once, deduplicated by
-                    // their custom ids); but not for an attempt whose lease is already gone.
-                    if !self.holds_lock(claimed).await? {
-                        return Err(Self::lease_lost(claimed));
-                    }
-                    self.add_bulk(completion.follow_ups).await?;
-                }
-                let value = serde_json::to_string(&completion.result)
-                    .map_err(|e| QueueError::Invalid(format!("job result: {e}")))?;
-                self.move_to_finished(claimed, true, &value).await?;
-            }
-            Outcome::Failed(error) => {
-                let retry = error.is_retryable() && job.attempts_made < job.max_attempts();
-                if retry {
-                    let delay = job
-                        .opts
-                        .backoff
-                        .map(|b| b.delay_for(job.attempts_made.max(1), rand::random::<f64>()))
-                        .unwrap_or_default();
-                    self.move_to_delayed(claimed, delay.as_millis() as u64, error.reason())
-                        .await?;
-                    self.wake(&job.queue);
-                } else {
-                    self.move_to_finished(claimed, false, error.reason())
-                        .await?;
-                }
-            }
-        }
-        self.changed(&job.queue, &job.id);
-        Ok(())
+        self.end_attempt(claimed, outcome, None).await.map(|_| ())
+    }
+
+    async fn finish_and_claim(
+        &self,
+        claimed: &ClaimedJob,
+        outcome: Outcome,
+        next_lease: Duration,
+    ) -> Result<Option<ClaimedJob>> {
+        self.end_attempt(claimed, outcome, Some(next_lease)).await
     }
 
     async fn release(&self, claimed: &ClaimedJob) -> Result<()> {

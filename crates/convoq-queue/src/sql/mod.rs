@@ -312,6 +312,7 @@ impl Engine for SqlEngine {
         Capabilities {
             transactional_effects: true,
             leases_follow_clock: true,
+            fetch_next: false,
         }
     }
 
