@@ -192,6 +192,46 @@ async fn finish_and_claim_hands_over_the_next_job_under_a_held_lease() {
     engine.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_adding_a_job_wakes_this_ones_workers() {
+    let Some(factory) = redis::factory() else {
+        return;
+    };
+    let prefix = factory.prefixes.create();
+    let config = BullConfig::new(factory.prefixes.url()).with_prefix(prefix);
+    let here: Arc<dyn Engine> = BullEngine::connect(config.clone()).await.unwrap();
+    let there: Arc<dyn Engine> = BullEngine::connect(config).await.unwrap();
+    let mut signal = here.work_signal("q");
+    // The listener's first look after connecting rings once; wait for it, then for the add.
+    tokio::time::timeout(Duration::from_secs(5), signal.changed())
+        .await
+        .expect("the listener connects")
+        .unwrap();
+    signal.borrow_and_update();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queues = Queues::new(there.clone());
+    for n in 0..3 {
+        let started = Instant::now();
+        queues
+            .add(NewJob::new("q", "work", json!({ "n": n })))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), signal.changed())
+            .await
+            .unwrap_or_else(|_| panic!("add {n} did not wake the other engine"))
+            .unwrap();
+        signal.borrow_and_update();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    here.close().await;
+    there.close().await;
+}
+
 /// A private `redis-server` on a free port, killed when dropped.
 struct PrivateRedis {
     port: u16,

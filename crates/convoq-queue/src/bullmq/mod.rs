@@ -9,11 +9,12 @@
 //!   crate, see `lua/README.md`) and one of convoq's, `reapStalled`.
 //! - `codec.rs`: convoq's jobs to BullMQ's script arguments, and BullMQ's job hashes back.
 //! - `history.rs`: a job's history, derived from its hash.
-//! - `listen.rs`: wake-ups from other processes through BullMQ's event stream (`QueueEvents`).
+//! - `listen.rs`: wake-ups from other processes through BullMQ's event stream (the stream
+//!   Node's `QueueEvents` reads).
 //!
 //! How the engine maps onto BullMQ:
 //! - The `bullmq-official` crate provides the connection (auto-reconnecting), the key layout
-//!   (`QueueKeys`), the operator calls (pause, resume, retry, remove) and `QueueEvents`.
+//!   (`QueueKeys`) and the operator calls (pause, resume, retry, remove).
 //! - Adds, claims and attempt ends run BullMQ's scripts directly (the crate's manual-processing
 //!   calls store the return value as a JSON *string*, keep every finished job whatever its
 //!   `removeOnComplete`, and read the system clock).
@@ -137,7 +138,7 @@ pub struct BullEngine {
     // Std mutexes: only looked up or inserted into, never held across an await.
     signals: Mutex<HashMap<String, watch::Sender<u64>>>,
     listeners: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
-    /// Set at close: every listener closes its `QueueEvents` and ends.
+    /// Set at close: every listener ends.
     stop_listeners: watch::Sender<bool>,
     queues: tokio::sync::Mutex<HashMap<String, bullmq::Queue>>,
     closed: AtomicBool,
