@@ -232,6 +232,53 @@ async fn another_process_adding_a_job_wakes_this_ones_workers() {
     there.close().await;
 }
 
+#[tokio::test]
+async fn an_attempt_ends_after_redis_lost_its_script_cache() {
+    // A private server: flushing the script cache of a shared one would disturb others.
+    let Some(server) = PrivateRedis::start(free_port()) else {
+        println!("skipped: redis-server is not installed");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let mut engine = None;
+    for _ in 0..50 {
+        if let Ok(e) = BullEngine::connect(BullConfig::new(url.clone())).await {
+            engine = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let engine: Arc<dyn Engine> = engine.expect("the private redis-server answers");
+    let queues = Queues::new(engine.clone());
+    add_one(&queues).await.unwrap();
+    let lease = Duration::from_secs(30);
+    let claimed = engine
+        .claim("q", 1, lease)
+        .await
+        .unwrap()
+        .jobs
+        .pop()
+        .unwrap();
+    // As after a restart: Redis no longer knows the scripts by digest.
+    let client = ::redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    engine
+        .finish_and_claim(
+            &claimed,
+            Outcome::Completed(Completion::with_result(json!(1))),
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(queues.counts("q").await.unwrap().completed, 1);
+    engine.close().await;
+}
+
 /// A private `redis-server` on a free port, killed when dropped.
 struct PrivateRedis {
     port: u16,
