@@ -99,23 +99,16 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>>;
-    /// Completes jobs whose completions carry no effect and no follow-up jobs, answering per
-    /// job as [`Dialect::finish`] would. By default one `finish` after another; a dialect may do
-    /// it in one statement.
+    /// Marks jobs completed with their results, fenced per job by its lease token, in as few
+    /// statements as the dialect can, answering per job as [`Dialect::finish`] would. It does
+    /// not apply effects or add follow-up jobs: the writer does, for the jobs that completed.
     async fn complete_plain(
         &self,
         conn: &mut Self::Conn,
         jobs: &[(&ClaimedJob, &Completion)],
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Vec<Result<()>>> {
-        let mut out = Vec::with_capacity(jobs.len());
-        for (job, completion) in jobs {
-            let outcome = Outcome::Completed((*completion).clone());
-            out.push(self.finish(conn, job, &outcome, now, batch).await?);
-        }
-        Ok(out)
-    }
+    ) -> SqlResult<Vec<Result<()>>>;
     /// The connection as handed to a [`crate::sql::TxEffect`].
     fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> SqlResult<SqlConn<'a>>;
     async fn release(
