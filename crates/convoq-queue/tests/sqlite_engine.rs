@@ -339,3 +339,41 @@ async fn pruning_beyond_one_chunk_keeps_the_newest() {
     assert_eq!(kept, 100);
     assert_eq!(engine.prune(Q).await.unwrap(), 0);
 }
+
+/// Completions of one batch are only counted; when one of them has lost its lease, the batch
+/// is applied again answering each by name, so the stale one alone is refused, the others
+/// complete in the same commit, and each result is stored exactly as given.
+#[tokio::test]
+async fn a_lost_lease_in_a_group_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let jobs: Vec<_> = (0..8).map(|i| NewJob::new(Q, "w", json!(i))).collect();
+    queues.add_bulk(jobs).await.unwrap();
+    let mut claimed = engine.claim(Q, 8, LEASE).await.unwrap().jobs;
+    assert_eq!(claimed.len(), 8);
+    claimed[3].token = "not-the-lease".into();
+    let result =
+        |i: usize| json!({ "i": i, "text": "quote \" backslash \\ é \u{1F600}", "n": 1.5e300 });
+    let before = engine.write_stats();
+    let results =
+        futures::future::join_all(claimed.iter().enumerate().map(|(i, c)| {
+            engine.finish(c, Outcome::Completed(Completion::with_result(result(i))))
+        }))
+        .await;
+    let after = engine.write_stats();
+    assert_eq!(after.commits - before.commits, 1, "one batch, one commit");
+    for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
+        let job = queues.get(Q, &c.job.id).await.unwrap().unwrap();
+        if i == 3 {
+            assert!(matches!(r, Err(QueueError::LeaseLost { .. })), "{r:?}");
+            assert_eq!(job.state, JobState::Active);
+        } else {
+            r.unwrap();
+            assert_eq!(job.state, JobState::Completed, "job {i}");
+            assert_eq!(job.result, Some(result(i)), "job {i}'s result");
+        }
+    }
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!(counts.completed_total, 7);
+}

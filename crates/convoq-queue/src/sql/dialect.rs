@@ -102,13 +102,18 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Marks jobs completed with their results, fenced per job by its lease token, in as few
     /// statements as the dialect can, answering per job as [`Dialect::finish`] would. It does
     /// not apply effects or add follow-up jobs: the writer does, for the jobs that completed.
+    ///
+    /// Unless `exact`, a dialect may count instead of listing what it completed, and answer
+    /// `None` when some job did not complete (a lease lost): the writer then applies the batch
+    /// again with `exact`. Counting spares a row per job where rows are costly to hand over.
     async fn complete_plain(
         &self,
         conn: &mut Self::Conn,
         jobs: &[(&ClaimedJob, &Completion)],
         now: i64,
+        exact: bool,
         batch: &mut Batch,
-    ) -> SqlResult<Vec<Result<()>>>;
+    ) -> SqlResult<Option<Vec<Result<()>>>>;
     /// The connection as handed to a [`crate::sql::TxEffect`].
     fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> SqlResult<SqlConn<'a>>;
     async fn release(

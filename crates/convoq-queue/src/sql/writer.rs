@@ -13,11 +13,11 @@
 //!
 //! Completions are applied together, at the start of their batch: one fenced statement for all
 //! of them ([`Dialect::complete_plain`]), then their effects (without savepoints), then all
-//! their follow-up jobs in one add. If an effect fails, the batch is rolled back and applied
-//! again with completions that carry effects one by one, each effect in a savepoint, so that
-//! the failure is its attempt's alone. A batch therefore costs a handful of statements rather
-//! than a few per job, which is what bounds a writer that talks to its database one statement
-//! at a time.
+//! their follow-up jobs in one add. If an effect fails, or a completion that was only counted
+//! turns out to have lost its lease, the batch is rolled back and applied again with
+//! completions that carry effects one by one, each effect in a savepoint, so that the failure
+//! is its attempt's alone. A batch therefore costs a handful of statements rather than a few
+//! per job, which is what bounds a writer that talks to its database one statement at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,6 +212,9 @@ pub(crate) fn spawn<D: Dialect>(
     }
 }
 
+/// How many times the writer yields to let operations gather while more keep arriving.
+const GATHER_ROUNDS: usize = 8;
+
 /// Takes the next batch off the shared channel: waits for one operation, then takes whatever
 /// else is queued, up to `max_batch`. Returns `None` when the writer is done (closed or every
 /// sender dropped); a batch may come with the closer's reply when it held the close.
@@ -227,13 +230,20 @@ async fn next_batch(
     let Request(first) = rx.recv().await?;
     ops.push(first);
     // Callers that were woken together (the attempts of one claimed batch, say) are about to
-    // send their operations: let them, so that they share this commit instead of each waiting
-    // for the next one.
-    tokio::task::yield_now().await;
-    while ops.len() < max_batch {
-        match rx.try_recv() {
-            Ok(Request(op)) => ops.push(op),
-            Err(_) => break,
+    // send their operations: let them, as long as more keep coming, so that they share this
+    // commit instead of each waiting for the next one. A yield with nothing else to run
+    // returns at once, so a lone caller waits no longer than that.
+    for _ in 0..GATHER_ROUNDS {
+        tokio::task::yield_now().await;
+        let had = ops.len();
+        while ops.len() < max_batch {
+            match rx.try_recv() {
+                Ok(Request(op)) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        if ops.len() == had || ops.len() >= max_batch {
+            break;
         }
     }
     let mut closer = None;
@@ -258,8 +268,10 @@ async fn next_batch(
 pub(crate) enum Abort {
     /// The database failed.
     Sql(sqlx::Error),
-    /// An effect or follow-up failed in a batch applied without savepoints: its partial writes
-    /// cannot be undone alone, so the batch is applied again with a savepoint per effect.
+    /// An effect or follow-up failed in a batch applied without savepoints (its partial writes
+    /// cannot be undone alone), or a completion lost its lease in a batch whose completions
+    /// were only counted: the batch is applied again with a savepoint per effect and every
+    /// completion answered by name.
     Careful,
 }
 
@@ -272,12 +284,13 @@ impl From<sqlx::Error> for Abort {
 /// How a batch applies its completions.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// Every completion in one fenced statement, effects without savepoints, every follow-up
-    /// job in one add: a handful of statements per batch, whatever its size. Any effect failure
-    /// aborts the batch with [`Abort::Careful`].
+    /// Every completion in one fenced statement (counted, where the dialect prefers), effects
+    /// without savepoints, every follow-up job in one add: a handful of statements per batch,
+    /// whatever its size. Any effect failure or lost lease aborts the batch with
+    /// [`Abort::Careful`].
     Grouped,
     /// Completions that carry effects or follow-ups one by one, each effect in a savepoint, so
-    /// that a failing effect fails its own attempt only.
+    /// that a failing effect fails its own attempt only; every completion answered by name.
     Careful,
 }
 
@@ -465,7 +478,10 @@ async fn complete_together<D: Dialect>(
         return Ok(answers);
     }
     let jobs: Vec<_> = together.iter().map(|(_, p)| *p).collect();
-    let results = d.complete_plain(conn, &jobs, now, batch).await?;
+    let exact = mode == Mode::Careful;
+    let Some(results) = d.complete_plain(conn, &jobs, now, exact, batch).await? else {
+        return Err(Abort::Careful);
+    };
     let mut follow_ups = Vec::new();
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {

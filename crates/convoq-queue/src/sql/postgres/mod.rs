@@ -398,9 +398,14 @@ impl Dialect for Postgres {
         w: &mut PgWriter,
         jobs: &[(&ClaimedJob, &Completion)],
         now: i64,
+        _exact: bool,
         batch: &mut Batch,
-    ) -> SqlResult<Vec<Result<()>>> {
-        write::complete_plain(w.conn()?, jobs, now, batch).await
+    ) -> SqlResult<Option<Vec<Result<()>>>> {
+        // One statement whose rows come back in one exchange: listing costs no more than
+        // counting.
+        write::complete_plain(w.conn()?, jobs, now, batch)
+            .await
+            .map(Some)
     }
     fn effect_conn<'a>(&self, w: &'a mut PgWriter) -> SqlResult<SqlConn<'a>> {
         Ok(SqlConn::Postgres(w.conn()?))

@@ -29,7 +29,7 @@ use crate::sql::effect::SqlConn;
 pub(crate) struct Sqlite;
 
 /// Opens the writer connection (migrating the schema) and the read pool.
-pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteConnection, SqliteReads)> {
+pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteWriter, SqliteReads)> {
     let opts = SqliteConnectOptions::from_str(&config.url)
         .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
         .create_if_missing(true)
@@ -54,43 +54,48 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteConnection, Sqlite
         .min_connections(0)
         .acquire_timeout(config.busy_timeout)
         .connect_lazy_with(opts);
-    Ok((writer, SqliteReads(pool)))
+    Ok((SqliteWriter::new(writer), SqliteReads(pool)))
 }
 
 #[async_trait]
 impl Dialect for Sqlite {
-    type Conn = SqliteConnection;
+    type Conn = SqliteWriter;
 
     fn map_err(&self, e: sqlx::Error) -> QueueError {
         schema::map_err(e)
     }
-    async fn now_ms(&self, _conn: &mut SqliteConnection, clock: &dyn Clock) -> SqlResult<i64> {
+    async fn now_ms(&self, _w: &mut SqliteWriter, clock: &dyn Clock) -> SqlResult<i64> {
         Ok(clock.now_ms())
     }
-    async fn begin(&self, conn: &mut SqliteConnection) -> SqlResult<()> {
-        schema::begin(conn).await
+    async fn begin(&self, w: &mut SqliteWriter) -> SqlResult<()> {
+        w.begin_pending = true;
+        Ok(())
     }
-    async fn commit(&self, conn: &mut SqliteConnection, batch: &Batch) -> SqlResult<()> {
-        schema::commit(conn, batch).await
+    async fn commit(&self, w: &mut SqliteWriter, batch: &Batch) -> SqlResult<()> {
+        let (begin, conn) = w.with_begin();
+        schema::commit(conn, begin, batch).await
     }
-    async fn rollback(&self, conn: &mut SqliteConnection) -> SqlResult<()> {
-        schema::rollback(conn).await
+    async fn rollback(&self, w: &mut SqliteWriter) -> SqlResult<()> {
+        if std::mem::take(&mut w.begin_pending) {
+            return Ok(());
+        }
+        schema::rollback(&mut w.conn).await
     }
-    async fn close(&self, conn: SqliteConnection) {
-        let _ = conn.close().await;
+    async fn close(&self, w: SqliteWriter) {
+        let _ = w.conn.close().await;
     }
     async fn add_jobs(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         jobs: &[NewJob],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {
-        write::add_jobs(conn, jobs, now, batch).await
+        write::add_jobs(w.begun().await?, jobs, now, batch).await
     }
     async fn claim(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         max: usize,
         lease_ms: i64,
@@ -98,94 +103,142 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<ClaimBatch>> {
-        write::claim(conn, queue, max, lease_ms, token, now, batch).await
+        let (begin, conn) = w.with_begin();
+        write::claim(conn, begin, queue, max, lease_ms, token, now, batch).await
     }
     async fn extend(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         leases: &[(String, String)],
         lease_ms: i64,
         now: i64,
     ) -> SqlResult<Result<Vec<bool>>> {
-        write::extend(conn, queue, leases, lease_ms, now).await
+        write::extend(w.begun().await?, queue, leases, lease_ms, now).await
     }
     async fn finish(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         job: &ClaimedJob,
         outcome: &Outcome,
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>> {
-        write::finish(conn, job, outcome, now, batch).await
+        write::finish(w.begun().await?, job, outcome, now, batch).await
     }
     async fn complete_plain(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         jobs: &[(&ClaimedJob, &Completion)],
         now: i64,
+        exact: bool,
         batch: &mut Batch,
-    ) -> SqlResult<Vec<Result<()>>> {
-        write::complete_plain(conn, jobs, now, batch).await
+    ) -> SqlResult<Option<Vec<Result<()>>>> {
+        let (begin, conn) = w.with_begin();
+        write::complete_plain(conn, begin, jobs, now, exact, batch).await
     }
-    fn effect_conn<'a>(&self, conn: &'a mut SqliteConnection) -> SqlResult<SqlConn<'a>> {
-        Ok(SqlConn::Sqlite(conn))
+    fn effect_conn<'a>(&self, w: &'a mut SqliteWriter) -> SqlResult<SqlConn<'a>> {
+        if w.begin_pending {
+            // The writer applies effects after the completions' statement, which opened the
+            // transaction; an effect must never run outside it.
+            return Err(sqlx::Error::Protocol(
+                "an effect was about to run outside the batch's transaction".into(),
+            ));
+        }
+        Ok(SqlConn::Sqlite(&mut w.conn))
     }
     async fn release(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         job: &ClaimedJob,
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>> {
-        write::release(conn, job, now, batch).await
+        write::release(w.begun().await?, job, now, batch).await
     }
     async fn reap_stalled(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         max_stalled: u32,
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<u64>> {
-        write::reap_stalled(conn, queue, max_stalled, now, batch).await
+        write::reap_stalled(w.begun().await?, queue, max_stalled, now, batch).await
     }
     async fn prune(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         limit: u64,
         now: i64,
     ) -> SqlResult<Result<u64>> {
-        write::prune(conn, queue, limit, now).await
+        write::prune(w.begun().await?, queue, limit, now).await
     }
     async fn set_paused(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         paused: bool,
     ) -> SqlResult<Result<()>> {
-        write::set_paused(conn, queue, paused).await
+        write::set_paused(w.begun().await?, queue, paused).await
     }
     async fn retry(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         id: &str,
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Job>> {
-        write::retry(conn, queue, id, now, batch).await
+        write::retry(w.begun().await?, queue, id, now, batch).await
     }
     async fn remove(
         &self,
-        conn: &mut SqliteConnection,
+        w: &mut SqliteWriter,
         queue: &str,
         id: &str,
         batch: &mut Batch,
     ) -> SqlResult<Result<bool>> {
-        write::remove(conn, queue, id, batch).await
+        write::remove(w.begun().await?, queue, id, batch).await
+    }
+}
+
+/// The writer's connection. Each request to SQLite's thread is a round trip between threads,
+/// which costs more than most statements: so the batch's `BEGIN IMMEDIATE` is held back and
+/// sent with its first statement, and its totals with its `COMMIT`. These ride on the SQLite
+/// driver's multi-statement queries (one request, binds spread over the statements in order).
+pub(crate) struct SqliteWriter {
+    conn: SqliteConnection,
+    /// The batch's transaction is to be opened by the next statement.
+    begin_pending: bool,
+}
+
+impl SqliteWriter {
+    fn new(conn: SqliteConnection) -> Self {
+        SqliteWriter {
+            conn,
+            begin_pending: false,
+        }
+    }
+
+    /// The connection, inside the batch's transaction.
+    async fn begun(&mut self) -> SqlResult<&mut SqliteConnection> {
+        if std::mem::take(&mut self.begin_pending) {
+            schema::begin(&mut self.conn).await?;
+        }
+        Ok(&mut self.conn)
+    }
+
+    /// What the next statement must start with to open the batch's transaction (nothing once
+    /// it is open), and the connection to send it on.
+    fn with_begin(&mut self) -> (&'static str, &mut SqliteConnection) {
+        let begin = if std::mem::take(&mut self.begin_pending) {
+            schema::BEGIN
+        } else {
+            ""
+        };
+        (begin, &mut self.conn)
     }
 }
 

@@ -126,26 +126,32 @@ async fn migrate_steps(conn: &mut SqliteConnection) -> SqlResult<Result<()>> {
     Ok(Ok(()))
 }
 
+/// Opens a write transaction, as a prefix of a batch's first statement.
+pub(crate) const BEGIN: &str = "BEGIN IMMEDIATE; ";
+
 pub(crate) async fn begin(conn: &mut SqliteConnection) -> SqlResult<()> {
     sqlx::query("BEGIN IMMEDIATE").execute(conn).await.map(drop)
 }
 
-/// Adds the batch's lifetime totals and commits.
-pub(crate) async fn commit(conn: &mut SqliteConnection, batch: &Batch) -> SqlResult<()> {
+/// Adds the batch's lifetime totals and commits, in one request to SQLite's thread (after
+/// `begin`, the transaction's opening if no statement has opened it).
+pub(crate) async fn commit(
+    conn: &mut SqliteConnection,
+    begin: &str,
+    batch: &Batch,
+) -> SqlResult<()> {
+    const TOTALS: &str = "INSERT INTO cq_queues (name, completed_total, failed_total) \
+        VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET \
+        completed_total = completed_total + excluded.completed_total, \
+        failed_total = failed_total + excluded.failed_total;";
+    let mut sql = String::from(begin);
+    sql.push_str(&TOTALS.repeat(batch.totals.len()));
+    sql.push_str("COMMIT");
+    let mut q = sqlx::query(&sql);
     for (queue, (completed, failed)) in &batch.totals {
-        sqlx::query(
-            "INSERT INTO cq_queues (name, completed_total, failed_total) VALUES (?, ?, ?) \
-             ON CONFLICT (name) DO UPDATE SET \
-             completed_total = completed_total + excluded.completed_total, \
-             failed_total = failed_total + excluded.failed_total",
-        )
-        .bind(queue)
-        .bind(completed)
-        .bind(failed)
-        .execute(&mut *conn)
-        .await?;
+        q = q.bind(queue).bind(completed).bind(failed);
     }
-    sqlx::query("COMMIT").execute(conn).await.map(drop)
+    q.execute(conn).await.map(drop)
 }
 
 pub(crate) async fn rollback(conn: &mut SqliteConnection) -> SqlResult<()> {

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::TryStreamExt;
 use rand::Rng;
 use sqlx::{Row, SqliteConnection};
 
@@ -53,6 +54,31 @@ fn row_chunks(n: usize) -> impl Iterator<Item = usize> {
         left -= size;
         Some(size)
     })
+}
+
+/// Rows for a statement that reads them with `json_each(?)`, one JSON array per row (a value
+/// that is itself JSON text goes as a string, so that `->>` gives it back exactly): one
+/// parameter and one statement text for any number of rows, where multi-row `VALUES` need a
+/// text per size.
+fn json_rows<R: serde::Serialize>(rows: impl Iterator<Item = R>) -> String {
+    to_json(&rows.collect::<Vec<R>>())
+}
+
+/// Runs a request of several statements and returns the rows changed by the last one (the
+/// driver's total would count, for a statement that changes nothing, the connection's previous
+/// change count again).
+async fn last_changes<'q>(
+    conn: &mut SqliteConnection,
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+) -> SqlResult<u64> {
+    let mut steps = sqlx::Executor::fetch_many(&mut *conn, query);
+    let mut last = 0;
+    while let Some(step) = steps.try_next().await? {
+        if let sqlx::Either::Left(done) = step {
+            last = done.rows_affected();
+        }
+    }
+    Ok(last)
 }
 
 /// `row` repeated `rows` times, comma-separated: the VALUES of a multi-row statement.
@@ -155,8 +181,10 @@ pub(crate) async fn add_jobs(
 }
 
 /// Claims up to `max` ready jobs of an unpaused queue, under one lease token.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn claim(
     conn: &mut SqliteConnection,
+    begin: &str,
     queue: &str,
     max: usize,
     lease_ms: i64,
@@ -165,7 +193,7 @@ pub(crate) async fn claim(
     batch: &mut Batch,
 ) -> SqlResult<Result<ClaimBatch>> {
     let sql = format!(
-        "UPDATE cq_jobs SET state = 'active', lease_token = ?1, lease_expires_at = ?2, \
+        "{begin}UPDATE cq_jobs SET state = 'active', lease_token = ?1, lease_expires_at = ?2, \
          attempts_made = attempts_made + 1, processed_at = ?3 \
          WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?4 AND state = 'waiting' \
            AND run_at <= ?3 ORDER BY priority, run_at, seq LIMIT ?5) \
@@ -338,64 +366,82 @@ pub(crate) async fn finish(
     }
 }
 
-/// Completes jobs with multi-row statements (see [`row_chunks`]), fenced per job by its lease
-/// token. Answers per job as [`finish`] would; effects and follow-ups are the caller's.
+/// Completes jobs in one statement whatever their number, fenced per job by its lease token:
+/// the rows travel as one JSON parameter (see [`json_rows`]). Answers per job as [`finish`]
+/// would; effects and follow-ups are the caller's.
+///
+/// Unless `exact`, the statement only counts what it completes: every row handed back costs a
+/// message from SQLite's thread, so listing the completed jobs is left to the rare batch in
+/// which one lost its lease (the answer is then `None` and the writer applies it again).
 pub(crate) async fn complete_plain(
     conn: &mut SqliteConnection,
+    begin: &str,
     jobs: &[(&ClaimedJob, &Completion)],
     now: i64,
+    exact: bool,
     batch: &mut Batch,
-) -> SqlResult<Vec<Result<()>>> {
-    let mut done: Vec<(String, String)> = Vec::with_capacity(jobs.len());
-    let mut start = 0;
-    for size in row_chunks(jobs.len()) {
-        let sql = format!(
-            "WITH v (queue, id, token, result, keep_count, expire_at) AS (VALUES {}) \
-             UPDATE cq_jobs SET state = 'completed', result = v.result, finished_at = ?, \
-             lease_token = NULL, lease_expires_at = NULL, keep_count = v.keep_count, \
-             expire_at = v.expire_at FROM v \
-             WHERE cq_jobs.queue = v.queue AND cq_jobs.id = v.id AND cq_jobs.state = 'active' \
-             AND cq_jobs.lease_token = v.token \
-             RETURNING cq_jobs.queue, cq_jobs.id",
-            values(size, "(?, ?, ?, ?, ?, ?)")
-        );
-        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
-        for (claimed, completion) in &jobs[start..start + size] {
-            let (keep_count, expire_at) = keep_columns(claimed.job.opts.remove_on_complete, now);
-            q = q
-                .bind(&claimed.job.queue)
-                .bind(&claimed.job.id)
-                .bind(&claimed.token)
-                .bind(to_json(&completion.result))
-                .bind(keep_count)
-                .bind(expire_at);
+) -> SqlResult<Option<Vec<Result<()>>>> {
+    const COMPLETE: &str = "UPDATE cq_jobs SET state = 'completed', result = v.result, \
+        finished_at = ?, lease_token = NULL, lease_expires_at = NULL, \
+        keep_count = v.keep_count, expire_at = v.expire_at \
+        FROM (SELECT value ->> 0 AS queue, value ->> 1 AS id, value ->> 2 AS token, \
+          value ->> 3 AS result, value ->> 4 AS keep_count, value ->> 5 AS expire_at \
+          FROM json_each(?)) AS v \
+        WHERE cq_jobs.queue = v.queue AND cq_jobs.id = v.id AND cq_jobs.state = 'active' \
+        AND cq_jobs.lease_token = v.token";
+    let rows = json_rows(jobs.iter().map(|(claimed, completion)| {
+        let (keep_count, expire_at) = keep_columns(claimed.job.opts.remove_on_complete, now);
+        (
+            &claimed.job.queue,
+            &claimed.job.id,
+            &claimed.token,
+            to_json(&completion.result),
+            keep_count,
+            expire_at,
+        )
+    }));
+    if !exact {
+        let sql = format!("{begin}{COMPLETE}");
+        let counted = last_changes(conn, sqlx::query(&sql).bind(now).bind(rows)).await?;
+        if counted != jobs.len() as u64 {
+            return Ok(None);
         }
-        done.extend(q.bind(now).fetch_all(&mut *conn).await?);
-        start += size;
+        for (claimed, _) in jobs {
+            batch.count_completed(&claimed.job.queue);
+            batch.changed(&claimed.job.queue, &claimed.job.id);
+        }
+        return Ok(Some(jobs.iter().map(|_| Ok(())).collect()));
     }
+    let sql = format!("{begin}{COMPLETE} RETURNING cq_jobs.queue, cq_jobs.id");
+    let done: Vec<(String, String)> = sqlx::query_as(&sql)
+        .bind(now)
+        .bind(rows)
+        .fetch_all(&mut *conn)
+        .await?;
     // A job listed twice under one token is completed once: the second answers lease lost.
     let mut left: HashMap<(String, String), usize> = HashMap::with_capacity(done.len());
     for key in done {
         *left.entry(key).or_default() += 1;
     }
-    Ok(jobs
-        .iter()
-        .map(|(claimed, _)| {
-            let job = &claimed.job;
-            match left.get_mut(&(job.queue.clone(), job.id.clone())) {
-                Some(n) if *n > 0 => {
-                    *n -= 1;
-                    batch.count_completed(&job.queue);
-                    batch.changed(&job.queue, &job.id);
-                    Ok(())
+    Ok(Some(
+        jobs.iter()
+            .map(|(claimed, _)| {
+                let job = &claimed.job;
+                match left.get_mut(&(job.queue.clone(), job.id.clone())) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        batch.count_completed(&job.queue);
+                        batch.changed(&job.queue, &job.id);
+                        Ok(())
+                    }
+                    _ => Err(QueueError::LeaseLost {
+                        queue: job.queue.clone(),
+                        job_id: job.id.clone(),
+                    }),
                 }
-                _ => Err(QueueError::LeaseLost {
-                    queue: job.queue.clone(),
-                    job_id: job.id.clone(),
-                }),
-            }
-        })
-        .collect())
+            })
+            .collect(),
+    ))
 }
 
 async fn fail_attempt(
