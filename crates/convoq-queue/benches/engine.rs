@@ -24,6 +24,8 @@
 //! (in cores), the busy share of the busiest `sqlx-sqlite-worker` thread (the writer
 //! connection's thread) and context switches per job, to tell what bounds the figure.
 //!
+//! The bench runs on mimalloc, the allocator of the `convoq` binary.
+//!
 //! Progress goes to stderr; the Markdown report to stdout.
 
 use std::collections::HashMap;
@@ -39,6 +41,11 @@ use convoq_queue::sql::{Durability, SqlConfig, SqlEngine};
 use convoq_queue::{
     Completion, Engine, Job, NewJob, ProcessError, Processor, Queues, WorkerOptions,
 };
+
+/// The allocator of the `convoq` binary, so that the figures are those of the engine as it runs
+/// there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const QUEUE: &str = "bench";
 const JOB_NAME: &str = "noop";
