@@ -1,6 +1,7 @@
 //! Behaviour specific to the SQL engine on SQLite: transactional effects, group commit, and
 //! refusing corrupt or foreign data without panicking.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,31 +25,57 @@ async fn engine(dir: &tempfile::TempDir) -> (Arc<SqlEngine>, String) {
     )
 }
 
-/// Inserts a row into `effects`, or fails as told.
+/// Inserts a row into `effects`, or fails as told. Effects of one batch are applied as a group,
+/// in one statement (counted in `GROUP_CALLS` when their first key starts with `g`, the keys of
+/// the one test that reads it, since tests of this binary may run in parallel threads).
 struct InsertRow {
     key: String,
     fail: Option<ProcessError>,
 }
 
+static GROUP_CALLS: AtomicUsize = AtomicUsize::new(0);
+
 #[async_trait]
 impl TxEffect for InsertRow {
-    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
+    async fn apply(&self, conn: SqlConn<'_>, now_ms: i64) -> Result<(), ProcessError> {
+        self.apply_group(&[self], conn, now_ms).await
+    }
+    fn group(&self) -> Option<&'static str> {
+        Some("insert-row")
+    }
+    async fn apply_group(
+        &self,
+        effects: &[&dyn TxEffect],
+        conn: SqlConn<'_>,
+        _now_ms: i64,
+    ) -> Result<(), ProcessError> {
+        if self.key.starts_with('g') {
+            GROUP_CALLS.fetch_add(1, Ordering::Relaxed);
+        }
         let SqlConn::Sqlite(conn) = conn else {
             return Err(ProcessError::unrecoverable("this test runs on SQLite"));
         };
+        let rows: Vec<&InsertRow> = effects
+            .iter()
+            .filter_map(|e| e.as_any()?.downcast_ref())
+            .collect();
         sqlx::query("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
             .execute(&mut *conn)
             .await
             .map_err(ProcessError::retryable)?;
-        sqlx::query("INSERT INTO effects (key) VALUES (?)")
-            .bind(&self.key)
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        sqlx::query("INSERT INTO effects (key) SELECT value FROM json_each(?)")
+            .bind(serde_json::to_string(&keys).unwrap())
             .execute(&mut *conn)
             .await
             .map_err(ProcessError::retryable)?;
-        match &self.fail {
-            Some(e) => Err(e.clone()),
+        match rows.iter().find_map(|r| r.fail.clone()) {
+            Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
@@ -263,6 +290,7 @@ async fn a_failing_effect_in_a_group_fails_alone() {
     let claimed = engine.claim(Q, 12, LEASE).await.unwrap().jobs;
     assert_eq!(claimed.len(), 12);
     let before = engine.write_stats();
+    let group_calls = GROUP_CALLS.load(Ordering::Relaxed);
     // On this single-threaded runtime every finish is queued before the writer runs, so the
     // twelve land in one batch.
     let results = futures::future::join_all(claimed.iter().enumerate().map(|(i, c)| {
@@ -273,6 +301,8 @@ async fn a_failing_effect_in_a_group_fails_alone() {
     let after = engine.write_stats();
     assert_eq!(after.operations - before.operations, 12);
     assert_eq!(after.commits - before.commits, 1, "one batch, one commit");
+    // One call for the group, which failed, then one per effect.
+    assert_eq!(GROUP_CALLS.load(Ordering::Relaxed) - group_calls, 1 + 12);
     for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
         assert_eq!(r.is_ok(), i != 5, "job {i}: {r:?}");
         let key = format!("g{i}");

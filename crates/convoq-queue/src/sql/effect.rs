@@ -4,6 +4,8 @@
 //! This is how "create the conversation, enqueue the audit event and complete the job" becomes
 //! one commit on the embedded default: either all of it happened or none of it did.
 
+use std::any::Any;
+
 use async_trait::async_trait;
 
 use crate::error::ProcessError;
@@ -16,14 +18,56 @@ pub enum SqlConn<'a> {
     Postgres(&'a mut sqlx::PgConnection),
 }
 
+impl SqlConn<'_> {
+    /// The same connection, borrowed again (to hand to one effect after another).
+    pub fn reborrow(&mut self) -> SqlConn<'_> {
+        match self {
+            SqlConn::Sqlite(c) => SqlConn::Sqlite(c),
+            SqlConn::Postgres(c) => SqlConn::Postgres(c),
+        }
+    }
+}
+
 /// Database work committed atomically with a job's completion.
 ///
-/// The engine runs `apply` after it has checked the job's lease, inside a savepoint: if `apply`
-/// fails, its writes are rolled back and the attempt fails with its error (retryable or not).
-/// It may run more than once if the batch it was in had to be retried, so it must be idempotent
-/// within the transaction (it always is when the whole transaction is rolled back).
+/// The engine runs `apply` after it has checked the job's lease. If `apply` fails, its writes
+/// are rolled back and the attempt fails with its error (retryable or not); the other
+/// completions of the batch are not affected. It may run more than once if the batch it was
+/// in had to be applied again, so it must be idempotent within the transaction (it always is
+/// when the whole transaction is rolled back).
+///
+/// Effects of one kind can be applied together, in one statement: they name the same
+/// [`TxEffect::group`], and the engine hands all of a batch's effects of that group to one
+/// [`TxEffect::apply_group`]. If that fails, the engine rolls the batch back and applies each
+/// effect alone, so that the failure is pinned on its own attempt.
 #[async_trait]
 pub trait TxEffect: Send + Sync + 'static {
     /// Does the work on `conn`. `now_ms` is the engine's clock reading for this commit.
     async fn apply(&self, conn: SqlConn<'_>, now_ms: i64) -> Result<(), ProcessError>;
+
+    /// The group this effect can be applied with; `None` (the default): alone.
+    fn group(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Applies `effects`, every one of this effect's group in a batch (this one first), as one.
+    /// By default one by one. An error need not say which effect failed: the engine then
+    /// applies each alone.
+    async fn apply_group(
+        &self,
+        effects: &[&dyn TxEffect],
+        mut conn: SqlConn<'_>,
+        now_ms: i64,
+    ) -> Result<(), ProcessError> {
+        for effect in effects {
+            effect.apply(conn.reborrow(), now_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// This effect as [`Any`], so that [`TxEffect::apply_group`] can read the others of its
+    /// group; `None` (the default) for an effect without a group.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
+    }
 }

@@ -16,8 +16,9 @@
 //! their follow-up jobs in one add. If an effect fails, or a completion that was only counted
 //! turns out to have lost its lease, the batch is rolled back and applied again with
 //! completions that carry effects one by one, each effect in a savepoint, so that the failure
-//! is its attempt's alone. A batch therefore costs a handful of statements rather than a few
-//! per job, which is what bounds a writer that talks to its database one statement at a time.
+//! is its attempt's alone. The batch's adds are applied together as well, after the
+//! completions. A batch therefore costs a handful of statements rather than a few per job,
+//! which is what bounds a writer that talks to its database one statement at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
+use super::effect::TxEffect;
 use super::Shared;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
@@ -269,9 +271,10 @@ pub(crate) enum Abort {
     /// The database failed.
     Sql(sqlx::Error),
     /// An effect or follow-up failed in a batch applied without savepoints (its partial writes
-    /// cannot be undone alone), or a completion lost its lease in a batch whose completions
-    /// were only counted: the batch is applied again with a savepoint per effect and every
-    /// completion answered by name.
+    /// cannot be undone alone), a completion lost its lease in a batch whose completions were
+    /// only counted, or the batch's adds, applied as one, were refused: the batch is applied
+    /// again with a savepoint per effect, every completion answered by name and each add on its
+    /// own.
     Careful,
 }
 
@@ -285,12 +288,13 @@ impl From<sqlx::Error> for Abort {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Every completion in one fenced statement (counted, where the dialect prefers), effects
-    /// without savepoints, every follow-up job in one add: a handful of statements per batch,
-    /// whatever its size. Any effect failure or lost lease aborts the batch with
-    /// [`Abort::Careful`].
+    /// without savepoints, every follow-up job in one add, every add in one: a handful of
+    /// statements per batch, whatever its size. Any effect failure, lost lease or refused add
+    /// aborts the batch with [`Abort::Careful`].
     Grouped,
     /// Completions that carry effects or follow-ups one by one, each effect in a savepoint, so
-    /// that a failing effect fails its own attempt only; every completion answered by name.
+    /// that a failing effect fails its own attempt only; every completion answered by name;
+    /// each add on its own.
     Careful,
 }
 
@@ -483,19 +487,82 @@ async fn complete_together<D: Dialect>(
         return Err(Abort::Careful);
     };
     let mut follow_ups = Vec::new();
+    let mut effects: Vec<&dyn TxEffect> = Vec::new();
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {
-            if let Some(effect) = &c.effect {
-                if effect.apply(d.effect_conn(conn)?, now).await.is_err() {
-                    return Err(Abort::Careful);
-                }
-            }
+            effects.extend(c.effect.as_deref());
             follow_ups.extend(c.follow_ups.iter().cloned());
         }
         answers[*i] = Some(r);
     }
+    // Effects of one group in one call, the others one by one.
+    let mut groups: Vec<(&'static str, Vec<&dyn TxEffect>)> = Vec::new();
+    for effect in effects {
+        let Some(name) = effect.group() else {
+            if effect.apply(d.effect_conn(conn)?, now).await.is_err() {
+                return Err(Abort::Careful);
+            }
+            continue;
+        };
+        match groups.iter_mut().find(|(g, _)| *g == name) {
+            Some((_, members)) => members.push(effect),
+            None => groups.push((name, vec![effect])),
+        }
+    }
+    for (_, members) in groups {
+        let first = members[0];
+        if first
+            .apply_group(&members, d.effect_conn(conn)?, now)
+            .await
+            .is_err()
+        {
+            return Err(Abort::Careful);
+        }
+    }
     if !follow_ups.is_empty() && d.add_jobs(conn, &follow_ups, now, batch).await?.is_err() {
         return Err(Abort::Careful);
+    }
+    Ok(answers)
+}
+
+/// Applies the batch's adds together: in [`Mode::Grouped`], every job of every add in one
+/// [`Dialect::add_jobs`], each add answered with its own jobs; if that refuses (an inner error
+/// cannot be pinned on one add), the batch is applied again carefully, where each add goes
+/// alone. Returns each add's answer by the index of its operation.
+async fn add_together<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    now: i64,
+    mode: Mode,
+    batch: &mut Batch,
+) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort> {
+    let mut answers: Vec<Option<Result<Vec<Added>>>> = Vec::new();
+    answers.resize_with(ops.len(), || None);
+    let adds: Vec<(usize, &[NewJob])> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, op)| match op {
+            Op::Add { jobs, .. } => Some((i, jobs.as_slice())),
+            _ => None,
+        })
+        .collect();
+    if mode == Mode::Careful || adds.len() < 2 {
+        for (i, jobs) in adds {
+            answers[i] = Some(d.add_jobs(conn, jobs, now, batch).await?);
+        }
+        return Ok(answers);
+    }
+    let all: Vec<NewJob> = adds
+        .iter()
+        .flat_map(|(_, jobs)| jobs.iter().cloned())
+        .collect();
+    let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
+        return Err(Abort::Careful);
+    };
+    let mut added = added.into_iter();
+    for (i, jobs) in adds {
+        answers[i] = Some(Ok(added.by_ref().take(jobs.len()).collect()));
     }
     Ok(answers)
 }
@@ -511,7 +578,9 @@ async fn apply_ops<D: Dialect>(
     let mut dones = Vec::with_capacity(ops.len());
     // Completions go first, together. Operations of one batch come from concurrent callers, so
     // their order among themselves is no one's promise.
+    // Then adds, together too, so that this batch's claims can take what they added.
     let mut together = complete_together(d, conn, ops, now, mode, &mut batch).await?;
+    let mut added = add_together(d, conn, ops, now, mode, &mut batch).await?;
     for (i, op) in ops.iter().enumerate() {
         if let Some(r) = together[i].take() {
             dones.push(Done::Unit(r));
@@ -519,7 +588,11 @@ async fn apply_ops<D: Dialect>(
         }
         let b = &mut batch;
         let done = match op {
-            Op::Add { jobs, .. } => Done::Added(d.add_jobs(conn, jobs, now, b).await?),
+            Op::Add { .. } => Done::Added(added[i].take().unwrap_or_else(|| {
+                Err(QueueError::Corrupt(
+                    "an add was left out of its batch".into(),
+                ))
+            })),
             Op::Claim {
                 queue,
                 max,

@@ -91,7 +91,8 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {
-        write::add_jobs(w.begun().await?, jobs, now, batch).await
+        let (begin, conn) = w.with_begin();
+        write::add_jobs(conn, begin, jobs, now, batch).await
     }
     async fn claim(
         &self,

@@ -33,33 +33,10 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
 }
 
-/// The most rows one multi-row statement carries (9 parameters a row stays far below SQLite's
-/// limit of 32,766).
-const MAX_ROWS: usize = 256;
-
-/// Splits `n` rows into statement sizes that are powers of two (256, then 128, 64, …, 1), so
-/// that a handful of statement texts, each prepared once and cached by the driver, carry any
-/// number of rows.
-fn row_chunks(n: usize) -> impl Iterator<Item = usize> {
-    let mut left = n;
-    std::iter::from_fn(move || {
-        if left == 0 {
-            return None;
-        }
-        let size = if left >= MAX_ROWS {
-            MAX_ROWS
-        } else {
-            1 << (usize::BITS - 1 - left.leading_zeros())
-        };
-        left -= size;
-        Some(size)
-    })
-}
-
 /// Rows for a statement that reads them with `json_each(?)`, one JSON array per row (a value
 /// that is itself JSON text goes as a string, so that `->>` gives it back exactly): one
-/// parameter and one statement text for any number of rows, where multi-row `VALUES` need a
-/// text per size.
+/// parameter and one statement text for any number of rows (multi-row `VALUES` would need a
+/// text per size, each prepared apart).
 fn json_rows<R: serde::Serialize>(rows: impl Iterator<Item = R>) -> String {
     to_json(&rows.collect::<Vec<R>>())
 }
@@ -81,16 +58,12 @@ async fn last_changes<'q>(
     Ok(last)
 }
 
-/// `row` repeated `rows` times, comma-separated: the VALUES of a multi-row statement.
-fn values(rows: usize, row: &str) -> String {
-    vec![row; rows].join(", ")
-}
-
-/// Inserts jobs with multi-row statements (see [`row_chunks`]), so that a bulk add costs a few
-/// round trips to SQLite whatever its size; a custom id that exists already yields the existing
-/// job.
+/// Inserts jobs in one statement whatever their number (see [`json_rows`]), after `begin` (the
+/// transaction's opening, if no statement has opened it); a custom id that exists already
+/// yields the existing job.
 pub(crate) async fn add_jobs(
     conn: &mut SqliteConnection,
+    begin: &str,
     jobs: &[NewJob],
     now: i64,
     batch: &mut Batch,
@@ -107,33 +80,33 @@ pub(crate) async fn add_jobs(
             (id, now.saturating_add(delay))
         })
         .collect();
-    let mut fresh: HashSet<(String, String)> = HashSet::with_capacity(jobs.len());
-    let mut start = 0;
-    for size in row_chunks(jobs.len()) {
-        let sql = format!(
-            "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, max_attempts, \
-             created_at, state) VALUES {} ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
-            values(size, "(?, ?, ?, ?, ?, ?, ?, ?, ?, 'waiting')")
-        );
-        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
-        for (job, (id, run_at)) in jobs[start..start + size]
-            .iter()
-            .zip(&planned[start..start + size])
-        {
-            q = q
-                .bind(&job.queue)
-                .bind(id)
-                .bind(&job.name)
-                .bind(to_json(&job.data))
-                .bind(to_json(&job.opts))
-                .bind(job.opts.priority.unwrap_or(0) as i64)
-                .bind(*run_at)
-                .bind(job.opts.max_attempts() as i64)
-                .bind(now);
-        }
-        fresh.extend(q.fetch_all(&mut *conn).await?);
-        start += size;
-    }
+    let rows = json_rows(jobs.iter().zip(&planned).map(|(job, (id, run_at))| {
+        (
+            &job.queue,
+            id,
+            &job.name,
+            to_json(&job.data),
+            to_json(&job.opts),
+            job.opts.priority.unwrap_or(0) as i64,
+            *run_at,
+            job.opts.max_attempts() as i64,
+        )
+    }));
+    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
+    let sql = format!(
+        "{begin}INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
+         max_attempts, created_at, state) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+         value ->> 6, value ->> 7, ?, 'waiting' FROM json_each(?) WHERE true \
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id"
+    );
+    let mut fresh: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(&sql)
+        .bind(now)
+        .bind(rows)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
     let mut out = Vec::with_capacity(jobs.len());
     for (job, (id, run_at)) in jobs.iter().zip(planned) {
         // `remove` so that a custom id listed twice is created once and found once.
@@ -354,7 +327,7 @@ pub(crate) async fn finish(
                 }
                 sqlx::query("RELEASE effect").execute(&mut *conn).await?;
             }
-            match add_jobs(conn, &c.follow_ups, now, batch).await? {
+            match add_jobs(conn, "", &c.follow_ups, now, batch).await? {
                 Ok(_) => {}
                 Err(e) => return Ok(Err(e)),
             }
@@ -832,24 +805,5 @@ pub(crate) async fn remove(
             batch.changed(queue, id);
             Ok(Ok(true))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn row_chunks_are_powers_of_two_that_add_up() {
-        for n in [0, 1, 2, 3, 255, 256, 257, 1000, 5000] {
-            let sizes: Vec<usize> = row_chunks(n).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}");
-            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= MAX_ROWS));
-        }
-        assert_eq!(
-            row_chunks(1000).collect::<Vec<_>>(),
-            [256, 256, 256, 128, 64, 32, 8]
-        );
-        assert_eq!(values(2, "(?, ?)"), "(?, ?), (?, ?)");
     }
 }
