@@ -6,6 +6,7 @@
 //! audit job and the completion commit in one transaction. Otherwise it inserts on its own first; the inserts are idempotent, so a
 //! retried job still has one effect.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -63,10 +64,38 @@ struct InsertConversation(Store, NewConversation, DateTime<Utc>);
 impl TxEffect for InsertConversation {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
         self.0
-            .insert_conversation_in(conn, &self.1, self.2)
+            .insert_conversations_in(conn, &[(&self.1, self.2)])
             .await
             .map_err(classify)
     }
+    fn group(&self) -> Option<&'static str> {
+        Some(std::any::type_name::<Self>())
+    }
+    async fn apply_group(
+        &self,
+        effects: &[&dyn TxEffect],
+        conn: SqlConn<'_>,
+        _now_ms: i64,
+    ) -> Result<(), ProcessError> {
+        let rows = group_of::<Self>(effects)?;
+        let rows: Vec<_> = rows.iter().map(|e| (&e.1, e.2)).collect();
+        self.0
+            .insert_conversations_in(conn, &rows)
+            .await
+            .map_err(classify)
+    }
+    fn as_any(&self) -> Option<&dyn Any> {
+        Some(self)
+    }
+}
+
+/// The effects of a group, as the type that named it.
+fn group_of<'a, T: 'static>(effects: &[&'a dyn TxEffect]) -> Result<Vec<&'a T>, ProcessError> {
+    effects
+        .iter()
+        .map(|e| e.as_any().and_then(|a| a.downcast_ref::<T>()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ProcessError::retryable("an effect of another kind was grouped with these"))
 }
 
 #[async_trait]
@@ -158,9 +187,25 @@ struct InsertAudit(Store, NewAuditEvent, DateTime<Utc>);
 impl TxEffect for InsertAudit {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
         self.0
-            .insert_audit_in(conn, &self.1, self.2)
+            .insert_audits_in(conn, &[(&self.1, self.2)])
             .await
             .map_err(classify)
+    }
+    fn group(&self) -> Option<&'static str> {
+        Some(std::any::type_name::<Self>())
+    }
+    async fn apply_group(
+        &self,
+        effects: &[&dyn TxEffect],
+        conn: SqlConn<'_>,
+        _now_ms: i64,
+    ) -> Result<(), ProcessError> {
+        let rows = group_of::<Self>(effects)?;
+        let rows: Vec<_> = rows.iter().map(|e| (&e.1, e.2)).collect();
+        self.0.insert_audits_in(conn, &rows).await.map_err(classify)
+    }
+    fn as_any(&self) -> Option<&dyn Any> {
+        Some(self)
     }
 }
 

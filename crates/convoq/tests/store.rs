@@ -24,6 +24,7 @@ on_each_database!(
     users_upsert_and_conflict,
     conversations_insert_once_and_page_newest_first,
     inserts_run_inside_a_callers_transaction,
+    group_inserts_are_one_statement_all_or_nothing,
     every_operation_is_timed,
 );
 
@@ -165,11 +166,11 @@ async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
                 .await
                 .expect("begin");
             store
-                .insert_conversation_in(SqlConn::Sqlite(&mut conn), &c, now)
+                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &[(&c, now)])
                 .await
                 .expect("insert");
             store
-                .insert_audit_in(SqlConn::Sqlite(&mut conn), &a, now)
+                .insert_audits_in(SqlConn::Sqlite(&mut conn), &[(&a, now)])
                 .await
                 .expect("audit");
             let end = if commit { "COMMIT" } else { "ROLLBACK" };
@@ -181,11 +182,11 @@ async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
                 .await
                 .expect("begin");
             store
-                .insert_conversation_in(SqlConn::Postgres(&mut conn), &c, now)
+                .insert_conversations_in(SqlConn::Postgres(&mut conn), &[(&c, now)])
                 .await
                 .expect("insert");
             store
-                .insert_audit_in(SqlConn::Postgres(&mut conn), &a, now)
+                .insert_audits_in(SqlConn::Postgres(&mut conn), &[(&a, now)])
                 .await
                 .expect("audit");
             let end = if commit { "COMMIT" } else { "ROLLBACK" };
@@ -212,6 +213,93 @@ async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
         .await
         .expect("audit")
         .is_empty());
+}
+
+/// Several conversations (or audit events) in one call: all inserted, idempotently; one unknown
+/// user among them fails the statement and inserts none.
+async fn group_inserts_are_one_statement_all_or_nothing(db: TestDatabase) {
+    let url = db.url.as_str();
+    let store = open(url).await;
+    store
+        .upsert_user("u1", "1", "alice", None)
+        .await
+        .expect("user");
+    let now = Utc::now();
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let good: Vec<NewConversation> = ids
+        .iter()
+        .map(|id| conversation(id, "u1", Some("a \"quoted\" title")))
+        .collect();
+    let events: Vec<NewAuditEvent> = ids
+        .iter()
+        .map(|id| NewAuditEvent {
+            id: format!("conversation.created-{id}"),
+            event: "conversation.created".to_owned(),
+            subject_id: id.clone(),
+            actor: "test".to_owned(),
+            request_id: None,
+        })
+        .collect();
+    let stray: Vec<String> = (0..2).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let mixed = [
+        conversation(&stray[0], "u1", None),
+        conversation(&stray[1], "ghost", None),
+    ];
+    let good_rows: Vec<_> = good.iter().map(|c| (c, now)).collect();
+    let mixed_rows: Vec<_> = mixed.iter().map(|c| (c, now)).collect();
+    let audits: Vec<_> = events.iter().map(|e| (e, now)).collect();
+    let (first, again, refused, audited) = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+        (
+            store
+                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &good_rows)
+                .await,
+            store
+                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &good_rows)
+                .await,
+            store
+                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &mixed_rows)
+                .await,
+            store
+                .insert_audits_in(SqlConn::Sqlite(&mut conn), &audits)
+                .await,
+        )
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        (
+            store
+                .insert_conversations_in(SqlConn::Postgres(&mut conn), &good_rows)
+                .await,
+            store
+                .insert_conversations_in(SqlConn::Postgres(&mut conn), &good_rows)
+                .await,
+            store
+                .insert_conversations_in(SqlConn::Postgres(&mut conn), &mixed_rows)
+                .await,
+            store
+                .insert_audits_in(SqlConn::Postgres(&mut conn), &audits)
+                .await,
+        )
+    };
+    first.expect("three new conversations");
+    again.expect("inserting them again changes nothing");
+    assert!(
+        matches!(refused, Err(StoreError::UnknownUser(_))),
+        "{refused:?}"
+    );
+    audited.expect("three audit events");
+    for id in &ids {
+        let c = store
+            .get_conversation(id)
+            .await
+            .expect("read")
+            .expect("row");
+        assert_eq!(c.title.as_deref(), Some("a \"quoted\" title"));
+        assert_eq!(store.audit_events_for(id).await.expect("audit").len(), 1);
+    }
+    for id in &stray {
+        assert!(store.get_conversation(id).await.expect("read").is_none());
+    }
 }
 
 async fn every_operation_is_timed(db: TestDatabase) {

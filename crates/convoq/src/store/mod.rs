@@ -294,34 +294,38 @@ impl Store {
         let _t = self.metrics.db_timer("insert_conversation");
         let r = match &self.db {
             Db::Sqlite(p) => match p.acquire().await {
-                Ok(mut conn) => sqlite::insert_conversation(&mut conn, c, now).await,
+                Ok(mut conn) => sqlite::insert_conversations(&mut conn, &[(c, now)]).await,
                 Err(e) => Err(e),
             },
             Db::Postgres(p) => match p.acquire().await {
-                Ok(mut conn) => postgres::insert_conversation(&mut conn, c, now).await,
+                Ok(mut conn) => postgres::insert_conversations(&mut conn, &[(c, now)]).await,
                 Err(e) => Err(e),
             },
         };
         r.map_err(|e| conversation_err(e, c))
     }
 
-    /// Inserts a conversation on `conn`, inside the queue engine's open transaction (when the
-    /// queue and the store share one database). Idempotent.
+    /// Inserts conversations on `conn` in one statement, inside the queue engine's open
+    /// transaction (when the queue and the store share one database). Idempotent per
+    /// conversation. Timed once per call, under the single insert's operation name.
     ///
     /// # Errors
-    /// [`StoreError::UnknownUser`] when the user does not exist.
-    pub async fn insert_conversation_in(
+    /// [`StoreError::UnknownUser`] when a user does not exist (the first row's user, when there
+    /// are several: the caller applies them one by one to tell which); nothing is inserted.
+    pub async fn insert_conversations_in(
         &self,
         conn: SqlConn<'_>,
-        c: &NewConversation,
-        now: DateTime<Utc>,
+        rows: &[(&NewConversation, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_conversation");
         let r = match conn {
-            SqlConn::Sqlite(conn) => sqlite::insert_conversation(conn, c, now).await,
-            SqlConn::Postgres(conn) => postgres::insert_conversation(conn, c, now).await,
+            SqlConn::Sqlite(conn) => sqlite::insert_conversations(conn, rows).await,
+            SqlConn::Postgres(conn) => postgres::insert_conversations(conn, rows).await,
         };
-        r.map_err(|e| conversation_err(e, c))
+        match rows.first() {
+            Some((c, _)) => r.map_err(|e| conversation_err(e, c)),
+            None => r.map_err(map_err),
+        }
     }
 
     /// Records an audit event on its own.
@@ -336,32 +340,31 @@ impl Store {
         let _t = self.metrics.db_timer("insert_audit_event");
         let r = match &self.db {
             Db::Sqlite(p) => match p.acquire().await {
-                Ok(mut conn) => sqlite::insert_audit(&mut conn, e, now).await,
+                Ok(mut conn) => sqlite::insert_audits(&mut conn, &[(e, now)]).await,
                 Err(err) => Err(err),
             },
             Db::Postgres(p) => match p.acquire().await {
-                Ok(mut conn) => postgres::insert_audit(&mut conn, e, now).await,
+                Ok(mut conn) => postgres::insert_audits(&mut conn, &[(e, now)]).await,
                 Err(err) => Err(err),
             },
         };
         r.map_err(map_err)
     }
 
-    /// Records an audit event on `conn`, inside the queue engine's open transaction.
-    /// Idempotent.
+    /// Records audit events on `conn` in one statement, inside the queue engine's open
+    /// transaction. Idempotent per event.
     ///
     /// # Errors
     /// When the store cannot be written.
-    pub async fn insert_audit_in(
+    pub async fn insert_audits_in(
         &self,
         conn: SqlConn<'_>,
-        e: &NewAuditEvent,
-        now: DateTime<Utc>,
+        rows: &[(&NewAuditEvent, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_audit_event");
         let r = match conn {
-            SqlConn::Sqlite(conn) => sqlite::insert_audit(conn, e, now).await,
-            SqlConn::Postgres(conn) => postgres::insert_audit(conn, e, now).await,
+            SqlConn::Sqlite(conn) => sqlite::insert_audits(conn, rows).await,
+            SqlConn::Postgres(conn) => postgres::insert_audits(conn, rows).await,
         };
         r.map_err(map_err)
     }

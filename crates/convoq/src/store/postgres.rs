@@ -194,42 +194,60 @@ pub(super) async fn audit_events_for(
         .collect()
 }
 
-/// Inserts a conversation on `conn` (a pool's, or inside the queue's transaction). Idempotent.
-pub(super) async fn insert_conversation(
+/// Inserts conversations on `conn` in one statement, the rows passed as arrays. Idempotent per
+/// conversation; an unknown user fails the whole statement.
+pub(super) async fn insert_conversations(
     conn: &mut PgConnection,
-    c: &NewConversation,
-    now: DateTime<Utc>,
+    rows: &[(&NewConversation, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = rows.iter().map(|(c, _)| c.id.as_str()).collect();
+    let users: Vec<&str> = rows.iter().map(|(c, _)| c.user_id.as_str()).collect();
+    let titles: Vec<Option<&str>> = rows.iter().map(|(c, _)| c.title.as_deref()).collect();
+    let modes: Vec<&str> = rows
+        .iter()
+        .map(|(c, _)| c.personality_mode.as_str())
+        .collect();
+    let ats: Vec<DateTime<Utc>> = rows.iter().map(|(_, at)| millis(*at)).collect();
     sqlx::query(
         "INSERT INTO conversations (id, user_id, title, personality_mode, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO NOTHING",
+         SELECT id, user_id, title, mode, at, at \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+           AS r (id, user_id, title, mode, at) \
+         ON CONFLICT (id) DO NOTHING",
     )
-    .bind(&c.id)
-    .bind(&c.user_id)
-    .bind(&c.title)
-    .bind(&c.personality_mode)
-    .bind(millis(now))
+    .bind(ids)
+    .bind(users)
+    .bind(titles)
+    .bind(modes)
+    .bind(ats)
     .execute(conn)
     .await
     .map(drop)
 }
 
-/// Records an audit event on `conn`. Idempotent.
-pub(super) async fn insert_audit(
+/// Records audit events on `conn` in one statement. Idempotent per event.
+pub(super) async fn insert_audits(
     conn: &mut PgConnection,
-    e: &NewAuditEvent,
-    now: DateTime<Utc>,
+    rows: &[(&NewAuditEvent, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = rows.iter().map(|(e, _)| e.id.as_str()).collect();
+    let events: Vec<&str> = rows.iter().map(|(e, _)| e.event.as_str()).collect();
+    let subjects: Vec<&str> = rows.iter().map(|(e, _)| e.subject_id.as_str()).collect();
+    let actors: Vec<&str> = rows.iter().map(|(e, _)| e.actor.as_str()).collect();
+    let requests: Vec<Option<&str>> = rows.iter().map(|(e, _)| e.request_id.as_deref()).collect();
+    let ats: Vec<DateTime<Utc>> = rows.iter().map(|(_, at)| millis(*at)).collect();
     sqlx::query(
         "INSERT INTO audit_log (id, event, subject_id, actor, request_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+           $6::timestamptz[]) \
+         ON CONFLICT (id) DO NOTHING",
     )
-    .bind(&e.id)
-    .bind(&e.event)
-    .bind(&e.subject_id)
-    .bind(&e.actor)
-    .bind(&e.request_id)
-    .bind(millis(now))
+    .bind(ids)
+    .bind(events)
+    .bind(subjects)
+    .bind(actors)
+    .bind(requests)
+    .bind(ats)
     .execute(conn)
     .await
     .map(drop)

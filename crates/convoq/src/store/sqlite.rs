@@ -170,46 +170,69 @@ pub(super) async fn audit_events_for(
         .collect()
 }
 
-/// Inserts a conversation on `conn` (a pool's, or inside the queue's transaction). Idempotent.
-pub(super) async fn insert_conversation(
+/// Inserts conversations on `conn` in one statement, the rows passed as one JSON parameter.
+/// Idempotent per conversation; an unknown user fails the whole statement.
+pub(super) async fn insert_conversations(
     conn: &mut SqliteConnection,
-    c: &NewConversation,
-    now: DateTime<Utc>,
+    rows: &[(&NewConversation, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
-    let now = timestamp(now);
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(c, at)| {
+            (
+                &c.id,
+                &c.user_id,
+                &c.title,
+                &c.personality_mode,
+                timestamp(*at),
+            )
+        })
+        .collect();
+    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
     sqlx::query(
         "INSERT INTO conversations (id, user_id, title, personality_mode, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 4 \
+         FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
     )
-    .bind(&c.id)
-    .bind(&c.user_id)
-    .bind(&c.title)
-    .bind(&c.personality_mode)
-    .bind(&now)
+    .bind(json_rows(&rows))
     .execute(conn)
     .await
     .map(drop)
 }
 
-/// Records an audit event on `conn`. Idempotent.
-pub(super) async fn insert_audit(
+/// Records audit events on `conn` in one statement. Idempotent per event.
+pub(super) async fn insert_audits(
     conn: &mut SqliteConnection,
-    e: &NewAuditEvent,
-    now: DateTime<Utc>,
+    rows: &[(&NewAuditEvent, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(e, at)| {
+            (
+                &e.id,
+                &e.event,
+                &e.subject_id,
+                &e.actor,
+                &e.request_id,
+                timestamp(*at),
+            )
+        })
+        .collect();
     sqlx::query(
         "INSERT INTO audit_log (id, event, subject_id, actor, request_id, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 \
+         FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
     )
-    .bind(&e.id)
-    .bind(&e.event)
-    .bind(&e.subject_id)
-    .bind(&e.actor)
-    .bind(&e.request_id)
-    .bind(timestamp(now))
+    .bind(json_rows(&rows))
     .execute(conn)
     .await
     .map(drop)
+}
+
+/// Rows as one JSON array of arrays, for a statement that reads them with `json_each(?)`.
+fn json_rows(rows: &impl serde::Serialize) -> String {
+    // Strings and options of strings always serialise.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
