@@ -557,11 +557,13 @@ async fn follow_sees_another_engines_changes() {
     b.close().await;
 }
 
-struct Noop;
+/// Does nothing but count its attempts.
+struct Noop(std::sync::atomic::AtomicUsize);
 
 #[async_trait]
 impl Processor for Noop {
     async fn process(&self, _: &convoq_queue::Job) -> Result<Completion, ProcessError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Completion::default())
     }
 }
@@ -606,10 +608,11 @@ async fn claim_and_complete_throughput() {
         n as f64 / add.as_secs_f64()
     );
     let before = engine.write_stats();
+    let noop = Arc::new(Noop(Default::default()));
     let started = std::time::Instant::now();
     let pool = queues
         .workers()
-        .processor("w", Arc::new(Noop))
+        .processor("w", noop.clone())
         .queue(
             Q,
             WorkerOptions {
@@ -619,12 +622,17 @@ async fn claim_and_complete_throughput() {
             },
         )
         .start();
+    // Watch the processor's own counter (a count query every few milliseconds would compete
+    // with the workers for the database), then the totals until every result has committed.
+    while noop.0.load(std::sync::atomic::Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     loop {
         let c = queues.counts(Q).await.unwrap();
         if c.completed_total as usize >= n {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let took = started.elapsed();
     let after = engine.write_stats();
