@@ -86,7 +86,7 @@ impl Default for WorkerOptions {
             poll_interval: Duration::from_millis(500),
             stalled_interval: Duration::from_secs(5),
             max_stalled: 2,
-            prune_interval: Duration::from_secs(5),
+            prune_interval: Duration::from_secs(1),
         }
     }
 }

@@ -327,16 +327,27 @@ async fn a_failing_effect_in_a_group_fails_alone() {
 /// newest `count`, with the lifetime totals untouched.
 #[tokio::test]
 async fn pruning_beyond_one_chunk_keeps_the_newest() {
+    prune_keeps_the_newest(100, 4_500).await;
+}
+
+/// The same with a count beyond the window a prune ranks first: every finished job is ranked.
+#[tokio::test]
+async fn pruning_with_a_large_count_keeps_the_newest() {
+    prune_keeps_the_newest(5_000, 9_500).await;
+}
+
+/// Finishes `n` jobs kept by count `keep`, prunes, and checks that exactly the newest `keep`
+/// are left, in chunks of 500, with the lifetime totals untouched.
+async fn prune_keeps_the_newest(keep: u64, n: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (engine, _) = engine(&dir).await;
     let queues = Queues::new(engine.clone());
     let mut opts = queues.defaults(Q);
     opts.remove_on_complete = Some(convoq_queue::KeepJobs::Keep {
-        count: Some(100),
+        count: Some(keep),
         age_secs: None,
     });
     queues.set_defaults(Q, opts);
-    let n = 4_500;
     let jobs: Vec<_> = (0..n).map(|i| NewJob::new(Q, "w", json!(i))).collect();
     queues.add_bulk(jobs).await.unwrap();
     let mut last = Vec::new();
@@ -354,19 +365,19 @@ async fn pruning_beyond_one_chunk_keeps_the_newest() {
         last = claimed.iter().map(|c| c.job.id.clone()).collect();
     }
     let before = engine.write_stats();
-    assert_eq!(engine.prune(Q).await.unwrap(), n - 100);
+    assert_eq!(engine.prune(Q).await.unwrap(), n - keep);
     assert!(
-        engine.write_stats().commits - before.commits >= 3,
-        "chunks of 2,000"
+        engine.write_stats().commits - before.commits >= (n - keep).div_ceil(500),
+        "chunks of 500"
     );
     let counts = queues.counts(Q).await.unwrap();
-    assert_eq!((counts.completed, counts.completed_total), (100, n));
+    assert_eq!((counts.completed, counts.completed_total), (keep, n));
     // The survivors are among the last ones finished.
     let mut kept = 0;
     for id in &last {
-        kept += usize::from(queues.get(Q, id).await.unwrap().is_some());
+        kept += u64::from(queues.get(Q, id).await.unwrap().is_some());
     }
-    assert_eq!(kept, 100);
+    assert_eq!(kept, keep.min(last.len() as u64));
     assert_eq!(engine.prune(Q).await.unwrap(), 0);
 }
 

@@ -67,6 +67,11 @@ CREATE TABLE cq_queues (
 DROP INDEX cq_jobs_ready;
 CREATE INDEX cq_jobs_ready ON cq_jobs (queue, state, priority, run_at, seq) WHERE state = 'waiting';
 "#,
+    // Finished jobs past their age, found without reading every finished job (retention runs
+    // every second).
+    r#"
+CREATE INDEX cq_jobs_expiry ON cq_jobs (queue, expire_at) WHERE expire_at IS NOT NULL;
+"#,
 ];
 
 /// Maps a driver error to the crate's error. Busy, locked, full and I/O conditions are

@@ -641,6 +641,10 @@ pub(crate) async fn reap_stalled(
 /// Removes at most `limit` finished jobs past their retention (expired first, then those
 /// beyond their keep count), with their events, in a few set-based statements. Lifetime totals
 /// live in `cq_queues` and are not touched.
+/// How many of a state's newest finished jobs, beyond those a prune may remove, are ranked to
+/// find the ones past their count (see [`prune`]): counts up to this are pruned cheaply.
+const PRUNE_WINDOW: i64 = 2048;
+
 pub(crate) async fn prune(
     conn: &mut SqliteConnection,
     queue: &str,
@@ -658,6 +662,31 @@ pub(crate) async fn prune(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
+    // Jobs past their count: ranked newest first among their state's jobs that have a count.
+    // Ranking every finished job costs a sort of all of them per chunk, so each state's newest
+    // `left + PRUNE_WINDOW` are ranked first (their ranks are exact: they are the newest); only
+    // if that leaves work undone (a count larger than the window) are all of them ranked.
+    for state in ["completed", "failed"] {
+        let left = limit - removed.len() as i64;
+        if left <= 0 {
+            break;
+        }
+        let surplus: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+             ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
+               SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = ?1 \
+               AND state = ?2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
+               ORDER BY finished_at DESC, seq DESC LIMIT ?3)) \
+             WHERE rn > keep_count LIMIT ?4) RETURNING id",
+        )
+        .bind(queue)
+        .bind(state)
+        .bind(left.saturating_add(PRUNE_WINDOW))
+        .bind(left)
+        .fetch_all(&mut *conn)
+        .await?;
+        removed.extend(surplus);
+    }
     let left = limit - removed.len() as i64;
     if left > 0 {
         let surplus: Vec<String> = sqlx::query_scalar(
