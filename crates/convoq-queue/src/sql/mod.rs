@@ -139,10 +139,13 @@ pub struct WriteStats {
     pub operations: u64,
 }
 
-/// The most finished jobs one prune operation removes: each shares a commit with other writes,
-/// and 500 keep its share to a few milliseconds (removing a job and its index entries costs
-/// the writer about 10 µs).
-const PRUNE_CHUNK: u64 = 500;
+/// The most finished jobs one prune operation removes on SQLite: each shares a commit with
+/// other writes, and 500 keep its share to a few milliseconds (removing a job and its index
+/// entries costs the writer about 10 µs).
+const SQLITE_PRUNE_CHUNK: u64 = 500;
+/// The same on Postgres, where a prune holds one of several writers and each operation costs a
+/// round trip and a commit of its own: fewer, larger ones.
+const POSTGRES_PRUNE_CHUNK: u64 = 2_000;
 
 /// The SQL engine. Create it with [`SqlEngine::connect`].
 pub struct SqlEngine {
@@ -154,6 +157,8 @@ pub struct SqlEngine {
     shared: Arc<Shared>,
     /// Background tasks to stop at close (the Postgres listener).
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The most finished jobs one prune operation removes.
+    prune_chunk: u64,
 }
 
 /// State shared between the engine's handle and its writer task.
@@ -251,6 +256,11 @@ impl SqlEngine {
             )));
         };
         Ok(Arc::new(SqlEngine {
+            prune_chunk: if name == "sqlite" {
+                SQLITE_PRUNE_CHUNK
+            } else {
+                POSTGRES_PRUNE_CHUNK
+            },
             owner: uuid::Uuid::now_v7().to_string(),
             name,
             clock: config.clock,
@@ -442,12 +452,12 @@ impl Engine for SqlEngine {
             let n = self
                 .request(|reply| Op::Prune {
                     queue,
-                    limit: PRUNE_CHUNK,
+                    limit: self.prune_chunk,
                     reply,
                 })
                 .await?;
             removed += n;
-            if n < PRUNE_CHUNK {
+            if n < self.prune_chunk {
                 return Ok(removed);
             }
         }

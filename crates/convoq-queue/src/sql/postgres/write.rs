@@ -648,6 +648,10 @@ pub(crate) async fn reap_stalled(
 
 /// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
 /// touched.
+/// How many of a state's newest finished jobs, beyond those a prune may remove, are ranked to
+/// find the ones past their count (see [`prune`]).
+const PRUNE_WINDOW: i64 = 2048;
+
 pub(crate) async fn prune(
     conn: &mut PgConnection,
     queue: &str,
@@ -665,6 +669,29 @@ pub(crate) async fn prune(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
+    // Jobs past their count, as on SQLite: each state's newest `left + PRUNE_WINDOW` ranked
+    // first, every finished job only if that leaves work undone.
+    for state in ["completed", "failed"] {
+        let left = limit - expired.len() as i64;
+        if left <= 0 {
+            break;
+        }
+        let surplus: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+             ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
+               SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
+               AND state = $2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
+               ORDER BY finished_at DESC, seq DESC LIMIT $3) AS newest) AS ranked \
+             WHERE rn > keep_count LIMIT $4) RETURNING id",
+        )
+        .bind(queue)
+        .bind(state)
+        .bind(left.saturating_add(PRUNE_WINDOW))
+        .bind(left)
+        .fetch_all(&mut *conn)
+        .await?;
+        expired.extend(surplus);
+    }
     let left = limit - expired.len() as i64;
     if left > 0 {
         let surplus: Vec<String> = sqlx::query_scalar(
