@@ -58,13 +58,46 @@ pub struct CreateConversation {
     pub modes: Vec<String>,
 }
 
-struct InsertConversation(Store, NewConversation, DateTime<Utc>);
+/// A row the store inserts inside the queue engine's transaction: alone, or in one statement
+/// with the others of its kind in the batch.
+struct StoreInsert<R>(Store, R, DateTime<Utc>);
+
+/// The rows a [`StoreInsert`] can carry, with the store's insert of several of them.
+#[async_trait]
+trait InsertRows: Send + Sync + Sized + 'static {
+    async fn insert(
+        store: &Store,
+        conn: SqlConn<'_>,
+        rows: &[(&Self, DateTime<Utc>)],
+    ) -> Result<(), StoreError>;
+}
 
 #[async_trait]
-impl TxEffect for InsertConversation {
+impl InsertRows for NewConversation {
+    async fn insert(
+        store: &Store,
+        conn: SqlConn<'_>,
+        rows: &[(&Self, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        store.insert_conversations_in(conn, rows).await
+    }
+}
+
+#[async_trait]
+impl InsertRows for NewAuditEvent {
+    async fn insert(
+        store: &Store,
+        conn: SqlConn<'_>,
+        rows: &[(&Self, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        store.insert_audits_in(conn, rows).await
+    }
+}
+
+#[async_trait]
+impl<R: InsertRows> TxEffect for StoreInsert<R> {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        self.0
-            .insert_conversations_in(conn, &[(&self.1, self.2)])
+        R::insert(&self.0, conn, &[(&self.1, self.2)])
             .await
             .map_err(classify)
     }
@@ -77,25 +110,19 @@ impl TxEffect for InsertConversation {
         conn: SqlConn<'_>,
         _now_ms: i64,
     ) -> Result<(), ProcessError> {
-        let rows = group_of::<Self>(effects)?;
-        let rows: Vec<_> = rows.iter().map(|e| (&e.1, e.2)).collect();
-        self.0
-            .insert_conversations_in(conn, &rows)
-            .await
-            .map_err(classify)
+        let rows = effects
+            .iter()
+            .map(|e| e.as_any().and_then(|a| a.downcast_ref::<Self>()))
+            .map(|e| e.map(|e| (&e.1, e.2)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ProcessError::retryable("an effect of another kind was grouped with these")
+            })?;
+        R::insert(&self.0, conn, &rows).await.map_err(classify)
     }
     fn as_any(&self) -> Option<&dyn Any> {
         Some(self)
     }
-}
-
-/// The effects of a group, as the type that named it.
-fn group_of<'a, T: 'static>(effects: &[&'a dyn TxEffect]) -> Result<Vec<&'a T>, ProcessError> {
-    effects
-        .iter()
-        .map(|e| e.as_any().and_then(|a| a.downcast_ref::<T>()))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| ProcessError::retryable("an effect of another kind was grouped with these"))
 }
 
 #[async_trait]
@@ -150,7 +177,7 @@ impl Processor for CreateConversation {
         }));
         completion.follow_ups.push(audit_job);
         if self.shared_transaction {
-            completion.effect = Some(Arc::new(InsertConversation(
+            completion.effect = Some(Arc::new(StoreInsert(
                 self.store.clone(),
                 conversation,
                 created_at,
@@ -181,34 +208,6 @@ pub struct RecordAuditEvent {
     pub shared_transaction: bool,
 }
 
-struct InsertAudit(Store, NewAuditEvent, DateTime<Utc>);
-
-#[async_trait]
-impl TxEffect for InsertAudit {
-    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        self.0
-            .insert_audits_in(conn, &[(&self.1, self.2)])
-            .await
-            .map_err(classify)
-    }
-    fn group(&self) -> Option<&'static str> {
-        Some(std::any::type_name::<Self>())
-    }
-    async fn apply_group(
-        &self,
-        effects: &[&dyn TxEffect],
-        conn: SqlConn<'_>,
-        _now_ms: i64,
-    ) -> Result<(), ProcessError> {
-        let rows = group_of::<Self>(effects)?;
-        let rows: Vec<_> = rows.iter().map(|e| (&e.1, e.2)).collect();
-        self.0.insert_audits_in(conn, &rows).await.map_err(classify)
-    }
-    fn as_any(&self) -> Option<&dyn Any> {
-        Some(self)
-    }
-}
-
 #[async_trait]
 impl Processor for RecordAuditEvent {
     async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
@@ -226,7 +225,7 @@ impl Processor for RecordAuditEvent {
         };
         let mut completion = Completion::with_result(json!({ "success": true, "auditId": job.id }));
         if self.shared_transaction {
-            completion.effect = Some(Arc::new(InsertAudit(self.store.clone(), event, at)));
+            completion.effect = Some(Arc::new(StoreInsert(self.store.clone(), event, at)));
         } else {
             self.store
                 .insert_audit(&event, at)

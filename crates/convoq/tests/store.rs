@@ -250,36 +250,24 @@ async fn group_inserts_are_one_statement_all_or_nothing(db: TestDatabase) {
     let audits: Vec<_> = events.iter().map(|e| (e, now)).collect();
     let (first, again, refused, audited) = if url.starts_with("sqlite:") {
         let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
-        (
-            store
-                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &good_rows)
-                .await,
-            store
-                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &good_rows)
-                .await,
-            store
-                .insert_conversations_in(SqlConn::Sqlite(&mut conn), &mixed_rows)
-                .await,
-            store
-                .insert_audits_in(SqlConn::Sqlite(&mut conn), &audits)
-                .await,
+        group_inserts(
+            &store,
+            SqlConn::Sqlite(&mut conn),
+            &good_rows,
+            &mixed_rows,
+            &audits,
         )
+        .await
     } else {
         let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-        (
-            store
-                .insert_conversations_in(SqlConn::Postgres(&mut conn), &good_rows)
-                .await,
-            store
-                .insert_conversations_in(SqlConn::Postgres(&mut conn), &good_rows)
-                .await,
-            store
-                .insert_conversations_in(SqlConn::Postgres(&mut conn), &mixed_rows)
-                .await,
-            store
-                .insert_audits_in(SqlConn::Postgres(&mut conn), &audits)
-                .await,
+        group_inserts(
+            &store,
+            SqlConn::Postgres(&mut conn),
+            &good_rows,
+            &mixed_rows,
+            &audits,
         )
+        .await
     };
     first.expect("three new conversations");
     again.expect("inserting them again changes nothing");
@@ -300,6 +288,25 @@ async fn group_inserts_are_one_statement_all_or_nothing(db: TestDatabase) {
     for id in &stray {
         assert!(store.get_conversation(id).await.expect("read").is_none());
     }
+}
+
+type Inserted = Result<(), StoreError>;
+
+/// The calls of `group_inserts_are_one_statement_all_or_nothing`, on either database: `good`
+/// twice, `mixed`, then `audits`.
+async fn group_inserts(
+    store: &Store,
+    mut conn: SqlConn<'_>,
+    good: &[(&NewConversation, chrono::DateTime<Utc>)],
+    mixed: &[(&NewConversation, chrono::DateTime<Utc>)],
+    audits: &[(&NewAuditEvent, chrono::DateTime<Utc>)],
+) -> (Inserted, Inserted, Inserted, Inserted) {
+    (
+        store.insert_conversations_in(conn.reborrow(), good).await,
+        store.insert_conversations_in(conn.reborrow(), good).await,
+        store.insert_conversations_in(conn.reborrow(), mixed).await,
+        store.insert_audits_in(conn, audits).await,
+    )
 }
 
 async fn every_operation_is_timed(db: TestDatabase) {
