@@ -17,6 +17,9 @@ use super::{
 /// has applied in `convoq_schema`.
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens the pool (lazily: the first query opens the file, creating it if needed).
 pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, StoreError> {
     let opts = SqliteConnectOptions::from_str(url)
@@ -24,7 +27,7 @@ pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, Stor
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true);
     Ok(SqlitePoolOptions::new()
         .max_connections(4)
@@ -33,13 +36,40 @@ pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, Stor
 }
 
 /// Applies the migrations the database lacks, in one immediate transaction.
+///
+/// Processes that open a new file together race to switch it to WAL mode, and SQLite answers
+/// the loser "database is locked" at once rather than through the busy timeout (two readers
+/// that both want to write would otherwise wait for each other): so a busy answer is retried,
+/// for up to the busy timeout.
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await.map_err(map_err)?;
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match migrate_once(pool).await {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.map_err(map_err),
+        }
+    }
+}
+
+async fn migrate_once(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     let r = migrate_steps(&mut conn).await;
     if r.is_err() {
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
     }
-    r.map_err(map_err)
+    r
+}
+
+/// Whether SQLite said the database is busy or locked (primary codes 5 and 6).
+fn is_busy(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 async fn migrate_steps(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
