@@ -418,3 +418,25 @@ async fn a_lost_lease_in_a_group_is_refused_alone() {
     let counts = queues.counts(Q).await.unwrap();
     assert_eq!(counts.completed_total, 7);
 }
+
+/// Engines opening a new file together (processes starting at once) all open it, and its
+/// schema steps are recorded once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_opening_a_new_file_together_migrate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    let opened =
+        futures::future::join_all((0..6).map(|_| SqlEngine::connect(SqlConfig::new(url.clone()))))
+            .await;
+    let engines: Vec<_> = opened.into_iter().map(|r| r.unwrap()).collect();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM cq_schema ORDER BY version")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1, 2, 3], "each step recorded once");
+    pool.close().await;
+    for e in engines {
+        e.close().await;
+    }
+}

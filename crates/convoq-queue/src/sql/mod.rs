@@ -287,6 +287,17 @@ impl SqlEngine {
     }
 }
 
+/// Whether SQLite said the database is busy or locked (primary codes 5 and 6): another
+/// connection holds the lock this one needs.
+pub fn sqlite_busy(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
 /// A URL with any password replaced, fit for logs and errors.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use convoq_queue::sql::sqlite_busy;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -45,7 +46,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     loop {
         match migrate_once(pool).await {
-            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+            Err(e) if sqlite_busy(&e) && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             r => return r.map_err(map_err),
@@ -60,16 +61,6 @@ async fn migrate_once(pool: &SqlitePool) -> Result<(), sqlx::Error> {
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
     }
     r
-}
-
-/// Whether SQLite said the database is busy or locked (primary codes 5 and 6).
-fn is_busy(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    db.code()
-        .and_then(|c| c.parse::<i32>().ok())
-        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 async fn migrate_steps(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {

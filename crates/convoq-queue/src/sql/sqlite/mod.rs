@@ -43,8 +43,7 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteWriter, SqliteRead
         .foreign_keys(true)
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-16000");
-    let mut writer = schema::open_writer(opts.clone()).await?;
-    schema::migrate(&mut writer).await?;
+    let writer = schema::open_writer(&opts, config.busy_timeout).await?;
     // Lazy: read connections open on first use, with the same settings but SQLite's default
     // page cache (2 MB): a reader's cache is dropped whenever the writer commits, so a large
     // one buys nothing under load and costs resident memory per connection.

@@ -6,6 +6,8 @@
 //! `cq_job_events` keeps the parts of a job's history that its row no longer shows (earlier
 //! attempts); `cq_queues` keeps pause flags and lifetime totals that survive pruning.
 
+use std::time::{Duration, Instant};
+
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 
@@ -86,18 +88,33 @@ pub(crate) fn map_err(e: sqlx::Error) -> QueueError {
     }
 }
 
-pub(crate) async fn open_writer(opts: SqliteConnectOptions) -> Result<SqliteConnection> {
-    opts.connect().await.map_err(map_err)
+/// Opens the writer connection and brings the schema up to date, under the write lock so that
+/// processes starting together migrate once. Processes that open a new file together race to
+/// switch it to WAL mode, and SQLite answers the loser "database is locked" at once rather than
+/// through the busy timeout: so a busy answer is retried, for up to `busy_timeout`.
+pub(crate) async fn open_writer(
+    opts: &SqliteConnectOptions,
+    busy_timeout: Duration,
+) -> Result<SqliteConnection> {
+    let deadline = Instant::now() + busy_timeout;
+    loop {
+        match open_once(opts).await {
+            Ok(r) => return r,
+            Err(e) if crate::sql::sqlite_busy(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+    }
 }
 
-/// Brings the schema up to date, under the write lock so that processes starting together
-/// migrate once.
-pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
-    match migrate_steps(conn).await {
-        Ok(r) => r,
+async fn open_once(opts: &SqliteConnectOptions) -> SqlResult<Result<SqliteConnection>> {
+    let mut conn = opts.connect().await?;
+    match migrate_steps(&mut conn).await {
+        Ok(r) => Ok(r.map(|()| conn)),
         Err(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(map_err(e))
+            let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+            Err(e)
         }
     }
 }
