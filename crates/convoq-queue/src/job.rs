@@ -312,6 +312,40 @@ impl NewJob {
         self.opts = opts;
         self
     }
+
+    /// When this job, added at `now_ms`, becomes ready: after its delay.
+    pub(crate) fn due_at(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(self.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64)
+    }
+
+    /// This job as an engine has just stored it under `id`, due at `run_at_ms`.
+    pub(crate) fn into_stored(self, id: String, now_ms: i64, run_at_ms: i64) -> Job {
+        Job {
+            id,
+            queue: self.queue,
+            name: self.name,
+            data: self.data,
+            opts: self.opts,
+            state: if run_at_ms > now_ms {
+                JobState::Delayed
+            } else {
+                JobState::Waiting
+            },
+            attempts_made: 0,
+            stalled_count: 0,
+            result: None,
+            failed_reason: None,
+            created_at: crate::clock::ms_to_datetime(now_ms),
+            available_at: crate::clock::ms_to_datetime(run_at_ms),
+            processed_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// [`NewJob::into_stored`] of a copy.
+    pub(crate) fn stored(&self, id: String, now_ms: i64, run_at_ms: i64) -> Job {
+        self.clone().into_stored(id, now_ms, run_at_ms)
+    }
 }
 
 /// A job as stored, read back from an engine.

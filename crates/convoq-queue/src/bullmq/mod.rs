@@ -889,29 +889,9 @@ impl Engine for BullEngine {
                 });
                 continue;
             }
-            let delay = job.opts.delay.unwrap_or(0);
-            let created = crate::clock::ms_to_datetime(now);
+            let run_at = job.due_at(now);
             out.push(Added {
-                job: Job {
-                    id,
-                    queue: job.queue,
-                    name: job.name,
-                    data: job.data,
-                    state: if delay > 0 {
-                        JobState::Delayed
-                    } else {
-                        JobState::Waiting
-                    },
-                    opts: job.opts,
-                    attempts_made: 0,
-                    stalled_count: 0,
-                    result: None,
-                    failed_reason: None,
-                    created_at: created,
-                    available_at: crate::clock::ms_to_datetime(now + delay as i64),
-                    processed_at: None,
-                    finished_at: None,
-                },
+                job: job.into_stored(id, now, run_at),
                 created: true,
             });
         }

@@ -68,7 +68,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     async fn add_jobs(
         &self,
         conn: &mut Self::Conn,
-        jobs: &[NewJob],
+        jobs: &[&NewJob],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>>;

@@ -491,7 +491,7 @@ async fn complete_together<D: Dialect>(
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {
             effects.extend(c.effect.as_deref());
-            follow_ups.extend(c.follow_ups.iter().cloned());
+            follow_ups.extend(c.follow_ups.iter());
         }
         answers[*i] = Some(r);
     }
@@ -549,14 +549,12 @@ async fn add_together<D: Dialect>(
         .collect();
     if mode == Mode::Careful || adds.len() < 2 {
         for (i, jobs) in adds {
-            answers[i] = Some(d.add_jobs(conn, jobs, now, batch).await?);
+            let jobs: Vec<&NewJob> = jobs.iter().collect();
+            answers[i] = Some(d.add_jobs(conn, &jobs, now, batch).await?);
         }
         return Ok(answers);
     }
-    let all: Vec<NewJob> = adds
-        .iter()
-        .flat_map(|(_, jobs)| jobs.iter().cloned())
-        .collect();
+    let all: Vec<&NewJob> = adds.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
     let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
         return Err(Abort::Careful);
     };

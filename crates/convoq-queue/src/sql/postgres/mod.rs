@@ -355,7 +355,7 @@ impl Dialect for Postgres {
     async fn add_jobs(
         &self,
         w: &mut PgWriter,
-        jobs: &[NewJob],
+        jobs: &[&NewJob],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {

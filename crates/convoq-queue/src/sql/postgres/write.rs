@@ -15,7 +15,6 @@ use sqlx::Row;
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
-use crate::clock::ms_to_datetime;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
@@ -53,7 +52,7 @@ fn lease_lost(claimed: &ClaimedJob) -> QueueError {
 /// conflicts, as on SQLite.
 pub(crate) async fn add_jobs(
     conn: &mut PgConnection,
-    jobs: &[NewJob],
+    jobs: &[&NewJob],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
@@ -81,7 +80,7 @@ pub(crate) async fn add_jobs(
         datas.push(to_json(&job.data));
         optss.push(to_json(&job.opts));
         priorities.push(job.opts.priority.unwrap_or(0) as i64);
-        run_ats.push(now.saturating_add(job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64));
+        run_ats.push(job.due_at(now));
         max_attempts.push(job.opts.max_attempts() as i64);
     }
     // `WITH ORDINALITY` keeps the list's order in `seq`, so that FIFO follows the order added.
@@ -125,26 +124,7 @@ pub(crate) async fn add_jobs(
             let run_at = run_ats[i];
             batch.wake(&job.queue);
             out.push(Added {
-                job: Job {
-                    id: id.clone(),
-                    queue: job.queue.clone(),
-                    name: job.name.clone(),
-                    data: job.data.clone(),
-                    opts: job.opts.clone(),
-                    state: if run_at > now {
-                        JobState::Delayed
-                    } else {
-                        JobState::Waiting
-                    },
-                    attempts_made: 0,
-                    stalled_count: 0,
-                    result: None,
-                    failed_reason: None,
-                    created_at: ms_to_datetime(now),
-                    available_at: ms_to_datetime(run_at),
-                    processed_at: None,
-                    finished_at: None,
-                },
+                job: job.stored(id.clone(), now, run_at),
                 created: true,
             });
         } else {
@@ -421,7 +401,7 @@ pub(crate) async fn finish(
                     .execute(&mut *conn)
                     .await?;
             }
-            match add_jobs(conn, &c.follow_ups, now, batch).await? {
+            match add_jobs(conn, &c.follow_ups.iter().collect::<Vec<_>>(), now, batch).await? {
                 Ok(_) => {}
                 Err(e) => return Ok(Err(e)),
             }

@@ -86,7 +86,7 @@ impl Dialect for Sqlite {
     async fn add_jobs(
         &self,
         w: &mut SqliteWriter,
-        jobs: &[NewJob],
+        jobs: &[&NewJob],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {

@@ -10,7 +10,6 @@ use sqlx::{Row, SqliteConnection};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
-use crate::clock::ms_to_datetime;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
@@ -64,7 +63,7 @@ async fn last_changes<'q>(
 pub(crate) async fn add_jobs(
     conn: &mut SqliteConnection,
     begin: &str,
-    jobs: &[NewJob],
+    jobs: &[&NewJob],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
@@ -76,8 +75,7 @@ pub(crate) async fn add_jobs(
                 .job_id
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            let delay = job.opts.delay.unwrap_or(0).min(i64::MAX as u64) as i64;
-            (id, now.saturating_add(delay))
+            (id, job.due_at(now))
         })
         .collect();
     let rows = json_rows(jobs.iter().zip(&planned).map(|(job, (id, run_at))| {
@@ -113,26 +111,7 @@ pub(crate) async fn add_jobs(
         if fresh.remove(&(job.queue.clone(), id.clone())) {
             batch.wake(&job.queue);
             out.push(Added {
-                job: Job {
-                    id,
-                    queue: job.queue.clone(),
-                    name: job.name.clone(),
-                    data: job.data.clone(),
-                    opts: job.opts.clone(),
-                    state: if run_at > now {
-                        JobState::Delayed
-                    } else {
-                        JobState::Waiting
-                    },
-                    attempts_made: 0,
-                    stalled_count: 0,
-                    result: None,
-                    failed_reason: None,
-                    created_at: ms_to_datetime(now),
-                    available_at: ms_to_datetime(run_at),
-                    processed_at: None,
-                    finished_at: None,
-                },
+                job: job.stored(id, now, run_at),
                 created: true,
             });
         } else {
@@ -327,7 +306,15 @@ pub(crate) async fn finish(
                 }
                 sqlx::query("RELEASE effect").execute(&mut *conn).await?;
             }
-            match add_jobs(conn, "", &c.follow_ups, now, batch).await? {
+            match add_jobs(
+                conn,
+                "",
+                &c.follow_ups.iter().collect::<Vec<_>>(),
+                now,
+                batch,
+            )
+            .await?
+            {
                 Ok(_) => {}
                 Err(e) => return Ok(Err(e)),
             }
