@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{count, eventually, get, open_db, request, Server};
+use support::{count, eventually, get, open_db, put_user_u1, request, Server};
 
 const TOTAL: usize = 1000;
 const CLIENTS: usize = 16;
@@ -111,16 +111,7 @@ async fn sigkill_twice_under_load_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start(dir.path(), &[("CONVOQ_LEASE_MS", "2000")]).await;
     let port = server.port;
-    let r = request(
-        port,
-        "PUT",
-        "/api/users/u1",
-        &[],
-        Some(&json!({"discordId": "1", "username": "alice"})),
-    )
-    .await
-    .expect("PUT user");
-    assert!(r.status == 200 || r.status == 201, "{}", r.text());
+    put_user_u1(port).await;
 
     let load = Arc::new(Load {
         slots: Mutex::new(vec![None; TOTAL]),

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{eventually, json_lines, request, Role, Server, TestDatabase};
+use support::{eventually, json_lines, put_user_u1, request, Role, Server, TestDatabase};
 
 const TOTAL: usize = 3000;
 const CLIENTS: usize = 16;
@@ -143,16 +143,7 @@ async fn one_api_and_three_workers_share_one_database() {
         workers.push(Server::launch(dir.path(), &name, Role::Worker, &database.url, &env).await);
     }
     let port = api.port;
-    let r = request(
-        port,
-        "PUT",
-        "/api/users/u1",
-        &[],
-        Some(&json!({"discordId": "1", "username": "alice"})),
-    )
-    .await
-    .expect("PUT user");
-    assert!(r.status == 201 || r.status == 200, "{}", r.text());
+    put_user_u1(port).await;
 
     let load = Arc::new(Load::default());
     let clients: Vec<_> = (0..CLIENTS)

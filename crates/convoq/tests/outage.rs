@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::postgres::{admin_url, with_port, Databases};
 use support::proxy::Proxy;
-use support::{eventually, get, request, Role, Server};
+use support::{eventually, get, put_user_u1, request, Role, Server};
 
 /// How long the database is unreachable.
 const OUTAGE: Duration = Duration::from_secs(20);
@@ -138,16 +138,7 @@ async fn a_20_second_database_outage_loses_and_duplicates_nothing() {
     }
     let worker_pids: Vec<u32> = workers.iter().map(Server::pid).collect();
     let port = api.port;
-    let r = request(
-        port,
-        "PUT",
-        "/api/users/u1",
-        &[],
-        Some(&json!({"discordId": "1", "username": "alice"})),
-    )
-    .await
-    .expect("PUT user");
-    assert!(r.status == 201 || r.status == 200, "{}", r.text());
+    put_user_u1(port).await;
 
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{count, free_port, get, open_db, request, Server};
+use support::{count, free_port, get, open_db, put_user_u1, request, Server};
 
 /// Load before the outage.
 const BEFORE: Duration = Duration::from_secs(3);
@@ -265,16 +265,7 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
     .await;
     let port = server.port;
     let pid = server.pid();
-    let r = request(
-        port,
-        "PUT",
-        "/api/users/u1",
-        &[],
-        Some(&json!({"discordId": "1", "username": "alice"})),
-    )
-    .await
-    .expect("PUT user");
-    assert!(r.status == 200 || r.status == 201, "{}", r.text());
+    put_user_u1(port).await;
 
     let load = Arc::new(Load::default());
     let readiness = Arc::new(Mutex::new(Vec::new()));

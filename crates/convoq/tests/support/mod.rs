@@ -559,6 +559,20 @@ pub async fn get(port: u16, path: &str) -> io::Result<Resp> {
     request(port, "GET", path, &[], None).await
 }
 
+/// Creates (or updates) user `u1`, the user the load tests post for; panics unless it is stored.
+pub async fn put_user_u1(port: u16) {
+    let r = request(
+        port,
+        "PUT",
+        "/api/users/u1",
+        &[],
+        Some(&serde_json::json!({"discordId": "1", "username": "alice"})),
+    )
+    .await
+    .expect("PUT user");
+    assert!(r.status == 200 || r.status == 201, "{}", r.text());
+}
+
 /// `GET path`, expecting 200 and JSON.
 #[track_caller]
 pub fn expect_ok(resp: io::Result<Resp>, what: &str) -> Value {
