@@ -12,7 +12,7 @@ use convoq_queue::sql::{SqlConfig, SqlEngine};
 use convoq_queue::{Engine, Queues, WorkerOptions, WorkerPool};
 
 use crate::config::{Backend, Command, Config};
-use crate::domain::{AUDIT_QUEUE, CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
+use crate::domain::{CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
 use crate::http::{self, AppState, QueueStats};
 use crate::processors::{CreateConversation, RecordAuditEvent};
 use crate::store::{Store, StoreOptions};
@@ -110,8 +110,28 @@ impl App {
                 },
             );
         }
-        let _ = AUDIT_QUEUE;
         builder.start()
+    }
+
+    /// Stops the workers of `state`, if any: in-flight jobs finish within the grace period,
+    /// the rest are released.
+    async fn stop_workers(&self, state: &AppState) {
+        let pool = state
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pool) = pool {
+            let report = pool.shutdown(self.config.shutdown_grace).await;
+            tracing::info!(released = report.released, "workers stopped");
+        }
+    }
+
+    /// Closes the queue engine and the store, last thing before exit.
+    async fn close(&self) {
+        self.queues.engine().close().await;
+        self.store.close().await;
+        tracing::info!("shutdown complete");
     }
 
     /// The HTTP state.
@@ -254,15 +274,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if let Some(stop) = stop_ops {
                 let _ = stop.send(());
             }
-            let pool = state
-                .workers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(pool) = pool {
-                let report = pool.shutdown(app.config.shutdown_grace).await;
-                tracing::info!(released = report.released, "workers stopped");
-            }
+            app.stop_workers(&state).await;
             if let Some(ops) = ops {
                 // Only probes and scrapes are served, each answered within seconds.
                 if tokio::time::timeout(std::time::Duration::from_secs(2), ops)
@@ -272,9 +284,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     tracing::warn!("health connections still open at shutdown; closing them");
                 }
             }
-            app.queues.engine().close().await;
-            app.store.close().await;
-            tracing::info!("shutdown complete");
+            app.close().await;
             Ok(())
         }
         Command::Serve { no_workers } => {
@@ -316,18 +326,8 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 ),
             }
             tracing::info!("HTTP stopped; finishing in-flight jobs");
-            let pool = state
-                .workers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(pool) = pool {
-                let report = pool.shutdown(app.config.shutdown_grace).await;
-                tracing::info!(released = report.released, "workers stopped");
-            }
-            app.queues.engine().close().await;
-            app.store.close().await;
-            tracing::info!("shutdown complete");
+            app.stop_workers(&state).await;
+            app.close().await;
             Ok(())
         }
     }
