@@ -4,6 +4,8 @@
 //!
 //! When engine semantics change, this suite changes first.
 
+pub mod postgres;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

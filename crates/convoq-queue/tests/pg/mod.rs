@@ -1,111 +1,15 @@
-//! Fresh Postgres databases for tests, from `CONVOQ_TEST_POSTGRES_URL`.
+//! The Postgres engine for this crate's tests: fresh databases from the testkit, and the
+//! conformance suite's factory.
 
 #![allow(dead_code)] // Each test crate uses its own part of this module.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use convoq_queue::sql::{SqlConfig, SqlEngine};
+pub use convoq_queue::testkit::postgres::{admin_url, Databases};
 use convoq_queue::testkit::EngineFactory;
 use convoq_queue::{Clock, Engine};
-use sqlx::Connection;
-
-/// The variable naming the test server.
-pub const VAR: &str = "CONVOQ_TEST_POSTGRES_URL";
-
-/// The admin URL, or `None` after saying that the test is skipped.
-pub fn admin_url() -> Option<String> {
-    match std::env::var(VAR) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            println!("skipped: {VAR} is not set");
-            None
-        }
-    }
-}
-
-/// `url` with its database replaced by `db`.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-/// Databases created by one test, dropped (with their connections) when it ends.
-pub struct Databases {
-    admin: String,
-    names: Mutex<Vec<String>>,
-}
-
-impl Databases {
-    pub fn new(admin: String) -> Self {
-        Databases {
-            admin,
-            names: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Creates a fresh database and returns its URL.
-    pub async fn create(&self) -> String {
-        let name = format!("cq_test_{}", uuid::Uuid::new_v4().simple());
-        create_database(&self.admin, &name).await;
-        self.names.lock().unwrap().push(name.clone());
-        with_database(&self.admin, &name)
-    }
-}
-
-async fn create_database(admin: &str, name: &str) {
-    let mut admin = sqlx::PgConnection::connect(admin)
-        .await
-        .expect("connect to the admin database");
-    let sql = format!("CREATE DATABASE {name}");
-    sqlx::query(&sql)
-        .execute(&mut admin)
-        .await
-        .expect("create a test database");
-    let _ = admin.close().await;
-}
-
-impl Drop for Databases {
-    fn drop(&mut self) {
-        let names = std::mem::take(&mut *self.names.lock().unwrap());
-        if names.is_empty() {
-            return;
-        }
-        let admin = self.admin.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(mut admin) = sqlx::PgConnection::connect(&admin).await else {
-                    return;
-                };
-                for name in names {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-                let _ = admin.close().await;
-            });
-        })
-        .join();
-    }
-}
 
 /// The conformance suite's factory: a new database per engine.
 pub struct Postgres {
@@ -138,17 +42,4 @@ pub fn factory_with(
         dbs: Databases::new(admin_url()?),
         configure: Arc::new(configure),
     })
-}
-
-#[test]
-fn replaces_the_database_in_urls() {
-    assert_eq!(
-        with_database("postgres://root@127.0.0.1:5432/postgres", "x"),
-        "postgres://root@127.0.0.1:5432/x"
-    );
-    assert_eq!(
-        with_database("postgresql://u:p@h/db?sslmode=disable", "x"),
-        "postgresql://u:p@h/x?sslmode=disable"
-    );
-    assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
 }
