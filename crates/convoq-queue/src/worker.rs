@@ -1,5 +1,6 @@
 //! Worker pools: per-queue loops that claim jobs in batches, run the processor registered for
 //! each job's name with bounded concurrency, renew leases, and report how each attempt ended.
+//! Each queue also has a housekeeping task (stalled jobs, retention) beside its claim loop.
 //!
 //! Written against [`Engine`] alone, so every engine gets the same worker semantics.
 //!
@@ -148,10 +149,12 @@ impl WorkerPoolBuilder {
             });
             let fetch = tokio::spawn(shared.clone().fetch_loop(stop_rx.clone()));
             let renew = tokio::spawn(shared.clone().renew_loop(stop_rx.clone()));
+            let housekeeping = tokio::spawn(shared.clone().housekeeping_loop(stop_rx.clone()));
             loops.push(LoopHandles {
                 shared,
                 fetch,
                 renew,
+                housekeeping,
             });
         }
         WorkerPool {
@@ -165,6 +168,7 @@ struct LoopHandles {
     shared: Arc<QueueLoop>,
     fetch: JoinHandle<()>,
     renew: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
 }
 
 /// Running workers. Dropping the pool without [`WorkerPool::shutdown`] aborts nothing: the loops
@@ -229,6 +233,7 @@ impl WorkerPool {
         for l in self.loops {
             let _ = l.fetch.await;
             l.renew.abort();
+            l.housekeeping.abort();
             // Done when every attempt has recorded its result, not merely when every slot is
             // free: a slot is freed before the result is written.
             let mut live = l.shared.live.subscribe();
@@ -293,36 +298,11 @@ impl QueueLoop {
 
     async fn fetch_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut signal = self.engine.work_signal(&self.queue);
-        let mut last_reap = Instant::now() - self.opts.stalled_interval;
-        let mut last_prune = Instant::now();
         let mut error_backoff = Duration::from_millis(100);
         loop {
             self.tick();
             if *stop.borrow() {
                 return;
-            }
-            // Housekeeping first, so that it runs while every slot is busy too.
-            if last_reap.elapsed() >= self.opts.stalled_interval {
-                last_reap = Instant::now();
-                match self
-                    .engine
-                    .reap_stalled(&self.queue, self.opts.max_stalled)
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::warn!(queue = %self.queue, count = n, "took back stalled jobs")
-                    }
-                    Err(e) => {
-                        tracing::warn!(queue = %self.queue, error = %e, "stalled-job check failed")
-                    }
-                }
-            }
-            if last_prune.elapsed() >= self.opts.prune_interval {
-                last_prune = Instant::now();
-                if let Err(e) = self.engine.prune(&self.queue).await {
-                    tracing::warn!(queue = %self.queue, error = %e, "retention pruning failed");
-                }
             }
             // Wait for a free slot first, so that claimed jobs never wait for a worker.
             let free = tokio::select! {
@@ -570,6 +550,44 @@ impl QueueLoop {
             Err(e) => Outcome::Failed(ProcessError::unrecoverable(format!(
                 "invalid follow-up job: {e}"
             ))),
+        }
+    }
+
+    /// Takes back stalled jobs and prunes finished ones, on their own schedules. A task of its
+    /// own: a prune of a busy queue takes several writes, and the claim loop must not wait for
+    /// them (its slots would empty meanwhile).
+    async fn housekeeping_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut last_reap = Instant::now() - self.opts.stalled_interval;
+        let mut last_prune = Instant::now();
+        loop {
+            if last_reap.elapsed() >= self.opts.stalled_interval {
+                last_reap = Instant::now();
+                match self
+                    .engine
+                    .reap_stalled(&self.queue, self.opts.max_stalled)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(queue = %self.queue, count = n, "took back stalled jobs")
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %self.queue, error = %e, "stalled-job check failed")
+                    }
+                }
+            }
+            if last_prune.elapsed() >= self.opts.prune_interval {
+                last_prune = Instant::now();
+                if let Err(e) = self.engine.prune(&self.queue).await {
+                    tracing::warn!(queue = %self.queue, error = %e, "retention pruning failed");
+                }
+            }
+            let next =
+                (last_reap + self.opts.stalled_interval).min(last_prune + self.opts.prune_interval);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep_until(next.into()) => {}
+            }
         }
     }
 

@@ -440,3 +440,165 @@ async fn engines_opening_a_new_file_together_migrate_once() {
         e.close().await;
     }
 }
+
+/// The SQL engine, except that a prune, once asked for, never ends (a very long one).
+struct EndlessPrune {
+    inner: Arc<SqlEngine>,
+    pruning: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Engine for EndlessPrune {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn owner_id(&self) -> &str {
+        self.inner.owner_id()
+    }
+    fn clock(&self) -> Arc<dyn convoq_queue::Clock> {
+        self.inner.clock()
+    }
+    fn capabilities(&self) -> convoq_queue::Capabilities {
+        self.inner.capabilities()
+    }
+    fn watches(&self) -> &convoq_queue::events::WatchRegistry {
+        self.inner.watches()
+    }
+    fn work_signal(&self, queue: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.work_signal(queue)
+    }
+    async fn add_bulk(&self, jobs: Vec<NewJob>) -> convoq_queue::Result<Vec<convoq_queue::Added>> {
+        self.inner.add_bulk(jobs).await
+    }
+    async fn get(&self, queue: &str, id: &str) -> convoq_queue::Result<Option<convoq_queue::Job>> {
+        self.inner.get(queue, id).await
+    }
+    async fn list(
+        &self,
+        queue: &str,
+        state: JobState,
+        offset: u64,
+        limit: u64,
+    ) -> convoq_queue::Result<Vec<convoq_queue::Job>> {
+        self.inner.list(queue, state, offset, limit).await
+    }
+    async fn counts(&self, queue: &str) -> convoq_queue::Result<convoq_queue::QueueCounts> {
+        self.inner.counts(queue).await
+    }
+    async fn set_paused(&self, queue: &str, paused: bool) -> convoq_queue::Result<()> {
+        self.inner.set_paused(queue, paused).await
+    }
+    async fn is_paused(&self, queue: &str) -> convoq_queue::Result<bool> {
+        self.inner.is_paused(queue).await
+    }
+    async fn retry(&self, queue: &str, id: &str) -> convoq_queue::Result<convoq_queue::Job> {
+        self.inner.retry(queue, id).await
+    }
+    async fn remove(&self, queue: &str, id: &str) -> convoq_queue::Result<bool> {
+        self.inner.remove(queue, id).await
+    }
+    async fn history(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> convoq_queue::Result<Option<Vec<convoq_queue::JobEvent>>> {
+        self.inner.history(queue, id).await
+    }
+    async fn claim(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+    ) -> convoq_queue::Result<convoq_queue::ClaimBatch> {
+        self.inner.claim(queue, max, lease).await
+    }
+    async fn extend(
+        &self,
+        queue: &str,
+        leases: &[(String, String)],
+        lease: Duration,
+    ) -> convoq_queue::Result<Vec<bool>> {
+        self.inner.extend(queue, leases, lease).await
+    }
+    async fn finish(
+        &self,
+        job: &convoq_queue::ClaimedJob,
+        outcome: Outcome,
+    ) -> convoq_queue::Result<()> {
+        self.inner.finish(job, outcome).await
+    }
+    async fn release(&self, job: &convoq_queue::ClaimedJob) -> convoq_queue::Result<()> {
+        self.inner.release(job).await
+    }
+    async fn reap_stalled(&self, queue: &str, max_stalled: u32) -> convoq_queue::Result<u64> {
+        self.inner.reap_stalled(queue, max_stalled).await
+    }
+    async fn prune(&self, _queue: &str) -> convoq_queue::Result<u64> {
+        self.pruning.notify_one();
+        std::future::pending().await
+    }
+    async fn ping(&self) -> convoq_queue::Result<()> {
+        self.inner.ping().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+struct Done(Arc<AtomicUsize>);
+
+#[async_trait]
+impl convoq_queue::Processor for Done {
+    async fn process(&self, _: &convoq_queue::Job) -> Result<Completion, ProcessError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(Completion::default())
+    }
+}
+
+/// Housekeeping runs beside the claim loop, not in it: while a prune is under way (here one
+/// that never ends), jobs added meanwhile are still claimed and run, and the loop keeps
+/// ticking, so readiness stays true.
+#[tokio::test]
+async fn jobs_run_while_a_prune_is_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (inner, _) = engine(&dir).await;
+    let engine = Arc::new(EndlessPrune {
+        inner,
+        pruning: tokio::sync::Notify::new(),
+    });
+    let queues = Queues::new(engine.clone());
+    let done = Arc::new(AtomicUsize::new(0));
+    let pool = queues
+        .workers()
+        .processor("w", Arc::new(Done(done.clone())))
+        .queue(
+            Q,
+            convoq_queue::WorkerOptions {
+                prune_interval: Duration::from_millis(10),
+                poll_interval: Duration::from_millis(50),
+                ..Default::default()
+            },
+        )
+        .start();
+    tokio::time::timeout(Duration::from_secs(10), engine.pruning.notified())
+        .await
+        .expect("the worker pool never pruned");
+    for i in 0..20 {
+        queues.add(NewJob::new(Q, "w", json!(i))).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while done.load(Ordering::Relaxed) < 20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("jobs added during a prune were not run");
+    assert!(pool.is_healthy(Duration::from_secs(5)));
+    // The prune never ends, so shutdown must not wait for it.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        pool.shutdown(Duration::from_secs(1)),
+    )
+    .await
+    .expect("shutdown waited for the prune");
+}
