@@ -28,6 +28,8 @@
 //! server's CPU over the drain (`INFO cpu`), and what was left.
 //!
 //! Redis: `--redis-url` or `REDIS_PORT` (as Node's bench; default 6379 on 127.0.0.1).
+//!
+//! The bench runs on mimalloc, the allocator of the `convoq` binary.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,6 +44,11 @@ use convoq_queue::{
 use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
+
+/// The allocator of the `convoq` binary, so that the figures are those of the engine as it runs
+/// there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const QUEUE: &str = "database";
 const JOB_NAME: &str = "create_conversation";
