@@ -202,6 +202,34 @@ async fn concurrent_adds_share_commits() {
     assert_eq!(queues.counts(Q).await.unwrap().waiting, 33);
 }
 
+/// Adds that reach the writer with other work commit first, in a transaction of their own, so
+/// that their callers do not wait for the rest; the rest commits right after.
+#[tokio::test]
+async fn adds_commit_before_the_rest_of_their_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
+    let before = engine.write_stats();
+    // One task on a current-thread runtime: both operations are queued before the writer runs,
+    // so they reach it as one batch.
+    let (added, claimed) = tokio::join!(
+        queues.add(NewJob::new(Q, "w", json!(1))),
+        engine.claim(Q, 10, LEASE)
+    );
+    added.unwrap();
+    let claimed = claimed.unwrap();
+    let after = engine.write_stats();
+    assert_eq!(after.operations - before.operations, 2);
+    assert_eq!(
+        after.commits - before.commits,
+        2,
+        "the add committed on its own"
+    );
+    // The claim ran after the add committed, so it saw both jobs.
+    assert_eq!(claimed.jobs.len(), 2);
+}
+
 #[tokio::test]
 async fn corrupt_rows_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();

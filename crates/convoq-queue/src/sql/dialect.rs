@@ -46,6 +46,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn batch_timeout(&self) -> Option<std::time::Duration> {
         None
     }
+    /// Whether a batch's adds commit in a transaction of their own, before the rest of the
+    /// batch: worth it where a commit is cheap and one writer carries every write, so that
+    /// an add's caller does not wait for the claims and completions queued with it.
+    fn adds_first(&self) -> bool {
+        false
+    }
     /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
     fn discard(&self, _conn: &mut Self::Conn) {}
     /// Whether an error says the connection failed, not an operation: the batch may succeed

@@ -17,7 +17,8 @@
 //! turns out to have lost its lease, the batch is rolled back and applied again with
 //! completions that carry effects one by one, each effect in a savepoint, so that the failure
 //! is its attempt's alone. The batch's adds are applied together as well, after the
-//! completions. A batch therefore costs a handful of statements rather than a few per job,
+//! completions; where the dialect asks for it ([`Dialect::adds_first`], SQLite), they commit
+//! first in a transaction of their own, so that their callers do not wait for the rest. A batch therefore costs a handful of statements rather than a few per job,
 //! which is what bounds a writer that talks to its database one statement at a time.
 
 use std::collections::{HashMap, HashSet};
@@ -317,51 +318,76 @@ async fn run<D: Dialect>(
         if ops.is_empty() {
             continue;
         }
-        let mut result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Grouped).await;
-        if lost(d, &result) {
-            // The connection broke, now or while idle (a restarted server): once more, on a
-            // new one. If the database is really gone this fails as fast as connecting does,
-            // and the whole batch is refused below, not retried one operation at a time.
-            result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Grouped).await;
-        }
-        if matches!(result, Err(Abort::Careful)) {
-            result = apply_batch(d, &mut conn, &ops, &*clock, Mode::Careful).await;
-        }
-        let connection_failed = lost(d, &result);
-        match result {
-            Ok((dones, batch)) => deliver_all(&mut ops, dones, batch, &shared),
-            Err(e) if ops.len() > 1 && !connection_failed => {
-                tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
-                for op in std::mem::take(&mut ops) {
-                    let single = [op];
-                    match apply_batch(d, &mut conn, &single, &*clock, Mode::Careful).await {
-                        Ok((dones, batch)) => {
-                            let mut v: Vec<Op> = single.into();
-                            deliver_all(&mut v, dones, batch, &shared);
-                        }
-                        Err(e) => {
-                            let [op] = single;
-                            refuse(op, abort_err(d, e));
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                let err = abort_err(d, e);
-                if err.is_transient() {
-                    tracing::warn!(error = %err, ops = ops.len(), "write failed; the database is unavailable");
-                } else {
-                    tracing::error!(error = %err, ops = ops.len(), "write failed");
-                }
-                for op in ops.drain(..) {
-                    refuse(op, clone_err(&err));
-                }
-            }
+        if d.adds_first() && ops.iter().any(|op| matches!(op, Op::Add { .. })) {
+            // POSTs wait for their add's commit: commit the adds on their own first, so that
+            // they do not wait for the claims, completions and prunes of the same batch.
+            let (mut adds, mut rest): (Vec<Op>, Vec<Op>) = std::mem::take(&mut ops)
+                .into_iter()
+                .partition(|op| matches!(op, Op::Add { .. }));
+            commit_ops(d, &mut conn, &mut adds, &*clock, &shared).await;
+            commit_ops(d, &mut conn, &mut rest, &*clock, &shared).await;
+        } else {
+            commit_ops(d, &mut conn, &mut ops, &*clock, &shared).await;
         }
     }
     d.close(conn).await;
     if let Some(tx) = closing {
         let _ = tx.send(());
+    }
+}
+
+/// Applies `ops` in one transaction (see the module docs for what happens when that fails) and
+/// answers each of them.
+async fn commit_ops<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &mut Vec<Op>,
+    clock: &dyn Clock,
+    shared: &Shared,
+) {
+    if ops.is_empty() {
+        return;
+    }
+    let mut result = apply_batch(d, conn, ops, clock, Mode::Grouped).await;
+    if lost(d, &result) {
+        // The connection broke, now or while idle (a restarted server): once more, on a
+        // new one. If the database is really gone this fails as fast as connecting does,
+        // and the whole batch is refused below, not retried one operation at a time.
+        result = apply_batch(d, conn, ops, clock, Mode::Grouped).await;
+    }
+    if matches!(result, Err(Abort::Careful)) {
+        result = apply_batch(d, conn, ops, clock, Mode::Careful).await;
+    }
+    let connection_failed = lost(d, &result);
+    match result {
+        Ok((dones, batch)) => deliver_all(ops, dones, batch, shared),
+        Err(e) if ops.len() > 1 && !connection_failed => {
+            tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
+            for op in std::mem::take(ops) {
+                let single = [op];
+                match apply_batch(d, conn, &single, clock, Mode::Careful).await {
+                    Ok((dones, batch)) => {
+                        let mut v: Vec<Op> = single.into();
+                        deliver_all(&mut v, dones, batch, shared);
+                    }
+                    Err(e) => {
+                        let [op] = single;
+                        refuse(op, abort_err(d, e));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let err = abort_err(d, e);
+            if err.is_transient() {
+                tracing::warn!(error = %err, ops = ops.len(), "write failed; the database is unavailable");
+            } else {
+                tracing::error!(error = %err, ops = ops.len(), "write failed");
+            }
+            for op in ops.drain(..) {
+                refuse(op, clone_err(&err));
+            }
+        }
     }
 }
 
