@@ -203,7 +203,8 @@ async fn concurrent_adds_share_commits() {
 }
 
 /// Adds that reach the writer with other work commit first, in a transaction of their own, so
-/// that their callers do not wait for the rest; the rest commits right after.
+/// that their callers do not wait for the rest; the rest commits right after, and a prune (the
+/// longest operation) after that, alone.
 #[tokio::test]
 async fn adds_commit_before_the_rest_of_their_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,23 +212,24 @@ async fn adds_commit_before_the_rest_of_their_batch() {
     let queues = Queues::new(engine.clone());
     queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
     let before = engine.write_stats();
-    // One task on a current-thread runtime: both operations are queued before the writer runs,
-    // so they reach it as one batch.
-    let (added, claimed) = tokio::join!(
+    // One task on a current-thread runtime: the operations are all queued before the writer
+    // runs, so they reach it as one batch.
+    let (added, claimed, pruned) = tokio::join!(
         queues.add(NewJob::new(Q, "w", json!(1))),
-        engine.claim(Q, 10, LEASE)
+        engine.claim(Q, 10, LEASE),
+        engine.prune(Q)
     );
     added.unwrap();
-    let claimed = claimed.unwrap();
+    assert_eq!(pruned.unwrap(), 0);
     let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 2);
+    assert_eq!(after.operations - before.operations, 3);
     assert_eq!(
         after.commits - before.commits,
-        2,
-        "the add committed on its own"
+        3,
+        "the add, the claim and the prune each committed on their own"
     );
     // The claim ran after the add committed, so it saw both jobs.
-    assert_eq!(claimed.jobs.len(), 2);
+    assert_eq!(claimed.unwrap().jobs.len(), 2);
 }
 
 #[tokio::test]

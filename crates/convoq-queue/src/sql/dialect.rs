@@ -47,8 +47,9 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         None
     }
     /// Whether a batch's adds commit in a transaction of their own, before the rest of the
-    /// batch: worth it where a commit is cheap and one writer carries every write, so that
-    /// an add's caller does not wait for the claims and completions queued with it.
+    /// batch (and its prunes each alone, after the adds that arrived meanwhile): worth it where
+    /// a commit is cheap and one writer carries every write, so that an add's caller does not
+    /// wait for the claims, completions and prunes queued with it.
     fn adds_first(&self) -> bool {
         false
     }

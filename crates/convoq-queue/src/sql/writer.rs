@@ -18,7 +18,8 @@
 //! completions that carry effects one by one, each effect in a savepoint, so that the failure
 //! is its attempt's alone. The batch's adds are applied together as well, after the
 //! completions; where the dialect asks for it ([`Dialect::adds_first`], SQLite), they commit
-//! first in a transaction of their own, so that their callers do not wait for the rest. A batch therefore costs a handful of statements rather than a few per job,
+//! first in a transaction of their own, then the rest, then each prune alone after the adds
+//! that arrived meanwhile, so that the callers of adds do not wait for all the rest. A batch therefore costs a handful of statements rather than a few per job,
 //! which is what bounds a writer that talks to its database one statement at a time.
 
 use std::collections::{HashMap, HashSet};
@@ -218,8 +219,9 @@ pub(crate) fn spawn<D: Dialect>(
 /// How many times the writer yields to let operations gather while more keep arriving.
 const GATHER_ROUNDS: usize = 8;
 
-/// Takes the next batch off the shared channel: waits for one operation, then takes whatever
-/// else is queued, up to `max_batch`. Returns `None` when the writer is done (closed or every
+/// Takes the next batch off the shared channel: waits for one operation (unless `ops` holds
+/// some carried over from the last batch), then takes whatever else is queued, up to
+/// `max_batch`. Returns `None` when the writer is done (closed or every
 /// sender dropped); a batch may come with the closer's reply when it held the close.
 async fn next_batch(
     inbox: &Inbox,
@@ -230,8 +232,10 @@ async fn next_batch(
     if inbox.closing.load(Ordering::Acquire) {
         return None;
     }
-    let Request(first) = rx.recv().await?;
-    ops.push(first);
+    if ops.is_empty() {
+        let Request(first) = rx.recv().await?;
+        ops.push(first);
+    }
     // Callers that were woken together (the attempts of one claimed batch, say) are about to
     // send their operations: let them, as long as more keep coming, so that they share this
     // commit instead of each waiting for the next one. A yield with nothing else to run
@@ -318,14 +322,22 @@ async fn run<D: Dialect>(
         if ops.is_empty() {
             continue;
         }
-        if d.adds_first() && ops.iter().any(|op| matches!(op, Op::Add { .. })) {
-            // POSTs wait for their add's commit: commit the adds on their own first, so that
-            // they do not wait for the claims, completions and prunes of the same batch.
-            let (mut adds, mut rest): (Vec<Op>, Vec<Op>) = std::mem::take(&mut ops)
+        if d.adds_first() {
+            // Callers of adds (POSTs waiting for their 202) wait for their commit only: the
+            // batch's adds commit first, then its other work, then each prune (the longest
+            // operations) in a transaction of its own, after the adds that arrived meanwhile.
+            let (mut adds, rest): (Vec<Op>, Vec<Op>) =
+                std::mem::take(&mut ops).into_iter().partition(is_add);
+            let (prunes, mut rest): (Vec<Op>, Vec<Op>) = rest
                 .into_iter()
-                .partition(|op| matches!(op, Op::Add { .. }));
+                .partition(|op| matches!(op, Op::Prune { .. }));
             commit_ops(d, &mut conn, &mut adds, &*clock, &shared).await;
             commit_ops(d, &mut conn, &mut rest, &*clock, &shared).await;
+            for prune in prunes {
+                let mut late = queued_adds(&inbox, &mut ops).await;
+                commit_ops(d, &mut conn, &mut late, &*clock, &shared).await;
+                commit_ops(d, &mut conn, &mut vec![prune], &*clock, &shared).await;
+            }
         } else {
             commit_ops(d, &mut conn, &mut ops, &*clock, &shared).await;
         }
@@ -334,6 +346,32 @@ async fn run<D: Dialect>(
     if let Some(tx) = closing {
         let _ = tx.send(());
     }
+}
+
+fn is_add(op: &Op) -> bool {
+    matches!(op, Op::Add { .. })
+}
+
+/// Takes the adds queued on the channel now, to commit ahead of the batch's remaining work;
+/// other operations are carried over to the next batch, in order (a close, and what follows
+/// it, stays on the channel for [`next_batch`]).
+async fn queued_adds(inbox: &Inbox, carried: &mut Vec<Op>) -> Vec<Op> {
+    let mut adds = Vec::new();
+    if carried.iter().any(|op| matches!(op, Op::Close(_))) {
+        return adds;
+    }
+    let mut rx = inbox.rx.lock().await;
+    while let Ok(Request(op)) = rx.try_recv() {
+        match op {
+            Op::Close(_) => {
+                carried.push(op);
+                break;
+            }
+            op if is_add(&op) => adds.push(op),
+            op => carried.push(op),
+        }
+    }
+    adds
 }
 
 /// Applies `ops` in one transaction (see the module docs for what happens when that fails) and
