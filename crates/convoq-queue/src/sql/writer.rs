@@ -17,10 +17,13 @@
 //! turns out to have lost its lease, the batch is rolled back and applied again with
 //! completions that carry effects one by one, each effect in a savepoint, so that the failure
 //! is its attempt's alone. The batch's adds are applied together as well, after the
-//! completions; where the dialect asks for it ([`Dialect::adds_first`], SQLite), they commit
-//! first in a transaction of their own, then the rest, then each prune alone after the adds
-//! that arrived meanwhile, so that the callers of adds do not wait for all the rest. A batch therefore costs a handful of statements rather than a few per job,
+//! completions. A batch therefore costs a handful of statements rather than a few per job,
 //! which is what bounds a writer that talks to its database one statement at a time.
+//!
+//! Where the dialect asks for it ([`Dialect::adds_first`], SQLite), a batch's adds commit first
+//! in a transaction of their own, then the rest, then each prune alone after the adds that
+//! arrived meanwhile (other late operations are carried to the next batch), so that the callers
+//! of adds wait for their own commit and at most one step of other work.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,8 +224,8 @@ const GATHER_ROUNDS: usize = 8;
 
 /// Takes the next batch off the shared channel: waits for one operation (unless `ops` holds
 /// some carried over from the last batch), then takes whatever else is queued, up to
-/// `max_batch`. Returns `None` when the writer is done (closed or every
-/// sender dropped); a batch may come with the closer's reply when it held the close.
+/// `max_batch`. Returns `None` when the writer is done (closed or every sender dropped); a
+/// batch may come with the closer's reply when it held the close.
 async fn next_batch(
     inbox: &Inbox,
     ops: &mut Vec<Op>,
@@ -342,6 +345,11 @@ async fn run<D: Dialect>(
             commit_ops(d, &mut conn, &mut ops, &*clock, &shared).await;
         }
     }
+    // Nothing is carried past a close (see `queued_adds`); refused rather than dropped
+    // unanswered all the same.
+    for op in ops.drain(..) {
+        refuse(op, QueueError::Closed);
+    }
     d.close(conn).await;
     if let Some(tx) = closing {
         let _ = tx.send(());
@@ -357,7 +365,8 @@ fn is_add(op: &Op) -> bool {
 /// it, stays on the channel for [`next_batch`]).
 async fn queued_adds(inbox: &Inbox, carried: &mut Vec<Op>) -> Vec<Op> {
     let mut adds = Vec::new();
-    if carried.iter().any(|op| matches!(op, Op::Close(_))) {
+    if inbox.closing.load(Ordering::Acquire) || carried.iter().any(|op| matches!(op, Op::Close(_)))
+    {
         return adds;
     }
     let mut rx = inbox.rx.lock().await;
