@@ -6,6 +6,24 @@
 
 pub mod postgres;
 
+/// Runs `cleanup` to completion on a thread of its own, with a runtime of its own, and waits
+/// for it: for a fixture's `Drop`, which runs inside the test's runtime and cannot block on
+/// async work there. A cleanup that cannot start (no runtime) is skipped.
+pub fn run_cleanup<F>(cleanup: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    })
+    .join();
+}
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

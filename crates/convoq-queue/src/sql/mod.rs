@@ -147,6 +147,11 @@ const SQLITE_PRUNE_CHUNK: u64 = 500;
 /// round trip and a commit of its own: fewer, larger ones.
 const POSTGRES_PRUNE_CHUNK: u64 = 2_000;
 
+/// How many of a state's newest finished jobs, beyond those a prune may remove, each dialect's
+/// prune ranks to find the ones past their keep count: counts up to this are pruned without
+/// ranking every finished job.
+const PRUNE_WINDOW: i64 = 2048;
+
 /// The SQL engine. Create it with [`SqlEngine::connect`].
 pub struct SqlEngine {
     owner: String,
@@ -217,7 +222,7 @@ impl SqlEngine {
             ops: AtomicU64::new(0),
             work: Mutex::new(Default::default()),
         });
-        let (name, reads, writer, background): (_, Box<dyn Reads>, _, _) = if config
+        let (name, prune_chunk, reads, writer, background): (_, _, Box<dyn Reads>, _, _) = if config
             .url
             .starts_with("sqlite:")
         {
@@ -230,7 +235,13 @@ impl SqlEngine {
                 shared.clone(),
                 config.max_batch,
             );
-            ("sqlite", Box::new(reads), writer, Vec::new())
+            (
+                "sqlite",
+                SQLITE_PRUNE_CHUNK,
+                Box::new(reads),
+                writer,
+                Vec::new(),
+            )
         } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
             let opened = postgres::open(&config).await?;
             let writer = writer::spawn(
@@ -248,7 +259,13 @@ impl SqlEngine {
                     Arc::downgrade(&shared),
                 ));
             }
-            ("postgres", Box::new(opened.reads), writer, background)
+            (
+                "postgres",
+                POSTGRES_PRUNE_CHUNK,
+                Box::new(opened.reads),
+                writer,
+                background,
+            )
         } else {
             return Err(QueueError::Invalid(format!(
                 "the SQL engine takes sqlite:// or postgres:// URLs, not {:?}",
@@ -256,11 +273,7 @@ impl SqlEngine {
             )));
         };
         Ok(Arc::new(SqlEngine {
-            prune_chunk: if name == "sqlite" {
-                SQLITE_PRUNE_CHUNK
-            } else {
-                POSTGRES_PRUNE_CHUNK
-            },
+            prune_chunk,
             owner: uuid::Uuid::now_v7().to_string(),
             name,
             clock: config.clock,
@@ -296,6 +309,26 @@ pub fn sqlite_busy(e: &sqlx::Error) -> bool {
     db.code()
         .and_then(|c| c.parse::<i32>().ok())
         .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
+/// Runs `attempt` again while SQLite answers that the database is busy or locked
+/// ([`sqlite_busy`]), for up to `within`: for start-up steps that processes opening a new file
+/// together race for (switching it to WAL mode), where SQLite answers the loser at once rather
+/// than through the busy timeout.
+pub async fn retry_while_busy<T, F, Fut>(within: Duration, mut attempt: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match attempt().await {
+            Err(e) if sqlite_busy(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// A URL with any password replaced, fit for logs and errors.

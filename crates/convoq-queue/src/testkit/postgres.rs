@@ -81,27 +81,17 @@ impl Drop for Databases {
             return;
         }
         let admin = self.admin.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        super::run_cleanup(async move {
+            let Ok(mut admin) = sqlx::PgConnection::connect(&admin).await else {
                 return;
             };
-            rt.block_on(async move {
-                let Ok(mut admin) = sqlx::PgConnection::connect(&admin).await else {
-                    return;
-                };
-                for name in names {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-                let _ = admin.close().await;
-            });
-        })
-        .join();
+            for name in names {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+            let _ = admin.close().await;
+        });
     }
 }
 

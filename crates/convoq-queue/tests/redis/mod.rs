@@ -80,21 +80,11 @@ impl Drop for Prefixes {
             return;
         }
         let url = self.url.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                for name in names {
-                    let _ = delete_keys(&url, &name).await;
-                }
-            });
-        })
-        .join();
+        convoq_queue::testkit::run_cleanup(async move {
+            for name in names {
+                let _ = delete_keys(&url, &name).await;
+            }
+        });
     }
 }
 

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use convoq_queue::sql::sqlite_busy;
+use convoq_queue::sql::retry_while_busy;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -43,15 +43,9 @@ pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, Stor
 /// that both want to write would otherwise wait for each other): so a busy answer is retried,
 /// for up to the busy timeout.
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        match migrate_once(pool).await {
-            Err(e) if sqlite_busy(&e) && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            r => return r.map_err(map_err),
-        }
-    }
+    retry_while_busy(BUSY_TIMEOUT, || migrate_once(pool))
+        .await
+        .map_err(map_err)
 }
 
 async fn migrate_once(pool: &SqlitePool) -> Result<(), sqlx::Error> {

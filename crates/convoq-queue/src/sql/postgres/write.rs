@@ -635,10 +635,6 @@ pub(crate) async fn reap_stalled(
 
 /// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
 /// touched.
-/// How many of a state's newest finished jobs, beyond those a prune may remove, are ranked to
-/// find the ones past their count (see [`prune`]).
-const PRUNE_WINDOW: i64 = 2048;
-
 pub(crate) async fn prune(
     conn: &mut PgConnection,
     queue: &str,
@@ -673,7 +669,7 @@ pub(crate) async fn prune(
         )
         .bind(queue)
         .bind(state)
-        .bind(left.saturating_add(PRUNE_WINDOW))
+        .bind(left.saturating_add(crate::sql::PRUNE_WINDOW))
         .bind(left)
         .fetch_all(&mut *conn)
         .await?;

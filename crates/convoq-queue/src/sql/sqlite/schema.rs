@@ -6,7 +6,7 @@
 //! `cq_job_events` keeps the parts of a job's history that its row no longer shows (earlier
 //! attempts); `cq_queues` keeps pause flags and lifetime totals that survive pruning.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
@@ -96,15 +96,9 @@ pub(crate) async fn open_writer(
     opts: &SqliteConnectOptions,
     busy_timeout: Duration,
 ) -> Result<SqliteConnection> {
-    let deadline = Instant::now() + busy_timeout;
-    loop {
-        match open_once(opts).await {
-            Ok(r) => return r,
-            Err(e) if crate::sql::sqlite_busy(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => return Err(map_err(e)),
-        }
+    match crate::sql::retry_while_busy(busy_timeout, || open_once(opts)).await {
+        Ok(r) => r,
+        Err(e) => Err(map_err(e)),
     }
 }
 

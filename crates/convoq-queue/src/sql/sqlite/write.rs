@@ -628,10 +628,6 @@ pub(crate) async fn reap_stalled(
 /// Removes at most `limit` finished jobs past their retention (expired first, then those
 /// beyond their keep count), with their events, in a few set-based statements. Lifetime totals
 /// live in `cq_queues` and are not touched.
-/// How many of a state's newest finished jobs, beyond those a prune may remove, are ranked to
-/// find the ones past their count (see [`prune`]): counts up to this are pruned cheaply.
-const PRUNE_WINDOW: i64 = 2048;
-
 pub(crate) async fn prune(
     conn: &mut SqliteConnection,
     queue: &str,
@@ -668,7 +664,7 @@ pub(crate) async fn prune(
         )
         .bind(queue)
         .bind(state)
-        .bind(left.saturating_add(PRUNE_WINDOW))
+        .bind(left.saturating_add(crate::sql::PRUNE_WINDOW))
         .bind(left)
         .fetch_all(&mut *conn)
         .await?;
