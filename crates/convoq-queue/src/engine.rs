@@ -145,10 +145,12 @@ pub trait Engine: Send + Sync + 'static {
     /// Ends an attempt. A stale token changes nothing and answers
     /// [`crate::QueueError::LeaseLost`].
     async fn finish(&self, job: &ClaimedJob, outcome: Outcome) -> Result<()>;
-    /// Ends an attempt like [`Engine::finish`] and, when the attempt completed or failed for
-    /// good, claims the queue's next ready job under a lease of `next_lease` in the same step
-    /// (BullMQ's fetch-next, one round trip per job instead of two). The default finishes and
-    /// claims nothing; the worker then claims as usual.
+    /// Ends an attempt like [`Engine::finish`] and claims the queue's next ready job under a
+    /// lease of `next_lease` in the same step (fetch-next: one round trip per job instead of
+    /// two). The BullMQ engine hands a job over when the attempt completed or failed for good
+    /// (as BullMQ's `moveToFinished` does), the SQL engine whenever the end was recorded; a
+    /// paused or empty queue hands over nothing. The default finishes and claims nothing; the
+    /// worker then claims as usual.
     ///
     /// # Errors
     /// As [`Engine::finish`]. On an error nothing was claimed, or (an answer lost on the way)

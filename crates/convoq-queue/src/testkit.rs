@@ -69,7 +69,8 @@ macro_rules! conformance_tests {
             pool_runs_jobs_and_follow_ups, pool_survives_panics_and_times_out_attempts,
             add_wakes_idle_worker_without_polling, graceful_shutdown_releases_unfinished_job,
             graceful_shutdown_lets_short_job_finish, wait_finished_returns_when_done,
-            unknown_job_name_fails_with_reason, effects_follow_capabilities);
+            unknown_job_name_fails_with_reason, effects_follow_capabilities,
+            finish_and_claim_hands_over_the_next_job);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(
@@ -877,6 +878,92 @@ pub async fn effects_follow_capabilities(factory: &dyn EngineFactory) {
         assert_eq!(applied.load(Ordering::SeqCst), 0);
         assert_eq!(state, JobState::Active, "nothing was recorded");
     }
+}
+
+/// An attempt's end can claim the queue's next job in the same step (fetch-next): the job comes
+/// under a held lease with its attempt counted; concurrent ends never get the same job; an
+/// empty or paused queue hands over nothing; a lost lease claims nothing and says so.
+pub async fn finish_and_claim_hands_over_the_next_job(factory: &dyn EngineFactory) {
+    let (queues, _) = manual(factory).await;
+    let engine = queues.engine().clone();
+    if !engine.capabilities().fetch_next {
+        println!(
+            "documented difference: the {} engine has no fetch-next; an end claims nothing",
+            engine.name()
+        );
+    }
+    let fetch = engine.capabilities().fetch_next;
+    let done = Outcome::Completed(Completion::with_result(json!("done")));
+    for n in 0..4 {
+        queues.add(job(n)).await.unwrap();
+    }
+    let first = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    let next = engine
+        .finish_and_claim(&first, done.clone(), LEASE)
+        .await
+        .unwrap();
+    let Some(second) = next else {
+        assert!(!fetch, "the next job comes with the completion");
+        return;
+    };
+    assert_eq!(second.job.data["n"], 1, "in order");
+    assert_eq!(second.job.state, JobState::Active);
+    assert_eq!(second.job.attempts_made, 1, "its attempt is counted");
+    assert_eq!(
+        queues.get(Q, &first.job.id).await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+    let held = engine
+        .extend(Q, &[(second.job.id.clone(), second.token.clone())], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(held, vec![true], "the handed-over job's lease is held");
+
+    // Three ends at once, two jobs left: two distinct jobs are handed over, one end gets none.
+    let more = engine.claim(Q, 2, LEASE).await.unwrap().jobs;
+    assert_eq!(more.len(), 2);
+    queues.add(job(4)).await.unwrap();
+    queues.add(job(5)).await.unwrap();
+    let ends = futures::future::join_all(
+        std::iter::once(&second)
+            .chain(more.iter())
+            .map(|c| engine.finish_and_claim(c, done.clone(), LEASE)),
+    )
+    .await;
+    let handed: Vec<_> = ends.into_iter().filter_map(|r| r.unwrap()).collect();
+    assert_eq!(handed.len(), 2, "two jobs for three ends");
+    assert_ne!(handed[0].job.id, handed[1].job.id);
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!((counts.completed, counts.active, counts.waiting), (4, 2, 0));
+
+    // A paused queue hands over nothing; resumed, it does.
+    queues.add(job(6)).await.unwrap();
+    engine.set_paused(Q, true).await.unwrap();
+    let paused = engine
+        .finish_and_claim(&handed[0], done.clone(), LEASE)
+        .await
+        .unwrap();
+    assert!(paused.is_none(), "a paused queue hands over nothing");
+    engine.set_paused(Q, false).await.unwrap();
+    let last = engine
+        .finish_and_claim(&handed[1], done.clone(), LEASE)
+        .await
+        .unwrap()
+        .expect("resumed, the queue hands over its job");
+    assert_eq!(last.job.data["n"], 6);
+
+    // A lost lease claims nothing, and says so.
+    queues.add(job(7)).await.unwrap();
+    let late = engine.finish_and_claim(&first, done, LEASE).await;
+    assert!(
+        matches!(late, Err(QueueError::LeaseLost { .. })),
+        "{late:?}"
+    );
+    assert_eq!(
+        queues.counts(Q).await.unwrap().waiting,
+        1,
+        "nothing claimed"
+    );
 }
 
 async fn wait_for_state(queues: &Queues, id: &str, state: JobState) {

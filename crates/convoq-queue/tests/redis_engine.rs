@@ -132,66 +132,6 @@ async fn jobs_are_stored_as_node_bullmq_stores_them() {
     engine.close().await;
 }
 
-#[tokio::test]
-async fn finish_and_claim_hands_over_the_next_job_under_a_held_lease() {
-    let Some(factory) = redis::factory() else {
-        return;
-    };
-    let prefix = factory.prefixes.create();
-    let config = BullConfig::new(factory.prefixes.url()).with_prefix(prefix);
-    let engine: Arc<dyn Engine> = BullEngine::connect(config).await.unwrap();
-    let queues = Queues::new(engine.clone());
-    for n in 0..2 {
-        queues
-            .add(NewJob::new("q", "work", json!({ "n": n })))
-            .await
-            .unwrap();
-    }
-    let lease = Duration::from_secs(30);
-    let first = engine
-        .claim("q", 1, lease)
-        .await
-        .unwrap()
-        .jobs
-        .pop()
-        .unwrap();
-    let done = Outcome::Completed(Completion::with_result(json!(1)));
-    let second = engine
-        .finish_and_claim(&first, done.clone(), lease)
-        .await
-        .unwrap()
-        .expect("the next job comes with the completion");
-    assert_ne!(second.job.id, first.job.id);
-    assert_eq!(second.job.data["n"], 1);
-    assert_eq!(second.job.attempts_made, 1, "its attempt is counted");
-    let first_now = queues.get("q", &first.job.id).await.unwrap().unwrap();
-    assert_eq!(first_now.state, convoq_queue::JobState::Completed);
-    let held = engine
-        .extend("q", &[(second.job.id.clone(), second.token.clone())], lease)
-        .await
-        .unwrap();
-    assert_eq!(held, vec![true], "the handed-over job's lease is held");
-    // Nothing left: the end claims nothing.
-    let none = engine
-        .finish_and_claim(&second, done.clone(), lease)
-        .await
-        .unwrap();
-    assert!(none.is_none());
-    assert_eq!(queues.counts("q").await.unwrap().completed, 2);
-    // A lost lease claims nothing either, and says so.
-    queues
-        .add(NewJob::new("q", "work", json!({ "n": 2 })))
-        .await
-        .unwrap();
-    let err = engine
-        .finish_and_claim(&second, done, lease)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
-    assert_eq!(queues.counts("q").await.unwrap().waiting, 1);
-    engine.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_adding_a_job_wakes_this_ones_workers() {
     let Some(factory) = redis::factory() else {

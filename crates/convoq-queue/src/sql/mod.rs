@@ -368,7 +368,7 @@ impl Engine for SqlEngine {
         Capabilities {
             transactional_effects: true,
             leases_follow_clock: true,
-            fetch_next: false,
+            fetch_next: true,
         }
     }
 
@@ -467,6 +467,24 @@ impl Engine for SqlEngine {
         self.request(|reply| Op::Finish {
             job,
             outcome,
+            reply,
+        })
+        .await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        job: &ClaimedJob,
+        outcome: Outcome,
+        next_lease: Duration,
+    ) -> Result<Option<ClaimedJob>> {
+        let job = job.clone();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        self.request(|reply| Op::FinishAndClaim {
+            job,
+            outcome,
+            lease_ms: next_lease.as_millis() as i64,
+            token,
             reply,
         })
         .await

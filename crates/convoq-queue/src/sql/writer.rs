@@ -20,6 +20,10 @@
 //! completions. A batch therefore costs a handful of statements rather than a few per job,
 //! which is what bounds a writer that talks to its database one statement at a time.
 //!
+//! Fetch-next ends (`Op::FinishAndClaim`) are finishes like the others; once everything else in
+//! the batch is applied, the ones that were recorded get the next jobs of their queue from one
+//! claim per queue, one job each, in the same transaction.
+//!
 //! Where the dialect asks for it ([`Dialect::adds_first`], SQLite), a batch's adds commit first
 //! in a transaction of their own, then the rest, then each prune alone after the adds that
 //! arrived meanwhile (other late operations are carried to the next batch), so that the callers
@@ -65,6 +69,15 @@ pub(crate) enum Op {
         job: ClaimedJob,
         outcome: Outcome,
         reply: Reply<()>,
+    },
+    /// A finish that also claims the queue's next ready job (fetch-next). The batch's
+    /// fetch-next claims of one queue are applied as one claim, after everything else.
+    FinishAndClaim {
+        job: ClaimedJob,
+        outcome: Outcome,
+        lease_ms: i64,
+        token: String,
+        reply: Reply<Option<ClaimedJob>>,
     },
     Release {
         job: ClaimedJob,
@@ -114,6 +127,7 @@ pub(crate) enum Done {
     Claimed(Result<ClaimBatch>),
     Bools(Result<Vec<bool>>),
     Unit(Result<()>),
+    Fetched(Result<Option<ClaimedJob>>),
     Count(Result<u64>),
     Job(Result<Job>),
     Bool(Result<bool>),
@@ -524,6 +538,11 @@ fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
             job,
             outcome: Outcome::Completed(c),
             ..
+        }
+        | Op::FinishAndClaim {
+            job,
+            outcome: Outcome::Completed(c),
+            ..
         } => Some((job, c)),
         _ => None,
     }
@@ -654,7 +673,10 @@ async fn apply_ops<D: Dialect>(
     let mut added = add_together(d, conn, ops, now, mode, &mut batch).await?;
     for (i, op) in ops.iter().enumerate() {
         if let Some(r) = together[i].take() {
-            dones.push(Done::Unit(r));
+            dones.push(match op {
+                Op::FinishAndClaim { .. } => Done::Fetched(r.map(|()| None)),
+                _ => Done::Unit(r),
+            });
             continue;
         }
         let b = &mut batch;
@@ -680,6 +702,9 @@ async fn apply_ops<D: Dialect>(
             Op::Finish { job, outcome, .. } => {
                 Done::Unit(d.finish(conn, job, outcome, now, b).await?)
             }
+            Op::FinishAndClaim { job, outcome, .. } => {
+                Done::Fetched(d.finish(conn, job, outcome, now, b).await?.map(|()| None))
+            }
             Op::Release { job, .. } => Done::Unit(d.release(conn, job, now, b).await?),
             Op::ReapStalled {
                 queue, max_stalled, ..
@@ -697,7 +722,77 @@ async fn apply_ops<D: Dialect>(
         };
         dones.push(done);
     }
+    fetch_next(d, conn, ops, &mut dones, now, &mut batch).await?;
     Ok((dones, batch))
+}
+
+/// Claims the next jobs for the batch's fetch-next finishes that were recorded: one claim per
+/// queue and lease for all of them, its jobs handed out one each in the order of the
+/// operations (a finish whose queue has no more ready jobs gets none). A claim's own error
+/// leaves its finishes answered without a job: their ends are recorded all the same.
+async fn fetch_next<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    dones: &mut [Done],
+    now: i64,
+    batch: &mut Batch,
+) -> std::result::Result<(), Abort> {
+    /// A queue and lease, the token of the group's first finish, and the finishes asking.
+    struct Group<'a> {
+        queue: &'a str,
+        lease_ms: i64,
+        token: &'a str,
+        members: Vec<usize>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::FinishAndClaim {
+            job,
+            lease_ms,
+            token,
+            ..
+        } = op
+        else {
+            continue;
+        };
+        if !matches!(dones[i], Done::Fetched(Ok(None))) {
+            continue;
+        }
+        let queue = job.job.queue.as_str();
+        match groups
+            .iter_mut()
+            .find(|g| g.queue == queue && g.lease_ms == *lease_ms)
+        {
+            Some(g) => g.members.push(i),
+            None => groups.push(Group {
+                queue,
+                lease_ms: *lease_ms,
+                token,
+                members: vec![i],
+            }),
+        }
+    }
+    for g in groups {
+        let claimed = d
+            .claim(
+                conn,
+                g.queue,
+                g.members.len(),
+                g.lease_ms,
+                g.token,
+                now,
+                batch,
+            )
+            .await?;
+        let Ok(claimed) = claimed else {
+            continue;
+        };
+        for (i, next) in g.members.into_iter().zip(claimed.jobs) {
+            dones[i] = Done::Fetched(Ok(Some(next)));
+        }
+    }
+    Ok(())
 }
 
 fn deliver(op: Op, done: Done) {
@@ -708,6 +803,7 @@ fn deliver(op: Op, done: Done) {
         (Op::Finish { reply, .. } | Op::Release { reply, .. }, Done::Unit(r)) => {
             drop(reply.send(r))
         }
+        (Op::FinishAndClaim { reply, .. }, Done::Fetched(r)) => drop(reply.send(r)),
         (Op::SetPaused { reply, .. }, Done::Unit(r)) => drop(reply.send(r)),
         (Op::ReapStalled { reply, .. } | Op::Prune { reply, .. }, Done::Count(r)) => {
             drop(reply.send(r))
@@ -725,6 +821,7 @@ fn refuse(op: Op, err: QueueError) {
     match op {
         Op::Add { reply, .. } => drop(reply.send(Err(err))),
         Op::Claim { reply, .. } => drop(reply.send(Err(err))),
+        Op::FinishAndClaim { reply, .. } => drop(reply.send(Err(err))),
         Op::Extend { reply, .. } => drop(reply.send(Err(err))),
         Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
             drop(reply.send(Err(err)))
