@@ -291,6 +291,64 @@ async fn corrupt_rows_are_errors_not_panics() {
     engine.close().await;
 }
 
+/// Schema step 4 (the `seq` index dropped, `(queue, id)` the primary key) upgrades a database
+/// that holds jobs in every state, and the engine goes on with them.
+#[tokio::test]
+async fn step_4_upgrades_a_database_holding_jobs() {
+    let Some((_dbs, url)) = database().await else {
+        return;
+    };
+    let engine = engine(&url).await;
+    let queues = Queues::new(engine.clone());
+    for n in 0..4 {
+        queues.add(NewJob::new(Q, "w", json!(n))).await.unwrap();
+    }
+    let done = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    engine
+        .finish(&done, Outcome::Completed(Completion::with_result(json!(1))))
+        .await
+        .unwrap();
+    let active = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    engine.close().await;
+    // Back to version 3's shape, as a database written by an older build is.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for step in [
+        "ALTER TABLE cq_jobs DROP CONSTRAINT cq_jobs_pkey, ADD PRIMARY KEY (seq), \
+         ADD CONSTRAINT cq_jobs_queue_id_key UNIQUE (queue, id)",
+        "DELETE FROM cq_schema WHERE version = 4",
+    ] {
+        sqlx::query(step).execute(&pool).await.unwrap();
+    }
+    let engine = self::engine(&url).await;
+    let pk: Vec<String> = sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+         ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+         WHERE i.indrelid = 'cq_jobs'::regclass AND i.indisprimary ORDER BY a.attname",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pk, vec!["id", "queue"]);
+    pool.close().await;
+    let queues = Queues::new(engine.clone());
+    let c = queues.counts(Q).await.unwrap();
+    assert_eq!((c.completed, c.active, c.waiting), (1, 1, 2));
+    engine
+        .finish(
+            &active,
+            Outcome::Completed(Completion::with_result(json!(2))),
+        )
+        .await
+        .unwrap();
+    let rest = engine.claim(Q, 10, LEASE).await.unwrap().jobs;
+    assert_eq!(rest.len(), 2, "the waiting jobs are claimed, in order");
+    assert_eq!(
+        (rest[0].job.data.clone(), rest[1].job.data.clone()),
+        (json!(2), json!(3))
+    );
+    engine.close().await;
+}
+
 #[tokio::test]
 async fn newer_schema_is_refused_with_a_clear_error() {
     let Some((_dbs, url)) = database().await else {
@@ -330,7 +388,7 @@ async fn processes_starting_together_migrate_once() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3], "each step recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4], "each step recorded once");
     pool.close().await;
     for e in engines {
         e.close().await;

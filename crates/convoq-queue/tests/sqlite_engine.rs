@@ -464,7 +464,7 @@ async fn engines_opening_a_new_file_together_migrate_once() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3], "each step recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4], "each step recorded once");
     pool.close().await;
     for e in engines {
         e.close().await;

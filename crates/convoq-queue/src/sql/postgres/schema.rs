@@ -71,6 +71,14 @@ SELECT 1;
     r#"
 CREATE INDEX cq_jobs_expiry ON cq_jobs (queue, expire_at) WHERE expire_at IS NOT NULL;
 "#,
+    // Every version of a job's row had an entry in two unique indexes, `seq` and
+    // `(queue, id)`, and a job has three versions (added, claimed, finished): the `seq` index
+    // goes, and `(queue, id)` becomes the primary key. Writes that found rows by `seq` find
+    // them by their physical address (`ctid`) within the statement.
+    r#"
+ALTER TABLE cq_jobs DROP CONSTRAINT cq_jobs_pkey, DROP CONSTRAINT cq_jobs_queue_id_key,
+    ADD CONSTRAINT cq_jobs_pkey PRIMARY KEY (queue, id);
+"#,
 ];
 
 /// The advisory lock that serialises migrations of one database ("cq_schem" in ASCII).

@@ -157,13 +157,12 @@ pub(crate) async fn claim(
     batch: &mut Batch,
 ) -> SqlResult<Result<ClaimBatch>> {
     let sql = format!(
-        "WITH picked AS (SELECT seq FROM cq_jobs WHERE queue = $4 AND state = 'waiting' \
-           AND run_at <= $3 \
-           AND NOT EXISTS (SELECT 1 FROM cq_queues WHERE name = $4 AND paused) \
-           ORDER BY priority, run_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED), \
-         claimed AS (UPDATE cq_jobs SET state = 'active', lease_token = $1, \
+        "WITH claimed AS (UPDATE cq_jobs SET state = 'active', lease_token = $1, \
            lease_expires_at = $2, attempts_made = attempts_made + 1, processed_at = $3 \
-           FROM picked WHERE cq_jobs.seq = picked.seq \
+           WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs WHERE queue = $4 \
+             AND state = 'waiting' AND run_at <= $3 \
+             AND NOT EXISTS (SELECT 1 FROM cq_queues WHERE name = $4 AND paused) \
+             ORDER BY priority, run_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED)) \
            RETURNING {JOB_COLUMNS}, cq_jobs.priority, cq_jobs.seq) \
          SELECT * FROM claimed ORDER BY priority, run_at, seq"
     );
@@ -643,9 +642,9 @@ pub(crate) async fn prune(
 ) -> SqlResult<Result<u64>> {
     let limit = limit.min(i64::MAX as u64) as i64;
     let mut expired: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = $1 \
+        "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs WHERE queue = $1 \
          AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= $2 \
-         LIMIT $3) RETURNING id",
+         LIMIT $3)) RETURNING id",
     )
     .bind(queue)
     .bind(now)
@@ -660,12 +659,12 @@ pub(crate) async fn prune(
             break;
         }
         let surplus: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+            "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, keep_count, \
              ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
-               SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
+               SELECT ctid, seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
                AND state = $2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
                ORDER BY finished_at DESC, seq DESC LIMIT $3) AS newest) AS ranked \
-             WHERE rn > keep_count LIMIT $4) RETURNING id",
+             WHERE rn > keep_count LIMIT $4)) RETURNING id",
         )
         .bind(queue)
         .bind(state)
@@ -678,10 +677,10 @@ pub(crate) async fn prune(
     let left = limit - expired.len() as i64;
     if left > 0 {
         let surplus: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+            "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, keep_count, \
              ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
              FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
-             AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count LIMIT $2) RETURNING id",
+             AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count LIMIT $2)) RETURNING id",
         )
         .bind(queue)
         .bind(left)
