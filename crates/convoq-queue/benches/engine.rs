@@ -1,28 +1,32 @@
-//! Throughput and memory benchmark of the SQLite queue engine.
+//! Throughput and memory benchmark of the SQL queue engine, on SQLite or on Postgres.
 //!
 //! ```sh
 //! cargo bench -p convoq-queue --bench engine                 # every scenario, default sizes
 //! cargo bench -p convoq-queue --bench engine -- --jobs 20000 # smaller claim-and-complete runs
+//! cargo bench -p convoq-queue --bench engine -- --postgres postgres://root@127.0.0.1:5432/postgres
 //! cargo bench -p convoq-queue --bench engine -- --help
 //! ```
 //!
-//! Scenarios, each on a fresh database in a fresh temporary directory:
+//! Scenarios, each on a fresh database (SQLite: in a fresh temporary directory; Postgres: a
+//! `cq_test_<uuid>` database created on the server of `--postgres` and dropped afterwards):
 //! 1. `add, single`: one task adding jobs one at a time with `Queues::add`.
 //! 2. `add, concurrent`: 32 tasks adding one at a time (the writer's group commit).
 //! 3. `add, bulk`: `Queues::add_bulk` in chunks of 1,000.
 //! 4. `claim+complete`: a worker pool with a no-op processor over pre-added jobs, concurrency 1
-//!    and 32 (batch 64), timed from pool start until `completed_total` reaches N (the
+//!    and 32 with claims of up to 64 (Postgres: 32 and 256, claims of up to 128), timed from pool start until `completed_total` reaches N (the
 //!    processor's own counter is watched every 20 ms, then counts are polled every 2 ms until
 //!    every completion has committed, so that counting does not compete with the workers).
 //! 5. `RSS`: the bench re-executes itself as a child process that opens the engine on a
 //!    database holding 100,000 waiting jobs, starts a pool (concurrency 32) whose processor
 //!    holds each job for 60 s, waits 3 s and reports `VmRSS`/`VmHWM` from `/proc/self/status`.
+//!    SQLite only.
 //!
 //! Every timed scenario stops at a time cap (`--cap`, 20 s by default) so that the whole run is
 //! bounded; a capped row says how many of its jobs it got through. Besides jobs/s each row
 //! shows the writer's group-commit factor (operations per commit), the CPU the process used
 //! (in cores), the busy share of the busiest `sqlx-sqlite-worker` thread (the writer
-//! connection's thread) and context switches per job, to tell what bounds the figure.
+//! connection's thread; SQLite only) and context switches per job, to tell what bounds the
+//! figure. On Postgres, the server's CPU is not in the row: it runs in its own processes.
 //!
 //! The bench runs on mimalloc, the allocator of the `convoq` binary.
 //!
@@ -30,7 +34,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use convoq_queue::sql::{Durability, SqlConfig, SqlEngine};
+use convoq_queue::testkit::postgres::Databases;
 use convoq_queue::{
     Completion, Engine, Job, NewJob, ProcessError, Processor, Queues, WorkerOptions,
 };
@@ -68,6 +72,12 @@ struct Args {
     full: bool,
     rss: bool,
     only: Option<Vec<String>>,
+    /// Postgres: the server (admin URL) on which each scenario gets a fresh database.
+    postgres: Option<String>,
+    /// Worker concurrencies of scenario 4.
+    concurrency: Option<Vec<usize>>,
+    /// The most jobs one claim takes in scenario 4.
+    batch: Option<usize>,
 }
 
 impl Default for Args {
@@ -85,6 +95,9 @@ impl Default for Args {
             full: true,
             rss: true,
             only: None,
+            postgres: None,
+            concurrency: None,
+            batch: None,
         }
     }
 }
@@ -102,7 +115,12 @@ options (after `cargo bench -p convoq-queue --bench engine --`):
   --cap SECS          time cap of each timed scenario (default 20)
   --no-full           skip the Durability::Full comparison rows
   --no-rss            skip scenario 5
-  --only a,b          run only these scenarios (single, concurrent, bulk, claim, rss)";
+  --only a,b          run only these scenarios (single, concurrent, bulk, claim, rss)
+  --concurrency a,b   worker concurrencies of scenario 4 (default 1,32; Postgres 32,256)
+  --batch N           the most jobs one claim takes in scenario 4 (default 64; Postgres 128)
+  --postgres URL      run on Postgres: each scenario on a fresh database created on this
+                      server (URL of a database to connect to for that), dropped afterwards;
+                      no durability rows and no scenario 5 (both SQLite's)";
 
 fn parse_args() -> Args {
     let mut a = Args::default();
@@ -130,6 +148,16 @@ fn parse_args() -> Args {
                 let v = it.next().expect("--only takes a list");
                 a.only = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
             }
+            "--concurrency" => {
+                let v = it.next().expect("--concurrency takes a list");
+                a.concurrency = Some(
+                    v.split(',')
+                        .map(|c| num(Some(c.trim().to_owned()), &arg).max(1))
+                        .collect(),
+                );
+            }
+            "--batch" => a.batch = Some(num(it.next(), &arg).max(1)),
+            "--postgres" => a.postgres = Some(it.next().expect("--postgres takes a URL")),
             "-h" | "--help" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -140,10 +168,38 @@ fn parse_args() -> Args {
             }
         }
     }
+    if a.postgres.is_some() {
+        a.full = false;
+        a.rss = false;
+    }
     a
 }
 
 impl Args {
+    fn engine_name(&self) -> &'static str {
+        if self.postgres.is_some() {
+            "Postgres"
+        } else {
+            "SQLite"
+        }
+    }
+
+    fn concurrencies(&self) -> Vec<usize> {
+        match (&self.concurrency, &self.postgres) {
+            (Some(c), _) => c.clone(),
+            (None, Some(_)) => vec![32, 256],
+            (None, None) => vec![1, 32],
+        }
+    }
+
+    fn claim_batch(&self) -> usize {
+        match (self.batch, &self.postgres) {
+            (Some(b), _) => b,
+            (None, Some(_)) => 128,
+            (None, None) => 64,
+        }
+    }
+
     fn wants(&self, scenario: &str) -> bool {
         self.only
             .as_ref()
@@ -167,8 +223,31 @@ fn durability_name(d: Durability) -> &'static str {
     }
 }
 
-async fn open(dir: &Path, durability: Durability) -> (Arc<SqlEngine>, Queues) {
-    let url = format!("sqlite://{}", dir.join("queue.db").display());
+/// A scenario's fresh database, removed when dropped.
+enum Fresh {
+    Dir(tempfile::TempDir),
+    Postgres(#[allow(dead_code)] Databases),
+}
+
+/// Opens the engine on a fresh database: a file in a new temporary directory, or a new
+/// database on the `--postgres` server.
+async fn open(args: &Args, durability: Durability) -> (Arc<SqlEngine>, Queues, Fresh) {
+    let (url, fresh) = match &args.postgres {
+        Some(admin) => {
+            let dbs = Databases::new(admin.clone());
+            (dbs.create().await, Fresh::Postgres(dbs))
+        }
+        None => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("queue.db").display());
+            (url, Fresh::Dir(dir))
+        }
+    };
+    let (engine, queues) = connect(url, durability).await;
+    (engine, queues, fresh)
+}
+
+async fn connect(url: String, durability: Durability) -> (Arc<SqlEngine>, Queues) {
     let mut config = SqlConfig::new(url);
     config.durability = durability;
     let engine = SqlEngine::connect(config).await.expect("open the engine");
@@ -196,6 +275,21 @@ struct ThreadSample {
     comm: String,
     ticks: u64,
     ctx_switches: u64,
+}
+
+/// Busy ticks of the whole machine (every process, the database server's included), from the
+/// first line of `/proc/stat`: user, nice, system, irq and softirq.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum()
 }
 
 fn sample_threads() -> HashMap<u64, ThreadSample> {
@@ -253,6 +347,8 @@ struct CpuUse {
     tokio_cores: f64,
     /// Context switches of all threads.
     ctx_switches: u64,
+    /// CPU of the whole machine, in cores.
+    machine_cores: f64,
 }
 
 fn cpu_between(
@@ -282,6 +378,7 @@ fn cpu_between(
         writer_thread: per(sqlite_max),
         tokio_cores: per(tokio),
         ctx_switches: ctx,
+        machine_cores: 0.0,
     }
 }
 
@@ -309,6 +406,7 @@ impl Row {
 struct Meter {
     stats: convoq_queue::sql::WriteStats,
     threads: HashMap<u64, ThreadSample>,
+    machine: u64,
     t0: Instant,
 }
 
@@ -319,6 +417,7 @@ impl Meter {
         Meter {
             stats,
             threads,
+            machine: machine_busy_ticks(),
             t0: Instant::now(),
         }
     }
@@ -343,7 +442,13 @@ impl Meter {
             done,
             secs,
             ops_per_commit: ops as f64 / commits.max(1) as f64,
-            cpu: cpu_between(&self.threads, &threads, secs),
+            cpu: CpuUse {
+                machine_cores: (machine_busy_ticks() - self.machine.min(machine_busy_ticks()))
+                    as f64
+                    / TICKS_PER_SEC
+                    / secs.max(1e-9),
+                ..cpu_between(&self.threads, &threads, secs)
+            },
             note,
         };
         eprintln!(
@@ -376,8 +481,7 @@ fn capped_note(done: u64, planned: usize, cap: Duration) -> String {
 // Scenarios.
 
 async fn add_single(args: &Args, durability: Durability) -> Row {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (engine, queues) = open(dir.path(), durability).await;
+    let (engine, queues, _fresh) = open(args, durability).await;
     let (n, cap) = (args.add_single, args.cap);
     let meter = Meter::start(&engine);
     let mut done = 0u64;
@@ -395,8 +499,7 @@ async fn add_single(args: &Args, durability: Durability) -> Row {
 }
 
 async fn add_concurrent(args: &Args, durability: Durability) -> Row {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (engine, queues) = open(dir.path(), durability).await;
+    let (engine, queues, _fresh) = open(args, durability).await;
     let (n, tasks, cap) = (args.add_concurrent, args.tasks, args.cap);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -436,8 +539,7 @@ async fn add_concurrent(args: &Args, durability: Durability) -> Row {
 }
 
 async fn add_bulk(args: &Args, durability: Durability) -> Row {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (engine, queues) = open(dir.path(), durability).await;
+    let (engine, queues, _fresh) = open(args, durability).await;
     let (n, chunk, cap) = (args.bulk, args.chunk, args.cap);
     let meter = Meter::start(&engine);
     let mut i = 0;
@@ -480,8 +582,7 @@ impl Processor for Hold {
 }
 
 async fn claim_complete(args: &Args, durability: Durability, concurrency: usize) -> Row {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (engine, queues) = open(dir.path(), durability).await;
+    let (engine, queues, _fresh) = open(args, durability).await;
     let (n, cap, poll) = (args.jobs, args.cap, args.poll);
     let t = Instant::now();
     preload(&queues, n, args.chunk).await;
@@ -498,7 +599,7 @@ async fn claim_complete(args: &Args, durability: Durability, concurrency: usize)
             QUEUE,
             WorkerOptions {
                 concurrency,
-                batch: 64,
+                batch: args.claim_batch(),
                 ..WorkerOptions::default()
             },
         )
@@ -558,8 +659,7 @@ fn rss_child(db: &str) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let dir = Path::new(db).parent().expect("db dir").to_owned();
-        let (_engine, queues) = open(&dir, Durability::Normal).await;
+        let (_engine, queues) = connect(format!("sqlite://{db}"), Durability::Normal).await;
         println!(
             "OPEN VmRSS={} VmHWM={}",
             status_kib("VmRSS:"),
@@ -621,18 +721,18 @@ struct RssReport {
 }
 
 async fn rss(args: &Args) -> RssReport {
-    let dir = tempfile::tempdir().expect("temp dir");
-    {
-        let (engine, queues) = open(dir.path(), Durability::Normal).await;
-        let t = Instant::now();
-        preload(&queues, args.rss_jobs, args.chunk).await;
-        eprintln!(
-            "  (pre-added {} jobs in {:.2} s)",
-            args.rss_jobs,
-            t.elapsed().as_secs_f64()
-        );
-        engine.close().await;
-    }
+    let (engine, queues, fresh) = open(args, Durability::Normal).await;
+    let t = Instant::now();
+    preload(&queues, args.rss_jobs, args.chunk).await;
+    eprintln!(
+        "  (pre-added {} jobs in {:.2} s)",
+        args.rss_jobs,
+        t.elapsed().as_secs_f64()
+    );
+    engine.close().await;
+    let Fresh::Dir(dir) = &fresh else {
+        panic!("scenario 5 runs on SQLite only");
+    };
     let db = dir.path().join("queue.db");
     let exe = std::env::current_exe().expect("current exe");
     let mut child = Command::new(exe)
@@ -793,25 +893,40 @@ fn target_for(scenario: &str) -> &'static str {
 }
 
 fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str, secs: f64) {
-    let sqlite_version = sqlite_version();
+    let server = match &args.postgres {
+        Some(_) => "Postgres (server CPU not in the rows)".to_owned(),
+        None => format!("SQLite {}", sqlite_version()),
+    };
     println!();
-    println!("### convoq-queue SQLite engine benchmark");
+    println!("### convoq-queue {} engine benchmark", args.engine_name());
     println!();
     println!("Build: {}.", build_line());
-    println!("Machine: {}; SQLite {sqlite_version}; load average {load0} at start, {} at end; whole run {secs:.0} s.", machine_line(), loadavg());
+    println!(
+        "Machine: {}; {server}; load average {load0} at start, {} at end; whole run {secs:.0} s.",
+        machine_line(),
+        loadavg()
+    );
     println!(
         "Settings: time cap {} s per scenario, processed counter checked every {} ms, payload ~70 bytes of JSON, default job options.",
         args.cap.as_secs(),
         args.poll.as_millis()
     );
     println!();
-    println!("| scenario | durability | jobs | s | jobs/s | target | ops/commit | CPU cores (tokio) | writer thread | ctx sw/job | notes |");
-    println!("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|");
+    println!("| scenario | durability | jobs | s | jobs/s | target | ops/commit | CPU cores (tokio) | machine CPU | writer thread | ctx sw/job | notes |");
+    let writer_thread = |r: &Row| match args.postgres {
+        Some(_) => "—".to_owned(),
+        None => format!("{:.0} %", r.cpu.writer_thread * 100.0),
+    };
+    println!("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.2} | **{}** | {} | {:.1} | {:.2} ({:.2}) | {:.0} % | {:.1} | {} |",
+            "| {} | {} | {} | {:.2} | **{}** | {} | {:.1} | {:.2} ({:.2}) | {:.2} | {} | {:.1} | {} |",
             r.scenario,
-            durability_name(r.durability),
+            if args.postgres.is_some() {
+                "—"
+            } else {
+                durability_name(r.durability)
+            },
             fmt_int(r.done as f64),
             r.secs,
             fmt_int(r.per_sec()),
@@ -819,14 +934,15 @@ fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str,
             r.ops_per_commit,
             r.cpu.cores,
             r.cpu.tokio_cores,
-            r.cpu.writer_thread * 100.0,
+            r.cpu.machine_cores,
+            writer_thread(r),
             r.cpu.ctx_switches as f64 / r.done.max(1) as f64,
             r.note
         );
     }
     if let Some(m) = rss {
         println!(
-            "| 5. RSS, worker process, {} waiting, concurrency 32 holding | normal | — | — | **{:.1} MiB** VmRSS, {:.1} MiB VmHWM | < 64 MiB | — | — | — | — | after engine open {:.1} MiB; after one `counts()` {:.1} MiB (HWM {:.1}), after 4 concurrent `counts()` {:.1} MiB (HWM {:.1}); pool: {} in flight, {} active, {} waiting |",
+            "| 5. RSS, worker process, {} waiting, concurrency 32 holding | normal | — | — | **{:.1} MiB** VmRSS, {:.1} MiB VmHWM | < 64 MiB | — | — | — | — | — | after engine open {:.1} MiB; after one `counts()` {:.1} MiB (HWM {:.1}), after 4 concurrent `counts()` {:.1} MiB (HWM {:.1}); pool: {} in flight, {} active, {} waiting |",
             fmt_int(args.rss_jobs as f64),
             mib(m.rss),
             mib(m.hwm),
@@ -841,7 +957,7 @@ fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str,
         );
     }
     println!();
-    println!("Columns: *ops/commit* = writer operations per group commit (engine `write_stats`); *CPU cores* = process CPU time ÷ wall time (2 = both cores), in brackets the tokio runtime workers' share; *writer thread* = busy share of the busiest `sqlx-sqlite-worker` thread (the writer connection's); *ctx sw/job* = voluntary + involuntary context switches of all threads per job.");
+    println!("Columns: *ops/commit* = writer operations per group commit (engine `write_stats`); *CPU cores* = process CPU time ÷ wall time (2 = both cores), in brackets the tokio runtime workers' share; *machine CPU* = CPU of the whole machine, every process (a Postgres server's included), ÷ wall time; *writer thread* = busy share of the busiest `sqlx-sqlite-worker` thread (the writer connection's; SQLite only); *ctx sw/job* = voluntary + involuntary context switches of all threads per job.");
 }
 
 fn sqlite_version() -> String {
@@ -894,7 +1010,7 @@ fn main() {
         }
         if args.wants("claim") {
             for &d in &durabilities {
-                for c in [1, 32] {
+                for c in args.concurrencies() {
                     rows.push(claim_complete(&args, d, c).await);
                 }
             }
