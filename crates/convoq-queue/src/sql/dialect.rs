@@ -53,6 +53,15 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn adds_first(&self) -> bool {
         false
     }
+    /// Whether each writer task runs on a thread of its own, in a single-threaded runtime,
+    /// instead of on the runtime that opened the engine: worth it where every statement is a
+    /// hand-off to the driver's own thread (SQLite), so that the writer, woken when a statement
+    /// comes back, does not wait in a busy runtime's queue behind request handlers before it
+    /// sends the next one. Not for a dialect whose connections are sockets registered with the
+    /// runtime that opened them (Postgres).
+    fn own_thread(&self) -> bool {
+        false
+    }
     /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
     fn discard(&self, _conn: &mut Self::Conn) {}
     /// Whether an error says the connection failed, not an operation: the batch may succeed

@@ -234,7 +234,7 @@ impl SqlEngine {
                 config.clock.clone(),
                 shared.clone(),
                 config.max_batch,
-            );
+            )?;
             (
                 "sqlite",
                 SQLITE_PRUNE_CHUNK,
@@ -250,7 +250,7 @@ impl SqlEngine {
                 config.clock.clone(),
                 shared.clone(),
                 config.max_batch,
-            );
+            )?;
             let mut background = Vec::new();
             if let Some((listener, pool)) = opened.listener {
                 background.push(postgres::spawn_listener(

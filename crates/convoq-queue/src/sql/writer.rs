@@ -9,7 +9,9 @@
 //!
 //! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
 //! own connection, pulling batches from the same channel: while one commits, the next drains
-//! what has queued meanwhile. SQLite keeps exactly one.
+//! what has queued meanwhile. SQLite keeps exactly one, on a thread of its own
+//! ([`Dialect::own_thread`]): each of its statements is a hand-off to the driver's thread, and a
+//! writer scheduled among the request handlers of a busy runtime waited behind them after each.
 //!
 //! Completions are applied together, at the start of their batch: one fenced statement for all
 //! of them ([`Dialect::complete_plain`]), then their effects (without savepoints), then all
@@ -199,14 +201,15 @@ struct Inbox {
 }
 
 /// Starts one writer task of dialect `D` per connection in `conns` (SQLite passes exactly one),
-/// all draining the same channel.
+/// all draining the same channel; each on a thread of its own where the dialect asks for it
+/// ([`Dialect::own_thread`]). Fails as unavailable when such a thread cannot be started.
 pub(crate) fn spawn<D: Dialect>(
     dialect: D,
     conns: Vec<D::Conn>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     max_batch: usize,
-) -> WriterHandle {
+) -> Result<WriterHandle> {
     let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
     let inbox = Arc::new(Inbox {
         rx: tokio::sync::Mutex::new(rx),
@@ -216,21 +219,53 @@ pub(crate) fn spawn<D: Dialect>(
     let tasks = conns
         .into_iter()
         .map(|conn| {
-            tokio::spawn(run(
+            let writer = run(
                 dialect.clone(),
                 conn,
                 inbox.clone(),
                 clock.clone(),
                 shared.clone(),
                 max_batch.max(1),
-            ))
+            );
+            if dialect.own_thread() {
+                spawn_on_own_thread(writer)
+            } else {
+                Ok(tokio::spawn(writer))
+            }
         })
-        .collect();
-    WriterHandle {
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| QueueError::Unavailable(format!("could not start a writer thread: {e}")))?;
+    Ok(WriterHandle {
         tx,
         closed: AtomicBool::new(false),
         tasks: Mutex::new(tasks),
-    }
+    })
+}
+
+/// Runs a writer task on a thread of its own, in a single-threaded runtime, and returns a
+/// handle on the caller's runtime that ends when it does. Unlike a task of the caller's
+/// runtime, a writer there never waits in the run queue behind request handlers each time a
+/// statement comes back from the driver's thread. Nothing in the writer's task is bound to the
+/// runtime that opened its connection (SQLite's driver runs on a thread of its own).
+fn spawn_on_own_thread(
+    writer: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("convoq-writer".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(writer),
+                Err(e) => tracing::error!(error = %e, "could not start the writer's runtime"),
+            }
+            let _ = done_tx.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = done_rx.await;
+    }))
 }
 
 /// How many times the writer yields to let operations gather while more keep arriving.

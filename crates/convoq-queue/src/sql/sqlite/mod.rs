@@ -68,6 +68,11 @@ impl Dialect for Sqlite {
     fn adds_first(&self) -> bool {
         true
     }
+    /// sqlx runs each SQLite connection on a thread of its own; the writer is a chain of
+    /// hand-offs to it, a dozen per batch.
+    fn own_thread(&self) -> bool {
+        true
+    }
     async fn now_ms(&self, _w: &mut SqliteWriter, clock: &dyn Clock) -> SqlResult<i64> {
         Ok(clock.now_ms())
     }
