@@ -351,9 +351,12 @@ struct CpuUse {
     machine_cores: f64,
 }
 
+/// CPU use between two samples of the threads (`before`, `after`) and of the machine's busy
+/// ticks (`machine`: before, after), `secs` apart.
 fn cpu_between(
     before: &HashMap<u64, ThreadSample>,
     after: &HashMap<u64, ThreadSample>,
+    machine: (u64, u64),
     secs: f64,
 ) -> CpuUse {
     let mut total = 0u64;
@@ -378,7 +381,7 @@ fn cpu_between(
         writer_thread: per(sqlite_max),
         tokio_cores: per(tokio),
         ctx_switches: ctx,
-        machine_cores: 0.0,
+        machine_cores: per(machine.1.saturating_sub(machine.0)),
     }
 }
 
@@ -433,6 +436,7 @@ impl Meter {
     ) -> Row {
         let secs = self.t0.elapsed().as_secs_f64();
         let threads = sample_threads();
+        let machine = machine_busy_ticks();
         let stats = engine.write_stats();
         let commits = stats.commits - self.stats.commits;
         let ops = stats.operations - self.stats.operations;
@@ -442,13 +446,7 @@ impl Meter {
             done,
             secs,
             ops_per_commit: ops as f64 / commits.max(1) as f64,
-            cpu: CpuUse {
-                machine_cores: (machine_busy_ticks() - self.machine.min(machine_busy_ticks()))
-                    as f64
-                    / TICKS_PER_SEC
-                    / secs.max(1e-9),
-                ..cpu_between(&self.threads, &threads, secs)
-            },
+            cpu: cpu_between(&self.threads, &threads, (self.machine, machine), secs),
             note,
         };
         eprintln!(

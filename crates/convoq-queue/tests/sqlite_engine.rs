@@ -557,6 +557,14 @@ impl Engine for EndlessPrune {
     ) -> convoq_queue::Result<()> {
         self.inner.finish(job, outcome).await
     }
+    async fn finish_and_claim(
+        &self,
+        job: &convoq_queue::ClaimedJob,
+        outcome: Outcome,
+        next_lease: Duration,
+    ) -> convoq_queue::Result<Option<convoq_queue::ClaimedJob>> {
+        self.inner.finish_and_claim(job, outcome, next_lease).await
+    }
     async fn release(&self, job: &convoq_queue::ClaimedJob) -> convoq_queue::Result<()> {
         self.inner.release(job).await
     }

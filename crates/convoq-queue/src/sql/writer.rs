@@ -268,7 +268,7 @@ fn spawn_on_own_thread(
     }))
 }
 
-/// How many times the writer yields to let operations gather while more keep arriving.
+/// How many rounds the writer takes operations that keep arriving before it applies a batch.
 const GATHER_ROUNDS: usize = 8;
 
 /// Takes the next batch off the shared channel: waits for one operation (unless `ops` holds
@@ -289,9 +289,11 @@ async fn next_batch(
         ops.push(first);
     }
     // Callers that were woken together (the attempts of one claimed batch, say) are about to
-    // send their operations: let them, as long as more keep coming, so that they share this
-    // commit instead of each waiting for the next one. A yield with nothing else to run
-    // returns at once, so a lone caller waits no longer than that.
+    // send their operations: take them, as long as more keep coming, so that they share this
+    // commit instead of each waiting for the next one. On the caller's runtime the yield lets
+    // them run; a writer on a thread of its own (SQLite) yields to nothing and takes what the
+    // callers, on other threads, sent meanwhile. A yield with nothing else to run returns at
+    // once, so a lone caller waits no longer than that.
     for _ in 0..GATHER_ROUNDS {
         tokio::task::yield_now().await;
         let had = ops.len();
