@@ -2,7 +2,7 @@
 //! refusing corrupt or foreign data without panicking.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,6 +11,7 @@ use convoq_queue::{
     Completion, Engine, JobState, NewJob, Outcome, ProcessError, QueueError, Queues,
 };
 use serde_json::json;
+use tokio::sync::oneshot;
 
 const Q: &str = "sql";
 const LEASE: Duration = Duration::from_secs(30);
@@ -95,6 +96,68 @@ async fn rows(url: &str, key: &str) -> i64 {
         .fetch_one(&pool)
         .await
         .unwrap()
+}
+
+/// An effect that signals when the writer runs it, then waits to be released.
+struct Hold {
+    entered: Mutex<Option<oneshot::Sender<()>>>,
+    release: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+#[async_trait]
+impl TxEffect for Hold {
+    async fn apply(&self, _conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
+        let entered = self.entered.lock().unwrap().take();
+        if let Some(entered) = entered {
+            let _ = entered.send(());
+        }
+        let release = self.release.lock().unwrap().take();
+        if let Some(release) = release {
+            let _ = release.await;
+        }
+        Ok(())
+    }
+}
+
+/// The writer, kept inside a completion's effect (of a job on queue `hold`) until released:
+/// operations sent meanwhile all wait in its queue and reach it as one batch, however a loaded
+/// machine schedules the threads. The held completion is one more operation and one more commit
+/// in [`SqlEngine::write_stats`].
+struct HeldWriter {
+    release: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl HeldWriter {
+    async fn new(engine: &Arc<SqlEngine>) -> HeldWriter {
+        Queues::new(engine.clone())
+            .add(NewJob::new("hold", "hold", json!(null)))
+            .await
+            .unwrap();
+        let claimed = engine.claim("hold", 1, LEASE).await.unwrap().jobs.remove(0);
+        let (entered_tx, entered) = oneshot::channel();
+        let (release, release_rx) = oneshot::channel();
+        let mut c = Completion::with_result(json!(null));
+        c.effect = Some(Arc::new(Hold {
+            entered: Mutex::new(Some(entered_tx)),
+            release: Mutex::new(Some(release_rx)),
+        }));
+        let engine = engine.clone();
+        let done = tokio::spawn(async move {
+            engine
+                .finish(&claimed, Outcome::Completed(c))
+                .await
+                .unwrap();
+        });
+        entered.await.unwrap();
+        HeldWriter { release, done }
+    }
+
+    /// Lets the writer go on, and waits for the held completion's commit.
+    async fn release(self) {
+        self.release.send(()).unwrap();
+        self.done.await.unwrap();
+    }
 }
 
 fn completion(key: &str, fail: Option<ProcessError>) -> Outcome {
@@ -211,22 +274,27 @@ async fn adds_commit_before_the_rest_of_their_batch() {
     let (engine, _) = engine(&dir).await;
     let queues = Queues::new(engine.clone());
     queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
+    let held = HeldWriter::new(&engine).await;
     let before = engine.write_stats();
-    // One task on a current-thread runtime: the operations are all queued before the writer
-    // runs, so they reach it as one batch.
-    let (added, claimed, pruned) = tokio::join!(
-        queues.add(NewJob::new(Q, "w", json!(1))),
-        engine.claim(Q, 10, LEASE),
-        engine.prune(Q)
-    );
+    let mut all = Box::pin(async {
+        tokio::join!(
+            queues.add(NewJob::new(Q, "w", json!(1))),
+            engine.claim(Q, 10, LEASE),
+            engine.prune(Q)
+        )
+    });
+    // One poll queues the three; then the writer takes them as one batch.
+    assert!(futures::poll!(&mut all).is_pending());
+    held.release().await;
+    let (added, claimed, pruned) = all.await;
     added.unwrap();
     assert_eq!(pruned.unwrap(), 0);
     let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 3);
+    assert_eq!(after.operations - before.operations, 1 + 3);
     assert_eq!(
         after.commits - before.commits,
-        3,
-        "the add, the claim and the prune each committed on their own"
+        1 + 3,
+        "the held completion's commit, then the add, the claim and the prune each on their own"
     );
     // The claim ran after the add committed, so it saw both jobs.
     assert_eq!(claimed.unwrap().jobs.len(), 2);
@@ -308,6 +376,44 @@ async fn closed_engine_refuses_work() {
     assert!(matches!(err, QueueError::Closed), "{err}");
 }
 
+/// Committed pages reach the database file soon after the commit, long before the WAL holds the
+/// 1,000 pages at which the writer would checkpoint it: a task beside the writer checkpoints
+/// after its commits. Seen from outside: a copy of the database file alone, without its WAL,
+/// holds the jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_checkpointed_beside_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    for i in 0..3 {
+        queues.add(NewJob::new(Q, "w", json!(i))).await.unwrap();
+    }
+    let copy = dir.path().join("copy.db");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let in_file = loop {
+        std::fs::copy(dir.path().join("q.db"), &copy).unwrap();
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&copy)
+            .immutable(true);
+        let n: Option<i64> = match sqlx::SqlitePool::connect_with(opts).await {
+            Ok(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM cq_jobs WHERE queue = ?")
+                .bind(Q)
+                .fetch_one(&pool)
+                .await
+                .ok(),
+            // A copy taken while a checkpoint was writing the file.
+            Err(_) => None,
+        };
+        if n == Some(3) || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(in_file, Some(3), "the database file, without its WAL");
+    assert_eq!(queues.counts(Q).await.unwrap().waiting, 3);
+    engine.close().await;
+}
+
 /// Completions that arrive together commit together; one failing effect among them fails its
 /// own attempt only, and the others still commit with their effects and follow-ups.
 #[tokio::test]
@@ -319,18 +425,26 @@ async fn a_failing_effect_in_a_group_fails_alone() {
     queues.add_bulk(jobs).await.unwrap();
     let claimed = engine.claim(Q, 12, LEASE).await.unwrap().jobs;
     assert_eq!(claimed.len(), 12);
+    let held = HeldWriter::new(&engine).await;
     let before = engine.write_stats();
     let group_calls = GROUP_CALLS.load(Ordering::Relaxed);
-    // On this single-threaded runtime every finish is queued before the writer runs, so the
-    // twelve land in one batch.
-    let results = futures::future::join_all(claimed.iter().enumerate().map(|(i, c)| {
-        let fail = (i == 5).then(|| ProcessError::unrecoverable("unknown user g5"));
-        engine.finish(c, completion(&format!("g{i}"), fail))
-    }))
-    .await;
+    let mut finishes = Box::pin(futures::future::join_all(claimed.iter().enumerate().map(
+        |(i, c)| {
+            let fail = (i == 5).then(|| ProcessError::unrecoverable("unknown user g5"));
+            engine.finish(c, completion(&format!("g{i}"), fail))
+        },
+    )));
+    // One poll queues every finish; then the writer takes the twelve as one batch.
+    assert!(futures::poll!(&mut finishes).is_pending());
+    held.release().await;
+    let results = finishes.await;
     let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 12);
-    assert_eq!(after.commits - before.commits, 1, "one batch, one commit");
+    assert_eq!(after.operations - before.operations, 1 + 12);
+    assert_eq!(
+        after.commits - before.commits,
+        1 + 1,
+        "the held completion's commit, then one for the batch"
+    );
     // One call for the group, which failed, then one per effect.
     assert_eq!(GROUP_CALLS.load(Ordering::Relaxed) - group_calls, 1 + 12);
     for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
@@ -426,14 +540,20 @@ async fn a_lost_lease_in_a_group_is_refused_alone() {
     claimed[3].token = "not-the-lease".into();
     let result =
         |i: usize| json!({ "i": i, "text": "quote \" backslash \\ é \u{1F600}", "n": 1.5e300 });
+    let held = HeldWriter::new(&engine).await;
     let before = engine.write_stats();
-    let results =
-        futures::future::join_all(claimed.iter().enumerate().map(|(i, c)| {
-            engine.finish(c, Outcome::Completed(Completion::with_result(result(i))))
-        }))
-        .await;
+    let mut finishes = Box::pin(futures::future::join_all(claimed.iter().enumerate().map(
+        |(i, c)| engine.finish(c, Outcome::Completed(Completion::with_result(result(i)))),
+    )));
+    assert!(futures::poll!(&mut finishes).is_pending());
+    held.release().await;
+    let results = finishes.await;
     let after = engine.write_stats();
-    assert_eq!(after.commits - before.commits, 1, "one batch, one commit");
+    assert_eq!(
+        after.commits - before.commits,
+        1 + 1,
+        "the held completion's commit, then one for the batch"
+    );
     for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
         let job = queues.get(Q, &c.job.id).await.unwrap().unwrap();
         if i == 3 {

@@ -226,21 +226,28 @@ impl SqlEngine {
             .url
             .starts_with("sqlite:")
         {
-            let (write_conn, reads) = sqlite::open(&config).await?;
+            let opened = sqlite::open(&config).await?;
             // SQLite has one writer: exactly one writer task.
             let writer = writer::spawn(
                 sqlite::Sqlite,
-                vec![write_conn],
+                vec![opened.writer],
                 config.clock.clone(),
                 shared.clone(),
                 config.max_batch,
-            )?;
+            );
+            let writer = match writer {
+                Ok(w) => w,
+                Err(e) => {
+                    opened.checkpoints.abort();
+                    return Err(e);
+                }
+            };
             (
                 "sqlite",
                 SQLITE_PRUNE_CHUNK,
-                Box::new(reads),
+                Box::new(opened.reads),
                 writer,
-                Vec::new(),
+                vec![opened.checkpoints],
             )
         } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
             let opened = postgres::open(&config).await?;

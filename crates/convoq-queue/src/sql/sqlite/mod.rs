@@ -3,16 +3,25 @@
 //!
 //! SQLite allows one writer at a time, so the engine runs one writer connection (with group
 //! commit) and a small pool of read connections; WAL mode lets reads proceed during writes.
+//!
+//! Checkpoints (copying committed pages from the WAL into the database file) run beside the
+//! writer, on a read connection, after its commits ([`checkpoint_after_commits`]). SQLite would
+//! otherwise run each one inside the commit that takes the WAL past 1,000 pages, on the writer's
+//! thread, and every caller waiting for the writer (a POST's add) would wait for it too.
 
 mod read;
 mod schema;
 mod write;
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 pub(crate) use super::dialect::SqlResult;
 use super::dialect::{Dialect, Reads};
@@ -28,8 +37,17 @@ use crate::sql::effect::SqlConn;
 /// The SQLite dialect.
 pub(crate) struct Sqlite;
 
-/// Opens the writer connection (migrating the schema) and the read pool.
-pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteWriter, SqliteReads)> {
+/// The writer connection (schema migrated), the read pool, and the checkpointing task that
+/// follows the writer's commits.
+pub(crate) struct Opened {
+    pub(crate) writer: SqliteWriter,
+    pub(crate) reads: SqliteReads,
+    pub(crate) checkpoints: JoinHandle<()>,
+}
+
+/// Opens the writer connection (migrating the schema) and the read pool, and starts the
+/// checkpointing task.
+pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     let opts = SqliteConnectOptions::from_str(&config.url)
         .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
         .create_if_missing(true)
@@ -53,7 +71,44 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(SqliteWriter, SqliteRead
         .min_connections(0)
         .acquire_timeout(config.busy_timeout)
         .connect_lazy_with(opts);
-    Ok((SqliteWriter::new(writer), SqliteReads(pool)))
+    let commits = Arc::new(Notify::new());
+    let checkpoints = tokio::spawn(checkpoint_after_commits(pool.clone(), commits.clone()));
+    Ok(Opened {
+        writer: SqliteWriter::new(writer, commits),
+        reads: SqliteReads(pool),
+        checkpoints,
+    })
+}
+
+/// The pause after each background checkpoint: the commits of the pause are copied together by
+/// the next one.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(5);
+
+/// Runs a passive checkpoint on a read connection after the writer commits, at most one per
+/// [`CHECKPOINT_PAUSE`]: a passive checkpoint copies what it can without taking the write lock,
+/// so the writer goes on committing meanwhile.
+///
+/// SQLite's own checkpoint stays on for the writer (`wal_autocheckpoint`, 1,000 pages): that
+/// one is what lets the WAL start over from its beginning, which a checkpoint can do only while
+/// no write is under way. It now finds the pages already copied, and is short. If checkpoints
+/// here fail (a busy or full disk), the writer's do the whole work again, as without this task.
+async fn checkpoint_after_commits(pool: SqlitePool, commits: Arc<Notify>) {
+    let mut failing = false;
+    loop {
+        commits.notified().await;
+        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            Ok(_) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "background checkpoint failed; the writer checkpoints the WAL itself until one succeeds");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(CHECKPOINT_PAUSE).await;
+    }
 }
 
 #[async_trait]
@@ -82,7 +137,9 @@ impl Dialect for Sqlite {
     }
     async fn commit(&self, w: &mut SqliteWriter, batch: &Batch) -> SqlResult<()> {
         let (begin, conn) = w.with_begin();
-        schema::commit(conn, begin, batch).await
+        schema::commit(conn, begin, batch).await?;
+        w.commits.notify_one();
+        Ok(())
     }
     async fn rollback(&self, w: &mut SqliteWriter) -> SqlResult<()> {
         if std::mem::take(&mut w.begin_pending) {
@@ -222,13 +279,16 @@ pub(crate) struct SqliteWriter {
     conn: SqliteConnection,
     /// The batch's transaction is to be opened by the next statement.
     begin_pending: bool,
+    /// Told after every commit ([`checkpoint_after_commits`] waits for it).
+    commits: Arc<Notify>,
 }
 
 impl SqliteWriter {
-    fn new(conn: SqliteConnection) -> Self {
+    fn new(conn: SqliteConnection, commits: Arc<Notify>) -> Self {
         SqliteWriter {
             conn,
             begin_pending: false,
+            commits,
         }
     }
 
