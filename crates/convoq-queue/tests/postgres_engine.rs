@@ -17,6 +17,7 @@ use convoq_queue::{
     QueueError, Queues, WorkerOptions,
 };
 use serde_json::json;
+use sqlx::Connection;
 
 const Q: &str = "sql";
 const LEASE: Duration = Duration::from_secs(30);
@@ -235,6 +236,85 @@ async fn batched_plain_completions_are_fenced_one_by_one() {
     );
     let j = queues.get(Q, &claimed[7].job.id).await.unwrap().unwrap();
     assert_eq!(j.result, Some(json!(7)));
+    engine.close().await;
+}
+
+/// A lease renewal never waits for a job row another transaction holds (a completion of it in
+/// another writer's batch, say): waiting there is how a renewal and a completion, each holding
+/// rows the other wants, deadlocked until Postgres broke the tie a second later. A held row
+/// counts as still leased if its last committed version says so, and is renewed next time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_renewal_skips_rows_other_transactions_hold() {
+    let Some((_dbs, url)) = database().await else {
+        return;
+    };
+    let engine = engine(&url).await;
+    let queues = Queues::new(engine.clone());
+    queues
+        .add_bulk((0..2).map(|i| NewJob::new(Q, "w", json!(i))).collect())
+        .await
+        .unwrap();
+    let claimed = engine.claim(Q, 2, LEASE).await.unwrap().jobs;
+    let leases: Vec<(String, String)> = claimed
+        .iter()
+        .map(|c| (c.job.id.clone(), c.token.clone()))
+        .collect();
+    let expiry = |id: String| {
+        let url = url.clone();
+        async move {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            let at: i64 = sqlx::query_scalar(
+                "SELECT lease_expires_at FROM cq_jobs WHERE queue = $1 AND id = $2",
+            )
+            .bind(Q)
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            at
+        }
+    };
+    let (first, second) = (leases[0].0.clone(), leases[1].0.clone());
+    let before = (expiry(first.clone()).await, expiry(second.clone()).await);
+
+    // Another transaction holds the first job's row.
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
+        .bind(Q)
+        .bind(&first)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let held = tokio::time::timeout(Duration::from_secs(5), engine.extend(Q, &leases, LEASE))
+        .await
+        .expect("the renewal waited for the row another transaction holds")
+        .unwrap();
+    assert_eq!(held, vec![true, true]);
+    assert_eq!(
+        expiry(first.clone()).await,
+        before.0,
+        "the held row is left as it was"
+    );
+    assert!(
+        expiry(second.clone()).await > before.1,
+        "the other lease is renewed"
+    );
+
+    // Once the other transaction ends, the next renewal takes the first job's row too.
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        engine.extend(Q, &leases, LEASE).await.unwrap(),
+        vec![true, true]
+    );
+    assert!(expiry(first).await > before.0);
+
+    // A lease that is no longer held is still reported lost.
+    let stale = vec![(second, "not-the-token".to_owned())];
+    assert_eq!(engine.extend(Q, &stale, LEASE).await.unwrap(), vec![false]);
     engine.close().await;
 }
 

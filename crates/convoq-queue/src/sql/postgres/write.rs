@@ -229,13 +229,24 @@ pub(crate) async fn extend(
     }
     let ids: Vec<&str> = leases.iter().map(|(id, _)| id.as_str()).collect();
     let tokens: Vec<&str> = leases.iter().map(|(_, t)| t.as_str()).collect();
-    // `state || ''`: see `complete_plain`.
+    // A renewal never waits for a row another transaction holds: it renews the rows it can
+    // lock (`SKIP LOCKED`) and leaves the others for the next renewal, a third of a lease
+    // later. Waiting is how a renewal and another writer's batched completion, each holding
+    // rows the other wanted, deadlocked until Postgres broke the tie a second later. A lease
+    // counts as held if the job's last committed version says so (a row being completed meanwhile
+    // ends the attempt anyway; a row whose lease lapsed and is being reaped is reported lost at
+    // the next renewal). The lock re-checks `ctid` on the row's latest version, so a row that
+    // changed since this statement's snapshot is neither locked nor renewed. `state || ''`:
+    // see `complete_plain`.
     let held: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE cq_jobs AS j SET lease_expires_at = $1 \
-         FROM unnest($3::text[], $4::text[]) AS v(id, token) \
-         WHERE j.queue = $2 AND j.id = v.id AND j.state || '' = 'active' \
-         AND j.lease_token = v.token \
-         RETURNING j.id, j.lease_token",
+        "WITH held AS (SELECT j.ctid AS row_id, j.id, j.lease_token FROM cq_jobs AS j \
+           JOIN unnest($3::text[], $4::text[]) AS v(id, token) \
+           ON j.id = v.id AND j.lease_token = v.token \
+           WHERE j.queue = $2 AND j.state || '' = 'active'), \
+         renewed AS (UPDATE cq_jobs SET lease_expires_at = $1 \
+           WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs \
+             WHERE ctid = ANY(ARRAY(SELECT row_id FROM held)) FOR UPDATE SKIP LOCKED))) \
+         SELECT id, lease_token FROM held",
     )
     .bind(now.saturating_add(lease_ms))
     .bind(queue)
