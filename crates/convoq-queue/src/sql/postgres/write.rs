@@ -233,11 +233,11 @@ pub(crate) async fn extend(
     // lock (`SKIP LOCKED`) and leaves the others for the next renewal, a third of a lease
     // later. Waiting is how a renewal and another writer's batched completion, each holding
     // rows the other wanted, deadlocked until Postgres broke the tie a second later. A lease
-    // counts as held if the job's last committed version says so (a row being completed meanwhile
-    // ends the attempt anyway; a row whose lease lapsed and is being reaped is reported lost at
-    // the next renewal). The lock re-checks `ctid` on the row's latest version, so a row that
-    // changed since this statement's snapshot is neither locked nor renewed. `state || ''`:
-    // see `complete_plain`.
+    // counts as held if the job's last committed version says so (a row being completed
+    // meanwhile ends the attempt anyway; a row whose lease lapsed and is being reaped is
+    // reported lost at the next renewal). The lock re-checks `ctid` on the row's latest
+    // version, so a row that changed since this statement's snapshot is neither locked nor
+    // renewed. `state || ''`: see `complete_plain`.
     let held: Vec<(String, String)> = sqlx::query_as(
         "WITH held AS (SELECT j.ctid AS row_id, j.id, j.lease_token FROM cq_jobs AS j \
            JOIN unnest($3::text[], $4::text[]) AS v(id, token) \
