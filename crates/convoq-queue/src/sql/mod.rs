@@ -234,20 +234,13 @@ impl SqlEngine {
                 config.clock.clone(),
                 shared.clone(),
                 config.max_batch,
-            );
-            let writer = match writer {
-                Ok(w) => w,
-                Err(e) => {
-                    opened.checkpoints.abort();
-                    return Err(e);
-                }
-            };
+            )?;
             (
                 "sqlite",
                 SQLITE_PRUNE_CHUNK,
                 Box::new(opened.reads),
                 writer,
-                vec![opened.checkpoints],
+                vec![opened.checkpoints.spawn()],
             )
         } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
             let opened = postgres::open(&config).await?;
@@ -305,6 +298,11 @@ impl SqlEngine {
         self.writer.send(Request::new(make(tx))).await?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
+}
+
+/// A fresh lease token for a claim.
+fn new_lease_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// Whether SQLite said the database is busy or locked (primary codes 5 and 6): another
@@ -441,7 +439,7 @@ impl Engine for SqlEngine {
 
     async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch> {
         let queue = queue.to_owned();
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = new_lease_token();
         self.request(|reply| Op::Claim {
             queue,
             max,
@@ -486,7 +484,7 @@ impl Engine for SqlEngine {
         next_lease: Duration,
     ) -> Result<Option<ClaimedJob>> {
         let job = job.clone();
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = new_lease_token();
         self.request(|reply| Op::FinishAndClaim {
             job,
             outcome,

@@ -37,16 +37,28 @@ use crate::sql::effect::SqlConn;
 /// The SQLite dialect.
 pub(crate) struct Sqlite;
 
-/// The writer connection (schema migrated), the read pool, and the checkpointing task that
-/// follows the writer's commits.
+/// The writer connection (schema migrated), the read pool, and the checkpoints that follow the
+/// writer's commits, to be started with the writer.
 pub(crate) struct Opened {
     pub(crate) writer: SqliteWriter,
     pub(crate) reads: SqliteReads,
-    pub(crate) checkpoints: JoinHandle<()>,
+    pub(crate) checkpoints: Checkpoints,
 }
 
-/// Opens the writer connection (migrating the schema) and the read pool, and starts the
-/// checkpointing task.
+/// The background checkpoints of an opened database ([`checkpoint_after_commits`]), not yet
+/// started.
+pub(crate) struct Checkpoints {
+    pool: SqlitePool,
+    commits: Arc<Notify>,
+}
+
+impl Checkpoints {
+    pub(crate) fn spawn(self) -> JoinHandle<()> {
+        tokio::spawn(checkpoint_after_commits(self.pool, self.commits))
+    }
+}
+
+/// Opens the writer connection (migrating the schema) and the read pool.
 pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     let opts = SqliteConnectOptions::from_str(&config.url)
         .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
@@ -72,11 +84,13 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
         .acquire_timeout(config.busy_timeout)
         .connect_lazy_with(opts);
     let commits = Arc::new(Notify::new());
-    let checkpoints = tokio::spawn(checkpoint_after_commits(pool.clone(), commits.clone()));
     Ok(Opened {
-        writer: SqliteWriter::new(writer, commits),
+        writer: SqliteWriter::new(writer, commits.clone()),
+        checkpoints: Checkpoints {
+            pool: pool.clone(),
+            commits,
+        },
         reads: SqliteReads(pool),
-        checkpoints,
     })
 }
 
