@@ -12,10 +12,13 @@
 //! 1. `add, single`: one task adding jobs one at a time with `Queues::add`.
 //! 2. `add, concurrent`: 32 tasks adding one at a time (the writer's group commit).
 //! 3. `add, bulk`: `Queues::add_bulk` in chunks of 1,000.
-//! 4. `claim+complete`: a worker pool with a no-op processor over pre-added jobs, concurrency 1
-//!    and 32 with claims of up to 64 (Postgres: 32 and 256, claims of up to 128), timed from pool start until `completed_total` reaches N (the
+//! 4. `claim+complete`: a worker pool with a no-op processor over 50,000 pre-added jobs,
+//!    concurrency 1 and 32 with claims of up to 64 (Postgres: 100,000 jobs, concurrency 256 and
+//!    2,048, claims of up to 128), timed from pool start until `completed_total` reaches N (the
 //!    processor's own counter is watched every 20 ms, then counts are polled every 2 ms until
 //!    every completion has committed, so that counting does not compete with the workers).
+//!    On Postgres a commit's cost is mostly its own, whatever it carries, so the jobs in
+//!    flight set the batch and the rate: 2,048 is what it takes to pass 20,000 jobs/s there.
 //! 5. `RSS`: the bench re-executes itself as a child process that opens the engine on a
 //!    database holding 100,000 waiting jobs, starts a pool (concurrency 32) whose processor
 //!    holds each job for 60 s, waits 3 s and reports `VmRSS`/`VmHWM` from `/proc/self/status`.
@@ -65,7 +68,8 @@ struct Args {
     tasks: usize,
     bulk: usize,
     chunk: usize,
-    jobs: usize,
+    /// Pre-added jobs of scenario 4 (default: see [`Args::jobs`]).
+    jobs: Option<usize>,
     rss_jobs: usize,
     poll: Duration,
     cap: Duration,
@@ -88,7 +92,7 @@ impl Default for Args {
             tasks: 32,
             bulk: 100_000,
             chunk: 1_000,
-            jobs: 50_000,
+            jobs: None,
             rss_jobs: 100_000,
             poll: Duration::from_millis(20),
             cap: Duration::from_secs(20),
@@ -109,14 +113,14 @@ options (after `cargo bench -p convoq-queue --bench engine --`):
   --tasks N           adding tasks of scenario 2 (default 32)
   --bulk N            jobs of scenario 3 (default 100000)
   --chunk N           add_bulk chunk size (default 1000)
-  --jobs N            pre-added jobs of scenario 4 (default 50000)
+  --jobs N            pre-added jobs of scenario 4 (default 50000; Postgres 100000)
   --rss-jobs N        waiting jobs of scenario 5 (default 100000)
   --poll-ms N         processed-counter check interval of scenario 4 (default 20)
   --cap SECS          time cap of each timed scenario (default 20)
   --no-full           skip the Durability::Full comparison rows
   --no-rss            skip scenario 5
   --only a,b          run only these scenarios (single, concurrent, bulk, claim, rss)
-  --concurrency a,b   worker concurrencies of scenario 4 (default 1,32; Postgres 32,256)
+  --concurrency a,b   worker concurrencies of scenario 4 (default 1,32; Postgres 256,2048)
   --batch N           the most jobs one claim takes in scenario 4 (default 64; Postgres 128)
   --postgres URL      run on Postgres: each scenario on a fresh database created on this
                       server (URL of a database to connect to for that), dropped afterwards;
@@ -138,7 +142,7 @@ fn parse_args() -> Args {
             "--tasks" => a.tasks = num(it.next(), &arg).max(1),
             "--bulk" => a.bulk = num(it.next(), &arg),
             "--chunk" => a.chunk = num(it.next(), &arg).max(1),
-            "--jobs" => a.jobs = num(it.next(), &arg),
+            "--jobs" => a.jobs = Some(num(it.next(), &arg)),
             "--rss-jobs" => a.rss_jobs = num(it.next(), &arg),
             "--poll-ms" => a.poll = Duration::from_millis(num(it.next(), &arg).max(1) as u64),
             "--cap" => a.cap = Duration::from_secs(num(it.next(), &arg).max(1) as u64),
@@ -187,8 +191,16 @@ impl Args {
     fn concurrencies(&self) -> Vec<usize> {
         match (&self.concurrency, &self.postgres) {
             (Some(c), _) => c.clone(),
-            (None, Some(_)) => vec![32, 256],
+            (None, Some(_)) => vec![256, 2048],
             (None, None) => vec![1, 32],
+        }
+    }
+
+    fn jobs(&self) -> usize {
+        match (self.jobs, &self.postgres) {
+            (Some(n), _) => n,
+            (None, Some(_)) => 100_000,
+            (None, None) => 50_000,
         }
     }
 
@@ -581,7 +593,7 @@ impl Processor for Hold {
 
 async fn claim_complete(args: &Args, durability: Durability, concurrency: usize) -> Row {
     let (engine, queues, _fresh) = open(args, durability).await;
-    let (n, cap, poll) = (args.jobs, args.cap, args.poll);
+    let (n, cap, poll) = (args.jobs(), args.cap, args.poll);
     let t = Instant::now();
     preload(&queues, n, args.chunk).await;
     eprintln!(
