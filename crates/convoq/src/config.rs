@@ -24,8 +24,17 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://convoq.db";
 /// The Redis key prefix of the BullMQ engine: Node BullMQ's default, so that Node producers and
 /// dashboards find convoq's queues without configuration.
 pub const DEFAULT_QUEUE_PREFIX: &str = "bull";
-/// Default per-queue worker concurrency.
+/// Default per-queue worker concurrency where processors write to a store of their own (the
+/// queue on Redis, or on another database than the store): each slot then holds a store
+/// connection while its job runs.
 pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 32), ("chat", 4)];
+/// Default per-queue worker concurrency where the queue and the store are one SQL database (the
+/// embedded default, or Postgres for both): a slot holds no connection (the conversation and
+/// audit inserts run in the queue writer's completion transaction), and the more jobs in flight,
+/// the more each of the writer's commits carries. At 32 the embedded default accepted faster
+/// than it processed under load, and the backlog grew; at 128 it keeps pace (`BENCHMARKS.md`).
+pub const SHARED_SQL_CONCURRENCY: [(&str, usize); 3] =
+    [("database", 128), ("audit", 128), ("chat", 4)];
 /// Default backlog (waiting + delayed jobs) above which POSTs get 429.
 pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
 /// Default grace period for in-flight jobs at shutdown.
@@ -441,10 +450,18 @@ impl Config {
             Some(k) => Some(digest(&k)),
             None => None,
         };
-        let mut concurrency: BTreeMap<String, usize> = DEFAULT_CONCURRENCY
-            .iter()
-            .map(|(q, n)| (q.to_string(), *n))
-            .collect();
+        let shared_sql = queue_url == database_url
+            && matches!(
+                Backend::of(&queue_url),
+                Some(Backend::Sqlite | Backend::Postgres)
+            );
+        let defaults = if shared_sql {
+            SHARED_SQL_CONCURRENCY
+        } else {
+            DEFAULT_CONCURRENCY
+        };
+        let mut concurrency: BTreeMap<String, usize> =
+            defaults.iter().map(|(q, n)| (q.to_string(), *n)).collect();
         let overrides = match (s.concurrency, f.concurrency) {
             (Some(csv), _) => parse_concurrency(&csv)?,
             (None, Some(map)) => map,
@@ -746,11 +763,43 @@ mod tests {
         assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(c.queue_url, DEFAULT_DATABASE_URL);
         assert!(c.protected_mode());
-        assert_eq!(c.concurrency["database"], 32);
+        assert_eq!(c.concurrency["database"], 128);
         assert_eq!(
             c.worker_listen, None,
             "a worker serves no HTTP unless asked"
         );
+    }
+
+    #[test]
+    fn default_concurrency_follows_where_processors_write() {
+        let pg = "postgres://convoq@db.example/convoq";
+        let both_pg = load(Settings {
+            database_url: Some(pg.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(both_pg.concurrency["database"], 128);
+        assert_eq!(both_pg.concurrency["audit"], 128);
+        assert_eq!(both_pg.concurrency["chat"], 4);
+        // A queue apart from the store: each slot holds a store connection while it runs.
+        for queue_url in ["redis://127.0.0.1:6379", "sqlite://queue.db"] {
+            let apart = load(Settings {
+                database_url: Some(pg.into()),
+                queue_url: Some(queue_url.into()),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(apart.concurrency["database"], 32, "{queue_url}");
+            assert_eq!(apart.concurrency["audit"], 32, "{queue_url}");
+        }
+        // An explicit setting wins either way; queues it leaves out keep their default.
+        let set = load(Settings {
+            concurrency: Some("database=8".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(set.concurrency["database"], 8);
+        assert_eq!(set.concurrency["audit"], 128);
     }
 
     #[test]
