@@ -20,8 +20,9 @@
 //!    On Postgres a commit's cost is mostly its own, whatever it carries, so the jobs in
 //!    flight set the batch and the rate: 2,048 is what it takes to pass 20,000 jobs/s there.
 //! 5. `RSS`: the bench re-executes itself as a child process that opens the engine on a
-//!    database holding 100,000 waiting jobs, starts a pool (concurrency 32) whose processor
-//!    holds each job for 60 s, waits 3 s and reports `VmRSS`/`VmHWM` from `/proc/self/status`.
+//!    database holding 100,000 waiting jobs, starts a pool (concurrency 128, the service's default
+//!    per queue on SQLite) whose processor holds each job for 60 s, waits 3 s and reports
+//!    `VmRSS`/`VmHWM` from `/proc/self/status`.
 //!    SQLite only.
 //!
 //! Every timed scenario stops at a time cap (`--cap`, 20 s by default) so that the whole run is
@@ -56,6 +57,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const QUEUE: &str = "bench";
 const JOB_NAME: &str = "noop";
+/// Jobs the pool of scenario 5 holds: the service's default per queue where the queue and the
+/// store are one SQLite file.
+const RSS_CONCURRENCY: usize = 128;
 /// Environment variable that turns the bench binary into the RSS child (its value: the DB path).
 const CHILD_ENV: &str = "CONVOQ_BENCH_RSS_CHILD";
 /// `/proc/<pid>/task/<tid>/stat` times are in USER_HZ, which Linux fixes at 100.
@@ -681,7 +685,7 @@ fn rss_child(db: &str) {
             .queue(
                 QUEUE,
                 WorkerOptions {
-                    concurrency: 32,
+                    concurrency: RSS_CONCURRENCY,
                     batch: 64,
                     ..WorkerOptions::default()
                 },
@@ -952,8 +956,9 @@ fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str,
     }
     if let Some(m) = rss {
         println!(
-            "| 5. RSS, worker process, {} waiting, concurrency 32 holding | normal | — | — | **{:.1} MiB** VmRSS, {:.1} MiB VmHWM | < 64 MiB | — | — | — | — | — | after engine open {:.1} MiB; after one `counts()` {:.1} MiB (HWM {:.1}), after 4 concurrent `counts()` {:.1} MiB (HWM {:.1}); pool: {} in flight, {} active, {} waiting |",
+            "| 5. RSS, worker process, {} waiting, concurrency {} holding | normal | — | — | **{:.1} MiB** VmRSS, {:.1} MiB VmHWM | < 64 MiB | — | — | — | — | — | after engine open {:.1} MiB; after one `counts()` {:.1} MiB (HWM {:.1}), after 4 concurrent `counts()` {:.1} MiB (HWM {:.1}); pool: {} in flight, {} active, {} waiting |",
             fmt_int(args.rss_jobs as f64),
+            RSS_CONCURRENCY,
             mib(m.rss),
             mib(m.hwm),
             mib(m.open_rss),
