@@ -17,7 +17,7 @@
 //!    2,048, claims of up to 128), timed from pool start until `completed_total` reaches N (the
 //!    processor's own counter is watched every 20 ms, then counts are polled every 2 ms until
 //!    every completion has committed, so that counting does not compete with the workers).
-//!    On Postgres a commit's cost is mostly its own, whatever it carries, so the jobs in
+//!    On Postgres a commit costs about the same whatever it carries, so the jobs in
 //!    flight set the batch and the rate: 2,048 is what it takes to pass 20,000 jobs/s there.
 //! 5. `RSS`: the bench re-executes itself as a child process that opens the engine on a
 //!    database holding 100,000 waiting jobs, starts a pool (concurrency 128, the service's default
