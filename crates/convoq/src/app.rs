@@ -11,7 +11,7 @@ use convoq_queue::bullmq::{BullConfig, BullEngine};
 use convoq_queue::sql::{SqlConfig, SqlEngine};
 use convoq_queue::{Engine, Queues, WorkerOptions, WorkerPool};
 
-use crate::config::{Backend, Command, Config};
+use crate::config::{self, Backend, Command, Config};
 use crate::domain::{CREATE_CONVERSATION, QUEUES, RECORD_AUDIT_EVENT};
 use crate::http::{self, AppState, QueueStats};
 use crate::processors::{CreateConversation, RecordAuditEvent};
@@ -67,7 +67,7 @@ impl App {
 
     /// Whether processors can commit their inserts in the queue's completion transaction.
     fn shared_transaction(&self) -> bool {
-        self.config.queue_url == self.config.database_url
+        config::queue_is_store(&self.config.queue_url, &self.config.database_url)
             && self.queues.engine().capabilities().transactional_effects
     }
 

@@ -84,6 +84,16 @@ impl Backend {
     }
 }
 
+/// Whether the queue lives in the store's own SQL database (the embedded default, or Postgres
+/// for both), so that a job's effect can commit with its completion.
+pub fn queue_is_store(queue_url: &str, database_url: &str) -> bool {
+    queue_url == database_url
+        && matches!(
+            Backend::of(queue_url),
+            Some(Backend::Sqlite | Backend::Postgres)
+        )
+}
+
 /// The kinds `--database-url` takes.
 const STORE_BACKENDS: &[Backend] = &[Backend::Sqlite, Backend::Postgres];
 /// The kinds `--queue-url` takes.
@@ -450,12 +460,7 @@ impl Config {
             Some(k) => Some(digest(&k)),
             None => None,
         };
-        let shared_sql = queue_url == database_url
-            && matches!(
-                Backend::of(&queue_url),
-                Some(Backend::Sqlite | Backend::Postgres)
-            );
-        let defaults = if shared_sql {
+        let defaults = if queue_is_store(&queue_url, &database_url) {
             SHARED_SQL_CONCURRENCY
         } else {
             DEFAULT_CONCURRENCY
