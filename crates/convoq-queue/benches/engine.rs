@@ -28,9 +28,11 @@
 //! Every timed scenario stops at a time cap (`--cap`, 20 s by default) so that the whole run is
 //! bounded; a capped row says how many of its jobs it got through. Besides jobs/s each row
 //! shows the writer's group-commit factor (operations per commit), the CPU the process used
-//! (in cores), the busy share of the busiest `sqlx-sqlite-worker` thread (the writer
-//! connection's thread; SQLite only) and context switches per job, to tell what bounds the
-//! figure. On Postgres, the server's CPU is not in the row: it runs in its own processes.
+//! (in cores), the busy share of the busiest `convoq-writer` thread (the SQLite writer's own
+//! thread, which runs its task and every statement on its connection; SQLite only) and context
+//! switches per job, to tell what bounds the figure. The tokio share counts the runtime's
+//! worker and blocking threads alike (tokio names both `tokio-runtime-worker`), so on SQLite
+//! it includes the reads, which run on blocking threads. On Postgres, the server's CPU is not in the row: it runs in its own processes.
 //!
 //! The bench runs on mimalloc, the allocator of the `convoq` binary.
 //!
@@ -286,6 +288,11 @@ async fn preload(queues: &Queues, n: usize, chunk: usize) {
 // ---------------------------------------------------------------------------------------------
 // Per-thread CPU and context switches, from /proc/self/task.
 
+/// The name of the SQLite writer's thread (`std::thread::Builder::name` in the engine's
+/// `sql/writer.rs`), where the writer runs its task and every statement on its connection.
+/// Short enough (under 16 bytes) for the kernel's `comm` to hold it whole.
+const WRITER_THREAD: &str = "convoq-writer";
+
 #[derive(Debug, Clone, Default)]
 struct ThreadSample {
     comm: String,
@@ -357,9 +364,9 @@ fn sample_threads() -> HashMap<u64, ThreadSample> {
 struct CpuUse {
     /// CPU of the whole process, in cores.
     cores: f64,
-    /// Busy share of the busiest sqlx-sqlite worker thread (the writer connection's).
+    /// Busy share of the busiest SQLite writer thread ([`WRITER_THREAD`]).
     writer_thread: f64,
-    /// CPU of the tokio runtime's workers, in cores.
+    /// CPU of the tokio runtime's threads (workers and blocking threads), in cores.
     tokio_cores: f64,
     /// Context switches of all threads.
     ctx_switches: u64,
@@ -387,7 +394,7 @@ fn cpu_between(
         if a.comm.starts_with("tokio-r") {
             tokio += ticks;
         }
-        if a.comm.starts_with("sqlx-sqlite") {
+        if a.comm == WRITER_THREAD {
             sqlite_max = sqlite_max.max(ticks);
         }
     }
@@ -972,25 +979,12 @@ fn print_report(args: &Args, rows: &[Row], rss: Option<&RssReport>, load0: &str,
         );
     }
     println!();
-    println!("Columns: *ops/commit* = writer operations per group commit (engine `write_stats`); *CPU cores* = process CPU time ÷ wall time (2 = both cores), in brackets the tokio runtime workers' share; *machine CPU* = CPU of the whole machine, every process (a Postgres server's included), ÷ wall time; *writer thread* = busy share of the busiest `sqlx-sqlite-worker` thread (the writer connection's; SQLite only); *ctx sw/job* = voluntary + involuntary context switches of all threads per job.");
+    println!("Columns: *ops/commit* = writer operations per group commit (engine `write_stats`); *CPU cores* = process CPU time ÷ wall time (2 = both cores), in brackets the tokio runtime threads' share (workers and blocking threads, where SQLite reads run); *machine CPU* = CPU of the whole machine, every process (a Postgres server's included), ÷ wall time; *writer thread* = busy share of the busiest `convoq-writer` thread (the SQLite writer's own thread, its statements included; SQLite only); *ctx sw/job* = voluntary + involuntary context switches of all threads per job.");
 }
 
+/// The version of the SQLite library the engine runs on (rusqlite's bundled one).
 fn sqlite_version() -> String {
-    let rt = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| {
-        rt.block_on(async {
-            use sqlx::Connection;
-            let mut c = sqlx::SqliteConnection::connect("sqlite::memory:")
-                .await
-                .ok()?;
-            let v: String = sqlx::query_scalar("SELECT sqlite_version()")
-                .fetch_one(&mut c)
-                .await
-                .ok()?;
-            Some(v)
-        })
-    })
-    .unwrap_or_else(|| "?".into())
+    rusqlite::version().to_owned()
 }
 
 fn main() {

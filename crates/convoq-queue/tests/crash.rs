@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use convoq_queue::sql::SqliteFile;
 use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, TxEffect};
 use convoq_queue::{
     Completion, Engine, Job, JobOptions, JobState, KeepJobs, NewJob, ProcessError, Processor,
     QueueCounts, Queues, WorkerOptions,
 };
 use rand::Rng;
-use sqlx::Connection;
 
 /// Set (to the database path) only in the child process.
 const CHILD_DB_ENV: &str = "CONVOQ_CRASH_CHILD_DB";
@@ -60,10 +60,7 @@ impl TxEffect for InsertRow {
                 ))
             }
         };
-        sqlx::query("INSERT INTO crash_rows (key) VALUES (?)")
-            .bind(&self.key)
-            .execute(conn)
-            .await
+        conn.execute("INSERT INTO crash_rows (key) VALUES (?)", [&self.key])
             .map(drop)
             .map_err(|e| ProcessError::retryable(format!("insert into crash_rows: {e}")))
     }
@@ -88,16 +85,24 @@ impl Processor for InsertRowProcessor {
     }
 }
 
-async fn create_rows_table(path: &str) {
-    let mut conn = sqlx::SqliteConnection::connect(&db_url(path))
-        .await
-        .expect("child: open the database for crash_rows");
+/// A connection of its own to the database the parent created (`mode=rw`: it must exist).
+fn open_existing(path: &str) -> rusqlite::Result<rusqlite::Connection> {
+    SqliteFile::from_url(&format!("{}?mode=rw", db_url(path)))
+        .expect("a SQLite URL")
+        .open()
+}
+
+fn create_rows_table(path: &str) {
+    let conn = open_existing(path).expect("child: open the database for crash_rows");
     // No unique constraint: a duplicate insert must stay visible.
-    sqlx::query("CREATE TABLE IF NOT EXISTS crash_rows (key TEXT NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .expect("child: create crash_rows");
-    conn.close().await.expect("child: close setup connection");
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS crash_rows (key TEXT NOT NULL)",
+        [],
+    )
+    .expect("child: create crash_rows");
+    conn.close()
+        .map_err(|(_, e)| e)
+        .expect("child: close setup connection");
 }
 
 /// Not a real test: the body of the child process. Returns at once unless [`CHILD_DB_ENV`] is
@@ -114,7 +119,7 @@ fn child_worker() {
         .build()
         .expect("child: tokio runtime");
     rt.block_on(async move {
-        create_rows_table(&path).await;
+        create_rows_table(&path);
         let engine = SqlEngine::connect(SqlConfig::new(db_url(&path)))
             .await
             .expect("child: open the engine");
@@ -363,20 +368,22 @@ async fn sigkill_twice_loses_and_duplicates_nothing() {
     engine.close().await;
 
     // Every row exactly once.
-    let pool = sqlx::SqlitePool::connect(&db_url(&db_str))
-        .await
-        .expect("open the database with sqlx");
-    let (rows, distinct): (i64, i64) =
-        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT key) FROM crash_rows")
-            .fetch_one(&pool)
-            .await
-            .expect("count crash_rows");
-    let per_key: Vec<(String, i64)> =
-        sqlx::query_as("SELECT key, COUNT(*) FROM crash_rows GROUP BY key")
-            .fetch_all(&pool)
-            .await
-            .expect("read crash_rows");
-    pool.close().await;
+    let conn = open_existing(&db_str).expect("open the database with rusqlite");
+    let (rows, distinct): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), COUNT(DISTINCT key) FROM crash_rows",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("count crash_rows");
+    let per_key: Vec<(String, i64)> = conn
+        .prepare("SELECT key, COUNT(*) FROM crash_rows GROUP BY key")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .expect("read crash_rows");
+    drop(conn);
     let per_key: HashMap<String, i64> = per_key.into_iter().collect();
     let duplicated: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
     let missing: Vec<_> = expected

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, TxEffect};
+use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, SqliteFile, TxEffect};
 use convoq_queue::{
     Completion, Engine, JobState, NewJob, Outcome, ProcessError, QueueError, Queues,
 };
@@ -60,16 +60,14 @@ impl TxEffect for InsertRow {
             .iter()
             .filter_map(|e| e.as_any()?.downcast_ref())
             .collect();
-        sqlx::query("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
-            .execute(&mut *conn)
-            .await
+        conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)", [])
             .map_err(ProcessError::retryable)?;
         let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        sqlx::query("INSERT INTO effects (key) SELECT value FROM json_each(?)")
-            .bind(serde_json::to_string(&keys).unwrap())
-            .execute(&mut *conn)
-            .await
-            .map_err(ProcessError::retryable)?;
+        conn.execute(
+            "INSERT INTO effects (key) SELECT value FROM json_each(?)",
+            [serde_json::to_string(&keys).unwrap()],
+        )
+        .map_err(ProcessError::retryable)?;
         match rows.iter().find_map(|r| r.fail.clone()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -80,22 +78,29 @@ impl TxEffect for InsertRow {
     }
 }
 
-async fn rows(url: &str, key: &str) -> i64 {
-    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
-    let exists: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'effects'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+/// A connection of its own to the engine's database, to look at it (or tamper with it) from
+/// outside the engine. Its statements block the calling thread, for at most the busy timeout
+/// while the writer (on its own thread) holds the lock.
+fn open(url: &str) -> rusqlite::Connection {
+    SqliteFile::from_url(url).unwrap().open().unwrap()
+}
+
+fn rows(url: &str, key: &str) -> i64 {
+    let conn = open(url);
+    let exists: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'effects'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     if exists == 0 {
         return 0;
     }
-    sqlx::query_scalar("SELECT COUNT(*) FROM effects WHERE key = ?")
-        .bind(key)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
+    conn.query_row("SELECT COUNT(*) FROM effects WHERE key = ?", [key], |r| {
+        r.get(0)
+    })
+    .unwrap()
 }
 
 /// An effect that signals when the writer runs it, then waits to be released.
@@ -189,7 +194,7 @@ async fn effect_commits_with_the_completion_or_not_at_all() {
         .id;
     let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
     engine.finish(&c, completion("ok", None)).await.unwrap();
-    assert_eq!(rows(&url, "ok").await, 1);
+    assert_eq!(rows(&url, "ok"), 1);
     assert!(queues.get("audit", "audit-ok").await.unwrap().is_some());
     assert_eq!(
         queues.get(Q, &ok).await.unwrap().unwrap().state,
@@ -210,11 +215,7 @@ async fn effect_commits_with_the_completion_or_not_at_all() {
         matches!(&r, Err(QueueError::EffectFailed(e)) if e.reason() == "unknown user u9"),
         "{r:?}"
     );
-    assert_eq!(
-        rows(&url, "bad").await,
-        0,
-        "the effect's insert was rolled back"
-    );
+    assert_eq!(rows(&url, "bad"), 0, "the effect's insert was rolled back");
     assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
     let j = queues.get(Q, &bad).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
@@ -231,7 +232,7 @@ async fn effect_commits_with_the_completion_or_not_at_all() {
     c.token = "not-the-token".into();
     let r = engine.finish(&c, completion("stale", None)).await;
     assert!(matches!(r, Err(QueueError::LeaseLost { .. })), "{r:?}");
-    assert_eq!(rows(&url, "stale").await, 0);
+    assert_eq!(rows(&url, "stale"), 0);
     assert_eq!(
         queues.get(Q, &stale).await.unwrap().unwrap().state,
         JobState::Active
@@ -311,11 +312,8 @@ async fn corrupt_rows_are_errors_not_panics() {
         .unwrap()
         .job
         .id;
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("UPDATE cq_jobs SET data = '{not json' WHERE id = ?")
-        .bind(&id)
-        .execute(&pool)
-        .await
+    let conn = open(&url);
+    conn.execute("UPDATE cq_jobs SET data = '{not json' WHERE id = ?", [&id])
         .unwrap();
     let err = queues.get(Q, &id).await.unwrap_err();
     assert!(
@@ -341,10 +339,12 @@ async fn corrupt_rows_are_errors_not_panics() {
         (1, 0),
         "the corrupt job failed visibly"
     );
-    let reason: String = sqlx::query_scalar("SELECT failed_reason FROM cq_jobs WHERE id = ?")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
+    let reason: String = conn
+        .query_row(
+            "SELECT failed_reason FROM cq_jobs WHERE id = ?",
+            [&id],
+            |r| r.get(0),
+        )
         .unwrap();
     assert!(reason.contains("corrupt"), "{reason}");
 }
@@ -354,12 +354,10 @@ async fn newer_schema_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, url) = engine(&dir).await;
     engine.close().await;
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("INSERT INTO cq_schema (version) VALUES (99)")
-        .execute(&pool)
-        .await
+    let conn = open(&url);
+    conn.execute("INSERT INTO cq_schema (version) VALUES (99)", [])
         .unwrap();
-    pool.close().await;
+    conn.close().map_err(|(_, e)| e).unwrap();
     let err = SqlEngine::connect(SqlConfig::new(url)).await.err().unwrap();
     assert!(err.to_string().contains("newer than this build"), "{err}");
 }
@@ -392,14 +390,11 @@ async fn commits_are_checkpointed_beside_the_writer() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let in_file = loop {
         std::fs::copy(dir.path().join("q.db"), &copy).unwrap();
-        let opts = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&copy)
-            .immutable(true);
-        let n: Option<i64> = match sqlx::SqlitePool::connect_with(opts).await {
-            Ok(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM cq_jobs WHERE queue = ?")
-                .bind(Q)
-                .fetch_one(&pool)
-                .await
+        let n: Option<i64> = match open_immutable(&copy) {
+            Ok(conn) => conn
+                .query_row("SELECT COUNT(*) FROM cq_jobs WHERE queue = ?", [Q], |r| {
+                    r.get(0)
+                })
                 .ok(),
             // A copy taken while a checkpoint was writing the file.
             Err(_) => None,
@@ -412,6 +407,25 @@ async fn commits_are_checkpointed_beside_the_writer() {
     assert_eq!(in_file, Some(3), "the database file, without its WAL");
     assert_eq!(queues.counts(Q).await.unwrap().waiting, 3);
     engine.close().await;
+}
+
+/// Opens the database file at `path` read-only and immutable: SQLite reads the file alone, as
+/// it is, and neither looks for nor creates a WAL or any lock beside it.
+fn open_immutable(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    let mut uri = String::from("file:");
+    for c in path.to_str().expect("utf-8 temp path").chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3F"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    rusqlite::Connection::open_with_flags(
+        uri,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+    )
 }
 
 /// Completions that arrive together commit together; one failing effect among them fails its
@@ -455,11 +469,11 @@ async fn a_failing_effect_in_a_group_fails_alone() {
         if i == 5 {
             assert_eq!(job.state, JobState::Failed);
             assert_eq!(job.failed_reason.as_deref(), Some("unknown user g5"));
-            assert_eq!(rows(&url, &key).await, 0, "the failed effect left no row");
+            assert_eq!(rows(&url, &key), 0, "the failed effect left no row");
             assert!(follow_up.is_none());
         } else {
             assert_eq!(job.state, JobState::Completed, "job {i}");
-            assert_eq!(rows(&url, &key).await, 1, "job {i}'s effect");
+            assert_eq!(rows(&url, &key), 1, "job {i}'s effect");
             assert!(follow_up.is_some(), "job {i}'s follow-up");
         }
     }
@@ -579,13 +593,16 @@ async fn engines_opening_a_new_file_together_migrate_once() {
         futures::future::join_all((0..6).map(|_| SqlEngine::connect(SqlConfig::new(url.clone()))))
             .await;
     let engines: Vec<_> = opened.into_iter().map(|r| r.unwrap()).collect();
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM cq_schema ORDER BY version")
-        .fetch_all(&pool)
-        .await
+    let conn = open(&url);
+    let versions: Vec<i64> = conn
+        .prepare("SELECT version FROM cq_schema ORDER BY version")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
         .unwrap();
     assert_eq!(versions, vec![1, 2, 3, 4], "each step recorded once");
-    pool.close().await;
+    drop(conn);
     for e in engines {
         e.close().await;
     }

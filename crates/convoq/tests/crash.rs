@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{count, eventually, get, open_db, put_user_u1, request, Server};
+use support::{count, eventually, get, open_db, put_user_u1, query_rows, request, Server};
 
 const TOTAL: usize = 1000;
 const CLIENTS: usize = 16;
@@ -227,15 +227,16 @@ async fn sigkill_twice_under_load_loses_and_duplicates_nothing() {
         )
         .await;
     }
-    db.close().await;
+    db.close();
     server.stop(Duration::from_secs(20)).await;
 
     // The file, quiescent.
     let db = open_db(&server.db_path()).await;
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as("SELECT id, title FROM conversations")
-        .fetch_all(&db)
-        .await
-        .expect("conversations");
+    let rows: Vec<(String, Option<String>)> =
+        query_rows(&db, "SELECT id, title FROM conversations", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .await;
     assert_eq!(
         rows.len(),
         TOTAL,
@@ -261,13 +262,13 @@ async fn sigkill_twice_under_load_loses_and_duplicates_nothing() {
         );
         assert_eq!(titles.get(title.as_str()), Some(&1), "{title} exactly once");
     }
-    let audit: Vec<(String, i64)> = sqlx::query_as(
+    let audit: Vec<(String, i64)> = query_rows(
+        &db,
         "SELECT subject_id, COUNT(*) FROM audit_log WHERE event = 'conversation.created' \
          GROUP BY subject_id",
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )
-    .fetch_all(&db)
-    .await
-    .expect("audit_log");
+    .await;
     assert_eq!(
         audit.len(),
         TOTAL,
@@ -290,7 +291,7 @@ async fn sigkill_twice_under_load_loses_and_duplicates_nothing() {
     );
     let stalled = count(&db, "SELECT COALESCE(SUM(stalled_count), 0) FROM cq_jobs").await;
     let multi = count(&db, "SELECT COUNT(*) FROM cq_jobs WHERE attempts_made > 1").await;
-    db.close().await;
+    db.close();
 
     eprintln!(
         "crash: {} accepted ({} replayed), {} retried after no answer, {} refused connections, \

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{count, free_port, get, open_db, put_user_u1, request, Server};
+use support::{count, free_port, get, open_db, put_user_u1, query_rows, request, Server};
 
 /// Load before the outage.
 const BEFORE: Duration = Duration::from_secs(3);
@@ -381,11 +381,8 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
     let db = open_db(&server.db_path()).await;
     let deadline = started + BUDGET - Duration::from_secs(5);
     loop {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM conversations")
-            .fetch_all(&db)
-            .await
-            .expect("conversations");
-        let done: HashSet<String> = rows.into_iter().map(|(id,)| id).collect();
+        let ids: Vec<String> = query_rows(&db, "SELECT id FROM conversations", |r| r.get(0)).await;
+        let done: HashSet<String> = ids.into_iter().collect();
         let missing = accepted.keys().filter(|c| !done.contains(*c)).count();
         if missing == 0 {
             break;
@@ -400,10 +397,11 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
     }
     server.stop(Duration::from_secs(15)).await;
 
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as("SELECT id, title FROM conversations")
-        .fetch_all(&db)
-        .await
-        .expect("conversations");
+    let rows: Vec<(String, Option<String>)> =
+        query_rows(&db, "SELECT id, title FROM conversations", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .await;
     let mut titles: HashMap<String, usize> = HashMap::new();
     for (_, t) in &rows {
         *titles.entry(t.clone().expect("a title")).or_default() += 1;
@@ -442,7 +440,7 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
         "SELECT COUNT(*) FROM audit_log WHERE event = 'conversation.created'",
     )
     .await;
-    db.close().await;
+    db.close();
 
     let tally = |phase: u8| {
         let mut t: HashMap<String, usize> = HashMap::new();

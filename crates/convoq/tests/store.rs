@@ -8,7 +8,7 @@ mod support;
 use chrono::{TimeZone, Utc};
 use convoq::store::{NewAuditEvent, NewConversation, Store, StoreError, StoreOptions};
 use convoq::telemetry::Metrics;
-use convoq_queue::sql::SqlConn;
+use convoq_queue::sql::{SqlConn, SqliteFile};
 use sqlx::Connection;
 use support::TestDatabase;
 
@@ -16,6 +16,14 @@ async fn open(url: &str) -> Store {
     Store::connect(url, &StoreOptions::default(), Metrics::new())
         .await
         .expect("store opens")
+}
+
+/// A connection of the test's own to the SQLite store at `url`, set up as the queue engine's.
+fn sqlite_conn(url: &str) -> rusqlite::Connection {
+    SqliteFile::from_url(url)
+        .expect("SQLite URL")
+        .open()
+        .expect("connect")
 }
 
 on_each_database!(
@@ -160,11 +168,8 @@ async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
         let c = conversation(id, "u1", None);
         let a = audit(id);
         if url.starts_with("sqlite:") {
-            let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
-            sqlx::query("BEGIN")
-                .execute(&mut conn)
-                .await
-                .expect("begin");
+            let mut conn = sqlite_conn(url);
+            conn.execute_batch("BEGIN").expect("begin");
             store
                 .insert_conversations_in(SqlConn::Sqlite(&mut conn), &[(&c, now)])
                 .await
@@ -174,7 +179,7 @@ async fn inserts_run_inside_a_callers_transaction(db: TestDatabase) {
                 .await
                 .expect("audit");
             let end = if commit { "COMMIT" } else { "ROLLBACK" };
-            sqlx::query(end).execute(&mut conn).await.expect("end");
+            conn.execute_batch(end).expect("end");
         } else {
             let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
             sqlx::query("BEGIN")
@@ -249,7 +254,7 @@ async fn group_inserts_are_one_statement_all_or_nothing(db: TestDatabase) {
     let mixed_rows: Vec<_> = mixed.iter().map(|c| (c, now)).collect();
     let audits: Vec<_> = events.iter().map(|e| (e, now)).collect();
     let (first, again, refused, audited) = if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+        let mut conn = sqlite_conn(url);
         group_inserts(
             &store,
             SqlConn::Sqlite(&mut conn),

@@ -16,11 +16,10 @@ use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 
-/// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
-/// answer (lease lost, wrong state) and the batch goes on.
-pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
+/// A dialect's result: the driver's error outside, the operation's own inside.
+pub(crate) type DResult<D, T> = std::result::Result<T, <D as Dialect>::Error>;
 
-/// Whether the driver says the connection itself failed (I/O, TLS, protocol, pool).
+/// Whether sqlx says the connection itself failed (I/O, TLS, protocol, pool).
 pub(crate) fn transport_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -34,13 +33,21 @@ pub(crate) fn transport_error(e: &sqlx::Error) -> bool {
 }
 
 /// The write side of a dialect, driven by the writer task.
+///
+/// Each method answers `Result<_, Self::Error>`: an `Err` (the driver's) aborts the writer's
+/// batch; an inner `Err` of the crate's is the operation's own answer (lease lost, wrong state)
+/// and the batch goes on.
 #[async_trait]
 pub(crate) trait Dialect: Send + Sync + 'static {
     /// A connection the writer owns.
     type Conn: Send + 'static;
+    /// The driver's error.
+    type Error: std::fmt::Display + Send + 'static;
 
     /// Maps a driver error to the crate's error.
-    fn map_err(&self, e: sqlx::Error) -> QueueError;
+    fn map_err(&self, e: Self::Error) -> QueueError;
+    /// The error of a batch abandoned after [`Dialect::batch_timeout`].
+    fn timed_out(&self, message: String) -> Self::Error;
     /// How long a batch (clock reading to commit) may take before the writer abandons it and
     /// [`Dialect::discard`]s its connection; `None`: no limit (a local file cannot hang).
     fn batch_timeout(&self) -> Option<std::time::Duration> {
@@ -54,30 +61,27 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         false
     }
     /// Whether each writer task runs on a thread of its own, in a single-threaded runtime,
-    /// instead of on the runtime that opened the engine: worth it where every statement is a
-    /// hand-off to the driver's own thread (SQLite), so that the writer, woken when a statement
-    /// comes back, does not wait in a busy runtime's queue behind request handlers before it
-    /// sends the next one. Not for a dialect whose connections are sockets registered with the
-    /// runtime that opened them (Postgres).
+    /// instead of on the runtime that opened the engine: needed where every statement is a
+    /// blocking call on the calling thread (SQLite through rusqlite), so that the writer neither
+    /// holds a runtime worker that request handlers need nor waits in their queue between
+    /// batches. Not for a dialect whose connections are sockets registered with the runtime
+    /// that opened them (Postgres).
     fn own_thread(&self) -> bool {
         false
     }
     /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
     fn discard(&self, _conn: &mut Self::Conn) {}
     /// Whether an error says the connection failed, not an operation: the batch may succeed
-    /// as a whole on another connection, and no operation would on this one. By default, the
-    /// driver's transport errors; a dialect adds its server's own ways of saying so.
-    fn connection_lost(&self, e: &sqlx::Error) -> bool {
-        transport_error(e)
-    }
+    /// as a whole on another connection, and no operation would on this one.
+    fn connection_lost(&self, e: &Self::Error) -> bool;
     /// The batch's clock reading.
-    async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> SqlResult<i64>;
+    async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> DResult<Self, i64>;
     /// Opens the batch's transaction.
-    async fn begin(&self, conn: &mut Self::Conn) -> SqlResult<()>;
+    async fn begin(&self, conn: &mut Self::Conn) -> DResult<Self, ()>;
     /// Adds the batch's lifetime totals and commits.
-    async fn commit(&self, conn: &mut Self::Conn, batch: &Batch) -> SqlResult<()>;
+    async fn commit(&self, conn: &mut Self::Conn, batch: &Batch) -> DResult<Self, ()>;
     /// Abandons the batch.
-    async fn rollback(&self, conn: &mut Self::Conn) -> SqlResult<()>;
+    async fn rollback(&self, conn: &mut Self::Conn) -> DResult<Self, ()>;
     /// Closes a connection.
     async fn close(&self, conn: Self::Conn);
 
@@ -87,7 +91,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         jobs: &[&NewJob],
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<Vec<Added>>>;
+    ) -> DResult<Self, Result<Vec<Added>>>;
     #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
@@ -98,7 +102,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         token: &str,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<ClaimBatch>>;
+    ) -> DResult<Self, Result<ClaimBatch>>;
     async fn extend(
         &self,
         conn: &mut Self::Conn,
@@ -106,7 +110,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         leases: &[(String, String)],
         lease_ms: i64,
         now: i64,
-    ) -> SqlResult<Result<Vec<bool>>>;
+    ) -> DResult<Self, Result<Vec<bool>>>;
     async fn finish(
         &self,
         conn: &mut Self::Conn,
@@ -114,7 +118,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         outcome: &Outcome,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<()>>;
+    ) -> DResult<Self, Result<()>>;
     /// Marks jobs completed with their results, fenced per job by its lease token, in as few
     /// statements as the dialect can, answering per job as [`Dialect::finish`] would. It does
     /// not apply effects or add follow-up jobs: the writer does, for the jobs that completed.
@@ -129,16 +133,16 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         now: i64,
         exact: bool,
         batch: &mut Batch,
-    ) -> SqlResult<Option<Vec<Result<()>>>>;
+    ) -> DResult<Self, Option<Vec<Result<()>>>>;
     /// The connection as handed to a [`crate::sql::TxEffect`].
-    fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> SqlResult<SqlConn<'a>>;
+    fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> DResult<Self, SqlConn<'a>>;
     async fn release(
         &self,
         conn: &mut Self::Conn,
         job: &ClaimedJob,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<()>>;
+    ) -> DResult<Self, Result<()>>;
     async fn reap_stalled(
         &self,
         conn: &mut Self::Conn,
@@ -146,7 +150,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         max_stalled: u32,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<u64>>;
+    ) -> DResult<Self, Result<u64>>;
     /// Removes at most `limit` finished jobs past their retention, with their events.
     async fn prune(
         &self,
@@ -154,13 +158,13 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         queue: &str,
         limit: u64,
         now: i64,
-    ) -> SqlResult<Result<u64>>;
+    ) -> DResult<Self, Result<u64>>;
     async fn set_paused(
         &self,
         conn: &mut Self::Conn,
         queue: &str,
         paused: bool,
-    ) -> SqlResult<Result<()>>;
+    ) -> DResult<Self, Result<()>>;
     async fn retry(
         &self,
         conn: &mut Self::Conn,
@@ -168,14 +172,14 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         id: &str,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<Job>>;
+    ) -> DResult<Self, Result<Job>>;
     async fn remove(
         &self,
         conn: &mut Self::Conn,
         queue: &str,
         id: &str,
         batch: &mut Batch,
-    ) -> SqlResult<Result<bool>>;
+    ) -> DResult<Self, Result<bool>>;
 }
 
 /// The read side of a dialect, on a pool.

@@ -12,8 +12,8 @@ use crate::error::ProcessError;
 
 /// The connection an effect runs on: inside the engine's open transaction.
 pub enum SqlConn<'a> {
-    /// The SQLite engine's writer connection.
-    Sqlite(&'a mut sqlx::SqliteConnection),
+    /// The SQLite engine's writer connection (statements run on the writer's own thread).
+    Sqlite(&'a mut rusqlite::Connection),
     /// One of the Postgres engine's writer connections.
     Postgres(&'a mut sqlx::PgConnection),
 }

@@ -36,6 +36,7 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
 pub use effect::{SqlConn, TxEffect};
+pub use sqlite::conn::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Capabilities, ClaimBatch, ClaimedJob, Engine, Outcome};
@@ -303,37 +304,6 @@ impl SqlEngine {
 /// A fresh lease token for a claim.
 fn new_lease_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// Whether SQLite said the database is busy or locked (primary codes 5 and 6): another
-/// connection holds the lock this one needs.
-pub fn sqlite_busy(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    db.code()
-        .and_then(|c| c.parse::<i32>().ok())
-        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
-}
-
-/// Runs `attempt` again while SQLite answers that the database is busy or locked
-/// ([`sqlite_busy`]), for up to `within`: for start-up steps that processes opening a new file
-/// together race for (switching it to WAL mode), where SQLite answers the loser at once rather
-/// than through the busy timeout.
-pub async fn retry_while_busy<T, F, Fut>(within: Duration, mut attempt: F) -> sqlx::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = sqlx::Result<T>>,
-{
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        match attempt().await {
-            Err(e) if sqlite_busy(&e) && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            r => return r,
-        }
-    }
 }
 
 /// A URL with any password replaced, fit for logs and errors.

@@ -10,8 +10,8 @@
 //! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
 //! own connection, pulling batches from the same channel: while one commits, the next drains
 //! what has queued meanwhile. SQLite keeps exactly one, on a thread of its own
-//! ([`Dialect::own_thread`]): each of its statements is a hand-off to the driver's thread, and a
-//! writer scheduled among the request handlers of a busy runtime waited behind them after each.
+//! ([`Dialect::own_thread`]): each of its statements is a blocking call into SQLite, which must
+//! neither hold up the runtime's request handlers nor wait in their queue.
 //!
 //! Completions are applied together, at the start of their batch: one fenced statement for all
 //! of them ([`Dialect::complete_plain`]), then their effects (without savepoints), then all
@@ -326,9 +326,9 @@ async fn next_batch(
 }
 
 /// Why a batch did not commit.
-pub(crate) enum Abort {
+pub(crate) enum Abort<E> {
     /// The database failed.
-    Sql(sqlx::Error),
+    Sql(E),
     /// An effect or follow-up failed in a batch applied without savepoints (its partial writes
     /// cannot be undone alone), a completion lost its lease in a batch whose completions were
     /// only counted, or the batch's adds, applied as one, were refused: the batch is applied
@@ -337,8 +337,8 @@ pub(crate) enum Abort {
     Careful,
 }
 
-impl From<sqlx::Error> for Abort {
-    fn from(e: sqlx::Error) -> Self {
+impl<E> From<E> for Abort<E> {
+    fn from(e: E) -> Self {
         Abort::Sql(e)
     }
 }
@@ -490,11 +490,11 @@ async fn commit_ops<D: Dialect>(
 }
 
 /// Whether a batch failed because its connection did (see [`Dialect::connection_lost`]).
-fn lost<D: Dialect, T>(d: &D, result: &std::result::Result<T, Abort>) -> bool {
+fn lost<D: Dialect, T>(d: &D, result: &std::result::Result<T, Abort<D::Error>>) -> bool {
     matches!(result, Err(Abort::Sql(e)) if d.connection_lost(e))
 }
 
-fn abort_err<D: Dialect>(d: &D, e: Abort) -> QueueError {
+fn abort_err<D: Dialect>(d: &D, e: Abort<D::Error>) -> QueueError {
     match e {
         Abort::Sql(e) => d.map_err(e),
         // Careful mode never asks for itself; kept total rather than trusted.
@@ -525,7 +525,7 @@ async fn apply_batch<D: Dialect>(
     ops: &[Op],
     clock: &dyn Clock,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort> {
+) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
     let Some(limit) = d.batch_timeout() else {
         return apply_batch_now(d, conn, ops, clock, mode).await;
     };
@@ -533,11 +533,8 @@ async fn apply_batch<D: Dialect>(
         Ok(r) => r,
         Err(_) => {
             d.discard(conn);
-            Err(Abort::Sql(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "a write batch did not finish within {limit:?}; its connection was dropped"
-                ),
+            Err(Abort::Sql(d.timed_out(format!(
+                "a write batch did not finish within {limit:?}; its connection was dropped"
             ))))
         }
     }
@@ -549,7 +546,7 @@ async fn apply_batch_now<D: Dialect>(
     ops: &[Op],
     clock: &dyn Clock,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort> {
+) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
     let now = d.now_ms(conn, clock).await?;
     d.begin(conn).await?;
     let result = apply_ops(d, conn, ops, now, mode).await;
@@ -598,7 +595,7 @@ async fn complete_together<D: Dialect>(
     now: i64,
     mode: Mode,
     batch: &mut Batch,
-) -> std::result::Result<Vec<Option<Result<()>>>, Abort> {
+) -> std::result::Result<Vec<Option<Result<()>>>, Abort<D::Error>> {
     let together: Vec<(usize, (&ClaimedJob, &Completion))> = ops
         .iter()
         .enumerate()
@@ -665,7 +662,7 @@ async fn add_together<D: Dialect>(
     now: i64,
     mode: Mode,
     batch: &mut Batch,
-) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort> {
+) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort<D::Error>> {
     let mut answers: Vec<Option<Result<Vec<Added>>>> = Vec::new();
     answers.resize_with(ops.len(), || None);
     let adds: Vec<(usize, &[NewJob])> = ops
@@ -700,7 +697,7 @@ async fn apply_ops<D: Dialect>(
     ops: &[Op],
     now: i64,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort> {
+) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
     let mut batch = Batch::default();
     let mut dones = Vec::with_capacity(ops.len());
     // Completions go first, together. Operations of one batch come from concurrent callers, so
@@ -774,7 +771,7 @@ async fn fetch_next<D: Dialect>(
     dones: &mut [Done],
     now: i64,
     batch: &mut Batch,
-) -> std::result::Result<(), Abort> {
+) -> std::result::Result<(), Abort<D::Error>> {
     /// A queue and lease, the token of the group's first finish, and the finishes asking.
     struct Group<'a> {
         queue: &'a str,

@@ -3,8 +3,10 @@
 //! `convoq_db_query_duration_seconds{operation}`.
 //!
 //! Layout: this file holds the types, the errors and [`Store`], which times each operation and
-//! hands it to its dialect: `sqlite.rs` and `postgres.rs`, each with its own embedded, numbered
-//! migrations (`migrations/sqlite/NNNN_*.sql`, `migrations/postgres/NNNN_*.sql`, in step).
+//! hands it to its dialect: `sqlite.rs` (on `rusqlite`, a small pool of connections lent to
+//! closures on blocking threads) and `postgres.rs` (on `sqlx`), each with its own embedded,
+//! numbered migrations (`migrations/sqlite/NNNN_*.sql`, `migrations/postgres/NNNN_*.sql`, in
+//! step).
 //!
 //! Conversation and audit inserts come in two forms: `*_in(conn)`, run inside the queue
 //! engine's completion transaction when the queue and the store share one database, and the
@@ -17,9 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use convoq_queue::sql::SqlConn;
+use convoq_queue::sql::{ReadPool, SqlConn};
+use rusqlite::ffi;
 use serde::Serialize;
-use sqlx::{PgPool, SqlitePool};
+use sqlx::PgPool;
 
 use crate::telemetry::Metrics;
 
@@ -40,8 +43,8 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Maps a driver error of either dialect: constraint violations to what they mean, decoding
-/// failures to corrupt data, and everything else (connection, timeout, busy) to unavailable.
+/// Maps a Postgres (`sqlx`) error: constraint violations to what they mean, decoding failures
+/// to corrupt data, and everything else (connection, timeout, busy) to unavailable.
 fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
@@ -53,6 +56,31 @@ fn map_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
         }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// Maps a SQLite (`rusqlite`) error as [`map_err`] maps a Postgres one: a foreign-key violation
+/// to an unknown user, a unique or primary-key violation to a conflict, a value that does not
+/// read as its Rust type to corrupt data, and everything else (busy, locked, I/O, a pool that
+/// gave no connection in time) to unavailable.
+fn map_sqlite_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+        {
+            StoreError::UnknownUser(String::new())
+        }
+        rusqlite::Error::SqliteFailure(f, message)
+            if f.extended_code == ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            StoreError::Conflict(message.clone().unwrap_or_else(|| f.to_string()))
+        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(e.to_string()),
         _ => StoreError::Unavailable(e.to_string()),
     }
 }
@@ -151,7 +179,7 @@ impl Default for StoreOptions {
 /// The database behind the store.
 #[derive(Clone)]
 enum Db {
-    Sqlite(SqlitePool),
+    Sqlite(Arc<ReadPool>),
     Postgres(PgPool),
 }
 
@@ -293,14 +321,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_conversation");
         let r = match &self.db {
-            Db::Sqlite(p) => match p.acquire().await {
-                Ok(mut conn) => sqlite::insert_conversations(&mut conn, &[(c, now)]).await,
-                Err(e) => Err(e),
-            },
+            Db::Sqlite(p) => {
+                let row = c.clone();
+                p.run(move |conn| sqlite::insert_conversations(conn, &[(&row, now)]))
+                    .await
+                    .map_err(map_sqlite_err)
+            }
             Db::Postgres(p) => match p.acquire().await {
                 Ok(mut conn) => postgres::insert_conversations(&mut conn, &[(c, now)]).await,
                 Err(e) => Err(e),
-            },
+            }
+            .map_err(map_err),
         };
         r.map_err(|e| conversation_err(e, c))
     }
@@ -319,12 +350,16 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_conversation");
         let r = match conn {
-            SqlConn::Sqlite(conn) => sqlite::insert_conversations(conn, rows).await,
-            SqlConn::Postgres(conn) => postgres::insert_conversations(conn, rows).await,
+            SqlConn::Sqlite(conn) => {
+                sqlite::insert_conversations(conn, rows).map_err(map_sqlite_err)
+            }
+            SqlConn::Postgres(conn) => postgres::insert_conversations(conn, rows)
+                .await
+                .map_err(map_err),
         };
         match rows.first() {
             Some((c, _)) => r.map_err(|e| conversation_err(e, c)),
-            None => r.map_err(map_err),
+            None => r,
         }
     }
 
@@ -338,17 +373,19 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_audit_event");
-        let r = match &self.db {
-            Db::Sqlite(p) => match p.acquire().await {
-                Ok(mut conn) => sqlite::insert_audits(&mut conn, &[(e, now)]).await,
-                Err(err) => Err(err),
-            },
+        match &self.db {
+            Db::Sqlite(p) => {
+                let row = e.clone();
+                p.run(move |conn| sqlite::insert_audits(conn, &[(&row, now)]))
+                    .await
+                    .map_err(map_sqlite_err)
+            }
             Db::Postgres(p) => match p.acquire().await {
                 Ok(mut conn) => postgres::insert_audits(&mut conn, &[(e, now)]).await,
                 Err(err) => Err(err),
-            },
-        };
-        r.map_err(map_err)
+            }
+            .map_err(map_err),
+        }
     }
 
     /// Records audit events on `conn` in one statement, inside the queue engine's open
@@ -362,11 +399,10 @@ impl Store {
         rows: &[(&NewAuditEvent, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_audit_event");
-        let r = match conn {
-            SqlConn::Sqlite(conn) => sqlite::insert_audits(conn, rows).await,
-            SqlConn::Postgres(conn) => postgres::insert_audits(conn, rows).await,
-        };
-        r.map_err(map_err)
+        match conn {
+            SqlConn::Sqlite(conn) => sqlite::insert_audits(conn, rows).map_err(map_sqlite_err),
+            SqlConn::Postgres(conn) => postgres::insert_audits(conn, rows).await.map_err(map_err),
+        }
     }
 
     /// Audit events about a subject (for operators and tests).
@@ -392,16 +428,55 @@ impl Store {
     /// Closes the pool.
     pub async fn close(&self) {
         match &self.db {
-            Db::Sqlite(p) => p.close().await,
+            Db::Sqlite(p) => p.close(),
             Db::Postgres(p) => p.close().await,
         }
     }
 }
 
 /// A conversation insert's error, naming the user when it is unknown.
-fn conversation_err(e: sqlx::Error, c: &NewConversation) -> StoreError {
-    match map_err(e) {
+fn conversation_err(e: StoreError, c: &NewConversation) -> StoreError {
+    match e {
         StoreError::UnknownUser(_) => StoreError::UnknownUser(c.user_id.clone()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{map_sqlite_err, StoreError};
+
+    /// What each kind of SQLite failure means to the store.
+    #[test]
+    fn sqlite_errors_map_to_what_they_mean() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "PRAGMA foreign_keys = ON; \
+             CREATE TABLE u (id TEXT PRIMARY KEY, name TEXT UNIQUE); \
+             CREATE TABLE c (id TEXT PRIMARY KEY, u TEXT REFERENCES u (id)); \
+             INSERT INTO u VALUES ('a', 'x');",
+        )
+        .unwrap();
+        let err = |sql: &str| map_sqlite_err(c.execute_batch(sql).unwrap_err());
+        assert!(matches!(
+            err("INSERT INTO c VALUES ('1', 'ghost')"),
+            StoreError::UnknownUser(_)
+        ));
+        assert!(matches!(
+            err("INSERT INTO u VALUES ('b', 'x')"),
+            StoreError::Conflict(_)
+        ));
+        assert!(matches!(
+            err("INSERT INTO u VALUES ('a', 'y')"),
+            StoreError::Conflict(_)
+        ));
+        let read = c
+            .query_row("SELECT name FROM u", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(matches!(map_sqlite_err(read), StoreError::Corrupt(_)));
+        assert!(matches!(
+            err("SELECT * FROM nowhere"),
+            StoreError::Unavailable(_)
+        ));
     }
 }

@@ -1,17 +1,25 @@
-//! The store on SQLite: the pool, the migrations of `migrations/sqlite/`, and the statements.
+//! The store on SQLite, through `rusqlite`: the pool, the migrations of `migrations/sqlite/`,
+//! and the statements.
+//!
+//! The pool is the queue engine's [`ReadPool`]: a few connections, each lent to one closure at
+//! a time on tokio's blocking threads, so that no runtime worker waits on the file. Every
+//! operation here is one such closure, its statements prepared through each connection's
+//! statement cache. The inserts that run inside the queue engine's completion transaction
+//! ([`insert_conversations`], [`insert_audits`]) are plain functions of a connection: the
+//! engine's writer calls them on its own thread, inside its open transaction.
+//!
 //! Timestamps are stored as RFC 3339 text (UTC, milliseconds), which sorts like time.
 
-use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use convoq_queue::sql::retry_while_busy;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use convoq_queue::sql::{retry_while_busy, sqlite_busy, Durability, ReadPool, SqliteFile};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    map_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError, StoreOptions,
-    User,
+    map_sqlite_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError,
+    StoreOptions, User,
 };
 
 /// The migrations, in order, numbered in step with Postgres's. A database records how many it
@@ -21,176 +29,190 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sq
 /// How long a statement waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens the pool (lazily: the first query opens the file, creating it if needed).
-pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqlitePool, StoreError> {
-    let opts = SqliteConnectOptions::from_str(url)
+/// How many connections the pool holds at most.
+const POOL_SIZE: u32 = 4;
+
+/// Each connection's page cache, in KiB: SQLite's own default.
+const CACHE_KIB: i64 = 2_000;
+
+/// Opens the pool (lazily: the first call opens the file, creating it if needed).
+pub(super) fn open(url: &str, options: &StoreOptions) -> Result<Arc<ReadPool>, StoreError> {
+    let file = SqliteFile::from_url(url)
         .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .durability(Durability::Normal)
         .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
-    Ok(SqlitePoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(options.acquire_timeout)
-        .connect_lazy_with(opts))
+        .cache_kib(CACHE_KIB);
+    Ok(ReadPool::new(file, POOL_SIZE, options.acquire_timeout))
 }
 
-/// Applies the migrations the database lacks, in one immediate transaction.
+/// Applies the migrations the database lacks, in one immediate transaction, on a connection of
+/// the pool (which keeps it, and with it an in-memory database, open).
 ///
 /// Processes that open a new file together race to switch it to WAL mode, and SQLite answers
 /// the loser "database is locked" at once rather than through the busy timeout (two readers
 /// that both want to write would otherwise wait for each other): so a busy answer is retried,
-/// for up to the busy timeout.
-pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    retry_while_busy(BUSY_TIMEOUT, || migrate_once(pool))
-        .await
-        .map_err(map_err)
+/// for up to the busy timeout: inside the blocking call when the migration gets it, around the
+/// call when opening the pool's connection does.
+pub(super) async fn migrate(pool: &ReadPool) -> Result<(), StoreError> {
+    let within = pool.file().busy_timeout_value();
+    let deadline = Instant::now() + within;
+    loop {
+        let r = pool
+            .run(move |c| retry_while_busy(within, || migrate_once(c)))
+            .await;
+        match r {
+            Err(e) if sqlite_busy(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.map_err(map_sqlite_err),
+        }
+    }
 }
 
-async fn migrate_once(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let r = migrate_steps(&mut conn).await;
-    if r.is_err() {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+fn migrate_once(conn: &mut Connection) -> rusqlite::Result<()> {
+    let r = migrate_steps(conn);
+    if r.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
     r
 }
 
-async fn migrate_steps(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS convoq_schema (version INTEGER NOT NULL)")
-        .execute(&mut *conn)
-        .await?;
-    let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM convoq_schema")
-        .fetch_one(&mut *conn)
-        .await?;
+fn migrate_steps(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS convoq_schema (version INTEGER NOT NULL)")?;
+    let have: Option<i64> =
+        conn.query_row("SELECT MAX(version) FROM convoq_schema", [], |r| r.get(0))?;
     for (i, step) in MIGRATIONS
         .iter()
         .enumerate()
         .skip(have.unwrap_or(0) as usize)
     {
-        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
-            sqlx::query(statement).execute(&mut *conn).await?;
-        }
-        sqlx::query("INSERT INTO convoq_schema (version) VALUES (?)")
-            .bind(i as i64 + 1)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute_batch(step)?;
+        conn.execute(
+            "INSERT INTO convoq_schema (version) VALUES (?1)",
+            params![i as i64 + 1],
+        )?;
     }
-    sqlx::query("COMMIT").execute(&mut *conn).await?;
-    Ok(())
+    conn.execute_batch("COMMIT")
 }
 
-pub(super) async fn ping(pool: &SqlitePool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1")
-        .execute(pool)
+pub(super) async fn ping(pool: &ReadPool) -> Result<(), StoreError> {
+    pool.run(|c| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
         .await
-        .map(drop)
-        .map_err(map_err)
+        .map_err(map_sqlite_err)
 }
 
 pub(super) async fn upsert_user(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     id: &str,
     discord_id: &str,
     username: &str,
     global_name: Option<&str>,
 ) -> Result<(User, bool), StoreError> {
     let now = timestamp(Utc::now());
-    let existed = get_user(pool, id).await?.is_some();
-    let row = sqlx::query(
-        "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
-         discord_id = excluded.discord_id, username = excluded.username, \
-         global_name = excluded.global_name, updated_at = excluded.updated_at \
-         RETURNING id, discord_id, username, global_name, created_at, updated_at",
-    )
-    .bind(id)
-    .bind(discord_id)
-    .bind(username)
-    .bind(global_name)
-    .bind(&now)
-    .fetch_one(pool)
+    let (id, discord_id, username) = (id.to_owned(), discord_id.to_owned(), username.to_owned());
+    let global_name = global_name.map(str::to_owned);
+    pool.run(move |c| {
+        let existed = select_user(c, &id)?.is_some();
+        let user = c
+            .prepare_cached(
+                "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
+                 discord_id = excluded.discord_id, username = excluded.username, \
+                 global_name = excluded.global_name, updated_at = excluded.updated_at \
+                 RETURNING id, discord_id, username, global_name, created_at, updated_at",
+            )?
+            .query_row(
+                params![id, discord_id, username, global_name, now],
+                user_from_row,
+            )?;
+        Ok((user, !existed))
+    })
     .await
-    .map_err(map_err)?;
-    Ok((user_from_row(&row)?, !existed))
+    .map_err(map_sqlite_err)
 }
 
-pub(super) async fn get_user(pool: &SqlitePool, id: &str) -> Result<Option<User>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)?;
-    row.map(|r| user_from_row(&r)).transpose()
+pub(super) async fn get_user(pool: &ReadPool, id: &str) -> Result<Option<User>, StoreError> {
+    let id = id.to_owned();
+    pool.run(move |c| select_user(c, &id))
+        .await
+        .map_err(map_sqlite_err)
+}
+
+fn select_user(c: &Connection, id: &str) -> rusqlite::Result<Option<User>> {
+    c.prepare_cached(
+        "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = ?1",
+    )?
+    .query_row(params![id], user_from_row)
+    .optional()
 }
 
 pub(super) async fn get_conversation(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     id: &str,
 ) -> Result<Option<Conversation>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-         FROM conversations WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(pool)
+    let id = id.to_owned();
+    pool.run(move |c| {
+        c.prepare_cached(
+            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+             FROM conversations WHERE id = ?1",
+        )?
+        .query_row(params![id], conversation_from_row)
+        .optional()
+    })
     .await
-    .map_err(map_err)?;
-    row.map(|r| conversation_from_row(&r)).transpose()
+    .map_err(map_sqlite_err)
 }
 
 pub(super) async fn list_conversations(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     user_id: &str,
     limit: u32,
     cursor: Option<&str>,
 ) -> Result<Vec<Conversation>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-         FROM conversations WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2) \
-         ORDER BY id DESC LIMIT ?3",
-    )
-    .bind(user_id)
-    .bind(cursor)
-    .bind(limit as i64)
-    .fetch_all(pool)
+    let user_id = user_id.to_owned();
+    let cursor = cursor.map(str::to_owned);
+    pool.run(move |c| {
+        c.prepare_cached(
+            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+             FROM conversations WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3",
+        )?
+        .query_map(
+            params![user_id, cursor, i64::from(limit)],
+            conversation_from_row,
+        )?
+        .collect()
+    })
     .await
-    .map_err(map_err)?;
-    rows.iter().map(conversation_from_row).collect()
+    .map_err(map_sqlite_err)
 }
 
 pub(super) async fn audit_events_for(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     subject_id: &str,
 ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT event, actor, request_id FROM audit_log WHERE subject_id = ? ORDER BY created_at",
-    )
-    .bind(subject_id)
-    .fetch_all(pool)
-    .await
-    .map_err(map_err)?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get(0).map_err(map_err)?,
-                r.try_get(1).map_err(map_err)?,
-                r.try_get(2).map_err(map_err)?,
-            ))
-        })
+    let subject_id = subject_id.to_owned();
+    pool.run(move |c| {
+        c.prepare_cached(
+            "SELECT event, actor, request_id FROM audit_log WHERE subject_id = ?1 \
+             ORDER BY created_at",
+        )?
+        .query_map(params![subject_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect()
+    })
+    .await
+    .map_err(map_sqlite_err)
 }
 
 /// Inserts conversations on `conn` in one statement, the rows passed as one JSON parameter.
 /// Idempotent per conversation; an unknown user fails the whole statement.
-pub(super) async fn insert_conversations(
-    conn: &mut SqliteConnection,
+pub(super) fn insert_conversations(
+    conn: &Connection,
     rows: &[(&NewConversation, DateTime<Utc>)],
-) -> Result<(), sqlx::Error> {
+) -> rusqlite::Result<()> {
     let rows: Vec<_> = rows
         .iter()
         .map(|(c, at)| {
@@ -204,22 +226,20 @@ pub(super) async fn insert_conversations(
         })
         .collect();
     // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO conversations (id, user_id, title, personality_mode, created_at, updated_at) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 4 \
-         FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(json_rows(&rows))
-    .execute(conn)
-    .await
+         FROM json_each(?1) WHERE true ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![json_rows(&rows)])
     .map(drop)
 }
 
 /// Records audit events on `conn` in one statement. Idempotent per event.
-pub(super) async fn insert_audits(
-    conn: &mut SqliteConnection,
+pub(super) fn insert_audits(
+    conn: &Connection,
     rows: &[(&NewAuditEvent, DateTime<Utc>)],
-) -> Result<(), sqlx::Error> {
+) -> rusqlite::Result<()> {
     let rows: Vec<_> = rows
         .iter()
         .map(|(e, at)| {
@@ -233,14 +253,12 @@ pub(super) async fn insert_audits(
             )
         })
         .collect();
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO audit_log (id, event, subject_id, actor, request_id, created_at) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 \
-         FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(json_rows(&rows))
-    .execute(conn)
-    .await
+         FROM json_each(?1) WHERE true ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![json_rows(&rows)])
     .map(drop)
 }
 
@@ -250,24 +268,24 @@ fn json_rows(rows: &impl serde::Serialize) -> String {
     serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
 }
 
-fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
+fn user_from_row(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
-        id: r.try_get(0).map_err(map_err)?,
-        discord_id: r.try_get(1).map_err(map_err)?,
-        username: r.try_get(2).map_err(map_err)?,
-        global_name: r.try_get(3).map_err(map_err)?,
-        created_at: r.try_get(4).map_err(map_err)?,
-        updated_at: r.try_get(5).map_err(map_err)?,
+        id: r.get(0)?,
+        discord_id: r.get(1)?,
+        username: r.get(2)?,
+        global_name: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
     })
 }
 
-fn conversation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Conversation, StoreError> {
+fn conversation_from_row(r: &Row<'_>) -> rusqlite::Result<Conversation> {
     Ok(Conversation {
-        id: r.try_get(0).map_err(map_err)?,
-        user_id: r.try_get(1).map_err(map_err)?,
-        title: r.try_get(2).map_err(map_err)?,
-        personality_mode: r.try_get(3).map_err(map_err)?,
-        created_at: r.try_get(4).map_err(map_err)?,
-        updated_at: r.try_get(5).map_err(map_err)?,
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        title: r.get(2)?,
+        personality_mode: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
     })
 }

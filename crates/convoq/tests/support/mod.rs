@@ -3,9 +3,9 @@
 //! temporary directory and a free loopback port, a minimal HTTP/1.1 client over a plain TCP
 //! socket (one connection per request, so a killed server shows up as a connection error and
 //! nothing is pooled across restarts), a server-sent-events reader, and the database a test
-//! runs on ([`TestDatabase`]: a SQLite file, or a fresh Postgres database from
-//! `CONVOQ_TEST_POSTGRES_URL`), opened with `sqlx`; [`on_each_database!`] runs one test body on
-//! each.
+//! runs on ([`TestDatabase`]: a SQLite file, opened with `rusqlite` through the queue engine's
+//! [`ReadPool`], or a fresh Postgres database from `CONVOQ_TEST_POSTGRES_URL`, opened with
+//! `sqlx`); [`on_each_database!`] runs one test body on each.
 //!
 //! Everything targets 127.0.0.1 and every wait is bounded.
 
@@ -42,11 +42,12 @@ macro_rules! on_each_database {
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use convoq_queue::sql::{ReadPool, SqliteFile};
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -114,7 +115,7 @@ impl TestDatabase {
 #[derive(Clone)]
 pub enum Db {
     /// The SQLite file.
-    Sqlite(SqlitePool),
+    Sqlite(Arc<ReadPool>),
     /// The Postgres database.
     Postgres(PgPool),
 }
@@ -135,7 +136,7 @@ impl Db {
     /// Closes the test's connections.
     pub async fn close(self) {
         match self {
-            Db::Sqlite(pool) => pool.close().await,
+            Db::Sqlite(pool) => pool.close(),
             Db::Postgres(pool) => pool.close().await,
         }
     }
@@ -670,23 +671,36 @@ pub async fn sse_until(
         })
 }
 
-/// The SQLite file, opened by the test (the server may or may not be running).
-pub async fn open_db(path: &Path) -> SqlitePool {
-    let opts = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(false)
-        .busy_timeout(Duration::from_secs(10));
-    SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await
+/// The SQLite file, opened by the test (the server may or may not be running): a pool of one
+/// connection, which must find the file there (`mode=rw`) and waits up to 10 s for a lock.
+pub async fn open_db(path: &Path) -> Arc<ReadPool> {
+    let file = SqliteFile::from_url(&format!("sqlite://{}?mode=rw", path.display()))
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .busy_timeout(Duration::from_secs(10));
+    let pool = ReadPool::new(file, 1, Duration::from_secs(30));
+    // Open the connection now, so that a missing file fails here as it did.
+    pool.run(|_| Ok(()))
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    pool
 }
 
 /// `SELECT COUNT(*) …` (or any single integer).
-pub async fn count(db: &SqlitePool, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(db)
+pub async fn count(db: &ReadPool, sql: &str) -> i64 {
+    let query = sql.to_owned();
+    db.run(move |c| c.prepare_cached(&query)?.query_row([], |r| r.get(0)))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Every row of `sql`, each read by `row`.
+pub async fn query_rows<T: Send + 'static>(
+    db: &ReadPool,
+    sql: &str,
+    row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let query = sql.to_owned();
+    db.run(move |c| c.prepare_cached(&query)?.query_map([], row)?.collect())
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }

@@ -36,7 +36,9 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 
 pub(crate) use listen::spawn_listener;
 
-pub(crate) use super::dialect::SqlResult;
+/// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
+/// answer (lease lost, wrong state) and the batch goes on.
+pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
 use super::dialect::{transport_error, Dialect, Reads};
 use super::writer::Batch;
 use super::SqlConfig;
@@ -258,9 +260,14 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
 #[async_trait]
 impl Dialect for Postgres {
     type Conn = PgWriter;
+    type Error = sqlx::Error;
 
     fn map_err(&self, e: sqlx::Error) -> QueueError {
         schema::map_err(e)
+    }
+
+    fn timed_out(&self, message: String) -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, message))
     }
 
     /// The driver's transport errors, and the server saying it ends the session: connection

@@ -1,38 +1,45 @@
-//! The SQLite dialect of the SQL engine: `schema.rs` (tables and transaction control),
-//! `write.rs` (the writer's statements), `read.rs` (reads and row mapping).
+//! The SQLite dialect of the SQL engine, on `rusqlite` (SQLite bundled, its safe API):
+//! `conn.rs` (opening connections, the read pool, busy handling; shared with the service's
+//! store), `schema.rs` (tables and transaction control), `write.rs` (the writer's statements),
+//! `read.rs` (reads and row mapping).
 //!
 //! SQLite allows one writer at a time, so the engine runs one writer connection (with group
-//! commit) and a small pool of read connections; WAL mode lets reads proceed during writes.
+//! commit) on a thread of its own, where each statement is a direct call into SQLite with no
+//! hand-off between threads, and a small pool of read connections on tokio's blocking threads;
+//! WAL mode lets reads proceed during writes.
 //!
 //! Checkpoints (copying committed pages from the WAL into the database file) run beside the
 //! writer, on a read connection, after its commits ([`checkpoint_after_commits`]). SQLite would
 //! otherwise run each one inside the commit that takes the WAL past 1,000 pages, on the writer's
 //! thread, and every caller waiting for the writer (a POST's add) would wait for it too.
 
+pub(crate) mod conn;
 mod read;
 mod schema;
 mod write;
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, SqliteConnection, SqlitePool};
+use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-pub(crate) use super::dialect::SqlResult;
 use super::dialect::{Dialect, Reads};
 use super::writer::Batch;
-use super::{Durability, SqlConfig};
+use super::SqlConfig;
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use crate::sql::effect::SqlConn;
+use conn::{ReadPool, SqliteFile};
+
+/// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
+/// answer (lease lost, wrong state) and the batch goes on.
+pub(crate) type SqlResult<T> = std::result::Result<T, rusqlite::Error>;
 
 /// The SQLite dialect.
 pub(crate) struct Sqlite;
@@ -48,7 +55,7 @@ pub(crate) struct Opened {
 /// The background checkpoints of an opened database ([`checkpoint_after_commits`]), not yet
 /// started.
 pub(crate) struct Checkpoints {
-    pool: SqlitePool,
+    pool: Arc<ReadPool>,
     commits: Arc<Notify>,
 }
 
@@ -58,34 +65,34 @@ impl Checkpoints {
     }
 }
 
+/// The writer's page cache: it keeps the hot pages of the job table and its indexes.
+const WRITER_CACHE_KIB: i64 = 16_000;
+/// A reader's page cache: SQLite's default. A reader's cache is dropped whenever the writer
+/// commits, so a large one buys nothing under load and costs resident memory per connection.
+const READER_CACHE_KIB: i64 = 2_000;
+
 /// Opens the writer connection (migrating the schema) and the read pool.
 pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
-    let opts = SqliteConnectOptions::from_str(&config.url)
+    let file = SqliteFile::from_url(&config.url)
         .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(match config.durability {
-            Durability::Normal => SqliteSynchronous::Normal,
-            Durability::Full => SqliteSynchronous::Full,
-            Durability::Off => SqliteSynchronous::Off,
-        })
-        .busy_timeout(config.busy_timeout)
-        .foreign_keys(true)
-        .pragma("temp_store", "memory")
-        .pragma("cache_size", "-16000");
-    let writer = schema::open_writer(&opts, config.busy_timeout).await?;
-    // Lazy: read connections open on first use, with the same settings but SQLite's default
-    // page cache (2 MB): a reader's cache is dropped whenever the writer commits, so a large
-    // one buys nothing under load and costs resident memory per connection.
-    let opts = opts.pragma("cache_size", "-2000");
-    let pool = SqlitePoolOptions::new()
-        .max_connections(config.read_connections.max(1))
-        .min_connections(0)
-        .acquire_timeout(config.busy_timeout)
-        .connect_lazy_with(opts);
+        .durability(config.durability)
+        .busy_timeout(config.busy_timeout);
+    let writer_file = file.clone().cache_kib(WRITER_CACHE_KIB);
+    let writer = tokio::task::spawn_blocking(move || schema::open_writer(&writer_file))
+        .await
+        .map_err(|e| QueueError::Unavailable(format!("opening the database failed: {e}")))??;
+    // Read connections open on first use.
+    let pool = ReadPool::new(
+        file.cache_kib(READER_CACHE_KIB),
+        config.read_connections.max(1),
+        config.busy_timeout,
+    );
     let commits = Arc::new(Notify::new());
     Ok(Opened {
-        writer: SqliteWriter::new(writer, commits.clone()),
+        writer: SqliteWriter {
+            conn: writer,
+            commits: commits.clone(),
+        },
         checkpoints: Checkpoints {
             pool: pool.clone(),
             commits,
@@ -106,15 +113,15 @@ const CHECKPOINT_PAUSE: Duration = Duration::from_millis(5);
 /// one is what lets the WAL start over from its beginning, which a checkpoint can do only while
 /// no write is under way. It now finds the pages already copied, and is short. If checkpoints
 /// here fail (a busy or full disk), the writer's do the whole work again, as without this task.
-async fn checkpoint_after_commits(pool: SqlitePool, commits: Arc<Notify>) {
+async fn checkpoint_after_commits(pool: Arc<ReadPool>, commits: Arc<Notify>) {
     let mut failing = false;
     loop {
         commits.notified().await;
-        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            Ok(_) => failing = false,
+        let done = pool
+            .run(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
+            .await;
+        match done {
+            Ok(()) => failing = false,
             Err(e) if !failing => {
                 failing = true;
                 tracing::warn!(error = %e, "background checkpoint failed; the writer checkpoints the WAL itself until one succeeds");
@@ -128,17 +135,25 @@ async fn checkpoint_after_commits(pool: SqlitePool, commits: Arc<Notify>) {
 #[async_trait]
 impl Dialect for Sqlite {
     type Conn = SqliteWriter;
+    type Error = rusqlite::Error;
 
-    fn map_err(&self, e: sqlx::Error) -> QueueError {
+    fn map_err(&self, e: rusqlite::Error) -> QueueError {
         schema::map_err(e)
+    }
+    fn timed_out(&self, message: String) -> rusqlite::Error {
+        conn::failure(rusqlite::ffi::SQLITE_BUSY, message)
+    }
+    /// A local file has no connection to lose.
+    fn connection_lost(&self, _e: &rusqlite::Error) -> bool {
+        false
     }
     /// The one writer carries every write, and a commit (no sync in WAL mode at the default
     /// durability) costs little beside a batch of claims and completions.
     fn adds_first(&self) -> bool {
         true
     }
-    /// sqlx runs each SQLite connection on a thread of its own; the writer is a chain of
-    /// hand-offs to it, a dozen per batch.
+    /// Every statement runs on the calling thread and blocks it: the writer gets a thread of
+    /// its own, so that no request handler waits behind SQLite, and SQLite behind none.
     fn own_thread(&self) -> bool {
         true
     }
@@ -146,23 +161,18 @@ impl Dialect for Sqlite {
         Ok(clock.now_ms())
     }
     async fn begin(&self, w: &mut SqliteWriter) -> SqlResult<()> {
-        w.begin_pending = true;
-        Ok(())
+        schema::begin(&w.conn)
     }
     async fn commit(&self, w: &mut SqliteWriter, batch: &Batch) -> SqlResult<()> {
-        let (begin, conn) = w.with_begin();
-        schema::commit(conn, begin, batch).await?;
+        schema::commit(&w.conn, batch)?;
         w.commits.notify_one();
         Ok(())
     }
     async fn rollback(&self, w: &mut SqliteWriter) -> SqlResult<()> {
-        if std::mem::take(&mut w.begin_pending) {
-            return Ok(());
-        }
-        schema::rollback(&mut w.conn).await
+        schema::rollback(&w.conn)
     }
     async fn close(&self, w: SqliteWriter) {
-        let _ = w.conn.close().await;
+        let _ = w.conn.close();
     }
     async fn add_jobs(
         &self,
@@ -171,8 +181,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {
-        let (begin, conn) = w.with_begin();
-        write::add_jobs(conn, begin, jobs, now, batch).await
+        write::add_jobs(&w.conn, jobs, now, batch)
     }
     async fn claim(
         &self,
@@ -184,8 +193,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<ClaimBatch>> {
-        let (begin, conn) = w.with_begin();
-        write::claim(conn, begin, queue, max, lease_ms, token, now, batch).await
+        write::claim(&w.conn, queue, max, lease_ms, token, now, batch)
     }
     async fn extend(
         &self,
@@ -195,7 +203,7 @@ impl Dialect for Sqlite {
         lease_ms: i64,
         now: i64,
     ) -> SqlResult<Result<Vec<bool>>> {
-        write::extend(w.begun().await?, queue, leases, lease_ms, now).await
+        write::extend(&w.conn, queue, leases, lease_ms, now)
     }
     async fn finish(
         &self,
@@ -205,7 +213,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>> {
-        write::finish(w.begun().await?, job, outcome, now, batch).await
+        write::finish(&mut w.conn, job, outcome, now, batch).await
     }
     async fn complete_plain(
         &self,
@@ -215,17 +223,9 @@ impl Dialect for Sqlite {
         exact: bool,
         batch: &mut Batch,
     ) -> SqlResult<Option<Vec<Result<()>>>> {
-        let (begin, conn) = w.with_begin();
-        write::complete_plain(conn, begin, jobs, now, exact, batch).await
+        write::complete_plain(&w.conn, jobs, now, exact, batch)
     }
     fn effect_conn<'a>(&self, w: &'a mut SqliteWriter) -> SqlResult<SqlConn<'a>> {
-        if w.begin_pending {
-            // The writer applies effects after the completions' statement, which opened the
-            // transaction; an effect must never run outside it.
-            return Err(sqlx::Error::Protocol(
-                "an effect was about to run outside the batch's transaction".into(),
-            ));
-        }
         Ok(SqlConn::Sqlite(&mut w.conn))
     }
     async fn release(
@@ -235,7 +235,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<()>> {
-        write::release(w.begun().await?, job, now, batch).await
+        write::release(&w.conn, job, now, batch)
     }
     async fn reap_stalled(
         &self,
@@ -245,7 +245,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<u64>> {
-        write::reap_stalled(w.begun().await?, queue, max_stalled, now, batch).await
+        write::reap_stalled(&w.conn, queue, max_stalled, now, batch)
     }
     async fn prune(
         &self,
@@ -254,7 +254,7 @@ impl Dialect for Sqlite {
         limit: u64,
         now: i64,
     ) -> SqlResult<Result<u64>> {
-        write::prune(w.begun().await?, queue, limit, now).await
+        write::prune(&w.conn, queue, limit, now)
     }
     async fn set_paused(
         &self,
@@ -262,7 +262,7 @@ impl Dialect for Sqlite {
         queue: &str,
         paused: bool,
     ) -> SqlResult<Result<()>> {
-        write::set_paused(w.begun().await?, queue, paused).await
+        write::set_paused(&w.conn, queue, paused)
     }
     async fn retry(
         &self,
@@ -272,7 +272,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Job>> {
-        write::retry(w.begun().await?, queue, id, now, batch).await
+        write::retry(&w.conn, queue, id, now, batch)
     }
     async fn remove(
         &self,
@@ -281,53 +281,20 @@ impl Dialect for Sqlite {
         id: &str,
         batch: &mut Batch,
     ) -> SqlResult<Result<bool>> {
-        write::remove(w.begun().await?, queue, id, batch).await
+        write::remove(&w.conn, queue, id, batch)
     }
 }
 
-/// The writer's connection. Each request to SQLite's thread is a round trip between threads,
-/// which costs more than most statements: so the batch's `BEGIN IMMEDIATE` is held back and
-/// sent with its first statement, and its totals with its `COMMIT`. These ride on the SQLite
-/// driver's multi-statement queries (one request, binds spread over the statements in order).
+/// The writer's connection, owned by the writer task on its own thread: each statement is a
+/// call into SQLite on that thread, from the connection's cache of prepared statements.
 pub(crate) struct SqliteWriter {
-    conn: SqliteConnection,
-    /// The batch's transaction is to be opened by the next statement.
-    begin_pending: bool,
+    conn: Connection,
     /// Told after every commit ([`checkpoint_after_commits`] waits for it).
     commits: Arc<Notify>,
 }
 
-impl SqliteWriter {
-    fn new(conn: SqliteConnection, commits: Arc<Notify>) -> Self {
-        SqliteWriter {
-            conn,
-            begin_pending: false,
-            commits,
-        }
-    }
-
-    /// The connection, inside the batch's transaction.
-    async fn begun(&mut self) -> SqlResult<&mut SqliteConnection> {
-        if std::mem::take(&mut self.begin_pending) {
-            schema::begin(&mut self.conn).await?;
-        }
-        Ok(&mut self.conn)
-    }
-
-    /// What the next statement must start with to open the batch's transaction (nothing once
-    /// it is open), and the connection to send it on.
-    fn with_begin(&mut self) -> (&'static str, &mut SqliteConnection) {
-        let begin = if std::mem::take(&mut self.begin_pending) {
-            schema::BEGIN
-        } else {
-            ""
-        };
-        (begin, &mut self.conn)
-    }
-}
-
 /// SQLite reads on a pool.
-pub(crate) struct SqliteReads(pub(crate) SqlitePool);
+pub(crate) struct SqliteReads(pub(crate) Arc<ReadPool>);
 
 #[async_trait]
 impl Reads for SqliteReads {
@@ -357,6 +324,6 @@ impl Reads for SqliteReads {
         read::ping(&self.0).await
     }
     async fn close(&self) {
-        self.0.close().await;
+        self.0.close();
     }
 }

@@ -1,9 +1,11 @@
 //! SQLite reads: jobs, listings, counts, pause flags and histories, and the row mapping that
 //! turns a stored row into a [`Job`] (or a [`QueueError::Corrupt`], never a panic).
+//!
+//! Each read runs as one closure on a connection of the [`ReadPool`], on a blocking thread.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use rusqlite::{Connection, OptionalExtension, Row};
 
+use super::conn::ReadPool;
 use super::schema::map_err;
 use super::SqlResult;
 use crate::clock::ms_to_datetime;
@@ -16,16 +18,16 @@ use crate::sql::history::{self, EventRow};
 pub(crate) const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
     stalled_count, result, failed_reason, created_at, processed_at, finished_at";
 
-pub(crate) fn job_from_row(row: &SqliteRow, now: i64, paused: bool) -> Result<Job> {
+pub(crate) fn job_from_row(row: &Row<'_>, now: i64, paused: bool) -> Result<Job> {
     let corrupt = |what: &str, e: &dyn std::fmt::Display| {
         QueueError::Corrupt(format!("{what} of a stored job: {e}"))
     };
     let get_i64 = |i: usize| -> Result<Option<i64>> {
-        row.try_get::<Option<i64>, _>(i)
+        row.get::<_, Option<i64>>(i)
             .map_err(|e| corrupt("a timestamp or counter", &e))
     };
     let text = |i: usize| -> Result<Option<String>> {
-        row.try_get::<Option<String>, _>(i)
+        row.get::<_, Option<String>>(i)
             .map_err(|e| corrupt("a text column", &e))
     };
     let id = text(1)?.unwrap_or_default();
@@ -73,56 +75,75 @@ pub(crate) fn job_from_row(row: &SqliteRow, now: i64, paused: bool) -> Result<Jo
     })
 }
 
-pub(crate) async fn get_on(
-    conn: &mut SqliteConnection,
+pub(crate) fn get_on(
+    conn: &Connection,
     queue: &str,
     id: &str,
     now: i64,
 ) -> SqlResult<Result<Option<Job>>> {
-    let sql = format!(
+    let mut stmt = conn.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS}, COALESCE((SELECT paused FROM cq_queues WHERE name = cq_jobs.queue), 0) \
          FROM cq_jobs WHERE queue = ? AND id = ?"
-    );
-    let row = sqlx::query(&sql)
-        .bind(queue)
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
-    Ok(match row {
-        None => Ok(None),
-        Some(row) => {
-            let paused: i64 = row.try_get(14)?;
-            job_from_row(&row, now, paused != 0).map(Some)
-        }
-    })
+    ))?;
+    let found = stmt
+        .query_row((queue, id), |row| {
+            let paused: i64 = row.get(14)?;
+            Ok(job_from_row(row, now, paused != 0))
+        })
+        .optional()?;
+    Ok(found.transpose())
 }
 
-pub(crate) async fn get(pool: &SqlitePool, queue: &str, id: &str, now: i64) -> Result<Option<Job>> {
-    let mut conn = pool.acquire().await.map_err(map_err)?;
-    get_on(&mut conn, queue, id, now).await.map_err(map_err)?
-}
-
-pub(crate) async fn is_paused(pool: &SqlitePool, queue: &str) -> Result<bool> {
-    let paused: Option<i64> = sqlx::query_scalar("SELECT paused FROM cq_queues WHERE name = ?")
-        .bind(queue)
-        .fetch_optional(pool)
+pub(crate) async fn get(pool: &ReadPool, queue: &str, id: &str, now: i64) -> Result<Option<Job>> {
+    let (queue, id) = (queue.to_owned(), id.to_owned());
+    pool.run(move |c| get_on(c, &queue, &id, now))
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
+}
+
+fn paused_on(conn: &Connection, queue: &str) -> SqlResult<bool> {
+    let paused: Option<i64> = conn
+        .prepare_cached("SELECT paused FROM cq_queues WHERE name = ?")?
+        .query_row([queue], |r| r.get(0))
+        .optional()?;
     Ok(paused.unwrap_or(0) != 0)
 }
 
+pub(crate) async fn is_paused(pool: &ReadPool, queue: &str) -> Result<bool> {
+    let queue = queue.to_owned();
+    pool.run(move |c| paused_on(c, &queue))
+        .await
+        .map_err(map_err)
+}
+
 pub(crate) async fn list(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     queue: &str,
     state: JobState,
     offset: u64,
     limit: u64,
     now: i64,
 ) -> Result<Vec<Job>> {
-    let paused = is_paused(pool, queue).await?;
+    let queue = queue.to_owned();
+    pool.run(move |c| list_on(c, &queue, state, offset, limit, now))
+        .await
+        .map_err(map_err)?
+}
+
+fn list_on(
+    conn: &mut Connection,
+    queue: &str,
+    state: JobState,
+    offset: u64,
+    limit: u64,
+    now: i64,
+) -> SqlResult<Result<Vec<Job>>> {
+    // One read transaction, so that the pause flag and the rows are one snapshot.
+    let tx = conn.transaction()?;
+    let paused = paused_on(&tx, queue)?;
     let (filter, order) = match state {
-        JobState::Waiting if paused => return Ok(Vec::new()),
-        JobState::Paused if !paused => return Ok(Vec::new()),
+        JobState::Waiting if paused => return Ok(Ok(Vec::new())),
+        JobState::Paused if !paused => return Ok(Ok(Vec::new())),
         JobState::Waiting | JobState::Paused => (
             "state = 'waiting' AND run_at <= ?2",
             "priority, run_at, seq",
@@ -135,102 +156,107 @@ pub(crate) async fn list(
         ),
         JobState::Failed => ("state = 'failed' AND ?2 = ?2", "finished_at DESC, seq DESC"),
     };
-    let sql = format!(
+    let mut stmt = tx.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
          ORDER BY {order} LIMIT ?3 OFFSET ?4"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(queue)
-        .bind(now)
-        .bind(limit.min(i64::MAX as u64) as i64)
-        .bind(offset.min(i64::MAX as u64) as i64)
-        .fetch_all(pool)
-        .await
-        .map_err(map_err)?;
-    rows.iter().map(|r| job_from_row(r, now, paused)).collect()
+    ))?;
+    let jobs = stmt
+        .query_map(
+            (
+                queue,
+                now,
+                limit.min(i64::MAX as u64) as i64,
+                offset.min(i64::MAX as u64) as i64,
+            ),
+            |r| Ok(job_from_row(r, now, paused)),
+        )?
+        .collect::<SqlResult<Result<Vec<Job>>>>()?;
+    Ok(jobs)
 }
 
-pub(crate) async fn counts(pool: &SqlitePool, queue: &str, now: i64) -> Result<QueueCounts> {
+pub(crate) async fn counts(pool: &ReadPool, queue: &str, now: i64) -> Result<QueueCounts> {
+    let queue = queue.to_owned();
     // One subquery per state, each answered from its partial index alone (the finished ones
     // repeat that index's condition, which is how SQLite sees that it applies).
-    let row = sqlx::query(
-        "SELECT \
-         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting'), \
-         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting' AND run_at > ?2), \
-         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'active'), \
-         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
-         AND state IN ('completed', 'failed') AND state = 'completed'), \
-         (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
-         AND state IN ('completed', 'failed') AND state = 'failed'), \
-         (SELECT paused FROM cq_queues WHERE name = ?1), \
-         (SELECT completed_total FROM cq_queues WHERE name = ?1), \
-         (SELECT failed_total FROM cq_queues WHERE name = ?1)",
-    )
-    .bind(queue)
-    .bind(now)
-    .fetch_one(pool)
-    .await
-    .map_err(map_err)?;
-    let get = |i: usize| -> Result<u64> {
-        let v: Option<i64> = row.try_get(i).map_err(map_err)?;
-        Ok(v.unwrap_or(0).max(0) as u64)
-    };
-    let (waiting, delayed) = (get(0)?, get(1)?);
+    let got: [Option<i64>; 8] = pool
+        .run(move |c| {
+            c.prepare_cached(
+                "SELECT \
+                 (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting'), \
+                 (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'waiting' AND run_at > ?2), \
+                 (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 AND state = 'active'), \
+                 (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
+                 AND state IN ('completed', 'failed') AND state = 'completed'), \
+                 (SELECT COUNT(*) FROM cq_jobs WHERE queue = ?1 \
+                 AND state IN ('completed', 'failed') AND state = 'failed'), \
+                 (SELECT paused FROM cq_queues WHERE name = ?1), \
+                 (SELECT completed_total FROM cq_queues WHERE name = ?1), \
+                 (SELECT failed_total FROM cq_queues WHERE name = ?1)",
+            )?
+            .query_row((&queue, now), |r| {
+                let mut got = [None; 8];
+                for (i, v) in got.iter_mut().enumerate() {
+                    *v = r.get(i)?;
+                }
+                Ok(got)
+            })
+        })
+        .await
+        .map_err(map_err)?;
+    let get = |i: usize| got[i].unwrap_or(0).max(0) as u64;
+    let (waiting, delayed) = (get(0), get(1));
     let ready = waiting.saturating_sub(delayed);
-    let paused = get(5)? != 0;
+    let paused = get(5) != 0;
     Ok(QueueCounts {
         waiting: if paused { 0 } else { ready },
         paused: if paused { ready } else { 0 },
         delayed,
-        active: get(2)?,
-        completed: get(3)?,
-        failed: get(4)?,
-        completed_total: get(6)?,
-        failed_total: get(7)?,
+        active: get(2),
+        completed: get(3),
+        failed: get(4),
+        completed_total: get(6),
+        failed_total: get(7),
     })
 }
 
 pub(crate) async fn history(
-    pool: &SqlitePool,
+    pool: &ReadPool,
     queue: &str,
     id: &str,
     now: i64,
 ) -> Result<Option<Vec<JobEvent>>> {
-    let mut conn = pool.acquire().await.map_err(map_err)?;
-    // One read transaction, so that the row and its events are one snapshot.
-    sqlx::query("BEGIN")
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
-    let job = get_on(&mut conn, queue, id, now).await;
-    let events = sqlx::query(
-        "SELECT kind, attempt, at, detail FROM cq_job_events WHERE queue = ? AND job_id = ? ORDER BY idx",
-    )
-    .bind(queue)
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await;
-    let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
-    let Some(job) = job.map_err(map_err)?? else {
-        return Ok(None);
-    };
-    let mut stored = Vec::new();
-    for r in events.map_err(map_err)? {
-        let detail: Option<String> = r.try_get(3).map_err(map_err)?;
-        stored.push(EventRow {
-            kind: r.try_get(0).map_err(map_err)?,
-            attempt: r.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u32,
-            at: r.try_get(2).map_err(map_err)?,
-            detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
-        });
-    }
-    Ok(Some(history::rebuild(&job, &stored)))
+    let (queue, id) = (queue.to_owned(), id.to_owned());
+    pool.run(move |c| {
+        // One read transaction, so that the row and its events are one snapshot.
+        let tx = c.transaction()?;
+        let job = match get_on(&tx, &queue, &id, now)? {
+            Ok(Some(job)) => job,
+            Ok(None) => return Ok(Ok(None)),
+            Err(e) => return Ok(Err(e)),
+        };
+        let stored = tx
+            .prepare_cached(
+                "SELECT kind, attempt, at, detail FROM cq_job_events \
+                 WHERE queue = ? AND job_id = ? ORDER BY idx",
+            )?
+            .query_map((&queue, &id), |r| {
+                let detail: Option<String> = r.get(3)?;
+                Ok(EventRow {
+                    kind: r.get(0)?,
+                    attempt: r.get::<_, i64>(1)?.clamp(0, u32::MAX as i64) as u32,
+                    at: r.get(2)?,
+                    detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+                })
+            })?
+            .collect::<SqlResult<Vec<EventRow>>>()?;
+        Ok(Ok(Some(history::rebuild(&job, &stored))))
+    })
+    .await
+    .map_err(map_err)?
 }
 
-pub(crate) async fn ping(pool: &SqlitePool) -> Result<()> {
-    sqlx::query("SELECT 1")
-        .execute(pool)
+pub(crate) async fn ping(pool: &ReadPool) -> Result<()> {
+    pool.run(|c| c.query_row("SELECT 1", [], |_| Ok(())))
         .await
         .map_err(map_err)
-        .map(drop)
 }

@@ -6,11 +6,9 @@
 //! `cq_job_events` keeps the parts of a job's history that its row no longer shows (earlier
 //! attempts); `cq_queues` keeps pause flags and lifetime totals that survive pruning.
 
-use std::time::Duration;
+use rusqlite::{Connection, ErrorCode};
 
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions, SqliteConnection};
-
+use super::conn::{retry_while_busy, SqliteFile};
 use super::SqlResult;
 use crate::error::{QueueError, Result};
 use crate::sql::writer::Batch;
@@ -81,100 +79,98 @@ SELECT 1;
 "#,
 ];
 
-/// Maps a driver error to the crate's error. Busy, locked, full and I/O conditions are
-/// transient; decoding problems mean corrupt data.
-pub(crate) fn map_err(e: sqlx::Error) -> QueueError {
-    match e {
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+/// Maps a driver error to the crate's error. Values that do not read as their column's type
+/// mean corrupt data; a bad path or a database that is not SQLite's is the configuration's
+/// fault; busy, locked, full and I/O conditions are transient.
+pub(crate) fn map_err(e: rusqlite::Error) -> QueueError {
+    use rusqlite::Error as E;
+    match &e {
+        E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::InvalidColumnType(..)
+        | E::Utf8Error(..) => QueueError::Corrupt(e.to_string()),
+        E::InvalidPath(_) => QueueError::Invalid(e.to_string()),
+        _ if matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::NotADatabase | ErrorCode::CannotOpen)
+        ) =>
+        {
+            QueueError::Invalid(e.to_string())
+        }
+        _ if e.sqlite_error_code() == Some(ErrorCode::DatabaseCorrupt) => {
             QueueError::Corrupt(e.to_string())
         }
-        sqlx::Error::Configuration(_) => QueueError::Invalid(e.to_string()),
-        other => QueueError::Unavailable(other.to_string()),
+        _ => QueueError::Unavailable(e.to_string()),
     }
 }
 
 /// Opens the writer connection and brings the schema up to date, under the write lock so that
 /// processes starting together migrate once. Processes that open a new file together race to
 /// switch it to WAL mode, and SQLite answers the loser "database is locked" at once rather than
-/// through the busy timeout: so a busy answer is retried, for up to `busy_timeout`.
-pub(crate) async fn open_writer(
-    opts: &SqliteConnectOptions,
-    busy_timeout: Duration,
-) -> Result<SqliteConnection> {
-    match crate::sql::retry_while_busy(busy_timeout, || open_once(opts)).await {
+/// through the busy timeout: so a busy answer is retried, for up to the busy timeout. Blocks
+/// the calling thread.
+pub(crate) fn open_writer(file: &SqliteFile) -> Result<Connection> {
+    match retry_while_busy(file.busy_timeout_value(), || open_once(file)) {
         Ok(r) => r,
         Err(e) => Err(map_err(e)),
     }
 }
 
-async fn open_once(opts: &SqliteConnectOptions) -> SqlResult<Result<SqliteConnection>> {
-    let mut conn = opts.connect().await?;
-    match migrate_steps(&mut conn).await {
+fn open_once(file: &SqliteFile) -> SqlResult<Result<Connection>> {
+    let conn = file.open()?;
+    match migrate_steps(&conn) {
         Ok(r) => Ok(r.map(|()| conn)),
         Err(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+            let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
     }
 }
 
-async fn migrate_steps(conn: &mut SqliteConnection) -> SqlResult<Result<()>> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS cq_schema (version INTEGER NOT NULL)")
-        .execute(&mut *conn)
-        .await?;
-    let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM cq_schema")
-        .fetch_one(&mut *conn)
-        .await?;
+fn migrate_steps(conn: &Connection) -> SqlResult<Result<()>> {
+    conn.execute_batch(
+        "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS cq_schema (version INTEGER NOT NULL)",
+    )?;
+    let have: Option<i64> =
+        conn.query_row("SELECT MAX(version) FROM cq_schema", [], |r| r.get(0))?;
     let have = have.unwrap_or(0) as usize;
     if have > MIGRATIONS.len() {
-        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+        conn.execute_batch("ROLLBACK")?;
         return Ok(Err(QueueError::Invalid(format!(
             "the database's queue schema is version {have}, newer than this build knows ({}); upgrade convoq",
             MIGRATIONS.len()
         ))));
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(have) {
-        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
-            sqlx::query(statement).execute(&mut *conn).await?;
-        }
-        sqlx::query("INSERT INTO cq_schema (version) VALUES (?)")
-            .bind(i as i64 + 1)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute_batch(step)?;
+        conn.execute("INSERT INTO cq_schema (version) VALUES (?)", [i as i64 + 1])?;
     }
-    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    conn.execute_batch("COMMIT")?;
     Ok(Ok(()))
 }
 
-/// Opens a write transaction, as a prefix of a batch's first statement.
-pub(crate) const BEGIN: &str = "BEGIN IMMEDIATE; ";
-
-pub(crate) async fn begin(conn: &mut SqliteConnection) -> SqlResult<()> {
-    sqlx::query("BEGIN IMMEDIATE").execute(conn).await.map(drop)
+pub(crate) fn begin(conn: &Connection) -> SqlResult<()> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?
+        .execute([])
+        .map(drop)
 }
 
-/// Adds the batch's lifetime totals and commits, in one request to SQLite's thread (after
-/// `begin`, the transaction's opening if no statement has opened it).
-pub(crate) async fn commit(
-    conn: &mut SqliteConnection,
-    begin: &str,
-    batch: &Batch,
-) -> SqlResult<()> {
-    const TOTALS: &str = "INSERT INTO cq_queues (name, completed_total, failed_total) \
-        VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET \
-        completed_total = completed_total + excluded.completed_total, \
-        failed_total = failed_total + excluded.failed_total;";
-    let mut sql = String::from(begin);
-    sql.push_str(&TOTALS.repeat(batch.totals.len()));
-    sql.push_str("COMMIT");
-    let mut q = sqlx::query(&sql);
-    for (queue, (completed, failed)) in &batch.totals {
-        q = q.bind(queue).bind(completed).bind(failed);
+/// Adds the batch's lifetime totals and commits.
+pub(crate) fn commit(conn: &Connection, batch: &Batch) -> SqlResult<()> {
+    if !batch.totals.is_empty() {
+        let mut totals = conn.prepare_cached(
+            "INSERT INTO cq_queues (name, completed_total, failed_total) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET \
+             completed_total = completed_total + excluded.completed_total, \
+             failed_total = failed_total + excluded.failed_total",
+        )?;
+        for (queue, (completed, failed)) in &batch.totals {
+            totals.execute(rusqlite::params![queue, completed, failed])?;
+        }
     }
-    q.execute(conn).await.map(drop)
+    conn.prepare_cached("COMMIT")?.execute([]).map(drop)
 }
 
-pub(crate) async fn rollback(conn: &mut SqliteConnection) -> SqlResult<()> {
-    sqlx::query("ROLLBACK").execute(conn).await.map(drop)
+pub(crate) fn rollback(conn: &Connection) -> SqlResult<()> {
+    conn.execute_batch("ROLLBACK")
 }

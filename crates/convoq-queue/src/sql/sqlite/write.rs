@@ -1,12 +1,12 @@
 //! The SQLite statements behind the writer's operations: add, claim, extend, finish, release,
-//! reap stalled, prune, pause, retry, remove. Each runs inside the writer's open transaction
-//! and records what to announce after the commit in the [`Batch`].
+//! reap stalled, prune, pause, retry, remove. Each runs inside the writer's open transaction,
+//! on the writer's own thread (rusqlite runs a statement on the calling thread, from a cache of
+//! prepared statements), and records what to announce after the commit in the [`Batch`].
 
 use std::collections::{HashMap, HashSet};
 
-use futures::TryStreamExt;
 use rand::Rng;
-use sqlx::{Row, SqliteConnection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
@@ -34,35 +34,15 @@ fn to_json(v: &impl serde::Serialize) -> String {
 
 /// Rows for a statement that reads them with `json_each(?)`, one JSON array per row (a value
 /// that is itself JSON text goes as a string, so that `->>` gives it back exactly): one
-/// parameter and one statement text for any number of rows (multi-row `VALUES` would need a
-/// text per size, each prepared apart).
+/// parameter and one prepared statement for any number of rows, stepped once.
 fn json_rows<R: serde::Serialize>(rows: impl Iterator<Item = R>) -> String {
     to_json(&rows.collect::<Vec<R>>())
 }
 
-/// Runs a request of several statements and returns the rows changed by the last one (the
-/// driver's total would count, for a statement that changes nothing, the connection's previous
-/// change count again).
-async fn last_changes<'q>(
-    conn: &mut SqliteConnection,
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-) -> SqlResult<u64> {
-    let mut steps = sqlx::Executor::fetch_many(&mut *conn, query);
-    let mut last = 0;
-    while let Some(step) = steps.try_next().await? {
-        if let sqlx::Either::Left(done) = step {
-            last = done.rows_affected();
-        }
-    }
-    Ok(last)
-}
-
-/// Inserts jobs in one statement whatever their number (see [`json_rows`]), after `begin` (the
-/// transaction's opening, if no statement has opened it); a custom id that exists already
-/// yields the existing job.
-pub(crate) async fn add_jobs(
-    conn: &mut SqliteConnection,
-    begin: &str,
+/// Inserts jobs in one statement whatever their number (see [`json_rows`]); a custom id that
+/// exists already yields the existing job.
+pub(crate) fn add_jobs(
+    conn: &Connection,
     jobs: &[&NewJob],
     now: i64,
     batch: &mut Batch,
@@ -91,20 +71,16 @@ pub(crate) async fn add_jobs(
         )
     }));
     // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
-    let sql = format!(
-        "{begin}INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
          max_attempts, created_at, state) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
          value ->> 6, value ->> 7, ?, 'waiting' FROM json_each(?) WHERE true \
-         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id"
-    );
-    let mut fresh: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(&sql)
-        .bind(now)
-        .bind(rows)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+    )?;
+    let mut fresh: HashSet<(String, String)> = insert
+        .query_map(params![now, rows], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<SqlResult<_>>()?;
     let mut out = Vec::with_capacity(jobs.len());
     for (job, (id, run_at)) in jobs.iter().zip(planned) {
         // `remove` so that a custom id listed twice is created once and found once.
@@ -115,7 +91,7 @@ pub(crate) async fn add_jobs(
                 created: true,
             });
         } else {
-            match get_on(&mut *conn, &job.queue, &id, now).await? {
+            match get_on(conn, &job.queue, &id, now)? {
                 Ok(Some(existing)) => out.push(Added {
                     job: existing,
                     created: false,
@@ -134,9 +110,8 @@ pub(crate) async fn add_jobs(
 
 /// Claims up to `max` ready jobs of an unpaused queue, under one lease token.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn claim(
-    conn: &mut SqliteConnection,
-    begin: &str,
+pub(crate) fn claim(
+    conn: &Connection,
     queue: &str,
     max: usize,
     lease_ms: i64,
@@ -144,25 +119,23 @@ pub(crate) async fn claim(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<ClaimBatch>> {
-    let sql = format!(
-        "{begin}UPDATE cq_jobs SET state = 'active', lease_token = ?1, lease_expires_at = ?2, \
+    let mut stmt = conn.prepare_cached(&format!(
+        "UPDATE cq_jobs SET state = 'active', lease_token = ?1, lease_expires_at = ?2, \
          attempts_made = attempts_made + 1, processed_at = ?3 \
          WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?4 AND state = 'waiting' \
            AND run_at <= ?3 ORDER BY priority, run_at, seq LIMIT ?5) \
          AND NOT EXISTS (SELECT 1 FROM cq_queues WHERE name = ?4 AND paused = 1) \
          RETURNING {JOB_COLUMNS}"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(token)
-        .bind(now.saturating_add(lease_ms))
-        .bind(now)
-        .bind(queue)
-        .bind(max as i64)
-        .fetch_all(&mut *conn)
-        .await?;
+    ))?;
+    let rows: Vec<(String, Result<crate::job::Job>)> = stmt
+        .query_map(
+            params![token, now.saturating_add(lease_ms), now, queue, max as i64],
+            |r| Ok((r.get(1)?, job_from_row(r, now, false))),
+        )?
+        .collect::<SqlResult<_>>()?;
     let mut jobs = Vec::with_capacity(rows.len());
-    for row in &rows {
-        match job_from_row(row, now, false) {
+    for (id, read) in rows {
+        match read {
             Ok(job) => {
                 batch.changed(&job.queue, &job.id);
                 jobs.push(ClaimedJob {
@@ -173,18 +146,12 @@ pub(crate) async fn claim(
             Err(e) => {
                 // A job that cannot be read can never run: fail it with the reason, so it is
                 // visible to operators instead of stalling forever, and go on with the others.
-                let id: String = row.try_get(1)?;
                 tracing::error!(queue, job_id = %id, error = %e, "failing a job whose stored data cannot be read");
-                sqlx::query(
+                conn.prepare_cached(
                     "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
                      lease_token = NULL, lease_expires_at = NULL WHERE queue = ? AND id = ?",
-                )
-                .bind(e.to_string())
-                .bind(now)
-                .bind(queue)
-                .bind(&id)
-                .execute(&mut *conn)
-                .await?;
+                )?
+                .execute(params![e.to_string(), now, queue, id])?;
                 batch.count_failed(queue);
                 batch.changed(queue, &id);
             }
@@ -192,43 +159,36 @@ pub(crate) async fn claim(
     }
     let mut next_due_ms = None;
     if jobs.is_empty() {
-        next_due_ms = sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT MIN(run_at) FROM cq_jobs WHERE queue = ? AND state = 'waiting'",
-        )
-        .bind(queue)
-        .fetch_one(&mut *conn)
-        .await?;
+        next_due_ms = conn
+            .prepare_cached(
+                "SELECT MIN(run_at) FROM cq_jobs WHERE queue = ? AND state = 'waiting'",
+            )?
+            .query_row([queue], |r| r.get::<_, Option<i64>>(0))?;
     }
     Ok(Ok(ClaimBatch { jobs, next_due_ms }))
 }
 
-pub(crate) async fn extend(
-    conn: &mut SqliteConnection,
+pub(crate) fn extend(
+    conn: &Connection,
     queue: &str,
     leases: &[(String, String)],
     lease_ms: i64,
     now: i64,
 ) -> SqlResult<Result<Vec<bool>>> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE cq_jobs SET lease_expires_at = ? \
+         WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+    )?;
     let mut held = Vec::with_capacity(leases.len());
     for (id, token) in leases {
-        let n = sqlx::query(
-            "UPDATE cq_jobs SET lease_expires_at = ? \
-             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-        )
-        .bind(now.saturating_add(lease_ms))
-        .bind(queue)
-        .bind(id)
-        .bind(token)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        let n = stmt.execute(params![now.saturating_add(lease_ms), queue, id, token])?;
         held.push(n == 1);
     }
     Ok(Ok(held))
 }
 
-async fn insert_event(
-    conn: &mut SqliteConnection,
+fn insert_event(
+    conn: &Connection,
     queue: &str,
     id: &str,
     kind: JobEventKind,
@@ -236,24 +196,29 @@ async fn insert_event(
     at: i64,
     detail: Option<serde_json::Value>,
 ) -> SqlResult<()> {
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
          VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(queue)
-    .bind(id)
-    .bind(kind.as_str())
-    .bind(attempt as i64)
-    .bind(at)
-    .bind(detail.map(|d| to_json(&d)))
-    .execute(conn)
-    .await
+    )?
+    .execute(params![
+        queue,
+        id,
+        kind.as_str(),
+        attempt as i64,
+        at,
+        detail.map(|d| to_json(&d))
+    ])
     .map(drop)
+}
+
+/// Runs one statement of the writer's transaction control (savepoints), from the cache.
+fn control(conn: &Connection, sql: &str) -> SqlResult<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// Records the end of an attempt, fenced by the lease token.
 pub(crate) async fn finish(
-    conn: &mut SqliteConnection,
+    conn: &mut Connection,
     claimed: &ClaimedJob,
     outcome: &Outcome,
     now: i64,
@@ -269,60 +234,48 @@ pub(crate) async fn finish(
     match outcome {
         Outcome::Completed(c) => {
             if c.effect.is_some() {
-                sqlx::query("SAVEPOINT effect").execute(&mut *conn).await?;
+                control(conn, "SAVEPOINT effect")?;
             }
             let (keep_count, expire_at) = keep_columns(job.opts.remove_on_complete, now);
-            let n = sqlx::query(
-                "UPDATE cq_jobs SET state = 'completed', result = ?, finished_at = ?, \
-                 lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
-                 WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-            )
-            .bind(to_json(&c.result))
-            .bind(now)
-            .bind(keep_count)
-            .bind(expire_at)
-            .bind(&job.queue)
-            .bind(&job.id)
-            .bind(&claimed.token)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            let n = conn
+                .prepare_cached(
+                    "UPDATE cq_jobs SET state = 'completed', result = ?, finished_at = ?, \
+                     lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
+                     WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+                )?
+                .execute(params![
+                    to_json(&c.result),
+                    now,
+                    keep_count,
+                    expire_at,
+                    job.queue,
+                    job.id,
+                    claimed.token
+                ])?;
             if n != 1 {
                 if c.effect.is_some() {
-                    sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+                    control(conn, "RELEASE effect")?;
                 }
                 return lost();
             }
             if let Some(effect) = &c.effect {
                 if let Err(e) = effect.apply(SqlConn::Sqlite(&mut *conn), now).await {
-                    sqlx::query("ROLLBACK TO effect")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+                    control(conn, "ROLLBACK TO effect")?;
+                    control(conn, "RELEASE effect")?;
                     // The attempt is recorded as failed; the caller learns why.
-                    return Ok(fail_attempt(conn, claimed, &e, now, batch)
-                        .await?
+                    return Ok(fail_attempt(conn, claimed, &e, now, batch)?
                         .and(Err(QueueError::EffectFailed(e))));
                 }
-                sqlx::query("RELEASE effect").execute(&mut *conn).await?;
+                control(conn, "RELEASE effect")?;
             }
-            match add_jobs(
-                conn,
-                "",
-                &c.follow_ups.iter().collect::<Vec<_>>(),
-                now,
-                batch,
-            )
-            .await?
-            {
-                Ok(_) => {}
-                Err(e) => return Ok(Err(e)),
+            if let Err(e) = add_jobs(conn, &c.follow_ups.iter().collect::<Vec<_>>(), now, batch)? {
+                return Ok(Err(e));
             }
             batch.count_completed(&job.queue);
             batch.changed(&job.queue, &job.id);
             Ok(Ok(()))
         }
-        Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch).await,
+        Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch),
     }
 }
 
@@ -330,12 +283,10 @@ pub(crate) async fn finish(
 /// the rows travel as one JSON parameter (see [`json_rows`]). Answers per job as [`finish`]
 /// would; effects and follow-ups are the caller's.
 ///
-/// Unless `exact`, the statement only counts what it completes: every row handed back costs a
-/// message from SQLite's thread, so listing the completed jobs is left to the rare batch in
-/// which one lost its lease (the answer is then `None` and the writer applies it again).
-pub(crate) async fn complete_plain(
-    conn: &mut SqliteConnection,
-    begin: &str,
+/// Unless `exact`, the statement only counts what it completes, and the rare batch in which a
+/// job lost its lease answers `None` (the writer applies it again, exactly).
+pub(crate) fn complete_plain(
+    conn: &Connection,
     jobs: &[(&ClaimedJob, &Completion)],
     now: i64,
     exact: bool,
@@ -361,9 +312,8 @@ pub(crate) async fn complete_plain(
         )
     }));
     if !exact {
-        let sql = format!("{begin}{COMPLETE}");
-        let counted = last_changes(conn, sqlx::query(&sql).bind(now).bind(rows)).await?;
-        if counted != jobs.len() as u64 {
+        let counted = conn.prepare_cached(COMPLETE)?.execute(params![now, rows])?;
+        if counted != jobs.len() {
             return Ok(None);
         }
         for (claimed, _) in jobs {
@@ -372,12 +322,10 @@ pub(crate) async fn complete_plain(
         }
         return Ok(Some(jobs.iter().map(|_| Ok(())).collect()));
     }
-    let sql = format!("{begin}{COMPLETE} RETURNING cq_jobs.queue, cq_jobs.id");
-    let done: Vec<(String, String)> = sqlx::query_as(&sql)
-        .bind(now)
-        .bind(rows)
-        .fetch_all(&mut *conn)
-        .await?;
+    let done: Vec<(String, String)> = conn
+        .prepare_cached(&format!("{COMPLETE} RETURNING cq_jobs.queue, cq_jobs.id"))?
+        .query_map(params![now, rows], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<SqlResult<_>>()?;
     // A job listed twice under one token is completed once: the second answers lease lost.
     let mut left: HashMap<(String, String), usize> = HashMap::with_capacity(done.len());
     for key in done {
@@ -404,8 +352,8 @@ pub(crate) async fn complete_plain(
     ))
 }
 
-async fn fail_attempt(
-    conn: &mut SqliteConnection,
+fn fail_attempt(
+    conn: &Connection,
     claimed: &ClaimedJob,
     error: &ProcessError,
     now: i64,
@@ -416,39 +364,38 @@ async fn fail_attempt(
     let final_failure = !error.is_retryable() || attempt >= job.max_attempts();
     let n = if final_failure {
         let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
-        sqlx::query(
+        conn.prepare_cached(
             "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
              lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
              WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-        )
-        .bind(error.reason())
-        .bind(now)
-        .bind(keep_count)
-        .bind(expire_at)
-        .bind(&job.queue)
-        .bind(&job.id)
-        .bind(&claimed.token)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
+        )?
+        .execute(params![
+            error.reason(),
+            now,
+            keep_count,
+            expire_at,
+            job.queue,
+            job.id,
+            claimed.token
+        ])?
     } else {
         let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
         let delay = backoff
             .delay_for(attempt, rand::thread_rng().gen::<f64>())
             .as_millis() as i64;
-        let n = sqlx::query(
-            "UPDATE cq_jobs SET state = 'waiting', failed_reason = ?, run_at = ?, \
-             lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
-             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-        )
-        .bind(error.reason())
-        .bind(now.saturating_add(delay))
-        .bind(&job.queue)
-        .bind(&job.id)
-        .bind(&claimed.token)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        let n = conn
+            .prepare_cached(
+                "UPDATE cq_jobs SET state = 'waiting', failed_reason = ?, run_at = ?, \
+                 lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+                 WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+            )?
+            .execute(params![
+                error.reason(),
+                now.saturating_add(delay),
+                job.queue,
+                job.id,
+                claimed.token
+            ])?;
         if n == 1 {
             let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
             insert_event(
@@ -459,8 +406,7 @@ async fn fail_attempt(
                 attempt,
                 started,
                 None,
-            )
-            .await?;
+            )?;
             let detail = serde_json::json!({ "reason": error.reason(), "delayMs": delay });
             insert_event(
                 conn,
@@ -470,8 +416,7 @@ async fn fail_attempt(
                 attempt,
                 now,
                 Some(detail),
-            )
-            .await?;
+            )?;
         }
         n
     };
@@ -489,25 +434,21 @@ async fn fail_attempt(
 }
 
 /// Gives a job back without counting its attempt.
-pub(crate) async fn release(
-    conn: &mut SqliteConnection,
+pub(crate) fn release(
+    conn: &Connection,
     claimed: &ClaimedJob,
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<()>> {
     let job = &claimed.job;
-    let n = sqlx::query(
-        "UPDATE cq_jobs SET state = 'waiting', run_at = ?, attempts_made = MAX(attempts_made - 1, 0), \
-         lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
-         WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-    )
-    .bind(now)
-    .bind(&job.queue)
-    .bind(&job.id)
-    .bind(&claimed.token)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let n = conn
+        .prepare_cached(
+            "UPDATE cq_jobs SET state = 'waiting', run_at = ?, \
+             attempts_made = MAX(attempts_made - 1, 0), \
+             lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+        )?
+        .execute(params![now, job.queue, job.id, claimed.token])?;
     if n != 1 {
         return Ok(Err(QueueError::LeaseLost {
             queue: job.queue.clone(),
@@ -524,8 +465,7 @@ pub(crate) async fn release(
         attempt,
         started,
         None,
-    )
-    .await?;
+    )?;
     let detail =
         serde_json::json!({ "reason": "released at shutdown; the attempt does not count" });
     insert_event(
@@ -536,37 +476,33 @@ pub(crate) async fn release(
         attempt.saturating_sub(1),
         now,
         Some(detail),
-    )
-    .await?;
+    )?;
     batch.wake(&job.queue);
     batch.changed(&job.queue, &job.id);
     Ok(Ok(()))
 }
 
 /// Takes back active jobs whose lease expired.
-pub(crate) async fn reap_stalled(
-    conn: &mut SqliteConnection,
+pub(crate) fn reap_stalled(
+    conn: &Connection,
     queue: &str,
     max_stalled: u32,
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<u64>> {
-    let rows = sqlx::query(
-        "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
-         WHERE queue = ? AND state = 'active' AND lease_expires_at < ?",
-    )
-    .bind(queue)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
+    let expired: Vec<(String, i64, i64, Option<i64>, String)> = conn
+        .prepare_cached(
+            "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
+             WHERE queue = ? AND state = 'active' AND lease_expires_at < ?",
+        )?
+        .query_map(params![queue, now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<SqlResult<_>>()?;
     let mut n = 0;
-    for row in rows {
-        let id: String = row.try_get(0)?;
-        let attempt: i64 = row.try_get(1)?;
-        let stalled: i64 = row.try_get(2)?;
-        let started: Option<i64> = row.try_get(3)?;
-        let opts: JobOptions = serde_json::from_str(row.try_get::<&str, _>(4)?).unwrap_or_default();
-        let attempt = attempt.max(0) as u32;
+    for (id, attempt, stalled, started, opts) in expired {
+        let opts: JobOptions = serde_json::from_str(&opts).unwrap_or_default();
+        let attempt = attempt.clamp(0, u32::MAX as i64) as u32;
         insert_event(
             conn,
             queue,
@@ -575,8 +511,7 @@ pub(crate) async fn reap_stalled(
             attempt,
             started.unwrap_or(now),
             None,
-        )
-        .await?;
+        )?;
         let reason = "the job's lease expired: its worker stopped or stalled";
         insert_event(
             conn,
@@ -586,37 +521,30 @@ pub(crate) async fn reap_stalled(
             attempt,
             now,
             Some(reason.into()),
-        )
-        .await?;
+        )?;
         if stalled + 1 > max_stalled as i64 {
             let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
-            sqlx::query(
+            conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
                  failed_reason = ?, finished_at = ?, processed_at = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, keep_count = ?, expire_at = ? WHERE queue = ? AND id = ?",
-            )
-            .bind(format!(
-                "job stalled more than the allowed {max_stalled} times"
-            ))
-            .bind(now)
-            .bind(keep_count)
-            .bind(expire_at)
-            .bind(queue)
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
+            )?
+            .execute(params![
+                format!("job stalled more than the allowed {max_stalled} times"),
+                now,
+                keep_count,
+                expire_at,
+                queue,
+                id
+            ])?;
             batch.count_failed(queue);
         } else {
-            sqlx::query(
+            conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
                  run_at = ?, processed_at = NULL, lease_token = NULL, lease_expires_at = NULL \
                  WHERE queue = ? AND id = ?",
-            )
-            .bind(now)
-            .bind(queue)
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
+            )?
+            .execute(params![now, queue, id])?;
             batch.wake(queue);
         }
         batch.changed(queue, &id);
@@ -625,26 +553,34 @@ pub(crate) async fn reap_stalled(
     Ok(Ok(n))
 }
 
+/// Runs a `DELETE … RETURNING id` and gives the ids.
+fn deleted_ids(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> SqlResult<Vec<String>> {
+    conn.prepare_cached(sql)?
+        .query_map(params, |r| r.get(0))?
+        .collect()
+}
+
 /// Removes at most `limit` finished jobs past their retention (expired first, then those
 /// beyond their keep count), with their events, in a few set-based statements. Lifetime totals
 /// live in `cq_queues` and are not touched.
-pub(crate) async fn prune(
-    conn: &mut SqliteConnection,
+pub(crate) fn prune(
+    conn: &Connection,
     queue: &str,
     limit: u64,
     now: i64,
 ) -> SqlResult<Result<u64>> {
     let limit = limit.min(i64::MAX as u64) as i64;
-    let mut removed: Vec<String> = sqlx::query_scalar(
+    let mut removed = deleted_ids(
+        conn,
         "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?1 \
          AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= ?2 \
          LIMIT ?3) RETURNING id",
-    )
-    .bind(queue)
-    .bind(now)
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?;
+        params![queue, now, limit],
+    )?;
     // Jobs past their count: ranked newest first among their state's jobs that have a count.
     // Ranking every finished job costs a sort of all of them per chunk, so each state's newest
     // `left + PRUNE_WINDOW` are ranked first (their ranks are exact: they are the newest); only
@@ -654,73 +590,62 @@ pub(crate) async fn prune(
         if left <= 0 {
             break;
         }
-        let surplus: Vec<String> = sqlx::query_scalar(
+        let surplus = deleted_ids(
+            conn,
             "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
              ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
                SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = ?1 \
                AND state = ?2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
                ORDER BY finished_at DESC, seq DESC LIMIT ?3)) \
              WHERE rn > keep_count LIMIT ?4) RETURNING id",
-        )
-        .bind(queue)
-        .bind(state)
-        .bind(left.saturating_add(crate::sql::PRUNE_WINDOW))
-        .bind(left)
-        .fetch_all(&mut *conn)
-        .await?;
+            params![
+                queue,
+                state,
+                left.saturating_add(crate::sql::PRUNE_WINDOW),
+                left
+            ],
+        )?;
         removed.extend(surplus);
     }
     let left = limit - removed.len() as i64;
     if left > 0 {
-        let surplus: Vec<String> = sqlx::query_scalar(
+        let surplus = deleted_ids(
+            conn,
             "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
              ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
              FROM cq_jobs WHERE queue = ?1 AND state IN ('completed', 'failed') \
              AND keep_count IS NOT NULL) WHERE rn > keep_count LIMIT ?2) RETURNING id",
-        )
-        .bind(queue)
-        .bind(left)
-        .fetch_all(&mut *conn)
-        .await?;
+            params![queue, left],
+        )?;
         removed.extend(surplus);
     }
     if !removed.is_empty() {
-        sqlx::query(
+        conn.prepare_cached(
             "DELETE FROM cq_job_events WHERE queue = ?1 \
              AND job_id IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(queue)
-        .bind(to_json(&removed))
-        .execute(&mut *conn)
-        .await?;
+        )?
+        .execute(params![queue, to_json(&removed)])?;
     }
     Ok(Ok(removed.len() as u64))
 }
 
-pub(crate) async fn set_paused(
-    conn: &mut SqliteConnection,
-    queue: &str,
-    paused: bool,
-) -> SqlResult<Result<()>> {
-    sqlx::query(
+pub(crate) fn set_paused(conn: &Connection, queue: &str, paused: bool) -> SqlResult<Result<()>> {
+    conn.prepare_cached(
         "INSERT INTO cq_queues (name, paused) VALUES (?, ?) \
          ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-    )
-    .bind(queue)
-    .bind(paused as i64)
-    .execute(conn)
-    .await?;
+    )?
+    .execute(params![queue, paused as i64])?;
     Ok(Ok(()))
 }
 
-pub(crate) async fn retry(
-    conn: &mut SqliteConnection,
+pub(crate) fn retry(
+    conn: &Connection,
     queue: &str,
     id: &str,
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
-    let Some(job) = (match get_on(&mut *conn, queue, id, now).await? {
+    let Some(job) = (match get_on(conn, queue, id, now)? {
         Ok(j) => j,
         Err(e) => return Ok(Err(e)),
     }) else {
@@ -744,8 +669,7 @@ pub(crate) async fn retry(
             job.attempts_made,
             started.timestamp_millis(),
             None,
-        )
-        .await?;
+        )?;
     }
     let reason = job.failed_reason.clone().map(serde_json::Value::String);
     insert_event(
@@ -756,8 +680,7 @@ pub(crate) async fn retry(
         job.attempts_made,
         finished,
         reason,
-    )
-    .await?;
+    )?;
     insert_event(
         conn,
         queue,
@@ -766,37 +689,29 @@ pub(crate) async fn retry(
         0,
         now,
         Some("retried by an operator".into()),
-    )
-    .await?;
-    sqlx::query(
+    )?;
+    conn.prepare_cached(
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
          WHERE queue = ? AND id = ?",
-    )
-    .bind(now)
-    .bind(queue)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![now, queue, id])?;
     batch.wake(queue);
     batch.changed(queue, id);
-    Ok(get_on(conn, queue, id, now)
-        .await?
+    Ok(get_on(conn, queue, id, now)?
         .and_then(|j| j.ok_or_else(|| QueueError::Corrupt(format!("job {id} vanished")))))
 }
 
-pub(crate) async fn remove(
-    conn: &mut SqliteConnection,
+pub(crate) fn remove(
+    conn: &Connection,
     queue: &str,
     id: &str,
     batch: &mut Batch,
 ) -> SqlResult<Result<bool>> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = ? AND id = ?")
-            .bind(queue)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM cq_jobs WHERE queue = ? AND id = ?")?
+        .query_row(params![queue, id], |r| r.get(0))
+        .optional()?;
     match state.as_deref() {
         None => Ok(Ok(false)),
         Some("active") => Ok(Err(QueueError::WrongState {
@@ -804,16 +719,10 @@ pub(crate) async fn remove(
             state: "active".into(),
         })),
         Some(_) => {
-            sqlx::query("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")
-                .bind(queue)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")
-                .bind(queue)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
+            conn.prepare_cached("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")?
+                .execute(params![queue, id])?;
+            conn.prepare_cached("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")?
+                .execute(params![queue, id])?;
             batch.changed(queue, id);
             Ok(Ok(true))
         }
