@@ -2,9 +2,12 @@
 //! (queue `audit`).
 //!
 //! When the queue and the store share one database (the embedded default, or one Postgres
-//! database for both), a processor returns its insert as a [`TxEffect`] so that the insert, the
-//! audit job and the completion commit in one transaction. Otherwise it inserts on its own first; the inserts are idempotent, so a
-//! retried job still has one effect.
+//! database for both), `create_conversation` returns its inserts as a [`TxEffect`]: the
+//! conversation, its audit record and the job's completion commit in one transaction, and no
+//! audit job is needed (half the queue work per conversation). Otherwise (the queue on Redis) it
+//! inserts the conversation on its own first and adds a `record_audit_event` job on `audit`,
+//! which records it; the inserts are idempotent, so a retried job still has one effect. Either
+//! way the audit record has the same id, `conversation.created-{conversationId}`.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -94,6 +97,25 @@ impl InsertRows for NewAuditEvent {
     }
 }
 
+/// A conversation and its audit record, inserted together.
+struct ConversationAndAudit(NewConversation, NewAuditEvent);
+
+#[async_trait]
+impl InsertRows for ConversationAndAudit {
+    async fn insert(
+        store: &Store,
+        mut conn: SqlConn<'_>,
+        rows: &[(&Self, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let conversations: Vec<_> = rows.iter().map(|(r, at)| (&r.0, *at)).collect();
+        let audits: Vec<_> = rows.iter().map(|(r, at)| (&r.1, *at)).collect();
+        store
+            .insert_conversations_in(conn.reborrow(), &conversations)
+            .await?;
+        store.insert_audits_in(conn, &audits).await
+    }
+}
+
 #[async_trait]
 impl<R: InsertRows> TxEffect for StoreInsert<R> {
     async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
@@ -156,30 +178,24 @@ impl Processor for CreateConversation {
             personality_mode: mode.as_str().to_owned(),
         };
         let actor = payload.actor.clone().unwrap_or_else(|| "unknown".into());
-        let audit = AuditEventJob {
-            event: CONVERSATION_CREATED.into(),
-            subject_id: conversation_id.clone(),
-            actor,
-            request_id: payload.request_id.clone(),
-            at: store::timestamp(created_at),
-        };
-        let audit_job = NewJob::new(
-            AUDIT_QUEUE,
-            RECORD_AUDIT_EVENT,
-            serde_json::to_value(&audit).unwrap_or_default(),
-        )
         // No ':' in the id: BullMQ forbids it in custom ids (it separates key parts).
-        .with_id(format!("{CONVERSATION_CREATED}-{conversation_id}"));
+        let audit_id = format!("{CONVERSATION_CREATED}-{conversation_id}");
         let mut completion = Completion::with_result(json!({
             "success": true,
             "conversationId": conversation_id,
             "createdAt": store::timestamp(created_at),
         }));
-        completion.follow_ups.push(audit_job);
         if self.shared_transaction {
+            let audit = NewAuditEvent {
+                id: audit_id,
+                event: CONVERSATION_CREATED.into(),
+                subject_id: conversation_id.clone(),
+                actor,
+                request_id: payload.request_id.clone(),
+            };
             completion.effect = Some(Arc::new(StoreInsert(
                 self.store.clone(),
-                conversation,
+                ConversationAndAudit(conversation, audit),
                 created_at,
             )));
         } else {
@@ -187,6 +203,21 @@ impl Processor for CreateConversation {
                 .insert_conversation(&conversation, created_at)
                 .await
                 .map_err(classify)?;
+            let audit = AuditEventJob {
+                event: CONVERSATION_CREATED.into(),
+                subject_id: conversation_id.clone(),
+                actor,
+                request_id: payload.request_id.clone(),
+                at: store::timestamp(created_at),
+            };
+            completion.follow_ups.push(
+                NewJob::new(
+                    AUDIT_QUEUE,
+                    RECORD_AUDIT_EVENT,
+                    serde_json::to_value(&audit).unwrap_or_default(),
+                )
+                .with_id(audit_id),
+            );
         }
         tracing::info!(
             request_id = payload.request_id.as_deref().unwrap_or(""),

@@ -5,7 +5,7 @@
 //! * `a_conversation_end_to_end`: a user, a conversation POSTed with `X-Request-Id`, the job
 //!   followed to `completed` three ways at once (polling, long-poll `?wait=`, server-sent events)
 //!   while the queue is paused and then resumed, the conversation read back, the request id found
-//!   in the JSON logs of the request, the job and the audit event, and every metric of SPEC §6
+//!   in the JSON logs of the request and the job, its audit record, and every metric of SPEC §6
 //!   with plausible values.
 //! * `sigterm_under_load_exits_cleanly_and_loses_nothing`: SIGTERM while POSTs and jobs are in
 //!   flight; exit 0 within the grace period, no job left `active` in the database, and after
@@ -310,20 +310,31 @@ async fn a_conversation_end_to_end(database: TestDatabase) {
     assert_eq!(c["personalityMode"], json!("concise"), "{c}");
     assert!(c["createdAt"].is_string(), "{c}");
 
-    // The audit job it caused, correlated by the same request id.
-    let audit = expect_ok(
-        get(
-            port,
-            &format!("/api/jobs/conversation.created-{cid}?wait=10"),
-        )
-        .await,
-        "GET audit job",
-    )["job"]
-        .clone();
-    assert_eq!(audit["state"], json!("completed"), "{audit}");
-    assert_eq!(audit["queue"], json!("audit"), "{audit}");
-    assert_eq!(audit["name"], json!("record_audit_event"), "{audit}");
-    assert_eq!(audit["requestId"], json!(rid), "{audit}");
+    // Its audit record, committed in the conversation's own transaction (the queue and the
+    // store share one database, so no audit job is needed), correlated by the request id.
+    {
+        let db = database.open().await;
+        let audited = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM audit_log WHERE id = 'conversation.created-{cid}' \
+                 AND event = 'conversation.created' AND subject_id = '{cid}' \
+                 AND request_id = '{rid}'"
+            ))
+            .await;
+        assert_eq!(audited, 1, "one audit record for {cid}");
+        let audit_jobs = db
+            .count("SELECT COUNT(*) FROM cq_jobs WHERE queue = 'audit'")
+            .await;
+        assert_eq!(
+            audit_jobs, 0,
+            "no audit job where the store shares the queue's database"
+        );
+        db.close().await;
+    }
+    let r = get(port, &format!("/api/jobs/conversation.created-{cid}"))
+        .await
+        .expect("GET audit job");
+    assert_eq!(r.status, 404, "{}", r.text());
 
     // A job that fails for good (unknown user), so that the failure metric has a sample.
     let r = request(
@@ -351,7 +362,7 @@ async fn a_conversation_end_to_end(database: TestDatabase) {
         "{ghost}"
     );
 
-    // One grep of the request id finds the request, the job and the audit event.
+    // One grep of the request id finds the request, the job and the conversation it created.
     let (lines, total) = eventually(
         Duration::from_secs(10),
         "the log lines of the request id",
@@ -398,25 +409,11 @@ async fn a_conversation_end_to_end(database: TestDatabase) {
                         && l["request_id"] == json!(rid)
                         && l["conversation_id"] == json!(cid)
                 });
-                let audit_recorded = lines.iter().any(|l| {
-                    msg(l, "audit event recorded")
-                        && l["request_id"] == json!(rid)
-                        && l["conversation_id"] == json!(cid)
-                        && l["event"] == json!("conversation.created")
-                });
-                let audit_completed = lines.iter().any(|l| {
-                    msg(l, "job completed")
-                        && l["request_id"] == json!(rid)
-                        && l["job_name"] == json!("record_audit_event")
-                        && l["job_id"] == json!(format!("conversation.created-{cid}"))
-                });
                 (request
                     && enqueued
                     && job_step("job started")
                     && job_step("job completed")
-                    && created
-                    && audit_recorded
-                    && audit_completed)
+                    && created)
                     .then_some((lines, total))
             }
         },
@@ -470,10 +467,8 @@ async fn a_conversation_end_to_end(database: TestDatabase) {
         );
     }
     let db_cc = [("queue", "database"), ("name", "create_conversation")];
-    let audit_re = [("queue", "audit"), ("name", "record_audit_event")];
     assert!(value(&s, "convoq_jobs_queued_total", &db_cc) >= 2.0);
     assert!(value(&s, "convoq_jobs_completed_total", &db_cc) >= 1.0);
-    assert!(value(&s, "convoq_jobs_completed_total", &audit_re) >= 1.0);
     let failed = [
         ("queue", "database"),
         ("name", "create_conversation"),
@@ -481,7 +476,6 @@ async fn a_conversation_end_to_end(database: TestDatabase) {
     ];
     assert!(value(&s, "convoq_jobs_failed_total", &failed) >= 1.0);
     assert!(value(&s, "convoq_job_duration_seconds_count", &db_cc) >= 2.0);
-    assert!(value(&s, "convoq_job_duration_seconds_count", &audit_re) >= 1.0);
     assert!(value(&s, "convoq_job_wait_seconds_count", &db_cc) >= 2.0);
     assert!(value(&s, "convoq_job_wait_seconds_sum", &db_cc) > 0.0);
     let st = |state: &'static str| [("queue", "database"), ("state", state)];
@@ -674,8 +668,8 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing(database: TestDataba
     let rows = db.count("SELECT COUNT(*) FROM conversations").await;
     assert!(rows as usize >= accepted.len(), "{rows} rows");
     assert!(rows as usize <= POSTS, "{rows} rows for {POSTS} POSTs");
-    // The audit jobs left waiting at the stop run after the restart: one event per conversation.
-    eventually(Duration::from_secs(30), "the audit jobs to drain", || {
+    // One audit record per conversation, committed with it.
+    eventually(Duration::from_secs(30), "the audit records", || {
         let db = db.clone();
         async move {
             let audited = db.count("SELECT COUNT(DISTINCT subject_id) FROM audit_log WHERE event = 'conversation.created'",

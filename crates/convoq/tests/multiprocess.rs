@@ -10,9 +10,8 @@
 //! held none, it is let go (SIGCONT) and tried again a moment later. Later, worker 1 is stopped with SIGTERM and must exit 0.
 //! Worker 2 finishes the run.
 //!
-//! Then: every accepted conversation exists exactly once and nothing else does; every job
-//! (`create_conversation` and its `record_audit_event`) completed, none failed, each with one
-//! `completed` event; each job the killed worker held was taken back as stalled within a lease
+//! Then: every accepted conversation exists exactly once with one audit record, and nothing
+//! else does; every job completed, none failed, each with one `completed` event; each job the killed worker held was taken back as stalled within a lease
 //! and the stalled-check interval of the kill, and completed.
 
 mod support;
