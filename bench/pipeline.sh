@@ -4,10 +4,15 @@
 # (Express + BullMQ/Redis + Postgres, /work/shared/bench/node-reference) IN THE SAME RUN.
 #
 # Usage:  bench/pipeline.sh            (from anywhere; see bench/README.md)
+#         MODE=open bench/pipeline.sh  (open loop: oha at fixed offered rates)
 #
 # Environment (all optional):
+#   MODE=closed             closed: wrk's closed loop (throughput); open: oha at each rate of
+#                           OPEN_RATES in turn, on the same server process and database
 #   WRK_THREADS=1 WRK_CONNS=32 WRK_DURATION=15s   the wrk load (defaults = the reference's)
-#   DRAIN_TIMEOUT=30        seconds to wait after wrk for the backlog to drain
+#   OPEN_RATES="1000 2000 5000"  POST/s offered, one oha run each (MODE=open)
+#   OPEN_DURATION=15s OPEN_CONNS=64   oha -z / -c (MODE=open)
+#   DRAIN_TIMEOUT=30        seconds to wait after the load for the backlog to drain (60 in MODE=open)
 #   SAMPLE_INTERVAL=0.2     seconds between row-count samples
 #   NODE_PORT=3100 CONVOQ_PORT=3200
 #   RUN_NODE=1 RUN_CONVOQ=1 set to 0 to skip a stack
@@ -33,6 +38,21 @@
 #   drain           seconds from wrk start until the row count reached `accepted`
 #                   (sampled every SAMPLE_INTERVAL; ">" when DRAIN_TIMEOUT hit first)
 #   e2e rows/s      accepted rows / drain  (end-to-end throughput: every accepted job is a row)
+# Open loop (MODE=open), per stack and rate (bench/README.md has the long form):
+#   achieved/s      2xx responses oha received / oha's wall time
+#   errors          oha's errors (connection, timeout, "aborted due to deadline": requests in
+#                   flight when -z ran out; the server may have accepted them)
+#   p50/p99/p99.9   oha's latencyPercentiles (every response, errors excluded), corrected for
+#                   coordinated omission (--latency-correction: from the request's scheduled time)
+#   accepted/rows   server-side 202s and rows created during this rate (deltas); flagged when
+#                   rows != accepted after the drain
+#   CPU ms/conv     utime+stime (threads included) summed over the stack's processes
+#                   (Node: node + redis-server + every postgres process; convoq: its process,
+#                   + every postgres process for a pg variant), from oha start to the drain,
+#                   ÷ accepted
+#   202->row        lag between the accepted-count and row-count curves sampled every
+#                   SAMPLE_INTERVAL (FIFO assumed); for convoq also job wait p99 + job
+#                   duration p99 of create_conversation from /metrics (an upper-bound estimate)
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,7 +61,15 @@ SHARED=${SHARED:-/work/shared}
 WRK_THREADS=${WRK_THREADS:-1}
 WRK_CONNS=${WRK_CONNS:-32}
 WRK_DURATION=${WRK_DURATION:-15s}
-DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-30}
+MODE=${MODE:-closed}
+OPEN_RATES=${OPEN_RATES:-1000 2000 5000}
+OPEN_DURATION=${OPEN_DURATION:-15s}
+OPEN_CONNS=${OPEN_CONNS:-64}
+case $MODE in
+  closed) DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-30} ;;
+  open) DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-60} ;;
+  *) echo "MODE must be closed or open, not '$MODE'" >&2; exit 2 ;;
+esac
 SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-0.2}
 NODE_PORT=${NODE_PORT:-3100}
 CONVOQ_PORT=${CONVOQ_PORT:-3200}
@@ -109,10 +137,35 @@ cpu_ticks() { # pid -> utime+stime (clock ticks) of the process (threads include
 sys_busy() { # -> "busy total" jiffies over all CPUs
   awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat
 }
+cpu_snapshot() { # pid... -> "pid comm ticks" (utime+stime, threads included) of each live one
+  local p line comm f
+  for p in "$@"; do
+    read -r line 2>/dev/null <"/proc/$p/stat" || continue
+    comm=${line#*(}; comm=${comm%%)*}
+    read -ra f <<<"${line##*) }"          # f[0] is field 3 (state): utime = f[11], stime = f[12]
+    printf '%s %s %s\n' "$p" "$comm" $(( f[11] + f[12] ))
+  done
+}
+dur_s() { # 15s / 2m / 15 -> seconds
+  case $1 in *m) echo $(( ${1%m} * 60 )) ;; *s) echo "${1%s}" ;; *) echo "$1" ;; esac
+}
+us() { # epoch "s.fraction" -> microseconds
+  local f=${1#*.}000000
+  echo $(( ${1%.*} * 1000000 + 10#${f:0:6} ))
+}
 
 # ---------------------------------------------------------------- prerequisites
 ensure_tools() {
-  if ! command -v wrk >/dev/null; then
+  if [ "$MODE" = open ]; then
+    [ -x "$HOME/.cargo/bin/oha" ] && PATH="$PATH:$HOME/.cargo/bin"
+    if ! command -v oha >/dev/null; then
+      log "installing oha (cargo install oha --locked)"
+      timeout 1800 cargo install oha --locked >"$OUT_DIR/oha-install.log" 2>&1 \
+        || die "cannot install oha (see $OUT_DIR/oha-install.log)"
+      PATH="$PATH:$HOME/.cargo/bin"
+    fi
+  fi
+  if [ "$MODE" = closed ] && ! command -v wrk >/dev/null; then
     log "installing wrk"
     apt-get install -y wrk >"$OUT_DIR/apt.log" 2>&1 \
       || { apt-get update >>"$OUT_DIR/apt.log" 2>&1 && apt-get install -y wrk >>"$OUT_DIR/apt.log" 2>&1; } \
@@ -158,13 +211,114 @@ build_convoq() {
 }
 
 # ---------------------------------------------------------------- measurement core
-# sampler <count-command...>: writes "epoch count" lines to $SAMPLES until killed
+# sampler COUNT_FN [ACCEPTED_FN]: until killed, writes "epoch rows" lines, or with ACCEPTED_FN
+# "r0 r1 rows a0 a1 accepted [pre start total]" (each read between epochs r0..r1 / a0..a1).
+# When COUNT_FN_ts exists (it prints "rows epoch", the epoch of the database's own snapshot),
+# r0 = r1 = that epoch; when ACCEPTED_FN_ts exists (it prints "accepted pre start total", curl's
+# time_pretransfer/starttransfer/total), the report places the read inside the curl call.
 sampler() {
+  local count_fn=$1 acc_fn=${2:-} c a r0 r1 a0 ts="" ats=""
+  declare -F "${count_fn}_ts" >/dev/null && ts=${count_fn}_ts
+  declare -F "${acc_fn}_ts" >/dev/null && ats=${acc_fn}_ts
   while :; do
-    local c; c=$("$@" 2>/dev/null | tr -dc 0-9)
-    printf '%s %s\n' "$(now)" "${c:-NA}"
+    if [ -z "$acc_fn" ]; then
+      c=$("$count_fn" 2>/dev/null | tr -dc 0-9)
+      printf '%s %s\n' "$(now)" "${c:-NA}"
+    else
+      if [ -n "$ts" ]; then
+        read -r c r0 < <("$ts" 2>/dev/null); r1=$r0
+        [[ $c =~ ^[0-9]+$ && $r0 =~ ^[0-9]+\.?[0-9]*$ ]] || { c=NA r0=$EPOCHREALTIME r1=$r0; }
+      else
+        r0=$EPOCHREALTIME; c=$("$count_fn" 2>/dev/null | tr -dc 0-9); r1=$EPOCHREALTIME
+      fi
+      a0=$EPOCHREALTIME
+      if [ -n "$ats" ]; then a=$("$ats" 2>/dev/null); else a=$("$acc_fn" 2>/dev/null | tr -dc 0-9); fi
+      printf '%s %s %s %s %s %s\n' "$r0" "$r1" "${c:-NA}" "$a0" "$EPOCHREALTIME" "${a:-NA}"
+    fi
     sleep "$SAMPLE_INTERVAL"
   done
+}
+
+# wait_drain COUNT_FN ACCEPTED_FN T_LOAD_END: polls every SAMPLE_INTERVAL until rows >= accepted,
+# at most DRAIN_TIMEOUT s after T_LOAD_END. Sets DRAIN_ROWS, DRAIN_ACCEPTED and DRAIN_T (epoch;
+# empty when the timeout came first).
+wait_drain() {
+  local count_fn=$1 accepted_fn=$2 deadline
+  deadline=$(( $(us "$3") + DRAIN_TIMEOUT * 1000000 ))
+  DRAIN_T="" DRAIN_ACCEPTED=$($accepted_fn) DRAIN_ROWS=""
+  while :; do
+    DRAIN_ROWS=$($count_fn)
+    if [ -n "$DRAIN_ROWS" ] && [ -n "$DRAIN_ACCEPTED" ] && [ "$DRAIN_ROWS" -ge "$DRAIN_ACCEPTED" ]; then
+      # requests in flight when the load generator exited may have been accepted since: re-read
+      DRAIN_ACCEPTED=$($accepted_fn)
+      if [ "$DRAIN_ROWS" -ge "$DRAIN_ACCEPTED" ]; then DRAIN_T=$(now); break; fi
+    fi
+    [ "$(us "$EPOCHREALTIME")" -lt "$deadline" ] || break
+    sleep "$SAMPLE_INTERVAL"
+  done
+  [ -z "$DRAIN_T" ] && DRAIN_ROWS=$($count_fn)
+  return 0
+}
+
+# wait_idle BACKLOG_FN TIMEOUT_S: until the stack's queues hold no waiting/active/delayed job
+# (so that the next load does not start on work left by this one); echoes the seconds waited
+wait_idle() {
+  local t0=$EPOCHREALTIME deadline b
+  deadline=$(( $(us "$t0") + $2 * 1000000 ))
+  while :; do
+    b=$($1 2>/dev/null)
+    [ "${b:-1}" = 0 ] && break
+    [ "$(us "$EPOCHREALTIME")" -lt "$deadline" ] || { log "queues not idle after $2 s (backlog ${b:-?})"; break; }
+    sleep "$SAMPLE_INTERVAL"
+  done
+  python3 -c "print(round($EPOCHREALTIME - $t0, 2))"
+}
+
+PERF_PID=""
+perf_start() { # name pid dir: perf record -g of a convoq process while the load runs (PERF=1)
+  PERF_PID=""
+  [ "$PERF" = 1 ] && [ "$1" != node ] || return 0
+  perf record -F 499 -g -p "$2" -o "$3/perf.data" >"$3/perf.log" 2>&1 & PERF_PID=$!; PIDS+=("$PERF_PID")
+}
+perf_stop() { [ -n "$PERF_PID" ] && { kill -INT "$PERF_PID" 2>/dev/null; wait "$PERF_PID" 2>/dev/null; }; PERF_PID=""; }
+
+# Python helpers shared by the reports: Prometheus histograms of a /metrics text
+PYLIB='
+import re, collections
+def parse_hist(path, fams):
+    """(family, labels without le) -> {"b": {le: cumulative count}, "sum": s, "count": n}"""
+    h = collections.defaultdict(lambda: {"b": {}, "sum": 0.0, "count": 0.0})
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return h
+    for line in lines:
+        m = re.match(r"^(\w+?)(_bucket|_sum|_count)\{?(.*?)\}? ([\d.eE+-]+|\+Inf|NaN)$", line.strip())
+        if not m or m.group(1) not in fams: continue
+        fam, kind, labels, v = m.groups()
+        le = re.search(r"le=\"([^\"]+)\"", labels)
+        key = (fam, re.sub(r",?le=\"[^\"]+\"", "", labels))
+        if kind == "_bucket": h[key]["b"][float(le.group(1))] = float(v)
+        elif kind == "_sum": h[key]["sum"] = float(v)
+        else: h[key]["count"] = float(v)
+    return h
+def hist_delta(after, before):
+    return {"b": {le: c - before["b"].get(le, 0.0) for le, c in after["b"].items()},
+            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"]}
+def hist_q(b, n, p):
+    """quantile p of a cumulative histogram (linear within a bucket)"""
+    t = p * n; prev_le, prev_c = 0.0, 0.0
+    for le, c in sorted(b.items()):
+        if c >= t:
+            if le == float("inf"): return prev_le
+            return prev_le + (le - prev_le) * ((t - prev_c) / max(1e-9, c - prev_c))
+        prev_le, prev_c = le, c
+    return float("nan")
+'
+pyrun() { # args...: python3 with PYLIB, the program on stdin
+  python3 -c "$PYLIB
+import sys
+exec(sys.stdin.read())" "$@"
 }
 
 # measure NAME URL PID COUNT_FN ACCEPTED_FN
@@ -177,40 +331,25 @@ measure() {
   [ "$c0" = 0 ] || log "$name: $c0 rows before the run (expected 0)"
   uptime >"$dir/uptime.txt"
 
-  local cpu0 sys0 perf_pid=""
+  local cpu0 sys0
   cpu0=$(cpu_ticks "$pid"); sys0=$(sys_busy)
   local t0; t0=$(now)
   sampler "$count_fn" >"$samples" & local spid=$!; PIDS+=("$spid")
-  if [ "$PERF" = 1 ] && [ "$name" != node ]; then
-    perf record -F 499 -g -p "$pid" -o "$dir/perf.data" >"$dir/perf.log" 2>&1 & perf_pid=$!; PIDS+=("$perf_pid")
-  fi
+  perf_start "$name" "$pid" "$dir"
   # mid-run snapshot of the queue (convoq) / stats (node) — one request, negligible load
-  ( sleep "$(( ${WRK_DURATION%s} / 2 ))"; curl -s -m 2 "$url$([ "$name" = node ] && echo /internal/stats || echo /api/queues)" >"$dir/queues-mid.json" ) &
+  ( sleep "$(( $(dur_s "$WRK_DURATION") / 2 ))"; curl -s -m 2 "$url$([ "$name" = node ] && echo /internal/stats || echo /api/queues)" >"$dir/queues-mid.json" ) &
   local midpid=$!
-  timeout $(( ${WRK_DURATION%s} + 30 )) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$LUA" "$url" >"$dir/wrk.txt" 2>&1
+  timeout $(( $(dur_s "$WRK_DURATION") + 30 )) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$LUA" "$url" >"$dir/wrk.txt" 2>&1
   local t1; t1=$(now)
   local rows_wrk; rows_wrk=$($count_fn)
   local cpu1 sys1; cpu1=$(cpu_ticks "$pid"); sys1=$(sys_busy)
-  [ -n "$perf_pid" ] && { kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null; }
+  perf_stop
   wait "$midpid" 2>/dev/null
   [ "$name" != node ] && curl -s -m 2 "$url/api/queues" >"$dir/queues-end.json"
-  local accepted; accepted=$($accepted_fn)
-  # drain
-  local deadline; deadline=$(python3 -c "print($t1 + $DRAIN_TIMEOUT)")
-  local last="$rows_wrk" tdrain=""
-  while :; do
-    last=$($count_fn)
-    if [ -n "$last" ] && [ -n "$accepted" ] && [ "$last" -ge "$accepted" ]; then
-      # requests in flight when wrk exited may have been accepted since: re-read, then decide
-      accepted=$($accepted_fn)
-      if [ "$last" -ge "$accepted" ]; then tdrain=$(now); break; fi
-    fi
-    python3 -c "import sys,time; sys.exit(0 if time.time() < $deadline else 1)" || break
-    sleep "$SAMPLE_INTERVAL"
-  done
+  wait_drain "$count_fn" "$accepted_fn" "$t1"
+  local accepted=$DRAIN_ACCEPTED last=$DRAIN_ROWS tdrain=$DRAIN_T
   local t2; t2=$(now)
   kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
-  [ -z "$tdrain" ] && last=$($count_fn)
   [ "$name" = node ] && curl -s -m 2 "$url/internal/stats" >"$dir/stats-end.json"
   [ "$name" != node ] && curl -s -m 5 "$url/metrics" >"$dir/metrics.txt"
   local hz; hz=$(getconf CLK_TCK)
@@ -252,9 +391,168 @@ PY
   log "$name: $(tr '\n' ' ' <"$OUT_DIR/$name.result")"
 }
 
+# measure_open NAME URL PID COUNT_FN ACCEPTED_FN CPU_PIDS_FN BACKLOG_FN
+# For each rate of OPEN_RATES, on the same server and database: oha at that rate, row and
+# accepted counts sampled, drain, the queues idle before the next rate. Writes
+# $OUT_DIR/NAME/open-RATE/result (key=value). CPU_PIDS_FN PID lists the stack's processes.
+measure_open() {
+  local name=$1 url=$2 pid=$3 count_fn=$4 accepted_fn=$5 cpu_fn=$6 backlog_fn=$7
+  local secs hz rate; secs=$(dur_s "$OPEN_DURATION"); hz=$(getconf CLK_TCK)
+  for rate in $OPEN_RATES; do
+    local dir="$OUT_DIR/$name/open-$rate"; mkdir -p "$dir"
+    local rows0 acc0; rows0=$($count_fn); acc0=$($accepted_fn)
+    uptime >"$dir/uptime.txt"
+    [ "$name" != node ] && curl -s -m 5 "$url/metrics" >"$dir/metrics-before.txt"
+    # shellcheck disable=SC2046
+    cpu_snapshot $($cpu_fn "$pid") >"$dir/cpu-before.txt"
+    local sys0; sys0=$(sys_busy)
+    local t0; t0=$(now)
+    sampler "$count_fn" "$accepted_fn" >"$dir/samples.txt" & local spid=$!; PIDS+=("$spid")
+    perf_start "$name" "$pid" "$dir"
+    log "$name: oha -q $rate -z $OPEN_DURATION -c $OPEN_CONNS"
+    timeout $(( secs + 30 )) oha -z "$OPEN_DURATION" -q "$rate" -c "$OPEN_CONNS" --latency-correction --no-tui \
+      --output-format json -m POST -H 'Content-Type: application/json' -Z "$BODIES" \
+      "$url/api/chat/conversations" >"$dir/oha.json" 2>"$dir/oha.err"
+    local t1; t1=$(now)
+    local rows_load; rows_load=$($count_fn)
+    perf_stop
+    wait_drain "$count_fn" "$accepted_fn" "$t1"
+    # shellcheck disable=SC2046
+    cpu_snapshot $($cpu_fn "$pid") >"$dir/cpu-after.txt"
+    local sys1; sys1=$(sys_busy)
+    local t2; t2=$(now)
+    kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
+    local idle; idle=$(wait_idle "$backlog_fn" 15)
+    [ "$name" != node ] && curl -s -m 5 "$url/metrics" >"$dir/metrics.txt"
+    [ "$name" = node ] && curl -s -m 2 "$url/internal/stats" >"$dir/stats-end.json"
+    pyrun "$dir" "$name" "$rate" "$t0" "$t1" "$t2" "$DRAIN_T" "$rows0" "$acc0" "$rows_load" \
+          "${DRAIN_ROWS:-0}" "${DRAIN_ACCEPTED:-0}" "$hz" "$idle" $sys0 $sys1 <<'PY' >"$dir/result"
+import json, math
+(d, name, rate, t0, t1, t2, td, rows0, acc0, rows_load, rows_end, acc_end, hz, idle,
+ sb0, st0, sb1, st1) = sys.argv[1:]
+t0, t1, t2 = float(t0), float(t1), float(t2)
+rows0, acc0, rows_load = int(rows0 or 0), int(acc0 or 0), int(rows_load or 0)
+rows_end, acc_end, hz = int(rows_end or 0), int(acc_end or 0), int(hz)
+nan = float("nan")
+try:
+    o = json.load(open(f"{d}/oha.json"))
+except (OSError, ValueError):
+    o = {}
+codes = {int(k): v for k, v in (o.get("statusCodeDistribution") or {}).items()}
+errs = o.get("errorDistribution") or {}
+n2xx = sum(v for k, v in codes.items() if 200 <= k < 300)
+non2xx = sum(v for k, v in codes.items() if not 200 <= k < 300)
+aborted = sum(v for k, v in errs.items() if "deadline" in k)
+errors = sum(errs.values())
+wall = (o.get("summary") or {}).get("total") or (t1 - t0)
+pct = o.get("latencyPercentiles") or {}
+ms = lambda k: (pct.get(k) * 1000) if pct.get(k) is not None else nan
+
+# CPU of every process of the stack: per pid, after - before (a pid born in the window counts
+# whole; one that died in it is lost: short-lived psql backends of the sampler, mostly)
+def snap(f):
+    r = {}
+    for line in open(f):
+        p, comm, t = line.split()
+        r[p] = (comm, int(t))
+    return r
+b, a = snap(f"{d}/cpu-before.txt"), snap(f"{d}/cpu-after.txt")
+by = {}
+for p, (comm, t) in a.items():
+    by[comm] = by.get(comm, 0) + t - (b[p][1] if p in b and b[p][0] == comm else 0)
+accepted, rows = acc_end - acc0, rows_end - rows0
+cpu_ms = 1000 * sum(by.values()) / hz
+per = lambda v: v / accepted if accepted else nan
+drained = bool(td)
+drain = (float(td) if drained else t2) - t0
+
+# 202 -> row lag from the sampled curves: time at which the accepted count reached k vs the row
+# count reached k (FIFO assumed). A row count is stamped with the database's statement time when
+# the COUNT_FN_ts variant exists (else the middle of its read), a 202 count inside its curl call.
+ts_r, rs, ts_a, acs = [t0], [0], [t0], [0]
+for line in open(f"{d}/samples.txt"):
+    x = line.split()
+    if len(x) not in (6, 9) or "NA" in x: continue
+    ts_r.append((float(x[0]) + float(x[1])) / 2); rs.append(int(x[2]) - rows0)
+    if len(x) == 9:  # the server answered between curl's pretransfer and starttransfer
+        pre, st, tot = map(float, x[6:])
+        ts_a.append(float(x[4]) - tot + (pre + st) / 2)
+    else:
+        ts_a.append((float(x[3]) + float(x[4])) / 2)
+    acs.append(int(x[5]) - acc0)
+def inv(ts, vs, k):  # first time the (monotone, linearly interpolated) curve reaches k
+    for i in range(1, len(vs)):
+        if vs[i] >= k:
+            if vs[i] == vs[i - 1]: return ts[i]
+            return ts[i - 1] + (ts[i] - ts[i - 1]) * (k - vs[i - 1]) / (vs[i] - vs[i - 1])
+    return None
+lags = []
+if accepted > 0 and len(rs) > 2:
+    step = max(1, accepted // 4000)
+    for k in range(1, accepted + 1, step):
+        ta, tr = inv(ts_a, acs, k), inv(ts_r, rs, k)
+        if ta is not None and tr is not None: lags.append(max(0.0, tr - ta))
+lags.sort()
+lq = lambda q: 1000 * lags[min(len(lags) - 1, int(q * len(lags)))] if lags else nan
+
+# convoq: job wait p99 + job duration p99 of create_conversation during this rate (deltas)
+wait99 = dur99 = nan
+if name != "node":
+    fams = ("convoq_job_wait_seconds", "convoq_job_duration_seconds")
+    hb, ha = parse_hist(f"{d}/metrics-before.txt", fams), parse_hist(f"{d}/metrics.txt", fams)
+    for (fam, labels), x in ha.items():
+        if 'name="create_conversation"' not in labels: continue
+        dx = hist_delta(x, hb[(fam, labels)]) if (fam, labels) in hb else x
+        if dx["count"] <= 0: continue
+        v = 1000 * hist_q(dx["b"], dx["count"], 0.99)
+        if fam == "convoq_job_wait_seconds": wait99 = v
+        else: dur99 = v
+out = dict(
+    name=name, rate=rate, wall=round(wall, 2), achieved=round(n2xx / wall, 1) if wall else nan,
+    n2xx=n2xx, non2xx=non2xx, errors=errors, aborted=aborted,
+    errkinds=";".join(f"{k}:{v}" for k, v in errs.items()),
+    p50=ms("p50"), p99=ms("p99"), p999=ms("p99.9"),
+    accepted=accepted, rows_load=rows_load - rows0, rows=rows, rows_diff=rows - accepted,
+    drained=int(drained), drain=round(drain, 2), tail=round(drain - (t1 - t0), 2), idle_wait=idle,
+    cpu_ms=round(cpu_ms, 1), cpu_per_conv=per(cpu_ms),
+    cpu_by=";".join(f"{c}:{1000 * v / hz / accepted if accepted else nan:.3f}" for c, v in sorted(by.items())),
+    machine_cpu=round((int(sb1) - int(sb0)) / max(1, int(st1) - int(st0)), 2),
+    lag_p50=lq(0.50), lag_p99=lq(0.99), lag_max=(1000 * lags[-1] if lags else nan),
+    wait_p99=wait99, dur_p99=dur99, e2e_ub_p99=wait99 + dur99,
+)
+for k, v in out.items():
+    print(f"{k}={round(v, 3) if isinstance(v, float) else v}")
+PY
+    log "$name @ $rate/s: $(tr '\n' ' ' <"$dir/result")"
+    if [ "$(sed -n 's/^rows_diff=//p' "$dir/result")" != 0 ]; then
+      log "WARNING $name @ $rate/s: rows created != accepted ($(grep -E '^(accepted|rows|drained|aborted)=' "$dir/result" | tr '\n' ' '))"
+    fi
+  done
+  [ "$name" != node ] && cp -f "$dir/metrics.txt" "$OUT_DIR/$name/metrics.txt"
+  return 0
+}
+
+# run_load NAME URL PID COUNT_FN ACCEPTED_FN CPU_PIDS_FN BACKLOG_FN: the load of MODE
+run_load() {
+  if [ "$MODE" = open ]; then measure_open "$@"; else measure "$1" "$2" "$3" "$4" "$5"; fi
+}
+
 # ---------------------------------------------------------------- Node reference
 pg_count() { "${PG[@]}" -d bench -tAc 'SELECT count(*) FROM conversations'; }
-node_accepted() { curl -s -m 2 "http://127.0.0.1:$NODE_PORT/internal/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["accepted"])'; }
+# "rows epoch": the count and the start of its statement (= its snapshot), for the lag curves
+pg_count_ts() { "${PG[@]}" -d "${1:-bench}" -tAF' ' -c 'SELECT count(*), extract(epoch from statement_timestamp()) FROM conversations'; }
+CURL_TIMING='\n@timing %{time_pretransfer} %{time_starttransfer} %{time_total}\n'
+node_accepted_ts() { # "accepted pre start total" (curl's timings, for the lag curves)
+  curl -s -m 2 -w "$CURL_TIMING" "http://127.0.0.1:$NODE_PORT/internal/stats" \
+    | awk 'match($0, /"accepted":[0-9]+/) {s = substr($0, RSTART + 11, RLENGTH - 11)}
+           /^@timing / {t = $2 " " $3 " " $4; ok = $3 > 0} END {if (ok) printf "%d %s\n", s, t}'
+}
+node_accepted() { node_accepted_ts | cut -d' ' -f1; }
+node_backlog() { # waiting + active + delayed jobs of the queue `database`
+  curl -s -m 2 "http://127.0.0.1:$NODE_PORT/internal/stats" \
+    | python3 -c 'import json,sys; q=json.load(sys.stdin)["queue"]; print(sum(q.get(k, 0) for k in ("waiting", "active", "delayed", "prioritized")))'
+}
+node_cpu_pids() { echo "$1"; pgrep -x redis-server; pgrep -x postgres; }   # node + Redis + Postgres
 
 run_node() {
   log "Node reference on 127.0.0.1:$NODE_PORT"
@@ -264,7 +562,7 @@ run_node() {
   (cd "$NODE_REF_DIR" && PORT=$NODE_PORT WORKER_CONCURRENCY=10 exec node server.js) >"$OUT_DIR/node.log" 2>&1 &
   local pid=$!; PIDS+=("$pid")
   wait_http "http://127.0.0.1:$NODE_PORT/healthz" 20 || die "Node reference did not start (see $OUT_DIR/node.log)"
-  measure node "http://127.0.0.1:$NODE_PORT" "$pid" pg_count node_accepted
+  run_load node "http://127.0.0.1:$NODE_PORT" "$pid" pg_count node_accepted node_cpu_pids node_backlog
   stop_pid "$pid"
 }
 
@@ -275,12 +573,26 @@ sqlite_count() {
 }
 if command -v sqlite3 >/dev/null; then
   sqlite_count() { sqlite3 -readonly -cmd '.timeout 5000' "$CONVOQ_DB" 'SELECT COUNT(*) FROM conversations'; }
+  sqlite_count_ts() { # "rows epoch" ('now' in ms, fixed for the statement)
+    sqlite3 -readonly -cmd '.timeout 5000' -separator ' ' "$CONVOQ_DB" \
+      "SELECT COUNT(*), printf('%.3f', (julianday('now') - 2440587.5) * 86400.0) FROM conversations"
+  }
 fi
 convoq_pg_count() { "${PG[@]}" -d convoq_bench -tAc 'SELECT count(*) FROM conversations'; }
-convoq_accepted() {
-  curl -s -m 3 "http://127.0.0.1:$CONVOQ_PORT/metrics" \
-    | awk '/^convoq_http_requests_total\{/ && /route="\/api\/chat\/conversations"/ && /status="202"/ && /method="POST"/ {s+=$NF} END {printf "%d\n", s}'
+convoq_pg_count_ts() { pg_count_ts convoq_bench; }
+convoq_accepted_ts() { # "accepted pre start total" (curl's timings, for the lag curves)
+  curl -s -m 3 -w "$CURL_TIMING" "http://127.0.0.1:$CONVOQ_PORT/metrics" \
+    | awk '/^convoq_http_requests_total\{/ && /route="\/api\/chat\/conversations"/ && /status="202"/ && /method="POST"/ {s+=$NF}
+           /^@timing / {t = $2 " " $3 " " $4; ok = $3 > 0} END {if (ok) printf "%d %s\n", s, t}'
 }
+convoq_accepted() { convoq_accepted_ts | cut -d' ' -f1; }
+
+convoq_backlog() { # waiting + active + delayed jobs over every queue
+  curl -s -m 2 "http://127.0.0.1:$CONVOQ_PORT/api/queues" \
+    | python3 -c 'import json,sys; print(sum(q["counts"].get(k, 0) for q in json.load(sys.stdin)["queues"] for k in ("waiting", "active", "delayed")))'
+}
+convoq_cpu_pids() { echo "$1"; }                          # the one process, threads included
+convoq_pg_cpu_pids() { echo "$1"; pgrep -x postgres; }    # + the Postgres server it runs on
 
 create_users() { # 1000 users, user-0..user-999, over one keep-alive connection
   python3 - "$CONVOQ_PORT" <<'PY'
@@ -312,12 +624,12 @@ run_convoq() { # variant
   local tag="convoq-${conc:-dflt}-$level"
   local dbdir; dbdir=$(mktemp -d /tmp/convoq-pipeline-db.XXXX); TMPDIRS+=("$dbdir")
   CONVOQ_DB="$dbdir/convoq.db"
-  local url="sqlite://$CONVOQ_DB" count=sqlite_count
+  local url="sqlite://$CONVOQ_DB" count=sqlite_count cpu_pids=convoq_cpu_pids
   if [ "$backend" = pg ]; then
     tag="$tag-pg"
     "${PG[@]}" -d postgres -c 'DROP DATABASE IF EXISTS convoq_bench' -c 'CREATE DATABASE convoq_bench' >/dev/null \
       || die "cannot create the Postgres database convoq_bench"
-    url="postgres://${PGUSER:-root}@127.0.0.1:5432/convoq_bench" count=convoq_pg_count
+    url="postgres://${PGUSER:-root}@127.0.0.1:5432/convoq_bench" count=convoq_pg_count cpu_pids=convoq_pg_cpu_pids
   fi
   local args=(--listen "127.0.0.1:$CONVOQ_PORT" --database-url "$url"
               --personality-modes "$MODES" --log "$level")
@@ -327,8 +639,9 @@ run_convoq() { # variant
   local pid=$!; PIDS+=("$pid")
   wait_http "http://127.0.0.1:$CONVOQ_PORT/healthz" 20 || die "convoq did not start (see $OUT_DIR/$tag.log)"
   create_users || die "creating users failed"
-  measure "$tag" "http://127.0.0.1:$CONVOQ_PORT" "$pid" "$count" convoq_accepted
-  echo "args=${args[*]}" >>"$OUT_DIR/$tag.result"
+  run_load "$tag" "http://127.0.0.1:$CONVOQ_PORT" "$pid" "$count" convoq_accepted "$cpu_pids" convoq_backlog
+  [ "$MODE" = closed ] && echo "args=${args[*]}" >>"$OUT_DIR/$tag.result"
+  echo "args=${args[*]}" >"$OUT_DIR/$tag/args.txt"
   stop_pid "$pid"
   ls -l "$dbdir" >"$OUT_DIR/$tag/dbfiles.txt" 2>&1
   rm -rf "$dbdir"
@@ -337,33 +650,15 @@ run_convoq() { # variant
 
 # ---------------------------------------------------------------- metrics digest
 digest_metrics() { # metrics.txt -> mean/p50/p99 of the histograms that explain the figure
-  python3 - "$1" <<'PY'
-import re, sys, collections
+  pyrun "$1" <<'PY'
 fams = ("convoq_http_request_duration_seconds", "convoq_job_duration_seconds",
         "convoq_job_wait_seconds", "convoq_db_query_duration_seconds")
-h = collections.defaultdict(lambda: {"b": [], "sum": 0, "count": 0})
-for line in open(sys.argv[1]):
-    m = re.match(r'^(\w+?)(_bucket|_sum|_count)\{?(.*?)\}? ([\d.eE+-]+|\+Inf|NaN)$', line.strip())
-    if not m or m.group(1) not in fams: continue
-    fam, kind, labels, v = m.groups()
-    le = re.search(r'le="([^"]+)"', labels)
-    key = (fam, re.sub(r',?le="[^"]+"', "", labels))
-    if kind == "_bucket": h[key]["b"].append((float(le.group(1)), float(v)))
-    elif kind == "_sum": h[key]["sum"] = float(v)
-    else: h[key]["count"] = float(v)
-def q(b, n, p):
-    t = p * n; prev_le, prev_c = 0.0, 0.0
-    for le, c in sorted(b):
-        if c >= t:
-            if le == float("inf"): return prev_le
-            return prev_le + (le - prev_le) * ((t - prev_c) / max(1e-9, c - prev_c))
-        prev_le, prev_c = le, c
-    return float("nan")
+h = parse_hist(sys.argv[1], fams)
 print("| histogram | labels | count | mean ms | ~p50 ms | ~p99 ms |\n|---|---|---:|---:|---:|---:|")
 for (fam, labels), x in sorted(h.items()):
     if x["count"] < 10: continue
     print(f"| {fam} | {labels} | {int(x['count'])} | {1000*x['sum']/x['count']:.3f} | "
-          f"{1000*q(x['b'], x['count'], .5):.3f} | {1000*q(x['b'], x['count'], .99):.3f} |")
+          f"{1000*hist_q(x['b'], x['count'], .5):.3f} | {1000*hist_q(x['b'], x['count'], .99):.3f} |")
 PY
 }
 
@@ -372,8 +667,20 @@ ensure_tools
 log "output in $OUT_DIR"
 {
   echo "date: $(date -Is)"; echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
-  echo "uptime before: $(uptime)"; echo "wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION --latency -s post.lua"
+  echo "uptime before: $(uptime)"
+  if [ "$MODE" = open ]; then
+    echo "open loop: $(oha --version), rates $OPEN_RATES POST/s in turn:" \
+         "oha -z $OPEN_DURATION -q RATE -c $OPEN_CONNS --latency-correction --no-tui --output-format json" \
+         "-m POST -H 'Content-Type: application/json' -Z bodies.txt URL/api/chat/conversations"
+  else
+    echo "wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION --latency -s post.lua"
+  fi
 } >"$OUT_DIR/env.txt"
+if [ "$MODE" = open ]; then # the bodies of shared/bench/README.md (users user-0..user-999)
+  BODIES="$OUT_DIR/bodies.txt"
+  python3 -c 'import json
+for i in range(20000): print(json.dumps({"userId": f"user-{i % 1000}", "title": f"Bench conversation {i}", "personalityMode": "helpful"}))' >"$BODIES"
+fi
 TAGS=()
 [ "$RUN_CONVOQ" = 1 ] && build_convoq
 if [ "$RUN_NODE" = 1 ]; then prepare_node; log "load: $(uptime)"; run_node; fi
@@ -382,6 +689,7 @@ if [ "$RUN_CONVOQ" = 1 ]; then
 fi
 
 # report
+if [ "$MODE" = closed ]; then
 python3 - "$OUT_DIR" "$RUN_NODE" "${TAGS[@]}" <<'PY'
 import sys, math
 out, run_node, tags = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
@@ -413,6 +721,77 @@ print("rows@wrk = rows committed from wrk start to wrk exit; drain = s from wrk 
       "('>' = not drained within DRAIN_TIMEOUT, rows counted then); e2e rows/s = rows / drain. "
       "server CPU = the server process's user+sys time / wrk window (Node: node only, not Redis/Postgres).")
 PY
+else
+python3 - "$OUT_DIR" "$RUN_NODE" "$OPEN_RATES" "${TAGS[@]}" <<'PY'
+import sys, math
+out, run_node, rates, tags = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(), sys.argv[4:]
+names = (["node"] if run_node else []) + tags
+def load(n, rate):
+    r = {}
+    try:
+        for line in open(f"{out}/{n}/open-{rate}/result"):
+            k, _, v = line.rstrip("\n").partition("=")
+            r[k] = v
+    except OSError:
+        return None
+    return r
+def f(r, k):
+    try: return float(r[k])
+    except (KeyError, ValueError): return math.nan
+def num(v, fmt="{:,.2f}"):
+    return "—" if v is None or math.isnan(v) else fmt.format(v)
+def ratio(n, c):
+    return "—" if math.isnan(n) or math.isnan(c) or c <= 0 else f"{n / c:.1f}×"
+print()
+print(open(f"{out}/env.txt").read().rstrip())
+print()
+print("| offered/s | stack | achieved 2xx/s | non-2xx | errors (aborted at -z) | POST p50 ms | p99 ms | p99.9 ms "
+      "| accepted | rows | drain s (after load) | CPU ms/conv | 202→row lag p50 / p99 ms | job wait p99 + run p99 ms "
+      "| p50 × lower | p99 × lower | CPU/conv × less |")
+print("|---:|---|" + "---:|" * 15)
+breakdown = []
+for rate in rates:
+    node = load("node", rate) if run_node else None
+    for n in names:
+        r = load(n, rate)
+        if r is None:
+            print(f"| {int(rate):,} | {n} | (no result) |" + " |" * 14); continue
+        diff = int(r["rows_diff"])
+        rows = f"{int(r['rows']):,}" + ("" if diff == 0 else f" **≠ ({diff:+,})**")
+        if 0 < diff <= int(r["aborted"]):
+            rows += f" (≤ the {r['aborted']} aborted at -z: POSTs cut by the client after their enqueue)"
+        drain = ("" if r["drained"] == "1" else ">") + f"{f(r, 'drain'):.2f} (+{f(r, 'tail'):.2f})"
+        ub = f(r, "e2e_ub_p99")
+        hist = "—" if n == "node" or math.isnan(ub) else f"≤ {num(f(r, 'wait_p99'), '{:.1f}')} + {num(f(r, 'dur_p99'), '{:.2f}')} = {ub:.1f}"
+        rx = [ratio(f(node, k), f(r, k)) if node and r is not node and n != "node" else "—"
+              for k in ("p50", "p99", "cpu_per_conv")]
+        print(f"| {int(rate):,} | {n} | {num(f(r, 'achieved'), '{:,.0f}')} | {r['non2xx']} | {r['errors']} ({r['aborted']}) | "
+              f"{num(f(r, 'p50'))} | {num(f(r, 'p99'))} | {num(f(r, 'p999'))} | {int(r['accepted']):,} | {rows} | {drain} | "
+              f"{num(f(r, 'cpu_per_conv'), '{:.3f}')} | {num(f(r, 'lag_p50'), '{:,.1f}')} / {num(f(r, 'lag_p99'), '{:,.1f}')} | {hist} | "
+              + " | ".join(rx) + " |")
+        breakdown.append((rate, n, r))
+print()
+print("Ratios are Node's figure ÷ the row's (>1× = convoq better). achieved = 2xx responses ÷ oha's wall time; "
+      "errors = oha's errors, of which (n) requests aborted in flight when -z ran out; p50/p99/p99.9 = oha's, "
+      "corrected for coordinated omission (from each request's scheduled send time); accepted / rows = server-side "
+      "202s / rows created during this rate, rows flagged **≠** when they differ from accepted after the drain; "
+      "drain = s from oha start until rows = accepted (after load: beyond the oha window; '>' = DRAIN_TIMEOUT hit); "
+      "CPU ms/conv = user+sys ms of every process of the stack (Node: node + redis-server + all postgres; convoq: "
+      "its process) from oha start to the drain ÷ accepted; 202→row lag = horizontal distance between the sampled "
+      "accepted and row-count curves sampled every SAMPLE_INTERVAL (FIFO assumed; row counts stamped with the "
+      "database's statement time, the 202 counter inside the curl call: resolution a few ms, negative lags "
+      "clipped to 0); "
+      "job wait p99 + run p99 = convoq's create_conversation convoq_job_wait_seconds p99 + "
+      "convoq_job_duration_seconds p99 over this rate, an UPPER-BOUND ESTIMATE of the 202→completed p99 "
+      "(histogram buckets: wait 1/5/10/50/100/500 ms…, interpolated).")
+print()
+print("| offered/s | stack | CPU ms/conv by process | machine CPU | ms waited for idle queues |")
+print("|---:|---|---|---:|---:|")
+for rate, n, r in breakdown:
+    by = ", ".join(f"{c} {float(v):.3f}" for c, v in (x.split(":") for x in r["cpu_by"].split(";") if x))
+    print(f"| {int(rate):,} | {n} | {by} | {int(100 * f(r, 'machine_cpu'))}% | {1000 * f(r, 'idle_wait'):.0f} |")
+PY
+fi
 for t in "${TAGS[@]}"; do
   [ -s "$OUT_DIR/$t/metrics.txt" ] || continue
   echo; echo "convoq /metrics after the run ($t):"; digest_metrics "$OUT_DIR/$t/metrics.txt"
