@@ -28,6 +28,7 @@
 #   NODE_REF_DIR            where the npm-installed copy of node-reference lives
 #                           (default /tmp/convoq-bench-node-ref, reused when package.json matches)
 #   SKIP_BUILD=0            1: do not run cargo build (use the existing target/release/convoq)
+#   CONVOQ_BIN              run this convoq binary instead (no build): A/B runs of two builds
 #
 # Definitions (printed with the results):
 #   HTTP req/s      wrk's Requests/sec (every response; non-2xx are counted and shown apart)
@@ -201,6 +202,10 @@ prepare_node() {
 }
 
 build_convoq() {
+  if [ -n "${CONVOQ_BIN:-}" ]; then   # a given binary (A/B runs of two builds): no build
+    [ -x "$CONVOQ_BIN" ] || die "$CONVOQ_BIN missing"
+    return 0
+  fi
   if [ "$SKIP_BUILD" != 1 ]; then
     log "cargo build --release -p convoq"
     (cd "$ROOT" && cargo build --release -p convoq) >"$OUT_DIR/build.log" 2>&1 \
