@@ -13,13 +13,13 @@ page cache on the writer, foreign keys on, passive checkpoints on a second conne
 
   1. its `create_conversation` job is added (B jobs per statement, committed on their own);
   2. in one transaction: B database jobs claimed, completed (fenced by their lease token), their
-     conversations inserted and their `record_audit_event` jobs added; B audit jobs claimed,
-     completed, their audit rows inserted; the lifetime totals updated;
-  3. every 500 jobs of a queue, a prune of 500 finished jobs past the keep count (1,000).
+     conversations and their audit rows inserted (the audit record commits with its
+     conversation: no audit job); the lifetime totals updated;
+  3. every 500 jobs, a prune of 500 finished jobs past the keep count (1,000).
 
 It prints microseconds per conversation for each step and conversations per second. A figure
-the service could reach only with none of its own costs (HTTP, JSON, hand-offs to sqlx's
-connection thread, the workers) on the machine; see BENCHMARKS.md for how it is used.
+the service could reach only with none of its own costs (HTTP, JSON, the runtime, the
+workers) on the machine; see BENCHMARKS.md for how it is used.
 Bounded: N conversations (default 60,000) per batch size, in a temporary directory.
 """
 import argparse
@@ -157,29 +157,19 @@ def run(binary, conversations, batch, workdir):
         rows = json.dumps([[d["conversationId"], d["userId"], d["title"], d["personalityMode"],
                             "2026-11-29T00:00:00.000Z"] for d in datas])
         step("insert rows", CONVERSATIONS, (rows,))
-        follow_ups = json.dumps([["audit", new_id(), "record_audit_event", json.dumps(
-            {"event": "conversation.created", "subjectId": d["conversationId"],
-             "actor": d["actor"], "requestId": d["requestId"]}), OPTS, 0, now, 3] for d in datas])
-        step("add", ADD, (now, follow_ups))
-        events = step("claim", CLAIM, ("lease", now + 30000, now, "audit", batch))
-        completions = json.dumps([[e[0], e[1], "lease", "null", 1000, now + WEEK_MS]
-                                  for e in events])
-        step("complete", COMPLETE, (now, completions))
-        payloads = [json.loads(e[3]) for e in events]
-        rows = json.dumps([[new_id(), p["event"], p["subjectId"], p["actor"], p["requestId"],
-                            "2026-11-29T00:00:00.000Z"] for p in payloads])
+        rows = json.dumps([["conversation.created-" + d["conversationId"],
+                            "conversation.created", d["conversationId"], d["actor"],
+                            d["requestId"], "2026-11-29T00:00:00.000Z"] for d in datas])
         step("insert rows", AUDIT, (rows,))
         step("commit", TOTALS, ("database", len(jobs)))
-        step("commit", TOTALS, ("audit", len(events)))
         step("commit", "COMMIT")
         done += batch
         since_prune += batch
         if since_prune >= 500:
             since_prune -= 500
-            for queue in ("database", "audit"):
-                step("prune", "BEGIN IMMEDIATE")
-                step("prune", PRUNE, (queue, "completed", 1000 + 500, 500))
-                step("prune", "COMMIT")
+            step("prune", "BEGIN IMMEDIATE")
+            step("prune", PRUNE, ("database", "completed", 1000 + 500, 500))
+            step("prune", "COMMIT")
     stop.set()
     checkpointer.join()
     rows = db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
