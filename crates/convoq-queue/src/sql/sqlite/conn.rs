@@ -247,11 +247,12 @@ impl ReadPool {
             }
         };
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let file = self.file.clone();
+        // The file's settings travel only when a connection must be opened.
+        let idle = idle.ok_or_else(|| self.file.clone());
         let joined = tokio::task::spawn_blocking(move || {
             let mut conn = match idle {
-                Some(c) => c,
-                None => match file.open() {
+                Ok(c) => c,
+                Err(file) => match file.open() {
                     Ok(c) => c,
                     Err(e) => return (None, Err(e)),
                 },
