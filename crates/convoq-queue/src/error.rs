@@ -106,3 +106,14 @@ impl std::error::Error for ProcessError {}
 
 /// The crate's result type.
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+/// The message a panic carried, for logs and failure reasons.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

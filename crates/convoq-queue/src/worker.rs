@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::engine::{ClaimedJob, Completion, Engine, Outcome};
-use crate::error::{ProcessError, QueueError};
+use crate::error::{panic_message, ProcessError, QueueError};
 use crate::job::Job;
 use crate::queues::Queues;
 
@@ -636,15 +636,5 @@ impl QueueLoop {
                 Err(e) => tracing::warn!(queue = %self.queue, error = %e, "lease renewal failed"),
             }
         }
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
     }
 }

@@ -202,6 +202,7 @@ pub fn stalled_interval(lease: std::time::Duration) -> std::time::Duration {
 pub fn sql_config(config: &Config) -> SqlConfig {
     let mut sql = SqlConfig::new(config.queue_url.clone());
     sql.durability = config.durability;
+    sql.write_timeout = config.write_timeout;
     sql.max_connections = config.pg_max_connections;
     sql.statement_timeout = config.pg_statement_timeout;
     sql.notify = !config.pg_poll_only;

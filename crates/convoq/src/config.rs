@@ -201,6 +201,9 @@ pub struct Config {
     pub lease: Duration,
     /// SQLite durability (`normal`, `full`, `off`).
     pub durability: convoq_queue::sql::Durability,
+    /// How long a write to the SQL queue (a POST's add, a job's completion) may take before
+    /// it fails as unavailable (503 with `Retry-After` for a POST).
+    pub write_timeout: Duration,
     /// Postgres: the most connections the queue engine opens in this process (the store's
     /// pool gets half as many again, at least 2).
     pub pg_max_connections: u32,
@@ -302,6 +305,10 @@ pub struct Settings {
     /// SQLite durability: normal, full or off [default: normal].
     #[arg(long, env = "CONVOQ_DURABILITY", global = true)]
     pub durability: Option<String>,
+    /// SQLite and Postgres queues: how long a write may take before it fails as unavailable
+    /// (a POST then answers 503), in milliseconds [default: 5000].
+    #[arg(long, env = "CONVOQ_WRITE_TIMEOUT_MS", global = true)]
+    pub write_timeout_ms: Option<String>,
     /// Postgres: most connections of the queue engine per process; the store's pool gets half
     /// as many again [default: 10].
     #[arg(long, env = "CONVOQ_PG_MAX_CONNECTIONS", global = true)]
@@ -342,6 +349,7 @@ struct FileSettings {
     shutdown_grace: Option<u64>,
     lease_ms: Option<u64>,
     durability: Option<String>,
+    write_timeout_ms: Option<u64>,
     pg_max_connections: Option<u64>,
     pg_statement_timeout_ms: Option<u64>,
     pg_poll_only: Option<bool>,
@@ -562,6 +570,14 @@ impl Config {
                 .parse()
                 .map_err(|e: String| bad("--durability (CONVOQ_DURABILITY)", e))?,
         };
+        let write_timeout_ms = number(
+            "--write-timeout-ms (CONVOQ_WRITE_TIMEOUT_MS)",
+            s.write_timeout_ms,
+            f.write_timeout_ms,
+            convoq_queue::sql::DEFAULT_WRITE_TIMEOUT.as_millis() as u64,
+            100,
+            600_000,
+        )?;
         let pg_max_connections = number(
             "--pg-max-connections (CONVOQ_PG_MAX_CONNECTIONS)",
             s.pg_max_connections,
@@ -600,6 +616,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(grace),
             lease: Duration::from_millis(lease_ms),
             durability,
+            write_timeout: Duration::from_millis(write_timeout_ms),
             pg_max_connections,
             pg_statement_timeout: Duration::from_millis(pg_statement_timeout_ms),
             pg_poll_only,

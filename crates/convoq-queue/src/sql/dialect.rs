@@ -32,6 +32,26 @@ pub(crate) fn transport_error(e: &sqlx::Error) -> bool {
     )
 }
 
+/// What a failed batch says about the database, which decides what the writer does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The connection failed, not an operation: the batch may succeed as a whole on another
+    /// connection, and no operation would on this one. Applied once more on a new connection.
+    ConnectionLost,
+    /// Another connection holds the lock the batch needs (SQLite's busy or locked, after its
+    /// bounded wait). No operation would fare better alone: the batch is refused as unavailable.
+    Busy,
+    /// The disk is full. The batch is refused as unavailable; later batches try again, and
+    /// those that need no new space (completions, removals) may go through.
+    Full,
+    /// The database cannot be read or written (I/O error, corruption, a file that is no longer
+    /// there): the batch is refused, and readiness fails until a batch commits again.
+    Broken,
+    /// One of the batch's operations failed (a constraint, a bad value): applied again one
+    /// operation at a time, so that it fails alone.
+    Operation,
+}
+
 /// The write side of a dialect, driven by the writer task.
 ///
 /// Each method answers `Result<_, Self::Error>`: an `Err` (the driver's) aborts the writer's
@@ -71,9 +91,15 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     }
     /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
     fn discard(&self, _conn: &mut Self::Conn) {}
-    /// Whether an error says the connection failed, not an operation: the batch may succeed
-    /// as a whole on another connection, and no operation would on this one.
-    fn connection_lost(&self, e: &Self::Error) -> bool;
+    /// What a batch's error says about the database (see [`Failure`]).
+    fn classify(&self, e: &Self::Error) -> Failure;
+    /// Replaces the connection with a fresh one after the writer lost track of its state (a
+    /// panic in the middle of a batch). By default the connection is discarded
+    /// ([`Dialect::discard`]) and opened again by the next batch.
+    async fn reopen(&self, conn: &mut Self::Conn) -> DResult<Self, ()> {
+        self.discard(conn);
+        Ok(())
+    }
     /// The batch's clock reading.
     async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> DResult<Self, i64>;
     /// Opens the batch's transaction.

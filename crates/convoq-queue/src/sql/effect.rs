@@ -5,10 +5,12 @@
 //! one commit on the embedded default: either all of it happened or none of it did.
 
 use std::any::Any;
+use std::panic::AssertUnwindSafe;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 
-use crate::error::ProcessError;
+use crate::error::{panic_message, ProcessError};
 
 /// The connection an effect runs on: inside the engine's open transaction.
 pub enum SqlConn<'a> {
@@ -69,5 +71,41 @@ pub trait TxEffect: Send + Sync + 'static {
     /// group; `None` (the default) for an effect without a group.
     fn as_any(&self) -> Option<&dyn Any> {
         None
+    }
+}
+
+/// Runs [`TxEffect::apply`], turning a panic into a retryable failure of the effect's own
+/// attempt (as a processor's panic is): the writer that runs effects for every job must not
+/// fall over with one of them.
+pub(crate) async fn apply_guarded(
+    effect: &dyn TxEffect,
+    conn: SqlConn<'_>,
+    now_ms: i64,
+) -> Result<(), ProcessError> {
+    guarded(AssertUnwindSafe(effect.apply(conn, now_ms))).await
+}
+
+/// Runs [`TxEffect::apply_group`] on `effects` (the first one's), a panic failing the group as
+/// [`apply_guarded`] fails one effect (the writer then applies each effect alone).
+pub(crate) async fn apply_group_guarded(
+    effects: &[&dyn TxEffect],
+    conn: SqlConn<'_>,
+    now_ms: i64,
+) -> Result<(), ProcessError> {
+    let Some(first) = effects.first() else {
+        return Ok(());
+    };
+    guarded(AssertUnwindSafe(first.apply_group(effects, conn, now_ms))).await
+}
+
+async fn guarded(
+    work: AssertUnwindSafe<impl std::future::Future<Output = Result<(), ProcessError>>>,
+) -> Result<(), ProcessError> {
+    match work.catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => Err(ProcessError::retryable(format!(
+            "the completion's effect panicked: {}",
+            panic_message(&panic)
+        ))),
     }
 }

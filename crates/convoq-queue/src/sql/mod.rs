@@ -104,6 +104,12 @@ pub struct SqlConfig {
     pub notify: bool,
     /// The most operations applied in one group commit.
     pub max_batch: usize,
+    /// How long a caller waits for a write (an add, a claim, a completion, an operator
+    /// action) before it fails as unavailable (default 5 s). A write whose caller gave up
+    /// before the writer took it up is not applied; one already under way may still commit
+    /// (an add retried with the same job id then finds it). On SQLite the writer also waits
+    /// no longer than this for another process's lock.
+    pub write_timeout: Duration,
     /// The clock jobs are stamped with.
     pub clock: Arc<dyn Clock>,
 }
@@ -120,6 +126,7 @@ impl SqlConfig {
             statement_timeout: Duration::from_secs(30),
             notify: true,
             max_batch: 1024,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             clock: Arc::new(SystemClock),
         }
     }
@@ -130,6 +137,9 @@ impl SqlConfig {
         self
     }
 }
+
+/// How long a caller waits for a write by default ([`SqlConfig::write_timeout`]).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters of the group-commit writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +175,8 @@ pub struct SqlEngine {
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The most finished jobs one prune operation removes.
     prune_chunk: u64,
+    /// How long a caller waits for a write.
+    write_timeout: Duration,
 }
 
 /// State shared between the engine's handle and its writer task.
@@ -176,6 +188,21 @@ pub(crate) struct Shared {
     pub(crate) ops: AtomicU64,
     // A std mutex: only looked up or inserted into, never held across an await.
     work: Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+    /// Why the writer cannot write now (a full disk, a broken file, a connection it could not
+    /// reopen after a panic), until its next commit; `None` while it can.
+    down: Mutex<Option<String>>,
+    /// A fault the writer is to stage once (tests only, through `SqlEngine::inject_fault`).
+    fault: Mutex<Option<WriterFault>>,
+}
+
+/// A fault staged in the writer for tests of its recovery (feature `testkit`): a panic at one
+/// point of the next batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterFault {
+    /// Before the batch is applied: nothing of it commits.
+    PanicBeforeApply,
+    /// After the batch committed, before any of its callers is answered.
+    PanicAfterCommit,
 }
 
 impl Shared {
@@ -191,6 +218,34 @@ impl Shared {
     /// Announces that jobs may have become ready on `queue`.
     pub(crate) fn wake(&self, queue: &str) {
         self.signal(queue).send_modify(|v| *v += 1);
+    }
+
+    /// Records why the writer cannot write; readiness fails until [`Shared::writer_up`].
+    pub(crate) fn writer_down(&self, why: String) {
+        *self.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Records that the writer committed (or recovered its connection).
+    pub(crate) fn writer_up(&self) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = down.take() {
+            tracing::info!(was = %why, "the writer is writing again");
+        }
+    }
+
+    /// Why the writer cannot write, if it cannot.
+    pub(crate) fn writer_problem(&self) -> Option<String> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Panics if `point` is the fault a test staged, once.
+    pub(crate) fn inject(&self, point: WriterFault) {
+        let mut fault = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        if *fault == Some(point) {
+            *fault = None;
+            drop(fault);
+            panic!("injected writer fault: {point:?}");
+        }
     }
 
     /// Announces that jobs may have become ready on every queue this process watches (after
@@ -222,6 +277,8 @@ impl SqlEngine {
             commits: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             work: Mutex::new(Default::default()),
+            down: Mutex::new(None),
+            fault: Mutex::new(None),
         });
         let (name, prune_chunk, reads, writer, background): (_, _, Box<dyn Reads>, _, _) = if config
             .url
@@ -275,6 +332,7 @@ impl SqlEngine {
         };
         Ok(Arc::new(SqlEngine {
             prune_chunk,
+            write_timeout: config.write_timeout,
             owner: uuid::Uuid::now_v7().to_string(),
             name,
             clock: config.clock,
@@ -294,10 +352,38 @@ impl SqlEngine {
         }
     }
 
+    /// Stages a fault in the writer's next batch, to test its recovery.
+    #[cfg(feature = "testkit")]
+    pub fn inject_fault(&self, fault: WriterFault) {
+        *self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
+    }
+
+    /// Sends a write to the writer and waits for its answer, up to the write timeout: past it
+    /// the caller gets [`QueueError::Unavailable`], and the writer drops the operation unless
+    /// it has already taken it up.
     async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(Request::new(make(tx))).await?;
-        rx.await.map_err(|_| QueueError::Closed)?
+        let answer = async {
+            self.writer.send(Request::new(make(tx))).await?;
+            match rx.await {
+                Ok(r) => r,
+                Err(_) if self.writer.is_closed() => Err(QueueError::Closed),
+                Err(_) => Err(QueueError::Unavailable(
+                    "the writer dropped the write unanswered".into(),
+                )),
+            }
+        };
+        match tokio::time::timeout(self.write_timeout, answer).await {
+            Ok(r) => r,
+            Err(_) => Err(QueueError::Unavailable(format!(
+                "the write did not finish within {} ms (the write timeout){}",
+                self.write_timeout.as_millis(),
+                self.shared
+                    .writer_problem()
+                    .map(|why| format!(": {why}"))
+                    .unwrap_or_default()
+            ))),
+        }
     }
 }
 
@@ -500,7 +586,15 @@ impl Engine for SqlEngine {
         }
     }
 
+    /// Fails while the writer cannot write (see [`Shared::writer_problem`]) or has stopped, and
+    /// when a read connection cannot reach the database.
     async fn ping(&self) -> Result<()> {
+        if let Some(why) = self.shared.writer_problem() {
+            return Err(QueueError::Unavailable(why));
+        }
+        if self.writer.is_closed() {
+            return Err(QueueError::Closed);
+        }
         self.reads.ping().await
     }
 

@@ -32,18 +32,21 @@
 //! of adds wait for their own commit and at most one step of other work.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::dialect::Dialect;
-use super::effect::TxEffect;
-use super::Shared;
+use futures::FutureExt;
+
+use super::dialect::{Dialect, Failure};
+use super::effect::{apply_group_guarded, apply_guarded, TxEffect};
+use super::{Shared, WriterFault};
 use crate::clock::Clock;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
-use crate::error::{QueueError, Result};
+use crate::error::{panic_message, QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -176,6 +179,11 @@ impl WriterHandle {
             return Err(QueueError::Closed);
         }
         self.tx.send(req).await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Whether the writer has been closed, or has stopped (its channel has no receiver).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.tx.is_closed()
     }
 
     /// Applies what is queued, then stops the writer.
@@ -368,6 +376,15 @@ async fn run<D: Dialect>(
     let d = &*d;
     let mut ops: Vec<Op> = Vec::with_capacity(max_batch);
     let mut closing: Option<oneshot::Sender<()>> = None;
+    // Whether the connection is in a known state (false after a panic, until reopened).
+    let mut sound = true;
+    let mut w = Step {
+        d,
+        conn: &mut conn,
+        clock: &*clock,
+        shared: &shared,
+        sound: &mut sound,
+    };
     while closing.is_none() {
         let Some(closer) = next_batch(&inbox, &mut ops, max_batch).await else {
             break;
@@ -385,15 +402,15 @@ async fn run<D: Dialect>(
             let (prunes, mut rest): (Vec<Op>, Vec<Op>) = rest
                 .into_iter()
                 .partition(|op| matches!(op, Op::Prune { .. }));
-            commit_ops(d, &mut conn, &mut adds, &*clock, &shared).await;
-            commit_ops(d, &mut conn, &mut rest, &*clock, &shared).await;
+            w.commit(&mut adds).await;
+            w.commit(&mut rest).await;
             for prune in prunes {
                 let mut late = queued_adds(&inbox, &mut ops).await;
-                commit_ops(d, &mut conn, &mut late, &*clock, &shared).await;
-                commit_ops(d, &mut conn, &mut vec![prune], &*clock, &shared).await;
+                w.commit(&mut late).await;
+                w.commit(&mut vec![prune]).await;
             }
         } else {
-            commit_ops(d, &mut conn, &mut ops, &*clock, &shared).await;
+            w.commit(&mut ops).await;
         }
     }
     // Nothing is carried past a close (see `queued_adds`); refused rather than dropped
@@ -406,6 +423,45 @@ async fn run<D: Dialect>(
         let _ = tx.send(());
     }
 }
+
+/// The writer's connection and what it commits with, between batches.
+struct Step<'a, D: Dialect> {
+    d: &'a D,
+    conn: &'a mut D::Conn,
+    clock: &'a dyn Clock,
+    shared: &'a Shared,
+    /// Whether the connection is in a known state (false after a panic, until reopened).
+    sound: &'a mut bool,
+}
+
+impl<D: Dialect> Step<'_, D> {
+    /// Commits `ops` ([`commit_ops`]), first replacing a connection a panic left in an unknown
+    /// state; while that fails, `ops` are refused as unavailable.
+    async fn commit(&mut self, ops: &mut Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        if !*self.sound {
+            *self.sound = reopen(self.d, self.conn, self.shared).await;
+            if !*self.sound {
+                let why = self
+                    .shared
+                    .writer_problem()
+                    .unwrap_or_else(|| "the writer is recovering".into());
+                for op in ops.drain(..) {
+                    refuse(op, QueueError::Unavailable(why.clone()));
+                }
+                // Callers retry; bound how often a failing reopen is tried.
+                tokio::time::sleep(REOPEN_PAUSE).await;
+                return;
+            }
+        }
+        *self.sound = commit_ops(self.d, self.conn, ops, self.clock, self.shared).await;
+    }
+}
+
+/// The pause after a failed reopen of the writer's connection.
+const REOPEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn is_add(op: &Op) -> bool {
     matches!(op, Op::Add { .. })
@@ -435,19 +491,97 @@ async fn queued_adds(inbox: &Inbox, carried: &mut Vec<Op>) -> Vec<Op> {
 }
 
 /// Applies `ops` in one transaction (see the module docs for what happens when that fails) and
-/// answers each of them.
+/// answers each of them. Operations whose callers have given up (their deadline passed while
+/// they queued) are dropped first, unapplied. A panic while the batch is applied is caught: the
+/// operations not yet answered are refused as unavailable (their outcome is unknown to the
+/// writer: a panic after the commit leaves them committed), and the connection is replaced
+/// before the next batch. Returns whether the writer may go on with its connection.
 async fn commit_ops<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
     ops: &mut Vec<Op>,
     clock: &dyn Clock,
     shared: &Shared,
-) {
+) -> bool {
+    ops.retain(|op| !abandoned(op));
     if ops.is_empty() {
-        return;
+        return true;
     }
+    let applied = AssertUnwindSafe(commit_ops_now(d, conn, ops, clock, shared))
+        .catch_unwind()
+        .await;
+    let Err(panic) = applied else {
+        return true;
+    };
+    let message = panic_message(&panic);
+    tracing::error!(panic = %message, unanswered = ops.len(),
+        "the writer panicked while applying a batch; its unanswered operations are refused as unavailable, and it goes on with a new connection");
+    for op in ops.drain(..) {
+        refuse(
+            op,
+            QueueError::Unavailable(format!(
+                "the writer failed while applying this write ({message}); it may or may not have been committed"
+            )),
+        );
+    }
+    shared.writer_down(format!("the writer panicked: {message}"));
+    false
+}
+
+/// Whether nobody waits for the operation's answer any more: its caller gave up (its write
+/// deadline passed) or went away. Such an operation is not applied, so that a caller answered
+/// "unavailable" before the writer took its write up does not find it committed later.
+fn abandoned(op: &Op) -> bool {
+    match op {
+        Op::Add { reply, .. } => reply.is_closed(),
+        Op::Claim { reply, .. } => reply.is_closed(),
+        Op::Extend { reply, .. } => reply.is_closed(),
+        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
+            reply.is_closed()
+        }
+        Op::FinishAndClaim { reply, .. } => reply.is_closed(),
+        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.is_closed(),
+        Op::Retry { reply, .. } => reply.is_closed(),
+        Op::Remove { reply, .. } => reply.is_closed(),
+        Op::Close(_) => false,
+    }
+}
+
+/// Replaces the writer's connection after a panic left its state unknown; until that succeeds
+/// the writer is reported down (readiness fails) and each batch is refused as unavailable.
+async fn reopen<D: Dialect>(d: &D, conn: &mut D::Conn, shared: &Shared) -> bool {
+    match AssertUnwindSafe(d.reopen(conn)).catch_unwind().await {
+        Ok(Ok(())) => {
+            tracing::info!("the writer reopened its connection");
+            shared.writer_up();
+            true
+        }
+        Ok(Err(e)) => {
+            let err = d.map_err(e);
+            tracing::error!(error = %err, "the writer could not reopen its connection; writes are refused until it can");
+            shared.writer_down(format!("the writer could not reopen its connection: {err}"));
+            false
+        }
+        Err(panic) => {
+            let message = panic_message(&panic);
+            shared.writer_down(format!(
+                "the writer could not reopen its connection: {message}"
+            ));
+            false
+        }
+    }
+}
+
+async fn commit_ops_now<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &mut Vec<Op>,
+    clock: &dyn Clock,
+    shared: &Shared,
+) {
+    shared.inject(WriterFault::PanicBeforeApply);
     let mut result = apply_batch(d, conn, ops, clock, Mode::Grouped).await;
-    if lost(d, &result) {
+    if failure(d, &result) == Some(Failure::ConnectionLost) {
         // The connection broke, now or while idle (a restarted server): once more, on a
         // new one. If the database is really gone this fails as fast as connecting does,
         // and the whole batch is refused below, not retried one operation at a time.
@@ -456,10 +590,16 @@ async fn commit_ops<D: Dialect>(
     if matches!(result, Err(Abort::Careful)) {
         result = apply_batch(d, conn, ops, clock, Mode::Careful).await;
     }
-    let connection_failed = lost(d, &result);
+    let failed = failure(d, &result);
     match result {
-        Ok((dones, batch)) => deliver_all(ops, dones, batch, shared),
-        Err(e) if ops.len() > 1 && !connection_failed => {
+        Ok((dones, batch)) => {
+            shared.writer_up();
+            shared.inject(WriterFault::PanicAfterCommit);
+            deliver_all(ops, dones, batch, shared)
+        }
+        Err(e) if ops.len() > 1 && matches!(failed, Some(Failure::Operation) | None) => {
+            // One operation's failure (a constraint, a bad value): each alone, so that it fails
+            // by itself.
             tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
             for op in std::mem::take(ops) {
                 let single = [op];
@@ -476,11 +616,21 @@ async fn commit_ops<D: Dialect>(
             }
         }
         Err(e) => {
+            // The database as a whole failed: no operation would fare better alone.
             let err = abort_err(d, e);
-            if err.is_transient() {
-                tracing::warn!(error = %err, ops = ops.len(), "write failed; the database is unavailable");
-            } else {
-                tracing::error!(error = %err, ops = ops.len(), "write failed");
+            match failed {
+                Some(Failure::Full) => {
+                    tracing::error!(error = %err, ops = ops.len(), "write failed: the disk is full; writes are refused until space returns");
+                    shared.writer_down(format!("the disk is full: {err}"));
+                }
+                Some(Failure::Broken) => {
+                    tracing::error!(error = %err, ops = ops.len(), "write failed: the database cannot be read or written");
+                    shared.writer_down(format!("the database cannot be written: {err}"));
+                }
+                _ if err.is_transient() => {
+                    tracing::warn!(error = %err, ops = ops.len(), "write failed; the database is unavailable")
+                }
+                _ => tracing::error!(error = %err, ops = ops.len(), "write failed"),
             }
             for op in ops.drain(..) {
                 refuse(op, clone_err(&err));
@@ -489,9 +639,16 @@ async fn commit_ops<D: Dialect>(
     }
 }
 
-/// Whether a batch failed because its connection did (see [`Dialect::connection_lost`]).
-fn lost<D: Dialect, T>(d: &D, result: &std::result::Result<T, Abort<D::Error>>) -> bool {
-    matches!(result, Err(Abort::Sql(e)) if d.connection_lost(e))
+/// What a batch's database error says (see [`Dialect::classify`]); `None` when it did not fail
+/// in the database.
+fn failure<D: Dialect, T>(
+    d: &D,
+    result: &std::result::Result<T, Abort<D::Error>>,
+) -> Option<Failure> {
+    match result {
+        Err(Abort::Sql(e)) => Some(d.classify(e)),
+        _ => None,
+    }
 }
 
 fn abort_err<D: Dialect>(d: &D, e: Abort<D::Error>) -> QueueError {
@@ -625,7 +782,10 @@ async fn complete_together<D: Dialect>(
     let mut groups: Vec<(&'static str, Vec<&dyn TxEffect>)> = Vec::new();
     for effect in effects {
         let Some(name) = effect.group() else {
-            if effect.apply(d.effect_conn(conn)?, now).await.is_err() {
+            if apply_guarded(effect, d.effect_conn(conn)?, now)
+                .await
+                .is_err()
+            {
                 return Err(Abort::Careful);
             }
             continue;
@@ -636,9 +796,7 @@ async fn complete_together<D: Dialect>(
         }
     }
     for (_, members) in groups {
-        let first = members[0];
-        if first
-            .apply_group(&members, d.effect_conn(conn)?, now)
+        if apply_group_guarded(&members, d.effect_conn(conn)?, now)
             .await
             .is_err()
         {
@@ -665,14 +823,21 @@ async fn add_together<D: Dialect>(
 ) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort<D::Error>> {
     let mut answers: Vec<Option<Result<Vec<Added>>>> = Vec::new();
     answers.resize_with(ops.len(), || None);
-    let adds: Vec<(usize, &[NewJob])> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(i, op)| match op {
-            Op::Add { jobs, .. } => Some((i, jobs.as_slice())),
-            _ => None,
-        })
-        .collect();
+    let mut adds: Vec<(usize, &[NewJob])> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Add { jobs, reply } = op else {
+            continue;
+        };
+        if reply.is_closed() {
+            // Its caller gave up while the batch waited for the database (a lock held by
+            // another process): not added, so that its "unavailable" answer stays true.
+            answers[i] = Some(Err(QueueError::Unavailable(
+                "the write deadline passed before the job could be added".into(),
+            )));
+            continue;
+        }
+        adds.push((i, jobs.as_slice()));
+    }
     if mode == Mode::Careful || adds.len() < 2 {
         for (i, jobs) in adds {
             let jobs: Vec<&NewJob> = jobs.iter().collect();

@@ -26,6 +26,12 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult {
     let queue = tokio::time::timeout(Duration::from_secs(2), state.queues.engine().ping()).await;
     let store_ok = matches!(store, Ok(Ok(())));
     let queue_ok = matches!(queue, Ok(Ok(())));
+    // Why the queue is not ready (the writer's disk is full, say), for the operator.
+    let queue_problem = match &queue {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("the queue did not answer within 2 s".to_owned()),
+    };
     let (workers_ok, stale) = {
         let pool = state.workers.lock().unwrap_or_else(|p| p.into_inner());
         match pool.as_ref() {
@@ -49,7 +55,7 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult {
     };
     Ok(ok_json(
         status,
-        json!({ "ok": ready, "checks": { "store": store_ok, "queue": queue_ok, "workers": workers_ok, "staleWorkerQueues": stale } }),
+        json!({ "ok": ready, "checks": { "store": store_ok, "queue": queue_ok, "workers": workers_ok, "staleWorkerQueues": stale }, "queueProblem": queue_problem }),
     ))
 }
 

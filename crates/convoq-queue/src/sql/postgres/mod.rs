@@ -39,7 +39,7 @@ pub(crate) use listen::spawn_listener;
 /// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
 /// answer (lease lost, wrong state) and the batch goes on.
 pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
-use super::dialect::{transport_error, Dialect, Reads};
+use super::dialect::{transport_error, Dialect, Failure, Reads};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -270,15 +270,23 @@ impl Dialect for Postgres {
         sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, message))
     }
 
-    /// The driver's transport errors, and the server saying it ends the session: connection
-    /// exceptions (`08…`) and shutdowns (`57P01` admin, `57P02` crash, `57P03` cannot connect
-    /// now).
-    fn connection_lost(&self, e: &sqlx::Error) -> bool {
-        match e {
+    /// A lost connection: the driver's transport errors, and the server saying it ends the
+    /// session: connection exceptions (`08…`) and shutdowns (`57P01` admin, `57P02` crash,
+    /// `57P03` cannot connect now). A full disk (`53100`). Anything else is one operation's.
+    fn classify(&self, e: &sqlx::Error) -> Failure {
+        let lost = match e {
             sqlx::Error::Database(db) => db
                 .code()
                 .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
             other => transport_error(other),
+        };
+        let full = matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("53100"));
+        if lost {
+            Failure::ConnectionLost
+        } else if full {
+            Failure::Full
+        } else {
+            Failure::Operation
         }
     }
 

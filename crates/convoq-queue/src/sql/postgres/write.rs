@@ -19,7 +19,7 @@ use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
 use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
-use crate::sql::effect::SqlConn;
+use crate::sql::effect::{apply_guarded, SqlConn};
 use crate::sql::writer::Batch;
 
 fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
@@ -395,7 +395,7 @@ pub(crate) async fn finish(
                 return Ok(Err(lease_lost(claimed)));
             }
             if let Some(effect) = &c.effect {
-                if let Err(e) = effect.apply(SqlConn::Postgres(&mut *conn), now).await {
+                if let Err(e) = apply_guarded(&**effect, SqlConn::Postgres(&mut *conn), now).await {
                     sqlx::query("ROLLBACK TO SAVEPOINT effect")
                         .execute(&mut *conn)
                         .await?;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 use tokio::sync::Semaphore;
 
+use crate::sql::dialect::Failure;
 use crate::sql::Durability;
 
 /// Where a database lives and how its connections are set up, parsed from a `sqlite:` URL.
@@ -166,6 +167,27 @@ pub fn sqlite_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
     )
+}
+
+/// What a SQLite error says about the database, for the writer (see [`Failure`]): busy or
+/// locked, a full disk, a database that cannot be read or written (I/O, corruption, a file that
+/// is gone or read-only), or else one statement's own failure (a constraint, a bad value).
+pub(crate) fn classify(e: &rusqlite::Error) -> Failure {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Failure::Busy,
+        Some(ErrorCode::DiskFull) => Failure::Full,
+        Some(
+            ErrorCode::SystemIoFailure
+            | ErrorCode::DatabaseCorrupt
+            | ErrorCode::NotADatabase
+            | ErrorCode::CannotOpen
+            | ErrorCode::ReadOnly
+            | ErrorCode::PermissionDenied
+            | ErrorCode::OutOfMemory
+            | ErrorCode::InternalMalfunction,
+        ) => Failure::Broken,
+        _ => Failure::Operation,
+    }
 }
 
 /// Runs `attempt` again while SQLite answers that the database is busy or locked

@@ -26,7 +26,7 @@ use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::dialect::{Dialect, Reads};
+use super::dialect::{Dialect, Failure, Reads};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -77,7 +77,12 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
         .map_err(|e| QueueError::Invalid(format!("bad SQLite URL: {e}")))?
         .durability(config.durability)
         .busy_timeout(config.busy_timeout);
-    let writer_file = file.clone().cache_kib(WRITER_CACHE_KIB);
+    // The writer waits for another process's lock no longer than its callers wait for it.
+    let writer_file = file
+        .clone()
+        .cache_kib(WRITER_CACHE_KIB)
+        .busy_timeout(config.busy_timeout.min(config.write_timeout));
+    let writer_file_again = writer_file.clone();
     let writer = tokio::task::spawn_blocking(move || schema::open_writer(&writer_file))
         .await
         .map_err(|e| QueueError::Unavailable(format!("opening the database failed: {e}")))??;
@@ -91,6 +96,7 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     Ok(Opened {
         writer: SqliteWriter {
             conn: writer,
+            file: writer_file_again,
             commits: commits.clone(),
         },
         checkpoints: Checkpoints {
@@ -143,9 +149,17 @@ impl Dialect for Sqlite {
     fn timed_out(&self, message: String) -> rusqlite::Error {
         conn::failure(rusqlite::ffi::SQLITE_BUSY, message)
     }
-    /// A local file has no connection to lose.
-    fn connection_lost(&self, _e: &rusqlite::Error) -> bool {
-        false
+    /// A local file has no connection to lose: see [`conn::classify`].
+    fn classify(&self, e: &rusqlite::Error) -> Failure {
+        conn::classify(e)
+    }
+    /// A fresh connection to the same file, with the writer's settings; the old one (its
+    /// transaction, if any, rolled back by SQLite) is closed. On failure the old one is kept.
+    async fn reopen(&self, w: &mut SqliteWriter) -> SqlResult<()> {
+        let fresh = w.file.open()?;
+        let old = std::mem::replace(&mut w.conn, fresh);
+        drop(old);
+        Ok(())
     }
     /// The one writer carries every write, and a commit (no sync in WAL mode at the default
     /// durability) costs little beside a batch of claims and completions.
@@ -289,6 +303,8 @@ impl Dialect for Sqlite {
 /// call into SQLite on that thread, from the connection's cache of prepared statements.
 pub(crate) struct SqliteWriter {
     conn: Connection,
+    /// Where it was opened from, to open it again ([`Dialect::reopen`]).
+    file: SqliteFile,
     /// Told after every commit ([`checkpoint_after_commits`] waits for it).
     commits: Arc<Notify>,
 }

@@ -14,7 +14,7 @@ use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
 use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
-use crate::sql::effect::SqlConn;
+use crate::sql::effect::{apply_guarded, SqlConn};
 use crate::sql::writer::Batch;
 
 fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
@@ -259,7 +259,7 @@ pub(crate) async fn finish(
                 return lost();
             }
             if let Some(effect) = &c.effect {
-                if let Err(e) = effect.apply(SqlConn::Sqlite(&mut *conn), now).await {
+                if let Err(e) = apply_guarded(&**effect, SqlConn::Sqlite(&mut *conn), now).await {
                     control(conn, "ROLLBACK TO effect")?;
                     control(conn, "RELEASE effect")?;
                     // The attempt is recorded as failed; the caller learns why.
