@@ -583,6 +583,51 @@ async fn a_lost_lease_in_a_group_is_refused_alone() {
     assert_eq!(counts.completed_total, 7);
 }
 
+/// A stale holder of a job (its lease was taken back) and its current holder end in one batch,
+/// the stale one listed first: the current holder's completion is the job's, the stale one is
+/// refused, whatever their order.
+#[tokio::test]
+async fn a_stale_and_a_current_holder_in_one_batch_get_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let id = queues
+        .add(NewJob::new(Q, "w", json!(0)))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let stale = engine
+        .claim(Q, 1, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .jobs
+        .remove(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(engine.reap_stalled(Q, 5).await.unwrap(), 1);
+    let current = engine.claim(Q, 1, LEASE).await.unwrap().jobs.remove(0);
+    assert_ne!(stale.token, current.token);
+    let held = HeldWriter::new(&engine).await;
+    let mut finishes = Box::pin(futures::future::join_all([&stale, &current].map(|c| {
+        engine.finish(
+            c,
+            Outcome::Completed(Completion::with_result(json!({ "by": c.token }))),
+        )
+    })));
+    assert!(futures::poll!(&mut finishes).is_pending());
+    held.release().await;
+    let results = finishes.await;
+    assert!(
+        matches!(results[0], Err(QueueError::LeaseLost { .. })),
+        "the stale holder: {:?}",
+        results[0]
+    );
+    assert!(results[1].is_ok(), "the current holder: {:?}", results[1]);
+    let job = queues.get(Q, &id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.result, Some(json!({ "by": current.token })));
+}
+
 /// Engines opening a new file together (processes starting at once) all open it, and its
 /// schema steps are recorded once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,7 @@ impl App {
         let store_options = StoreOptions {
             max_connections: (config.pg_max_connections / 2).max(2),
             statement_timeout: config.pg_statement_timeout,
+            durability: config.durability,
             ..StoreOptions::default()
         };
         let store = Store::connect(&config.database_url, &store_options, metrics.clone())

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use convoq_queue::sql::SqliteFile;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -50,7 +51,7 @@ pub const DEFAULT_PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// kinds it accepts; a new engine adds a variant here and to the settings that take it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// `sqlite://PATH` or `sqlite::memory:`.
+    /// `sqlite://PATH` or `sqlite:PATH`.
     Sqlite,
     /// `postgres://…` or `postgresql://…`.
     Postgres,
@@ -86,12 +87,24 @@ impl Backend {
 
 /// Whether the queue lives in the store's own SQL database (the embedded default, or Postgres
 /// for both), so that a job's effect can commit with its completion.
+///
+/// SQLite URLs name one database when they name the same file, however they spell it
+/// (`sqlite:x.db`, `sqlite://./x.db`, an absolute path: see `SqliteFile::same_database`);
+/// Postgres URLs when they are equal.
 pub fn queue_is_store(queue_url: &str, database_url: &str) -> bool {
-    queue_url == database_url
-        && matches!(
-            Backend::of(queue_url),
-            Some(Backend::Sqlite | Backend::Postgres)
-        )
+    match (Backend::of(queue_url), Backend::of(database_url)) {
+        (Some(Backend::Sqlite), Some(Backend::Sqlite)) => {
+            match (
+                SqliteFile::from_url(queue_url),
+                SqliteFile::from_url(database_url),
+            ) {
+                (Ok(q), Ok(d)) => q.same_database(&d),
+                _ => false,
+            }
+        }
+        (Some(Backend::Postgres), Some(Backend::Postgres)) => queue_url == database_url,
+        _ => false,
+    }
 }
 
 /// The kinds `--database-url` takes.
@@ -696,10 +709,16 @@ fn check_url(setting: &'static str, url: &str, accepted: &[Backend]) -> Result<(
     let shown = convoq_queue::sql::redact_url(url);
     match Backend::of(url) {
         Some(b) if accepted.contains(&b) => {
-            if b == Backend::Postgres {
+            match b {
                 // The parser's message names the part at fault, never the password.
-                sqlx::postgres::PgConnectOptions::from_str(url)
-                    .map_err(|e| bad(setting, format!("{shown:?}: {e}")))?;
+                Backend::Postgres => {
+                    sqlx::postgres::PgConnectOptions::from_str(url)
+                        .map_err(|e| bad(setting, format!("{shown:?}: {e}")))?;
+                }
+                Backend::Sqlite => {
+                    SqliteFile::from_url(url).map_err(|e| bad(setting, e))?;
+                }
+                Backend::Redis => {}
             }
             Ok(())
         }
@@ -854,6 +873,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("CONVOQ_CONCURRENCY"), "{e}");
+        for bad_sqlite in [
+            "sqlite://",
+            "sqlite://x.db?cache=private",
+            "sqlite://x%zz.db",
+            "sqlite::memory:",
+        ] {
+            let e = load(Settings {
+                database_url: Some(bad_sqlite.into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("CONVOQ_DATABASE_URL"),
+                "{bad_sqlite}: {e}"
+            );
+        }
         let e = load(Settings {
             database_url: Some("mysql://x".into()),
             ..Default::default()
@@ -1017,5 +1052,22 @@ mod tests {
         assert_eq!(c.api_keys.len(), 2);
         assert_eq!(c.api_keys[1].role, Role::Admin);
         assert!(!format!("{:?}", c.api_keys).contains("fedcba"));
+    }
+
+    #[test]
+    fn queue_and_store_share_a_sqlite_file_however_its_url_is_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let a = format!("sqlite://{}", path.display());
+        let b = format!("sqlite:{}", path.display());
+        let c = format!("sqlite://{}/./x.db", dir.path().display());
+        assert!(queue_is_store(&a, &b));
+        assert!(queue_is_store(&c, &a));
+        assert!(!queue_is_store(
+            &a,
+            &format!("sqlite://{}/y.db", dir.path().display())
+        ));
+        assert!(queue_is_store("postgres://u@h/d", "postgres://u@h/d"));
+        assert!(!queue_is_store("redis://h", "redis://h"));
     }
 }

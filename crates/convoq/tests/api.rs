@@ -689,6 +689,28 @@ async fn idempotency_replays_refuses_reuse_and_is_scoped_per_caller() {
     assert_eq!(late.json()["jobId"], f["jobId"]);
 }
 
+/// Concurrent PUTs of one new user: exactly one answers 201 (created), the others 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_of_a_new_user_create_it_once() {
+    let h = std::sync::Arc::new(harness().await);
+    let puts: Vec<_> = (0..8)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { h.put_user("u-race", "777").await.status })
+        })
+        .collect();
+    let mut created = 0;
+    for p in puts {
+        let status = p.await.unwrap();
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::OK,
+            "{status}"
+        );
+        created += usize::from(status == StatusCode::CREATED);
+    }
+    assert_eq!(created, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_answers_201_with_the_conversation() {
     let h = harness().await;

@@ -79,7 +79,7 @@ impl FromStr for Durability {
 /// Settings of the SQL engine.
 #[derive(Debug, Clone)]
 pub struct SqlConfig {
-    /// `sqlite://PATH` (created if missing), `sqlite::memory:`, or
+    /// `sqlite://PATH` (created if missing), or
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (also `postgresql://`).
     pub url: String,
     /// SQLite's `synchronous` setting (SQLite only).

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use convoq_queue::sql::{ReadPool, SqlConn};
+use convoq_queue::sql::{Durability, ReadPool, SqlConn};
 use rusqlite::ffi;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -164,6 +164,9 @@ pub struct StoreOptions {
     pub statement_timeout: Duration,
     /// How long a query waits for a free connection before failing as unavailable.
     pub acquire_timeout: Duration,
+    /// SQLite: `synchronous` of the store's own writes (users), as `--durability` sets it for
+    /// the queue, so that `full` protects them too.
+    pub durability: Durability,
 }
 
 impl Default for StoreOptions {
@@ -172,6 +175,7 @@ impl Default for StoreOptions {
             max_connections: 5,
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(5),
+            durability: Durability::default(),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use convoq_queue::sql::{retry_while_busy, sqlite_busy, Durability, ReadPool, SqliteFile};
+use convoq_queue::sql::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
@@ -39,7 +39,7 @@ const CACHE_KIB: i64 = 2_000;
 pub(super) fn open(url: &str, options: &StoreOptions) -> Result<Arc<ReadPool>, StoreError> {
     let file = SqliteFile::from_url(url)
         .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
-        .durability(Durability::Normal)
+        .durability(options.durability)
         .busy_timeout(BUSY_TIMEOUT)
         .cache_kib(CACHE_KIB);
     Ok(ReadPool::new(file, POOL_SIZE, options.acquire_timeout))
@@ -113,8 +113,11 @@ pub(super) async fn upsert_user(
     let (id, discord_id, username) = (id.to_owned(), discord_id.to_owned(), username.to_owned());
     let global_name = global_name.map(str::to_owned);
     pool.run(move |c| {
-        let existed = select_user(c, &id)?.is_some();
-        let user = c
+        // One immediate transaction: no other writer comes between the read that tells a new
+        // user (201) from an updated one (200) and the write.
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existed = select_user(&tx, &id)?.is_some();
+        let user = tx
             .prepare_cached(
                 "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
@@ -126,6 +129,7 @@ pub(super) async fn upsert_user(
                 params![id, discord_id, username, global_name, now],
                 user_from_row,
             )?;
+        tx.commit()?;
         Ok((user, !existed))
     })
     .await

@@ -7,7 +7,7 @@
 //! the file.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,26 +20,22 @@ use crate::sql::Durability;
 /// Where a database lives and how its connections are set up, parsed from a `sqlite:` URL.
 #[derive(Debug, Clone)]
 pub struct SqliteFile {
-    target: Target,
+    path: PathBuf,
     create: bool,
     durability: Durability,
     busy_timeout: Duration,
     cache_kib: i64,
 }
 
-#[derive(Debug, Clone)]
-enum Target {
-    Path(PathBuf),
-    /// A private in-memory database, shared by this process's connections under this name.
-    Memory(String),
-}
-
-/// Names of in-memory databases, unique within the process.
-static MEMORY_DBS: AtomicU64 = AtomicU64::new(0);
-
 impl SqliteFile {
-    /// Parses `sqlite://PATH`, `sqlite:PATH` or `sqlite::memory:`. `PATH` may end with
-    /// `?mode=rwc` (create if missing, the default) or `?mode=rw` (the file must exist).
+    /// Parses `sqlite://PATH` or `sqlite:PATH`. `PATH` may end with `?mode=rwc` (create if
+    /// missing, the default) or `?mode=rw` (the file must exist), and is percent-decoded
+    /// (`%20` is a space).
+    ///
+    /// `sqlite::memory:` is refused: an in-memory database lives in one connection (or, in
+    /// SQLite's shared-cache mode, is shared with table locks that ignore the busy timeout),
+    /// while the writer, the readers and the store each need their own connection to one
+    /// database. A file in a temporary directory serves tests and demos.
     ///
     /// # Errors
     /// A message naming what is wrong with the URL.
@@ -64,17 +60,19 @@ impl SqliteFile {
                 }
             }
         }
-        let target = match path {
-            "" => return Err(format!("the SQLite URL {url:?} names no file")),
-            ":memory:" => Target::Memory(format!(
-                "file:convoq-memory-{}-{}?mode=memory&cache=shared",
-                std::process::id(),
-                MEMORY_DBS.fetch_add(1, Ordering::Relaxed)
-            )),
-            p => Target::Path(PathBuf::from(p)),
-        };
+        if path == ":memory:" {
+            return Err(format!(
+                "{url:?}: in-memory SQLite databases are not supported, since the queue and the \
+                 store open several connections to one database; use a file (for a throwaway \
+                 one, a path in a temporary directory, e.g. sqlite:///tmp/convoq-demo.db)"
+            ));
+        }
+        let decoded = percent_decode(path).map_err(|e| format!("{url:?}: {e}"))?;
+        if decoded.is_empty() {
+            return Err(format!("the SQLite URL {url:?} names no file"));
+        }
         Ok(SqliteFile {
-            target,
+            path: PathBuf::from(decoded),
             create,
             durability: Durability::default(),
             busy_timeout: Duration::from_secs(5),
@@ -94,10 +92,24 @@ impl SqliteFile {
         self
     }
 
+    /// The same database, opened only if its file exists (never created anew: a connection
+    /// opened again must not find an empty database where the file went missing).
+    pub(crate) fn existing(mut self) -> Self {
+        self.create = false;
+        self
+    }
+
     /// The same database with a page cache of `kib` KiB per connection.
     pub fn cache_kib(mut self, kib: i64) -> Self {
         self.cache_kib = kib;
         self
+    }
+
+    /// Whether `other` names the same database: the same file (compared by its canonical
+    /// path, so `sqlite:x.db`, `sqlite://./x.db` and an absolute path agree; a file not yet
+    /// created by the canonical path of its directory).
+    pub fn same_database(&self, other: &SqliteFile) -> bool {
+        canonical(&self.path) == canonical(&other.path)
     }
 
     /// How long a statement waits for another connection's lock.
@@ -105,12 +117,9 @@ impl SqliteFile {
         self.busy_timeout
     }
 
-    /// The database file, unless it lives in memory.
-    pub fn path(&self) -> Option<&Path> {
-        match &self.target {
-            Target::Path(p) => Some(p),
-            Target::Memory(_) => None,
-        }
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Opens a connection in WAL mode with the file's settings, foreign keys on and a cache of
@@ -120,26 +129,19 @@ impl SqliteFile {
     /// SQLite's, when the file cannot be opened or set up (a busy answer while another process
     /// switches a new file to WAL mode among them: see [`retry_while_busy`]).
     pub fn open(&self) -> rusqlite::Result<Connection> {
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if self.create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let conn = match &self.target {
-            Target::Path(p) => Connection::open_with_flags(p, flags)?,
-            Target::Memory(uri) => Connection::open_with_flags(uri, flags)?,
-        };
+        let conn = Connection::open_with_flags(&self.path, flags)?;
         conn.busy_timeout(self.busy_timeout)?;
         conn.set_prepared_statement_cache_capacity(64);
-        if matches!(self.target, Target::Path(_)) {
-            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                return Err(failure(
-                    ffi::SQLITE_CANTOPEN,
-                    format!("SQLite kept journal mode {mode:?}: WAL mode is needed"),
-                ));
-            }
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(failure(
+                ffi::SQLITE_CANTOPEN,
+                format!("SQLite kept journal mode {mode:?}: WAL mode is needed"),
+            ));
         }
         let synchronous = match self.durability {
             Durability::Normal => "NORMAL",
@@ -153,6 +155,49 @@ impl SqliteFile {
         ))?;
         Ok(conn)
     }
+}
+
+/// `path` made absolute with symbolic links resolved, as far as it exists: a file not yet
+/// created is its directory's canonical path joined with its name.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let name = path.file_name().map(PathBuf::from).unwrap_or_default();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match dir.canonicalize() {
+        Ok(d) => d.join(name),
+        Err(_) => std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+/// Decodes `%XX` escapes in a URL's path.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    format!("a % in a path must start an escape like %20 (at byte {i})")
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the path's escapes do not decode to UTF-8".to_owned())
 }
 
 /// An error of SQLite's own kind with a message of ours.
@@ -215,10 +260,10 @@ pub fn retry_while_busy<T>(
 /// pool's acquire timeout.
 pub struct ReadPool {
     file: SqliteFile,
-    idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    idle: Arc<Mutex<Vec<Connection>>>,
+    permits: Arc<Semaphore>,
     acquire_timeout: Duration,
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
 }
 
 impl ReadPool {
@@ -227,10 +272,10 @@ impl ReadPool {
         let size = size.max(1) as usize;
         Arc::new(ReadPool {
             file,
-            idle: Mutex::new(Vec::with_capacity(size)),
-            permits: Semaphore::new(size),
+            idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
+            permits: Arc::new(Semaphore::new(size)),
             acquire_timeout,
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -254,51 +299,52 @@ impl ReadPool {
         if self.closed.load(Ordering::Acquire) {
             return Err(closed());
         }
-        let _permit = match tokio::time::timeout(self.acquire_timeout, self.permits.acquire()).await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(closed()),
-            Err(_) => {
-                return Err(failure(
-                    ffi::SQLITE_BUSY,
-                    format!(
-                        "no SQLite connection came free within {:?}",
-                        self.acquire_timeout
-                    ),
-                ))
-            }
-        };
+        let permit =
+            match tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(closed()),
+                Err(_) => {
+                    return Err(failure(
+                        ffi::SQLITE_BUSY,
+                        format!(
+                            "no SQLite connection came free within {:?}",
+                            self.acquire_timeout
+                        ),
+                    ))
+                }
+            };
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         // The file's settings travel only when a connection must be opened.
         let idle = idle.ok_or_else(|| self.file.clone());
+        // The permit and the connection's return go with the blocking call: a caller that stops
+        // waiting (its future dropped) frees the slot only once the call is over and its
+        // connection is back.
+        let (pool, closed) = (self.idle.clone(), self.closed.clone());
         let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut conn = match idle {
                 Ok(c) => c,
                 Err(file) => match file.open() {
                     Ok(c) => c,
-                    Err(e) => return (None, Err(e)),
+                    Err(e) => return Err(e),
                 },
             };
             let r = f(&mut conn);
             let keep = conn.is_autocommit() || conn.execute_batch("ROLLBACK").is_ok();
-            (keep.then_some(conn), r)
+            if keep && !closed.load(Ordering::Acquire) {
+                pool.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            }
+            r
         })
         .await;
-        let (conn, r) = joined.map_err(|e| {
+        joined.map_err(|e| {
             failure(
                 ffi::SQLITE_INTERNAL,
                 format!("a database call did not finish: {e}"),
             )
-        })?;
-        if let Some(conn) = conn {
-            if !self.closed.load(Ordering::Acquire) {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(conn);
-            }
-        }
-        r
+        })?
     }
 
     /// Closes the idle connections and refuses later calls; connections lent out close when
@@ -321,38 +367,56 @@ mod tests {
     #[test]
     fn parses_the_url_forms() {
         let f = SqliteFile::from_url("sqlite://convoq.db").unwrap();
-        assert_eq!(f.path().unwrap().to_str(), Some("convoq.db"));
+        assert_eq!(f.path().to_str(), Some("convoq.db"));
         let f = SqliteFile::from_url("sqlite:///tmp/x.db?mode=rw").unwrap();
-        assert_eq!(f.path().unwrap().to_str(), Some("/tmp/x.db"));
+        assert_eq!(f.path().to_str(), Some("/tmp/x.db"));
         assert!(!f.create);
-        assert!(SqliteFile::from_url("sqlite::memory:")
-            .unwrap()
-            .path()
-            .is_none());
+        let err = SqliteFile::from_url("sqlite::memory:").unwrap_err();
+        assert!(err.contains("in-memory"), "{err}");
         let err = SqliteFile::from_url("sqlite://x.db?cache=private").unwrap_err();
         assert!(err.contains("cache=private"), "{err}");
         assert!(SqliteFile::from_url("sqlite://").is_err());
         assert!(SqliteFile::from_url("postgres://x").is_err());
+        let f = SqliteFile::from_url("sqlite:///tmp/my%20data.db").unwrap();
+        assert_eq!(f.path().to_str(), Some("/tmp/my data.db"));
+        let err = SqliteFile::from_url("sqlite://x%2.db").unwrap_err();
+        assert!(err.contains("escape"), "{err}");
     }
 
-    #[tokio::test]
-    async fn memory_databases_are_shared_by_a_pool_and_private_to_it() {
-        let file = SqliteFile::from_url("sqlite::memory:").unwrap();
-        let pool = super::ReadPool::new(file, 2, std::time::Duration::from_secs(1));
-        // Keep one connection open so that the shared in-memory database lives on.
-        let keep = pool.file().open().unwrap();
-        keep.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)")
-            .unwrap();
-        let n: i64 = pool
-            .run(|c| c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0)))
+    #[test]
+    fn the_same_file_is_the_same_database_however_it_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |url: String| SqliteFile::from_url(&url).unwrap();
+        let abs = file(format!("sqlite://{}/x.db", dir.path().display()));
+        let short = file(format!("sqlite:{}/x.db", dir.path().display()));
+        let dotted = file(format!("sqlite://{}/./sub/../x.db", dir.path().display()));
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(abs.same_database(&short));
+        assert!(abs.same_database(&dotted));
+        assert!(!abs.same_database(&file(format!("sqlite://{}/y.db", dir.path().display()))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_stays_taken_while_its_call_runs_after_the_caller_left() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let pool = super::ReadPool::new(
+            SqliteFile::from_url(&url).unwrap(),
+            1,
+            Duration::from_millis(100),
+        );
+        let slow = pool.run(|_| {
+            std::thread::sleep(Duration::from_millis(600));
+            Ok(())
+        });
+        // The caller gives up; the blocking call runs on.
+        assert!(tokio::time::timeout(Duration::from_millis(50), slow)
             .await
-            .unwrap();
-        assert_eq!(n, 1);
-        let other = SqliteFile::from_url("sqlite::memory:").unwrap();
-        assert!(other
-            .open()
-            .unwrap()
-            .execute_batch("SELECT * FROM t")
             .is_err());
+        let busy = pool.run(|_| Ok(())).await;
+        assert!(busy.is_err(), "the one connection is still in use");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        pool.run(|_| Ok(())).await.unwrap();
     }
 }

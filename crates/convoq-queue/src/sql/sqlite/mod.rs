@@ -156,7 +156,7 @@ impl Dialect for Sqlite {
     /// A fresh connection to the same file, with the writer's settings; the old one (its
     /// transaction, if any, rolled back by SQLite) is closed. On failure the old one is kept.
     async fn reopen(&self, w: &mut SqliteWriter) -> SqlResult<()> {
-        let fresh = w.file.open()?;
+        let fresh = w.file.clone().existing().open()?;
         let old = std::mem::replace(&mut w.conn, fresh);
         drop(old);
         Ok(())

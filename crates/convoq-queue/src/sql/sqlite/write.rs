@@ -3,7 +3,7 @@
 //! on the writer's own thread (rusqlite runs a statement on the calling thread, from a cache of
 //! prepared statements), and records what to announce after the commit in the [`Batch`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -322,30 +322,37 @@ pub(crate) fn complete_plain(
         }
         return Ok(Some(jobs.iter().map(|_| Ok(())).collect()));
     }
-    let done: Vec<(String, String)> = conn
-        .prepare_cached(&format!("{COMPLETE} RETURNING cq_jobs.queue, cq_jobs.id"))?
-        .query_map(params![now, rows], |r| Ok((r.get(0)?, r.get(1)?)))?
+    // Which of the listed completions hold their job's current lease, by their index in the
+    // list: a stale holder and the current one of one job may end in the same batch, and only
+    // the current one's completion is the job's (SQLite's `RETURNING` cannot name the listed
+    // token that matched, so it is read first, in the same transaction).
+    let holding: HashSet<usize> = conn
+        .prepare_cached(
+            "SELECT v.key FROM json_each(?) AS v JOIN cq_jobs \
+             ON cq_jobs.queue = v.value ->> 0 AND cq_jobs.id = v.value ->> 1 \
+             AND cq_jobs.state = 'active' AND cq_jobs.lease_token = v.value ->> 2",
+        )?
+        .query_map(params![rows], |r| r.get::<_, i64>(0))?
+        .map(|k| k.map(|k| k as usize))
         .collect::<SqlResult<_>>()?;
-    // A job listed twice under one token is completed once: the second answers lease lost.
-    let mut left: HashMap<(String, String), usize> = HashMap::with_capacity(done.len());
-    for key in done {
-        *left.entry(key).or_default() += 1;
-    }
+    conn.prepare_cached(COMPLETE)?.execute(params![now, rows])?;
+    // A job listed twice under its current token is completed once: the second answers lease
+    // lost.
+    let mut completed: HashSet<(&str, &str)> = HashSet::with_capacity(holding.len());
     Ok(Some(
         jobs.iter()
-            .map(|(claimed, _)| {
+            .enumerate()
+            .map(|(i, (claimed, _))| {
                 let job = &claimed.job;
-                match left.get_mut(&(job.queue.clone(), job.id.clone())) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        batch.count_completed(&job.queue);
-                        batch.changed(&job.queue, &job.id);
-                        Ok(())
-                    }
-                    _ => Err(QueueError::LeaseLost {
+                if holding.contains(&i) && completed.insert((&job.queue, &job.id)) {
+                    batch.count_completed(&job.queue);
+                    batch.changed(&job.queue, &job.id);
+                    Ok(())
+                } else {
+                    Err(QueueError::LeaseLost {
                         queue: job.queue.clone(),
                         job_id: job.id.clone(),
-                    }),
+                    })
                 }
             })
             .collect(),
