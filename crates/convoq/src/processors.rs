@@ -168,8 +168,20 @@ impl Processor for CreateConversation {
                 "invalid job payload: conversationId must be a UUID",
             ));
         }
-        // No lookup of the user first: the foreign key on `conversations.user_id` rejects an
-        // unknown user inside the insert, and `classify` turns that into the job's reason.
+        // Where the insert commits in the queue's batch, an unknown user is found first (from
+        // memory, for users seen before): its foreign-key failure would roll back the batch
+        // shared with other jobs and have it applied again, one savepoint per effect. The
+        // foreign key still guards the insert; elsewhere it is the only check, and `classify`
+        // turns its failure into the job's reason.
+        if self.shared_transaction
+            && !self
+                .store
+                .user_exists(user_id.as_str())
+                .await
+                .map_err(classify)?
+        {
+            return Err(classify(StoreError::UnknownUser(user_id.to_string())));
+        }
         let created_at = Utc::now();
         let conversation = NewConversation {
             id: conversation_id.clone(),

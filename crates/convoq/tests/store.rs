@@ -30,6 +30,7 @@ on_each_database!(
     #[tokio::test]
     migrations_are_idempotent_and_concurrent,
     users_upsert_and_conflict,
+    a_user_is_known_once_it_exists,
     conversations_insert_once_and_page_newest_first,
     inserts_run_inside_a_callers_transaction,
     group_inserts_are_one_statement_all_or_nothing,
@@ -82,6 +83,17 @@ fn conversation(id: &str, user: &str, title: Option<&str>) -> NewConversation {
         title: title.map(str::to_owned),
         personality_mode: "helpful".to_owned(),
     }
+}
+
+async fn a_user_is_known_once_it_exists(db: TestDatabase) {
+    let store = open(db.url.as_str()).await;
+    assert!(!store.user_exists("u7").await.unwrap());
+    // Not remembered as missing: created meanwhile (by another process, say), it is found.
+    let other = open(db.url.as_str()).await;
+    other.upsert_user("u7", "700", "u7", None).await.unwrap();
+    assert!(store.user_exists("u7").await.unwrap());
+    assert!(store.user_exists("u7").await.unwrap());
+    assert!(!store.user_exists("u8").await.unwrap());
 }
 
 async fn conversations_insert_once_and_page_newest_first(db: TestDatabase) {

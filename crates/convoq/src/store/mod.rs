@@ -192,6 +192,32 @@ enum Db {
 pub struct Store {
     db: Db,
     metrics: Arc<Metrics>,
+    known_users: Arc<KnownUsers>,
+}
+
+/// Ids of users this process has seen in the store. Users are never deleted, so a user seen
+/// once exists for good; the set is emptied when it reaches [`KnownUsers::MAX`] ids, which
+/// costs a read per user afterwards and nothing else.
+#[derive(Default)]
+struct KnownUsers(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl KnownUsers {
+    const MAX: usize = 100_000;
+
+    fn contains(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn insert(&self, id: &str) {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= Self::MAX {
+            set.clear();
+        }
+        set.insert(id.to_owned());
+    }
 }
 
 impl Store {
@@ -215,7 +241,11 @@ impl Store {
                 convoq_queue::sql::redact_url(url)
             )));
         };
-        let store = Store { db, metrics };
+        let store = Store {
+            db,
+            metrics,
+            known_users: Arc::default(),
+        };
         {
             let _t = store.metrics.db_timer("migrate");
             match &store.db {
@@ -282,6 +312,24 @@ impl Store {
             Db::Sqlite(p) => sqlite::get_user(p, id).await,
             Db::Postgres(p) => postgres::get_user(p, id).await,
         }
+    }
+
+    /// Whether a user exists, from this process's memory of users it has seen, or else from
+    /// the store. Lets a job for an unknown user fail before it reaches the queue's writer,
+    /// where its conversation's foreign key would roll back the whole batch it shares with
+    /// other jobs.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn user_exists(&self, id: &str) -> Result<bool, StoreError> {
+        if self.known_users.contains(id) {
+            return Ok(true);
+        }
+        let exists = self.get_user(id).await?.is_some();
+        if exists {
+            self.known_users.insert(id);
+        }
+        Ok(exists)
     }
 
     /// Reads a conversation.
