@@ -1525,7 +1525,14 @@ async fn metrics_cover_the_spec_with_route_templates() {
         .await;
     failed.assert_error(422, "job_failed", None);
 
-    let text = h.get("/metrics", None).await.text;
+    // A job's end reaches the metrics just after it is recorded (and answered to a waiting
+    // POST): read until the failed job is counted, a few seconds at most.
+    let mut text = h.get("/metrics", None).await.text;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !text.contains(r#"final="true""#) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = h.get("/metrics", None).await.text;
+    }
     for name in [
         "convoq_jobs_queued_total",
         "convoq_jobs_completed_total",

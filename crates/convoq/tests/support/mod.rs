@@ -332,7 +332,7 @@ impl Server {
     }
 
     /// The exit status if the process has exited (and reaps it).
-    fn try_exit(&mut self) -> Option<ExitStatus> {
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         match child.try_wait() {
             Ok(Some(status)) => {
