@@ -34,8 +34,10 @@ pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit",
 /// audit inserts run in the queue writer's completion transaction), and the more jobs in flight,
 /// the more each of the writer's commits carries. At 32 the embedded default accepted faster
 /// than it processed under load, and the backlog grew; at 128 it keeps pace (`BENCHMARKS.md`).
+/// The audit record commits with its conversation there, so `audit` serves only the
+/// `record_audit_event` jobs other producers add (a Node producer, say): 4 slots.
 pub const SHARED_SQL_CONCURRENCY: [(&str, usize); 3] =
-    [("database", 128), ("audit", 128), ("chat", 4)];
+    [("database", 128), ("audit", 4), ("chat", 4)];
 /// Default backlog (waiting + delayed jobs) above which POSTs get 429.
 pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
 /// Default grace period for in-flight jobs at shutdown.
@@ -820,7 +822,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(both_pg.concurrency["database"], 128);
-        assert_eq!(both_pg.concurrency["audit"], 128);
+        assert_eq!(both_pg.concurrency["audit"], 4);
         assert_eq!(both_pg.concurrency["chat"], 4);
         // A queue apart from the store: each slot holds a store connection while it runs.
         for queue_url in ["redis://127.0.0.1:6379", "sqlite://queue.db"] {
@@ -840,7 +842,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(set.concurrency["database"], 8);
-        assert_eq!(set.concurrency["audit"], 128);
+        assert_eq!(set.concurrency["audit"], 4);
     }
 
     #[test]

@@ -2,10 +2,19 @@
 //! operation, applies them in one transaction and answers each caller after the commit.
 //!
 //! SQLite allows one writer at a time, so funnelling writes through one task costs nothing in
-//! concurrency and turns N concurrent commits into one. If a batch fails, its operations are
-//! applied again one by one, so a single bad operation fails alone; if it failed because its
-//! connection did, it is applied once more as a whole on a new connection, and otherwise
-//! refused as a whole (the database is unreachable: no operation could succeed).
+//! concurrency and turns N concurrent commits into one. What happens when a batch fails depends
+//! on what the database said ([`Failure`], from [`Dialect::classify`]): one operation's own
+//! failure (a constraint) has the batch applied again one operation at a time, so that it
+//! fails alone; a lost connection has it applied once more as a whole on a new connection; a
+//! lock held elsewhere, a full disk or a broken file refuses the batch as a whole as
+//! unavailable (no operation would fare better alone), the last two also marking the writer
+//! down (readiness fails) until a batch commits again.
+//!
+//! Callers wait for their answer up to the engine's write timeout; an operation whose caller
+//! gave up before the writer took it up is dropped unapplied ([`abandoned`]). A panic while a
+//! batch is applied is caught: a panicking effect fails its own attempt (see
+//! `effect::apply_guarded`), and any other panic refuses the batch's unanswered operations as
+//! unavailable and has the connection replaced before the next batch ([`Step::commit`]).
 //!
 //! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
 //! own connection, pulling batches from the same channel: while one commits, the next drains
