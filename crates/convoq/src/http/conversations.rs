@@ -76,21 +76,30 @@ pub async fn create(
         }
     };
 
-    let counts = state
+    // A place in the backlog, counted against what this process has committed (see
+    // `stats::QueueStats::admit`); given back if the add fails.
+    let admission = match state
         .stats
-        .counts(&state.queues, &state.metrics, DATABASE_QUEUE)
-        .await?;
-    let backlog = counts.waiting + counts.delayed + counts.paused;
-    if backlog >= state.config.max_backlog {
-        let wait_ms = state.stats.estimated_wait_ms(DATABASE_QUEUE, backlog);
-        return Err(ApiError::TooManyRequests {
-            retry_after: (wait_ms / 1000).clamp(1, 60),
-            message: format!(
-                "the {DATABASE_QUEUE} queue has {backlog} jobs waiting, over its limit of {}; retry later",
-                state.config.max_backlog
+        .admit(
+            &state.queues,
+            &state.metrics,
+            DATABASE_QUEUE,
+            state.config.max_backlog,
+        )
+        .await?
+    {
+        Ok(admission) => admission,
+        Err(full) => {
+            return Err(ApiError::TooManyRequests {
+                retry_after: full.retry_after,
+                message: format!(
+                "the {DATABASE_QUEUE} queue has {} jobs waiting, at its limit of {}; retry later",
+                full.backlog, state.config.max_backlog
             ),
-        });
-    }
+            })
+        }
+    };
+    let backlog = admission.backlog;
 
     let body_hash = hex(&Sha256::digest(
         serde_json::to_vec(&json!([user_id, title, mode])).unwrap_or_default(),
@@ -121,6 +130,7 @@ pub async fn create(
     )
     .with_opts(opts);
     let added = state.queues.add(job).await?;
+    admission.added(added.created);
     let stored: CreateConversationJob = serde_json::from_value(added.job.data.clone())
         .map_err(|e| ApiError::Internal(format!("stored job payload unreadable: {e}")))?;
     if !added.created && stored.body_hash.as_deref() != Some(body_hash.as_str()) {
@@ -169,7 +179,7 @@ pub async fn create(
         }
     }
 
-    let backlog = backlog + u64::from(added.created);
+    let backlog = backlog - u64::from(!added.created);
     let mut resp = ok_json(
         StatusCode::ACCEPTED,
         json!({

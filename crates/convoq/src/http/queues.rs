@@ -22,11 +22,40 @@ fn known(name: &str) -> Result<&'static str, ApiError> {
     })
 }
 
-async fn queue_json(state: &AppState, name: &str) -> Result<serde_json::Value, ApiError> {
-    let counts = state
+/// Whether the query asks for counts read now (`?fresh=true`) rather than the cached ones.
+fn wants_fresh(q: &std::collections::HashMap<String, String>) -> Result<bool, ApiError> {
+    match q.get("fresh").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::field(
+            "fresh",
+            format!("fresh must be true or false, not {other:?}"),
+        )),
+    }
+}
+
+async fn queue_json(
+    state: &AppState,
+    name: &str,
+    fresh: bool,
+) -> Result<serde_json::Value, ApiError> {
+    // Cached counts are at most a quarter of a second old (five while a slow read is redone);
+    // `countsAgeMs` says how old, and `?fresh=true` reads them now.
+    let counts = if fresh {
+        state
+            .stats
+            .fresh_counts(&state.queues, &state.metrics, name)
+            .await?
+    } else {
+        state
+            .stats
+            .counts(&state.queues, &state.metrics, name)
+            .await?
+    };
+    let age_ms = state
         .stats
-        .counts(&state.queues, &state.metrics, name)
-        .await?;
+        .counts_age(name)
+        .map_or(0, |a| a.as_millis() as u64);
     let paused = state.queues.is_paused(name).await?;
     let t = state.stats.throughput(name);
     Ok(json!({
@@ -37,6 +66,7 @@ async fn queue_json(state: &AppState, name: &str) -> Result<serde_json::Value, A
             "completed": counts.completed, "failed": counts.failed, "paused": counts.paused,
         },
         "totals": { "completed": counts.completed_total, "failed": counts.failed_total },
+        "countsAgeMs": age_ms,
         "throughputPerMinute": (t.per_second * 60.0).round(),
         "meanDurationMs": (t.mean_duration_ms * 100.0).round() / 100.0,
     }))
@@ -46,11 +76,13 @@ async fn queue_json(state: &AppState, name: &str) -> Result<serde_json::Value, A
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> ApiResult {
     caller.require_admin()?;
+    let fresh = wants_fresh(&query)?;
     let mut out = Vec::new();
     for q in QUEUES {
-        out.push(queue_json(&state, q).await?);
+        out.push(queue_json(&state, q, fresh).await?);
     }
     Ok(ok_json(
         StatusCode::OK,
@@ -63,12 +95,14 @@ pub async fn get_one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> ApiResult {
     caller.require_admin()?;
     let q = known(&name)?;
+    let fresh = wants_fresh(&query)?;
     Ok(ok_json(
         StatusCode::OK,
-        json!({ "ok": true, "queue": queue_json(&state, q).await? }),
+        json!({ "ok": true, "queue": queue_json(&state, q, fresh).await? }),
     ))
 }
 

@@ -2,6 +2,16 @@
 //! queue stats endpoints. Counts are cached and refreshed in the background (stale while
 //! revalidating), so that a POST never waits for the queue to be counted except on the very
 //! first request or when the cache is too old to trust.
+//!
+//! The backlog a POST is admitted against is never older than what this process committed:
+//! [`QueueStats::admit`] adds to the cached counts the jobs this process has added since their
+//! read began and the admissions granted and not yet answered, and grants one at a time under
+//! a lock. Jobs that drained since the read are found at the next refresh (the count errs high,
+//! never low). An add that commits before a read begins but is answered after it would be
+//! counted twice (in the read and as added since), so within [`NEAR_LIMIT`] jobs of the limit
+//! admissions and reads are kept apart ([`QueueStats::gate`]): there the limit holds exactly
+//! within one process. Other processes' adds are seen at this process's next refresh: see the
+//! README for the bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -16,6 +26,9 @@ const FRESH_FOR: Duration = Duration::from_millis(250);
 /// How long stale counts are still answered while one refresh runs in the background; older
 /// than this, a caller waits for fresh counts.
 const STALE_FOR: Duration = Duration::from_secs(5);
+/// How close to its limit a queue's backlog must be for admissions and count reads to be kept
+/// apart, so that the count is exact there.
+pub const NEAR_LIMIT: u64 = 256;
 /// The window for throughput and mean duration.
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -29,9 +42,81 @@ struct Sample {
 
 #[derive(Default)]
 struct PerQueue {
+    /// The last counts read, stamped with when their read began.
     counts: Option<(Instant, QueueCounts)>,
+    /// Jobs this process has added to the queue since it started (admitted and created).
+    accepted: u64,
+    /// `accepted` when the cached counts' read began: the jobs added since are not in them.
+    accepted_at_read: u64,
+    /// Admissions granted whose add has not been answered yet.
+    reserved: u64,
+    /// The backlog limit admissions are checked against, once one has been.
+    limit: Option<u64>,
     refreshing: bool,
     samples: VecDeque<Sample>,
+}
+
+impl PerQueue {
+    /// The backlog (waiting, delayed and paused jobs) as this process knows it: the last counts
+    /// plus what it added since their read began and the admissions under way.
+    fn backlog(&self) -> Option<u64> {
+        let (_, c) = self.counts.as_ref()?;
+        Some(backlog_of(c) + self.accepted.saturating_sub(self.accepted_at_read) + self.reserved)
+    }
+}
+
+/// The jobs of `counts` that wait to run.
+pub fn backlog_of(counts: &QueueCounts) -> u64 {
+    counts.waiting + counts.delayed + counts.paused
+}
+
+/// A POST's place in the backlog, granted by [`QueueStats::admit`]. Say with
+/// [`Admission::added`] whether the add created a job; dropped without it (the add failed), the
+/// place is given back.
+pub struct Admission {
+    stats: Arc<QueueStats>,
+    queue: String,
+    /// The backlog this admission counts in, itself included.
+    pub backlog: u64,
+    settled: bool,
+    /// Near the limit: keeps count reads out until the add is answered.
+    _gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
+impl Admission {
+    /// The add was answered: `created` when it made a new job (not an idempotent replay).
+    pub fn added(mut self, created: bool) {
+        self.settle(created);
+    }
+
+    fn settle(&mut self, created: bool) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let mut map = self.stats.lock();
+        if let Some(q) = map.get_mut(&self.queue) {
+            q.reserved = q.reserved.saturating_sub(1);
+            if created {
+                q.accepted += 1;
+            }
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.settle(false);
+    }
+}
+
+/// Why a POST was not admitted: the queue's backlog is at its limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Full {
+    /// The backlog as counted.
+    pub backlog: u64,
+    /// Seconds until the backlog should be under the limit at the queue's measured drain rate
+    /// (1 to 60; 60 when the queue is not draining, e.g. paused).
+    pub retry_after: u64,
 }
 
 /// Cached counts and a minute of throughput samples per queue.
@@ -39,6 +124,10 @@ struct PerQueue {
 pub struct QueueStats {
     // A std mutex: held only to read or update the cache, never across an await.
     inner: Mutex<HashMap<String, PerQueue>>,
+    /// Near a queue's limit, held shared by each admission until its add is answered and
+    /// exclusively by each count read, so that no add is between its commit and its answer
+    /// while a read begins (it would be counted twice).
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Throughput figures of one queue over the last minute.
@@ -81,10 +170,7 @@ impl QueueStats {
                     let (this, queues, metrics) = (self.clone(), queues.clone(), metrics.clone());
                     let queue = queue.to_owned();
                     tokio::spawn(async move {
-                        let fresh = queues.counts(&queue).await;
-                        if let Ok(c) = &fresh {
-                            this.record(&metrics, &queue, c);
-                        }
+                        let _ = this.fresh_counts(&queues, &metrics, &queue).await;
                         if let Some(q) = this.lock().get_mut(&queue) {
                             q.refreshing = false;
                         }
@@ -92,24 +178,130 @@ impl QueueStats {
                 }
                 Ok(counts)
             }
-            None => {
-                let counts = queues.counts(queue).await?;
-                self.record(metrics, queue, &counts);
-                Ok(counts)
-            }
+            None => self.fresh_counts(queues, metrics, queue).await,
         }
+    }
+
+    /// Grants a place in `queue`'s backlog if it holds fewer than `limit` jobs as this process
+    /// knows it (see the module docs); otherwise says when to try again.
+    ///
+    /// # Errors
+    /// The outer error when the queue cannot be counted; the inner one when it is full.
+    pub async fn admit(
+        self: &Arc<Self>,
+        queues: &Queues,
+        metrics: &Arc<Metrics>,
+        queue: &str,
+        limit: u64,
+    ) -> Result<Result<Admission, Full>, QueueError> {
+        // Counts no older than STALE_FOR (a refresh under way in the background).
+        self.counts(queues, metrics, queue).await?;
+        let near = {
+            let mut map = self.lock();
+            let q = map.entry(queue.to_owned()).or_default();
+            q.limit = Some(limit);
+            q.backlog().unwrap_or(0) + NEAR_LIMIT >= limit
+        };
+        let gate = if near {
+            Some(self.gate.clone().read_owned().await)
+        } else {
+            None
+        };
+        let full = {
+            let mut map = self.lock();
+            let q = map.entry(queue.to_owned()).or_default();
+            let backlog = q.backlog().unwrap_or(0);
+            if backlog < limit {
+                q.reserved += 1;
+                return Ok(Ok(Admission {
+                    stats: self.clone(),
+                    queue: queue.to_owned(),
+                    backlog: backlog + 1,
+                    settled: false,
+                    _gate: gate,
+                }));
+            }
+            backlog
+        };
+        let drain = self.throughput(queue).per_second;
+        let excess = (full + 1).saturating_sub(limit) as f64;
+        let retry_after = if drain > 0.0 {
+            (excess / drain).ceil().clamp(1.0, 60.0) as u64
+        } else {
+            60
+        };
+        Ok(Err(Full {
+            backlog: full,
+            retry_after,
+        }))
+    }
+
+    /// The queue's counts read now (not from the cache), and the cache updated with them.
+    ///
+    /// # Errors
+    /// When the queue cannot be read.
+    pub async fn fresh_counts(
+        &self,
+        queues: &Queues,
+        metrics: &Metrics,
+        queue: &str,
+    ) -> Result<QueueCounts, QueueError> {
+        let _apart = if self.near_limit(queue) {
+            Some(self.gate.write().await)
+        } else {
+            None
+        };
+        let (started, mark) = self.read_begins(queue);
+        let counts = queues.counts(queue).await?;
+        self.record(metrics, queue, &counts, started, mark);
+        Ok(counts)
+    }
+
+    /// Whether `queue`'s backlog is within [`NEAR_LIMIT`] of the limit admissions check.
+    fn near_limit(&self, queue: &str) -> bool {
+        let map = self.lock();
+        map.get(queue).is_some_and(|q| {
+            q.limit
+                .is_some_and(|limit| q.backlog().unwrap_or(0) + NEAR_LIMIT >= limit)
+        })
+    }
+
+    /// How old the cached counts of `queue` are, if any are cached.
+    pub fn counts_age(&self, queue: &str) -> Option<Duration> {
+        let map = self.lock();
+        map.get(queue)?.counts.as_ref().map(|(at, _)| at.elapsed())
+    }
+
+    /// Notes that a read of `queue`'s counts begins: when, and how many jobs this process had
+    /// added by then.
+    fn read_begins(&self, queue: &str) -> (Instant, u64) {
+        let mut map = self.lock();
+        let q = map.entry(queue.to_owned()).or_default();
+        (Instant::now(), q.accepted)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PerQueue>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, metrics: &Metrics, queue: &str, counts: &QueueCounts) {
+    /// Caches counts whose read began at `started`, when this process had added `mark` jobs,
+    /// unless counts read later are cached already.
+    fn record(
+        &self,
+        metrics: &Metrics,
+        queue: &str,
+        counts: &QueueCounts,
+        started: Instant,
+        mark: u64,
+    ) {
         let now = Instant::now();
         let (sum, count) = duration_totals(metrics, queue);
         let mut map = self.lock();
         let q = map.entry(queue.to_owned()).or_default();
-        q.counts = Some((now, counts.clone()));
+        if q.counts.as_ref().is_none_or(|(at, _)| *at <= started) {
+            q.counts = Some((started, counts.clone()));
+            q.accepted_at_read = mark;
+        }
         if q.samples
             .back()
             .is_none_or(|s| now - s.at >= Duration::from_millis(500))
