@@ -27,6 +27,9 @@
 #   OUT_DIR                 where logs/metrics go (default: a new /tmp/convoq-pipeline.XXXX)
 #   NODE_REF_DIR            where the npm-installed copy of node-reference lives
 #                           (default /tmp/convoq-bench-node-ref, reused when package.json matches)
+#   UNKNOWN_PCT=0           MODE=open: this percentage of the bodies name a user that does not
+#                           exist (ghost-N): their jobs fail and make no row (rows < accepted
+#                           by that share), to see whether they slow the others down
 #   SKIP_BUILD=0            1: do not run cargo build (use the existing target/release/convoq)
 #   CONVOQ_BIN              run this convoq binary instead (no build): A/B runs of two builds
 #
@@ -683,8 +686,12 @@ log "output in $OUT_DIR"
 } >"$OUT_DIR/env.txt"
 if [ "$MODE" = open ]; then # the bodies of shared/bench/README.md (users user-0..user-999)
   BODIES="$OUT_DIR/bodies.txt"
-  python3 -c 'import json
-for i in range(20000): print(json.dumps({"userId": f"user-{i % 1000}", "title": f"Bench conversation {i}", "personalityMode": "helpful"}))' >"$BODIES"
+  python3 -c 'import json, sys
+pct = int(sys.argv[1])
+for i in range(20000):
+    user = f"ghost-{i % 1000}" if (i * 37) % 100 < pct else f"user-{i % 1000}"
+    print(json.dumps({"userId": user, "title": f"Bench conversation {i}", "personalityMode": "helpful"}))' "${UNKNOWN_PCT:-0}" >"$BODIES"
+  echo "unknown-user bodies: ${UNKNOWN_PCT:-0} %" >>"$OUT_DIR/env.txt"
 fi
 TAGS=()
 [ "$RUN_CONVOQ" = 1 ] && build_convoq

@@ -4,7 +4,9 @@
 
 use std::fmt;
 
+use convoq_queue::Job;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Why a value was refused: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +248,19 @@ pub struct AuditEventJob {
     pub request_id: Option<String>,
     /// When it happened (RFC 3339).
     pub at: String,
+}
+
+/// A conversation id for a job that carries none (one added by a Node producer of the system
+/// being replaced): a UUIDv7 built from the job's creation time and a digest of its queue and
+/// id, so every attempt of that job derives the same conversation.
+pub fn derived_conversation_id(job: &Job) -> String {
+    let digest = Sha256::digest(format!("{}\u{0}{}", job.queue, job.id).as_bytes());
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&digest[..10]);
+    let ms = job.created_at.timestamp_millis().max(0) as u64;
+    uuid::Builder::from_unix_timestamp_millis(ms, &random)
+        .into_uuid()
+        .to_string()
 }
 
 #[cfg(test)]

@@ -17,11 +17,10 @@ use chrono::{DateTime, Utc};
 use convoq_queue::sql::{SqlConn, TxEffect};
 use convoq_queue::{Completion, Job, NewJob, ProcessError, Processor};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::domain::{
-    AuditEventJob, CreateConversationJob, PersonalityMode, Title, UserId, AUDIT_QUEUE,
-    RECORD_AUDIT_EVENT,
+    derived_conversation_id, AuditEventJob, CreateConversationJob, PersonalityMode, Title, UserId,
+    AUDIT_QUEUE, RECORD_AUDIT_EVENT,
 };
 use crate::store::{self, NewAuditEvent, NewConversation, Store, StoreError};
 
@@ -36,19 +35,6 @@ fn classify(e: StoreError) -> ProcessError {
         )),
         other => ProcessError::unrecoverable(other),
     }
-}
-
-/// A conversation id for a job that carries none (one added by a Node producer of the system
-/// being replaced): a UUIDv7 built from the job's creation time and a digest of its queue and
-/// id, so every attempt of that job derives the same conversation.
-pub fn derived_conversation_id(job: &Job) -> String {
-    let digest = Sha256::digest(format!("{}\u{0}{}", job.queue, job.id).as_bytes());
-    let mut random = [0u8; 10];
-    random.copy_from_slice(&digest[..10]);
-    let ms = job.created_at.timestamp_millis().max(0) as u64;
-    uuid::Builder::from_unix_timestamp_millis(ms, &random)
-        .into_uuid()
-        .to_string()
 }
 
 /// Processes `create_conversation`.
@@ -73,17 +59,6 @@ trait InsertRows: Send + Sync + Sized + 'static {
         conn: SqlConn<'_>,
         rows: &[(&Self, DateTime<Utc>)],
     ) -> Result<(), StoreError>;
-}
-
-#[async_trait]
-impl InsertRows for NewConversation {
-    async fn insert(
-        store: &Store,
-        conn: SqlConn<'_>,
-        rows: &[(&Self, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        store.insert_conversations_in(conn, rows).await
-    }
 }
 
 #[async_trait]
@@ -231,14 +206,9 @@ impl Processor for CreateConversation {
                 .with_id(audit_id),
             );
         }
-        tracing::info!(
-            request_id = payload.request_id.as_deref().unwrap_or(""),
-            job_id = %job.id,
-            user_id = %user_id,
-            conversation_id = %conversation_id,
-            attempt = job.attempts_made,
-            "conversation created"
-        );
+        // "conversation created" is logged once the completion has committed
+        // (`telemetry::JobTelemetry`), not here: with the queue in the store's database the
+        // insert commits only with the completion.
         Ok(completion)
     }
 }

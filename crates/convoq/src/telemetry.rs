@@ -13,6 +13,7 @@ use prometheus::{
 };
 
 use crate::config::LogFormat;
+use crate::domain::{derived_conversation_id, CREATE_CONVERSATION};
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -214,6 +215,16 @@ impl WorkerObserver for JobTelemetry {
                 tracing::info!(request_id, job_id = %job.id, queue = %job.queue, job_name = %job.name,
                     user_id = field(job, "userId"), conversation_id = field(job, "conversationId"),
                     attempt = job.attempts_made, duration_ms, "job completed");
+                if job.name == CREATE_CONVERSATION {
+                    // After the commit that made the conversation (its own insert, or the
+                    // completion's transaction where the queue is in the store's database).
+                    let conversation_id = match field(job, "conversationId") {
+                        "" => derived_conversation_id(job),
+                        id => id.to_owned(),
+                    };
+                    tracing::info!(request_id, job_id = %job.id, user_id = field(job, "userId"),
+                        conversation_id, attempt = job.attempts_made, "conversation created");
+                }
             }
             AttemptEnd::Retrying => {
                 self.metrics

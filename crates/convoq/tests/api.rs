@@ -1202,7 +1202,19 @@ async fn queue_stats_and_listings() {
     assert_eq!(q["totals"]["completed"], json!(1));
     assert!(q["throughputPerMinute"].is_number());
     assert!(q["meanDurationMs"].is_number());
-    // The conversation's audit record commits with it: the audit queue has nothing to do.
+    // The conversation's audit record commits with it (it is in the store, with the request
+    // id), so the audit queue has nothing to do.
+    let conversation_id = v["conversationId"].as_str().unwrap().to_owned();
+    let db = rusqlite::Connection::open(h.dir.path().join("t.db")).unwrap();
+    let (event, request_id): (String, Option<String>) = db
+        .query_row(
+            "SELECT event, request_id FROM audit_log WHERE subject_id = ?1",
+            [&conversation_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("one audit record for the conversation");
+    assert_eq!(event, "conversation.created");
+    assert_eq!(request_id.as_deref(), v["requestId"].as_str());
     let r = h.get("/api/queues/audit", Some(ADMIN)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(

@@ -384,7 +384,13 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
         let ids: Vec<String> = query_rows(&db, "SELECT id FROM conversations", |r| r.get(0)).await;
         let done: HashSet<String> = ids.into_iter().collect();
         let missing = accepted.keys().filter(|c| !done.contains(*c)).count();
-        if missing == 0 {
+        // Each conversation's audit record comes from its own `record_audit_event` job.
+        let audited = count(
+            &db,
+            "SELECT COUNT(DISTINCT subject_id) FROM audit_log WHERE event = 'conversation.created'",
+        )
+        .await;
+        if missing == 0 && audited as usize >= done.len() {
             break;
         }
         assert!(
@@ -440,7 +446,23 @@ async fn a_redis_outage_under_load_loses_nothing_and_workers_resume() {
         "SELECT COUNT(*) FROM audit_log WHERE event = 'conversation.created'",
     )
     .await;
+    let audited_conversations = count(
+        &db,
+        "SELECT COUNT(*) FROM conversations c WHERE (SELECT COUNT(*) FROM audit_log a \
+         WHERE a.subject_id = c.id AND a.event = 'conversation.created') = 1",
+    )
+    .await;
     db.close();
+    assert_eq!(
+        audits as usize,
+        rows.len(),
+        "one audit record per conversation, no more"
+    );
+    assert_eq!(
+        audited_conversations as usize,
+        rows.len(),
+        "every conversation has exactly one audit record"
+    );
 
     let tally = |phase: u8| {
         let mut t: HashMap<String, usize> = HashMap::new();

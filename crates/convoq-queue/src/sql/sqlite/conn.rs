@@ -375,8 +375,10 @@ mod tests {
         assert!(err.contains("in-memory"), "{err}");
         let err = SqliteFile::from_url("sqlite://x.db?cache=private").unwrap_err();
         assert!(err.contains("cache=private"), "{err}");
-        assert!(SqliteFile::from_url("sqlite://").is_err());
-        assert!(SqliteFile::from_url("postgres://x").is_err());
+        let err = SqliteFile::from_url("sqlite://").unwrap_err();
+        assert!(err.contains("names no file"), "{err}");
+        let err = SqliteFile::from_url("postgres://x").unwrap_err();
+        assert!(err.contains("starts with sqlite://"), "{err}");
         let f = SqliteFile::from_url("sqlite:///tmp/my%20data.db").unwrap();
         assert_eq!(f.path().to_str(), Some("/tmp/my data.db"));
         let err = SqliteFile::from_url("sqlite://x%2.db").unwrap_err();
