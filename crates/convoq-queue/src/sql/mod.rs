@@ -24,6 +24,7 @@ mod dialect;
 mod effect;
 mod history;
 mod postgres;
+mod rules;
 mod sqlite;
 mod writer;
 
@@ -586,8 +587,8 @@ impl Engine for SqlEngine {
         }
     }
 
-    /// Fails while the writer cannot write (see [`Shared::writer_problem`]) or has stopped, and
-    /// when a read connection cannot reach the database.
+    /// Fails while the writer cannot write (a full disk, a broken file, a connection it could not
+    /// reopen) or has stopped, and when a read connection cannot reach the database.
     async fn ping(&self) -> Result<()> {
         if let Some(why) = self.shared.writer_problem() {
             return Err(QueueError::Unavailable(why));

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 
-use rand::Rng;
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
@@ -18,31 +17,10 @@ use super::SqlResult;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
-use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
+use crate::job::{Added, Job, JobOptions, JobState, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
+use crate::sql::rules::{attempt_failure, keep_columns, lease_lost, to_json, AttemptFailure};
 use crate::sql::writer::Batch;
-
-fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
-    match keep.unwrap_or(KeepJobs::FOREVER) {
-        KeepJobs::RemoveAtOnce => (Some(0), Some(finished_at)),
-        KeepJobs::Keep { count, age_secs } => (
-            count.map(|c| c.min(i64::MAX as u64) as i64),
-            age_secs.map(|a| finished_at.saturating_add((a as i64).saturating_mul(1000))),
-        ),
-    }
-}
-
-fn to_json(v: &impl serde::Serialize) -> String {
-    // Serialising a serde_json::Value or our own option types cannot fail.
-    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
-}
-
-fn lease_lost(claimed: &ClaimedJob) -> QueueError {
-    QueueError::LeaseLost {
-        queue: claimed.job.queue.clone(),
-        job_id: claimed.job.id.clone(),
-    }
-}
 
 /// Inserts jobs; a custom id that exists already yields the existing job.
 ///
@@ -431,16 +409,18 @@ async fn fail_attempt(
     batch: &mut Batch,
 ) -> SqlResult<Result<()>> {
     let job = &claimed.job;
-    let attempt = job.attempts_made;
-    let final_failure = !error.is_retryable() || attempt >= job.max_attempts();
-    let n = if final_failure {
-        let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
-        sqlx::query(
+    let failure = attempt_failure(claimed, error, now);
+    let n = match &failure {
+        AttemptFailure::Final {
+            reason,
+            keep_count,
+            expire_at,
+        } => sqlx::query(
             "UPDATE cq_jobs SET state = 'failed', failed_reason = $1, finished_at = $2, \
              lease_token = NULL, lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
              WHERE queue = $5 AND id = $6 AND state = 'active' AND lease_token = $7",
         )
-        .bind(error.reason())
+        .bind(reason)
         .bind(now)
         .bind(keep_count)
         .bind(expire_at)
@@ -449,55 +429,46 @@ async fn fail_attempt(
         .bind(&claimed.token)
         .execute(&mut *conn)
         .await?
-        .rows_affected()
-    } else {
-        let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
-        let delay = backoff
-            .delay_for(attempt, rand::thread_rng().gen::<f64>())
-            .as_millis() as i64;
-        let n = sqlx::query(
-            "UPDATE cq_jobs SET state = 'waiting', failed_reason = $1, run_at = $2, \
-             lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
-             WHERE queue = $3 AND id = $4 AND state = 'active' AND lease_token = $5",
-        )
-        .bind(error.reason())
-        .bind(now.saturating_add(delay))
-        .bind(&job.queue)
-        .bind(&job.id)
-        .bind(&claimed.token)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
-            insert_event(
-                conn,
-                &job.queue,
-                &job.id,
-                JobEventKind::Active,
-                attempt,
-                started,
-                None,
+        .rows_affected(),
+        AttemptFailure::Retry {
+            reason,
+            run_at,
+            events,
+        } => {
+            let n = sqlx::query(
+                "UPDATE cq_jobs SET state = 'waiting', failed_reason = $1, run_at = $2, \
+                 lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+                 WHERE queue = $3 AND id = $4 AND state = 'active' AND lease_token = $5",
             )
-            .await?;
-            let detail = serde_json::json!({ "reason": error.reason(), "delayMs": delay });
-            insert_event(
-                conn,
-                &job.queue,
-                &job.id,
-                JobEventKind::Retrying,
-                attempt,
-                now,
-                Some(detail),
-            )
-            .await?;
+            .bind(reason)
+            .bind(run_at)
+            .bind(&job.queue)
+            .bind(&job.id)
+            .bind(&claimed.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                for e in events {
+                    insert_event(
+                        conn,
+                        &job.queue,
+                        &job.id,
+                        e.kind,
+                        e.attempt,
+                        e.at,
+                        e.detail.clone(),
+                    )
+                    .await?;
+                }
+            }
+            n
         }
-        n
     };
     if n != 1 {
         return Ok(Err(lease_lost(claimed)));
     }
-    if final_failure {
+    if matches!(failure, AttemptFailure::Final { .. }) {
         batch.count_failed(&job.queue);
     }
     batch.changed(&job.queue, &job.id);

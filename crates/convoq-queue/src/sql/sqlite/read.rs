@@ -1,79 +1,19 @@
-//! SQLite reads: jobs, listings, counts, pause flags and histories, and the row mapping that
-//! turns a stored row into a [`Job`] (or a [`QueueError::Corrupt`], never a panic).
+//! SQLite reads: jobs, listings, counts, pause flags and histories (rows become [`Job`]s by
+//! the shared rule in `sql/rules.rs`).
 //!
 //! Each read runs as one closure on a connection of the [`ReadPool`], on a blocking thread.
 
-use rusqlite::{Connection, OptionalExtension, Row};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::conn::ReadPool;
 use super::schema::map_err;
 use super::SqlResult;
-use crate::clock::ms_to_datetime;
-use crate::error::{QueueError, Result};
+use crate::error::Result;
 use crate::events::JobEvent;
-use crate::job::{Job, JobOptions, JobState, QueueCounts};
+use crate::job::{Job, JobState, QueueCounts};
 use crate::sql::history::{self, EventRow};
 
-/// The columns a [`Job`] is read from, in [`job_from_row`]'s order.
-pub(crate) const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
-    stalled_count, result, failed_reason, created_at, processed_at, finished_at";
-
-pub(crate) fn job_from_row(row: &Row<'_>, now: i64, paused: bool) -> Result<Job> {
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-        QueueError::Corrupt(format!("{what} of a stored job: {e}"))
-    };
-    let get_i64 = |i: usize| -> Result<Option<i64>> {
-        row.get::<_, Option<i64>>(i)
-            .map_err(|e| corrupt("a timestamp or counter", &e))
-    };
-    let text = |i: usize| -> Result<Option<String>> {
-        row.get::<_, Option<String>>(i)
-            .map_err(|e| corrupt("a text column", &e))
-    };
-    let id = text(1)?.unwrap_or_default();
-    let data: serde_json::Value = serde_json::from_str(&text(3)?.unwrap_or_default())
-        .map_err(|e| corrupt(&format!("the payload of job {id}"), &e))?;
-    let opts: JobOptions = serde_json::from_str(&text(4)?.unwrap_or_default())
-        .map_err(|e| corrupt(&format!("the options of job {id}"), &e))?;
-    let run_at = get_i64(6)?.unwrap_or(0);
-    let state = match text(5)?.as_deref() {
-        Some("waiting") if run_at > now => JobState::Delayed,
-        Some("waiting") if paused => JobState::Paused,
-        Some("waiting") => JobState::Waiting,
-        Some("active") => JobState::Active,
-        Some("completed") => JobState::Completed,
-        Some("failed") => JobState::Failed,
-        other => {
-            return Err(corrupt(
-                &format!("the state of job {id}"),
-                &format!("{other:?}"),
-            ))
-        }
-    };
-    let result = match text(9)? {
-        Some(r) => Some(
-            serde_json::from_str(&r)
-                .map_err(|e| corrupt(&format!("the result of job {id}"), &e))?,
-        ),
-        None => None,
-    };
-    Ok(Job {
-        queue: text(0)?.unwrap_or_default(),
-        name: text(2)?.unwrap_or_default(),
-        data,
-        opts,
-        state,
-        attempts_made: get_i64(7)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
-        stalled_count: get_i64(8)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
-        result,
-        failed_reason: text(10)?,
-        created_at: ms_to_datetime(get_i64(11)?.unwrap_or(0)),
-        available_at: ms_to_datetime(run_at),
-        processed_at: get_i64(12)?.map(ms_to_datetime),
-        finished_at: get_i64(13)?.map(ms_to_datetime),
-        id,
-    })
-}
+pub(crate) use crate::sql::rules::{job_from_row, JOB_COLUMNS};
 
 pub(crate) fn get_on(
     conn: &Connection,

@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 
-use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
@@ -13,24 +12,10 @@ use super::SqlResult;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
-use crate::job::{Added, Job, JobOptions, JobState, KeepJobs, NewJob};
+use crate::job::{Added, Job, JobOptions, JobState, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
+use crate::sql::rules::{attempt_failure, keep_columns, lease_lost, to_json, AttemptFailure};
 use crate::sql::writer::Batch;
-
-fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
-    match keep.unwrap_or(KeepJobs::FOREVER) {
-        KeepJobs::RemoveAtOnce => (Some(0), Some(finished_at)),
-        KeepJobs::Keep { count, age_secs } => (
-            count.map(|c| c.min(i64::MAX as u64) as i64),
-            age_secs.map(|a| finished_at.saturating_add((a as i64).saturating_mul(1000))),
-        ),
-    }
-}
-
-fn to_json(v: &impl serde::Serialize) -> String {
-    // Serialising a serde_json::Value or our own option types cannot fail.
-    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
-}
 
 /// Rows for a statement that reads them with `json_each(?)`, one JSON array per row (a value
 /// that is itself JSON text goes as a string, so that `->>` gives it back exactly): one
@@ -367,73 +352,59 @@ fn fail_attempt(
     batch: &mut Batch,
 ) -> SqlResult<Result<()>> {
     let job = &claimed.job;
-    let attempt = job.attempts_made;
-    let final_failure = !error.is_retryable() || attempt >= job.max_attempts();
-    let n = if final_failure {
-        let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
-        conn.prepare_cached(
-            "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
-             lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
-             WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
-        )?
-        .execute(params![
-            error.reason(),
-            now,
+    let failure = attempt_failure(claimed, error, now);
+    let n = match &failure {
+        AttemptFailure::Final {
+            reason,
             keep_count,
             expire_at,
-            job.queue,
-            job.id,
-            claimed.token
-        ])?
-    } else {
-        let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
-        let delay = backoff
-            .delay_for(attempt, rand::thread_rng().gen::<f64>())
-            .as_millis() as i64;
-        let n = conn
+        } => conn
             .prepare_cached(
-                "UPDATE cq_jobs SET state = 'waiting', failed_reason = ?, run_at = ?, \
-                 lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+                "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
+                 lease_token = NULL, lease_expires_at = NULL, keep_count = ?, expire_at = ? \
                  WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
             )?
             .execute(params![
-                error.reason(),
-                now.saturating_add(delay),
+                reason,
+                now,
+                keep_count,
+                expire_at,
                 job.queue,
                 job.id,
                 claimed.token
-            ])?;
-        if n == 1 {
-            let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
-            insert_event(
-                conn,
-                &job.queue,
-                &job.id,
-                JobEventKind::Active,
-                attempt,
-                started,
-                None,
-            )?;
-            let detail = serde_json::json!({ "reason": error.reason(), "delayMs": delay });
-            insert_event(
-                conn,
-                &job.queue,
-                &job.id,
-                JobEventKind::Retrying,
-                attempt,
-                now,
-                Some(detail),
-            )?;
+            ])?,
+        AttemptFailure::Retry {
+            reason,
+            run_at,
+            events,
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE cq_jobs SET state = 'waiting', failed_reason = ?, run_at = ?, \
+                     lease_token = NULL, lease_expires_at = NULL, processed_at = NULL \
+                     WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
+                )?
+                .execute(params![reason, run_at, job.queue, job.id, claimed.token])?;
+            if n == 1 {
+                for e in events {
+                    insert_event(
+                        conn,
+                        &job.queue,
+                        &job.id,
+                        e.kind,
+                        e.attempt,
+                        e.at,
+                        e.detail.clone(),
+                    )?;
+                }
+            }
+            n
         }
-        n
     };
     if n != 1 {
-        return Ok(Err(QueueError::LeaseLost {
-            queue: job.queue.clone(),
-            job_id: job.id.clone(),
-        }));
+        return Ok(Err(lease_lost(claimed)));
     }
-    if final_failure {
+    if matches!(failure, AttemptFailure::Final { .. }) {
         batch.count_failed(&job.queue);
     }
     batch.changed(&job.queue, &job.id);

@@ -1,0 +1,193 @@
+//! The SQL engine's job rules, written once for both dialects: how a stored row becomes a
+//! [`Job`] (or [`QueueError::Corrupt`], never a panic), what a finished job keeps, and what an
+//! attempt's failure does (fail for good, or wait for a retry with backoff, and which events say
+//! so). The dialects run the statements these rules decide; they decide nothing themselves.
+
+use rand::Rng;
+
+use crate::clock::ms_to_datetime;
+use crate::engine::ClaimedJob;
+use crate::error::{ProcessError, QueueError, Result};
+use crate::events::JobEventKind;
+use crate::job::{Job, JobOptions, JobState, KeepJobs};
+
+/// The columns a [`Job`] is read from, in [`job_from_row`]'s order.
+pub(crate) const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
+    stalled_count, result, failed_reason, created_at, processed_at, finished_at";
+
+/// A stored row of [`JOB_COLUMNS`], as each driver reads it.
+pub(crate) trait JobRow {
+    /// The integer in column `i` (a timestamp or a counter), or NULL.
+    fn int(&self, i: usize) -> std::result::Result<Option<i64>, String>;
+    /// The text in column `i`, or NULL.
+    fn text(&self, i: usize) -> std::result::Result<Option<String>, String>;
+}
+
+impl JobRow for rusqlite::Row<'_> {
+    fn int(&self, i: usize) -> std::result::Result<Option<i64>, String> {
+        self.get::<_, Option<i64>>(i).map_err(|e| e.to_string())
+    }
+    fn text(&self, i: usize) -> std::result::Result<Option<String>, String> {
+        self.get::<_, Option<String>>(i).map_err(|e| e.to_string())
+    }
+}
+
+impl JobRow for sqlx::postgres::PgRow {
+    fn int(&self, i: usize) -> std::result::Result<Option<i64>, String> {
+        sqlx::Row::try_get::<Option<i64>, _>(self, i).map_err(|e| e.to_string())
+    }
+    fn text(&self, i: usize) -> std::result::Result<Option<String>, String> {
+        sqlx::Row::try_get::<Option<String>, _>(self, i).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads a job from a row of [`JOB_COLUMNS`] at the clock reading `now` (a waiting job due
+/// later is `delayed`; one of a paused queue is `paused`).
+pub(crate) fn job_from_row(row: &impl JobRow, now: i64, paused: bool) -> Result<Job> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        QueueError::Corrupt(format!("{what} of a stored job: {e}"))
+    };
+    let get_i64 = |i: usize| -> Result<Option<i64>> {
+        row.int(i)
+            .map_err(|e| corrupt("a timestamp or counter", &e))
+    };
+    let text = |i: usize| -> Result<Option<String>> {
+        row.text(i).map_err(|e| corrupt("a text column", &e))
+    };
+    let id = text(1)?.unwrap_or_default();
+    let data: serde_json::Value = serde_json::from_str(&text(3)?.unwrap_or_default())
+        .map_err(|e| corrupt(&format!("the payload of job {id}"), &e))?;
+    let opts: JobOptions = serde_json::from_str(&text(4)?.unwrap_or_default())
+        .map_err(|e| corrupt(&format!("the options of job {id}"), &e))?;
+    let run_at = get_i64(6)?.unwrap_or(0);
+    let state = match text(5)?.as_deref() {
+        Some("waiting") if run_at > now => JobState::Delayed,
+        Some("waiting") if paused => JobState::Paused,
+        Some("waiting") => JobState::Waiting,
+        Some("active") => JobState::Active,
+        Some("completed") => JobState::Completed,
+        Some("failed") => JobState::Failed,
+        other => {
+            return Err(corrupt(
+                &format!("the state of job {id}"),
+                &format!("{other:?}"),
+            ))
+        }
+    };
+    let result = match text(9)? {
+        Some(r) => Some(
+            serde_json::from_str(&r)
+                .map_err(|e| corrupt(&format!("the result of job {id}"), &e))?,
+        ),
+        None => None,
+    };
+    Ok(Job {
+        queue: text(0)?.unwrap_or_default(),
+        name: text(2)?.unwrap_or_default(),
+        data,
+        opts,
+        state,
+        attempts_made: get_i64(7)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        stalled_count: get_i64(8)?.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+        result,
+        failed_reason: text(10)?,
+        created_at: ms_to_datetime(get_i64(11)?.unwrap_or(0)),
+        available_at: ms_to_datetime(run_at),
+        processed_at: get_i64(12)?.map(ms_to_datetime),
+        finished_at: get_i64(13)?.map(ms_to_datetime),
+        id,
+    })
+}
+
+/// What a job finished at `finished_at` keeps, as its `keep_count` and `expire_at` columns:
+/// the newest `count` of its state, until `age` has passed; removed at once; or kept forever.
+pub(crate) fn keep_columns(keep: Option<KeepJobs>, finished_at: i64) -> (Option<i64>, Option<i64>) {
+    match keep.unwrap_or(KeepJobs::FOREVER) {
+        KeepJobs::RemoveAtOnce => (Some(0), Some(finished_at)),
+        KeepJobs::Keep { count, age_secs } => (
+            count.map(|c| c.min(i64::MAX as u64) as i64),
+            age_secs.map(|a| finished_at.saturating_add((a as i64).saturating_mul(1000))),
+        ),
+    }
+}
+
+/// A value as JSON text for a column.
+pub(crate) fn to_json(v: &impl serde::Serialize) -> String {
+    // Serialising a serde_json::Value or our own option types cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// The answer to a completion or failure whose lease is no longer held.
+pub(crate) fn lease_lost(claimed: &ClaimedJob) -> QueueError {
+    QueueError::LeaseLost {
+        queue: claimed.job.queue.clone(),
+        job_id: claimed.job.id.clone(),
+    }
+}
+
+/// What a failed attempt does to its job.
+pub(crate) enum AttemptFailure {
+    /// The job fails for good: not retryable, or its attempts are spent.
+    Final {
+        reason: String,
+        keep_count: Option<i64>,
+        expire_at: Option<i64>,
+    },
+    /// The job waits until `run_at` for another attempt; its history records the attempt
+    /// that ran (`events[0]`, an `active` event at its start) and the retry (`events[1]`).
+    Retry {
+        reason: String,
+        run_at: i64,
+        events: [NewEvent; 2],
+    },
+}
+
+/// An event to insert into a job's history.
+pub(crate) struct NewEvent {
+    pub(crate) kind: JobEventKind,
+    pub(crate) attempt: u32,
+    pub(crate) at: i64,
+    pub(crate) detail: Option<serde_json::Value>,
+}
+
+/// Decides what `error` does to the attempt of `claimed` at `now`: the retry rule (retryable
+/// and attempts left) and the backoff (the job's, or the default, with jitter).
+pub(crate) fn attempt_failure(
+    claimed: &ClaimedJob,
+    error: &ProcessError,
+    now: i64,
+) -> AttemptFailure {
+    let job = &claimed.job;
+    let attempt = job.attempts_made;
+    if !error.is_retryable() || attempt >= job.max_attempts() {
+        let (keep_count, expire_at) = keep_columns(job.opts.remove_on_fail, now);
+        return AttemptFailure::Final {
+            reason: error.reason().to_owned(),
+            keep_count,
+            expire_at,
+        };
+    }
+    let backoff = job.opts.backoff.unwrap_or(crate::job::Backoff::DEFAULT);
+    let delay = backoff
+        .delay_for(attempt, rand::thread_rng().gen::<f64>())
+        .as_millis() as i64;
+    let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
+    AttemptFailure::Retry {
+        reason: error.reason().to_owned(),
+        run_at: now.saturating_add(delay),
+        events: [
+            NewEvent {
+                kind: JobEventKind::Active,
+                attempt,
+                at: started,
+                detail: None,
+            },
+            NewEvent {
+                kind: JobEventKind::Retrying,
+                attempt,
+                at: now,
+                detail: Some(serde_json::json!({ "reason": error.reason(), "delayMs": delay })),
+            },
+        ],
+    }
+}
