@@ -52,6 +52,26 @@ pub(crate) enum Failure {
     Operation,
 }
 
+/// How the writer schedules a dialect's batches: a value apart from the statements.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Schedule {
+    /// How long a batch (clock reading to commit) may take before the writer abandons it and
+    /// [`Dialect::discard`]s its connection; `None`: no limit (a local file cannot hang).
+    pub(crate) batch_timeout: Option<std::time::Duration>,
+    /// Whether a batch's adds commit in a transaction of their own, before the rest of the
+    /// batch (and its prunes each alone, after the adds that arrived meanwhile): worth it where
+    /// a commit is cheap and one writer carries every write, so that an add's caller does not
+    /// wait for the claims, completions and prunes queued with it.
+    pub(crate) adds_first: bool,
+    /// Whether each writer task runs on a thread of its own, in a single-threaded runtime,
+    /// instead of on the runtime that opened the engine: needed where every statement is a
+    /// blocking call on the calling thread (SQLite through rusqlite), so that the writer neither
+    /// holds a runtime worker that request handlers need nor waits in their queue between
+    /// batches. Not for a dialect whose connections are sockets registered with the runtime
+    /// that opened them (Postgres).
+    pub(crate) own_thread: bool,
+}
+
 /// The write side of a dialect, driven by the writer task.
 ///
 /// Each method answers `Result<_, Self::Error>`: an `Err` (the driver's) aborts the writer's
@@ -66,29 +86,10 @@ pub(crate) trait Dialect: Send + Sync + 'static {
 
     /// Maps a driver error to the crate's error.
     fn map_err(&self, e: Self::Error) -> QueueError;
-    /// The error of a batch abandoned after [`Dialect::batch_timeout`].
+    /// The error of a batch abandoned after [`Schedule::batch_timeout`].
     fn timed_out(&self, message: String) -> Self::Error;
-    /// How long a batch (clock reading to commit) may take before the writer abandons it and
-    /// [`Dialect::discard`]s its connection; `None`: no limit (a local file cannot hang).
-    fn batch_timeout(&self) -> Option<std::time::Duration> {
-        None
-    }
-    /// Whether a batch's adds commit in a transaction of their own, before the rest of the
-    /// batch (and its prunes each alone, after the adds that arrived meanwhile): worth it where
-    /// a commit is cheap and one writer carries every write, so that an add's caller does not
-    /// wait for the claims, completions and prunes queued with it.
-    fn adds_first(&self) -> bool {
-        false
-    }
-    /// Whether each writer task runs on a thread of its own, in a single-threaded runtime,
-    /// instead of on the runtime that opened the engine: needed where every statement is a
-    /// blocking call on the calling thread (SQLite through rusqlite), so that the writer neither
-    /// holds a runtime worker that request handlers need nor waits in their queue between
-    /// batches. Not for a dialect whose connections are sockets registered with the runtime
-    /// that opened them (Postgres).
-    fn own_thread(&self) -> bool {
-        false
-    }
+    /// How the writer schedules this dialect's batches (see [`Schedule`]).
+    fn schedule(&self) -> Schedule;
     /// Gives up a connection whose state is unknown (a batch was abandoned mid-flight).
     fn discard(&self, _conn: &mut Self::Conn) {}
     /// What a batch's error says about the database (see [`Failure`]).

@@ -19,7 +19,7 @@
 //! Postgres takes concurrent writers, so its engine starts several writer tasks, each with its
 //! own connection, pulling batches from the same channel: while one commits, the next drains
 //! what has queued meanwhile. SQLite keeps exactly one, on a thread of its own
-//! ([`Dialect::own_thread`]): each of its statements is a blocking call into SQLite, which must
+//! ([`Schedule::own_thread`](super::dialect::Schedule::own_thread)): each of its statements is a blocking call into SQLite, which must
 //! neither hold up the runtime's request handlers nor wait in their queue.
 //!
 //! Completions are applied together, at the start of their batch: one fenced statement for all
@@ -35,7 +35,7 @@
 //! the batch is applied, the ones that were recorded get the next jobs of their queue from one
 //! claim per queue, one job each, in the same transaction.
 //!
-//! Where the dialect asks for it ([`Dialect::adds_first`], SQLite), a batch's adds commit first
+//! Where the dialect asks for it ([`Schedule::adds_first`](super::dialect::Schedule::adds_first), SQLite), a batch's adds commit first
 //! in a transaction of their own, then the rest, then each prune alone after the adds that
 //! arrived meanwhile (other late operations are carried to the next batch), so that the callers
 //! of adds wait for their own commit and at most one step of other work.
@@ -219,7 +219,7 @@ struct Inbox {
 
 /// Starts one writer task of dialect `D` per connection in `conns` (SQLite passes exactly one),
 /// all draining the same channel; each on a thread of its own where the dialect asks for it
-/// ([`Dialect::own_thread`]). Fails as unavailable when such a thread cannot be started.
+/// ([`Schedule::own_thread`](super::dialect::Schedule::own_thread)). Fails as unavailable when such a thread cannot be started.
 pub(crate) fn spawn<D: Dialect>(
     dialect: D,
     conns: Vec<D::Conn>,
@@ -244,7 +244,7 @@ pub(crate) fn spawn<D: Dialect>(
                 shared.clone(),
                 max_batch.max(1),
             );
-            if dialect.own_thread() {
+            if dialect.schedule().own_thread {
                 spawn_on_own_thread(writer)
             } else {
                 Ok(tokio::spawn(writer))
@@ -402,7 +402,7 @@ async fn run<D: Dialect>(
         if ops.is_empty() {
             continue;
         }
-        if d.adds_first() {
+        if d.schedule().adds_first {
             // Callers of adds (POSTs waiting for their 202) wait for their commit only: the
             // batch's adds commit first, then its other work, then each prune (the longest
             // operations) in a transaction of its own, after the adds that arrived meanwhile.
@@ -692,7 +692,7 @@ async fn apply_batch<D: Dialect>(
     clock: &dyn Clock,
     mode: Mode,
 ) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
-    let Some(limit) = d.batch_timeout() else {
+    let Some(limit) = d.schedule().batch_timeout else {
         return apply_batch_now(d, conn, ops, clock, mode).await;
     };
     match tokio::time::timeout(limit, apply_batch_now(d, conn, ops, clock, mode)).await {

@@ -15,7 +15,7 @@
 //!
 //! It rides out a database outage without a restart: a writer whose connection broke opens a
 //! new one at its next batch (bounded by [`CONNECT_TIMEOUT`]), a batch that does not finish in
-//! time gives its connection up ([`Dialect::batch_timeout`]), the listener reconnects with
+//! time gives its connection up ([`Schedule::batch_timeout`]), the listener reconnects with
 //! backoff (`listen.rs`), and while the writers cannot reach the database, reads give up after
 //! [`READ_WHILE_DOWN`] instead of waiting for the pool to connect ([`Reachability`]).
 
@@ -39,7 +39,7 @@ pub(crate) use listen::spawn_listener;
 /// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
 /// answer (lease lost, wrong state) and the batch goes on.
 pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
-use super::dialect::{transport_error, Dialect, Failure, Reads};
+use super::dialect::{transport_error, Dialect, Failure, Reads, Schedule};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -290,8 +290,14 @@ impl Dialect for Postgres {
         }
     }
 
-    fn batch_timeout(&self) -> Option<Duration> {
-        Some(self.batch_timeout)
+    /// Several writers on the runtime's own sockets, one transaction per batch (a commit costs a
+    /// sync), and a batch timeout so that a half-open connection cannot stall a writer.
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            batch_timeout: Some(self.batch_timeout),
+            adds_first: false,
+            own_thread: false,
+        }
     }
 
     /// The connection's state is unknown after a batch was abandoned mid-flight: close it, and

@@ -26,7 +26,7 @@ use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::dialect::{Dialect, Failure, Reads};
+use super::dialect::{Dialect, Failure, Reads, Schedule};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -161,15 +161,17 @@ impl Dialect for Sqlite {
         drop(old);
         Ok(())
     }
-    /// The one writer carries every write, and a commit (no sync in WAL mode at the default
-    /// durability) costs little beside a batch of claims and completions.
-    fn adds_first(&self) -> bool {
-        true
-    }
-    /// Every statement runs on the calling thread and blocks it: the writer gets a thread of
-    /// its own, so that no request handler waits behind SQLite, and SQLite behind none.
-    fn own_thread(&self) -> bool {
-        true
+    /// Adds first: the one writer carries every write, and a commit (no sync in WAL mode at
+    /// the default durability) costs little beside a batch of claims and completions. A
+    /// thread of its own: every statement runs on the calling thread and blocks it, so that no
+    /// request handler waits behind SQLite, and SQLite behind none. No batch timeout: a local
+    /// file does not hang (a lock held elsewhere is bounded by the busy timeout).
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            batch_timeout: None,
+            adds_first: true,
+            own_thread: true,
+        }
     }
     async fn now_ms(&self, _w: &mut SqliteWriter, clock: &dyn Clock) -> SqlResult<i64> {
         Ok(clock.now_ms())
