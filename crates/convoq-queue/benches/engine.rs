@@ -289,7 +289,7 @@ async fn preload(queues: &Queues, n: usize, chunk: usize) {
 // Per-thread CPU and context switches, from /proc/self/task.
 
 /// The name of the SQLite writer's thread (`std::thread::Builder::name` in the engine's
-/// `sql/writer.rs`), where the writer runs its task and every statement on its connection.
+/// `sql/writer/`), where the writer runs its task and every statement on its connection.
 /// Short enough (under 16 bytes) for the kernel's `comm` to hold it whole.
 const WRITER_THREAD: &str = "convoq-writer";
 

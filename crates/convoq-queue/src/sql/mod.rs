@@ -4,12 +4,14 @@
 //! Layout:
 //! - `mod.rs` (this file): [`SqlEngine`], its [`SqlConfig`], and the [`Engine`] implementation,
 //!   which sends writes to the writer and reads from a pool.
-//! - `writer.rs`: the group-commit writer. Every write (add, claim, finish, extend, release,
+//! - `writer/`: the group-commit writer. Every write (add, claim, finish, extend, release,
 //!   reap, prune, operator actions) is an `Op` sent to one task that drains whatever is queued
 //!   and applies it in one transaction, so 32 concurrent adds cost one commit.
 //! - `dialect.rs`: what a dialect provides: the statements behind each write operation and the
 //!   reads.
-//! - `sqlite/`: the SQLite dialect: schema, statements, and row mapping.
+//! - `rules.rs`: the job rules written once for both dialects (row mapping, retention columns,
+//!   what a failed attempt does); the dialects run the statements they decide.
+//! - `sqlite/`: the SQLite dialect: schema and statements.
 //! - `postgres/`: the Postgres dialect: the same schema and statements in Postgres's SQL,
 //!   `SKIP LOCKED` claims, several writer connections, and `LISTEN/NOTIFY` wake-ups.
 //! - `history.rs`: rebuilding a job's event history from its row and its event rows.

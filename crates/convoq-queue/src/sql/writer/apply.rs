@@ -1,0 +1,282 @@
+//! Applying a batch's operations inside its transaction: completions together (grouped, or
+//! carefully one by one), adds together, then each operation, then the fetch-next claims.
+
+use super::commit::{Abort, Mode};
+use super::ops::{Batch, Done, Op};
+use crate::engine::{ClaimedJob, Completion, Outcome};
+use crate::error::{QueueError, Result};
+use crate::job::{Added, NewJob};
+use crate::sql::dialect::Dialect;
+use crate::sql::effect::{apply_group_guarded, apply_guarded, TxEffect};
+
+/// A successful attempt, and whether it carries nothing to commit but itself.
+fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
+    match op {
+        Op::Finish {
+            job,
+            outcome: Outcome::Completed(c),
+            ..
+        }
+        | Op::FinishAndClaim {
+            job,
+            outcome: Outcome::Completed(c),
+            ..
+        } => Some((job, c)),
+        _ => None,
+    }
+}
+
+fn is_plain(c: &Completion) -> bool {
+    c.effect.is_none() && c.follow_ups.is_empty()
+}
+
+/// Applies the batch's completions together (see [`Mode`]). Returns each one's answer by the
+/// index of its operation.
+async fn complete_together<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    now: i64,
+    mode: Mode,
+    batch: &mut Batch,
+) -> std::result::Result<Vec<Option<Result<()>>>, Abort<D::Error>> {
+    let together: Vec<(usize, (&ClaimedJob, &Completion))> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, op)| completion(op).map(|p| (i, p)))
+        .filter(|(_, (_, c))| mode == Mode::Grouped || is_plain(c))
+        .collect();
+    let mut answers: Vec<Option<Result<()>>> = Vec::new();
+    answers.resize_with(ops.len(), || None);
+    if together.is_empty() {
+        return Ok(answers);
+    }
+    let jobs: Vec<_> = together.iter().map(|(_, p)| *p).collect();
+    let exact = mode == Mode::Careful;
+    let Some(results) = d.complete_plain(conn, &jobs, now, exact, batch).await? else {
+        return Err(Abort::Careful);
+    };
+    let mut follow_ups = Vec::new();
+    let mut effects: Vec<&dyn TxEffect> = Vec::new();
+    for ((i, (_, c)), r) in together.iter().zip(results) {
+        if r.is_ok() {
+            effects.extend(c.effect.as_deref());
+            follow_ups.extend(c.follow_ups.iter());
+        }
+        answers[*i] = Some(r);
+    }
+    // Effects of one group in one call, the others one by one.
+    let mut groups: Vec<(&'static str, Vec<&dyn TxEffect>)> = Vec::new();
+    for effect in effects {
+        let Some(name) = effect.group() else {
+            if apply_guarded(effect, d.effect_conn(conn)?, now)
+                .await
+                .is_err()
+            {
+                return Err(Abort::Careful);
+            }
+            continue;
+        };
+        match groups.iter_mut().find(|(g, _)| *g == name) {
+            Some((_, members)) => members.push(effect),
+            None => groups.push((name, vec![effect])),
+        }
+    }
+    for (_, members) in groups {
+        if apply_group_guarded(&members, d.effect_conn(conn)?, now)
+            .await
+            .is_err()
+        {
+            return Err(Abort::Careful);
+        }
+    }
+    if !follow_ups.is_empty() && d.add_jobs(conn, &follow_ups, now, batch).await?.is_err() {
+        return Err(Abort::Careful);
+    }
+    Ok(answers)
+}
+
+/// Applies the batch's adds together: in [`Mode::Grouped`], every job of every add in one
+/// [`Dialect::add_jobs`], each add answered with its own jobs; if that refuses (an inner error
+/// cannot be pinned on one add), the batch is applied again carefully, where each add goes
+/// alone. Returns each add's answer by the index of its operation.
+async fn add_together<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    now: i64,
+    mode: Mode,
+    batch: &mut Batch,
+) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort<D::Error>> {
+    let mut answers: Vec<Option<Result<Vec<Added>>>> = Vec::new();
+    answers.resize_with(ops.len(), || None);
+    let mut adds: Vec<(usize, &[NewJob])> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Add { jobs, reply } = op else {
+            continue;
+        };
+        if reply.is_closed() {
+            // Its caller gave up while the batch waited for the database (a lock held by
+            // another process): not added, so that its "unavailable" answer stays true.
+            answers[i] = Some(Err(QueueError::Unavailable(
+                "the write deadline passed before the job could be added".into(),
+            )));
+            continue;
+        }
+        adds.push((i, jobs.as_slice()));
+    }
+    if mode == Mode::Careful || adds.len() < 2 {
+        for (i, jobs) in adds {
+            let jobs: Vec<&NewJob> = jobs.iter().collect();
+            answers[i] = Some(d.add_jobs(conn, &jobs, now, batch).await?);
+        }
+        return Ok(answers);
+    }
+    let all: Vec<&NewJob> = adds.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+    let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
+        return Err(Abort::Careful);
+    };
+    let mut added = added.into_iter();
+    for (i, jobs) in adds {
+        answers[i] = Some(Ok(added.by_ref().take(jobs.len()).collect()));
+    }
+    Ok(answers)
+}
+
+pub(super) async fn apply_ops<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    now: i64,
+    mode: Mode,
+) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
+    let mut batch = Batch::default();
+    let mut dones = Vec::with_capacity(ops.len());
+    // Completions go first, together. Operations of one batch come from concurrent callers, so
+    // their order among themselves is no one's promise.
+    // Then adds, together too, so that this batch's claims can take what they added.
+    let mut together = complete_together(d, conn, ops, now, mode, &mut batch).await?;
+    let mut added = add_together(d, conn, ops, now, mode, &mut batch).await?;
+    for (i, op) in ops.iter().enumerate() {
+        if let Some(r) = together[i].take() {
+            dones.push(match op {
+                Op::FinishAndClaim { .. } => Done::Fetched(r.map(|()| None)),
+                _ => Done::Unit(r),
+            });
+            continue;
+        }
+        let b = &mut batch;
+        let done = match op {
+            Op::Add { .. } => Done::Added(added[i].take().unwrap_or_else(|| {
+                Err(QueueError::Corrupt(
+                    "an add was left out of its batch".into(),
+                ))
+            })),
+            Op::Claim {
+                queue,
+                max,
+                lease_ms,
+                token,
+                ..
+            } => Done::Claimed(d.claim(conn, queue, *max, *lease_ms, token, now, b).await?),
+            Op::Extend {
+                queue,
+                leases,
+                lease_ms,
+                ..
+            } => Done::Bools(d.extend(conn, queue, leases, *lease_ms, now).await?),
+            Op::Finish { job, outcome, .. } => {
+                Done::Unit(d.finish(conn, job, outcome, now, b).await?)
+            }
+            Op::FinishAndClaim { job, outcome, .. } => {
+                Done::Fetched(d.finish(conn, job, outcome, now, b).await?.map(|()| None))
+            }
+            Op::Release { job, .. } => Done::Unit(d.release(conn, job, now, b).await?),
+            Op::ReapStalled {
+                queue, max_stalled, ..
+            } => Done::Count(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
+            Op::Prune { queue, limit, .. } => Done::Count(d.prune(conn, queue, *limit, now).await?),
+            Op::SetPaused { queue, paused, .. } => {
+                if !paused {
+                    b.wake(queue);
+                }
+                Done::Unit(d.set_paused(conn, queue, *paused).await?)
+            }
+            Op::Retry { queue, id, .. } => Done::Job(d.retry(conn, queue, id, now, b).await?),
+            Op::Remove { queue, id, .. } => Done::Bool(d.remove(conn, queue, id, b).await?),
+            Op::Close(_) => unreachable!("close is taken out of the batch before it is applied"),
+        };
+        dones.push(done);
+    }
+    fetch_next(d, conn, ops, &mut dones, now, &mut batch).await?;
+    Ok((dones, batch))
+}
+
+/// Claims the next jobs for the batch's fetch-next finishes that were recorded: one claim per
+/// queue and lease for all of them, its jobs handed out one each in the order of the
+/// operations (a finish whose queue has no more ready jobs gets none). A claim's own error
+/// leaves its finishes answered without a job: their ends are recorded all the same.
+async fn fetch_next<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    dones: &mut [Done],
+    now: i64,
+    batch: &mut Batch,
+) -> std::result::Result<(), Abort<D::Error>> {
+    /// A queue and lease, the token of the group's first finish, and the finishes asking.
+    struct Group<'a> {
+        queue: &'a str,
+        lease_ms: i64,
+        token: &'a str,
+        members: Vec<usize>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::FinishAndClaim {
+            job,
+            lease_ms,
+            token,
+            ..
+        } = op
+        else {
+            continue;
+        };
+        if !matches!(dones[i], Done::Fetched(Ok(None))) {
+            continue;
+        }
+        let queue = job.job.queue.as_str();
+        match groups
+            .iter_mut()
+            .find(|g| g.queue == queue && g.lease_ms == *lease_ms)
+        {
+            Some(g) => g.members.push(i),
+            None => groups.push(Group {
+                queue,
+                lease_ms: *lease_ms,
+                token,
+                members: vec![i],
+            }),
+        }
+    }
+    for g in groups {
+        let claimed = d
+            .claim(
+                conn,
+                g.queue,
+                g.members.len(),
+                g.lease_ms,
+                g.token,
+                now,
+                batch,
+            )
+            .await?;
+        let Ok(claimed) = claimed else {
+            continue;
+        };
+        for (i, next) in g.members.into_iter().zip(claimed.jobs) {
+            dones[i] = Done::Fetched(Ok(Some(next)));
+        }
+    }
+    Ok(())
+}
