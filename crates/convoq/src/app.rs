@@ -43,20 +43,16 @@ impl App {
             durability: config.durability,
             ..StoreOptions::default()
         };
-        let store = Store::connect(&config.database_url, &store_options, metrics.clone())
+        let store = Store::connect(
+            config.database_url.expose(),
+            &store_options,
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| format!("opening the store at {}", config.database_url))?;
+        let engine = open_engine(&config)
             .await
-            .with_context(|| {
-                format!(
-                    "opening the store at {}",
-                    convoq_queue::sql::redact_url(&config.database_url)
-                )
-            })?;
-        let engine = open_engine(&config).await.with_context(|| {
-            format!(
-                "opening the queue at {}",
-                convoq_queue::sql::redact_url(&config.queue_url)
-            )
-        })?;
+            .with_context(|| format!("opening the queue at {}", config.queue_url))?;
         let queues = Queues::new(engine);
         Ok(App {
             config: Arc::new(config),
@@ -68,8 +64,10 @@ impl App {
 
     /// Whether processors can commit their inserts in the queue's completion transaction.
     fn shared_transaction(&self) -> bool {
-        config::queue_is_store(&self.config.queue_url, &self.config.database_url)
-            && self.queues.engine().capabilities().transactional_effects
+        config::queue_is_store(
+            self.config.queue_url.expose(),
+            self.config.database_url.expose(),
+        ) && self.queues.engine().capabilities().transactional_effects
     }
 
     /// Starts this process's workers on every queue.
@@ -151,10 +149,10 @@ impl App {
 /// Opens the queue engine the queue URL names: BullMQ on Redis for `redis://` and `rediss://`,
 /// the SQL engine otherwise.
 async fn open_engine(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
-    if Backend::of(&config.queue_url) != Some(Backend::Redis) {
+    if Backend::of(config.queue_url.expose()) != Some(Backend::Redis) {
         return Ok(SqlEngine::connect(sql_config(config)).await?);
     }
-    let bull = BullConfig::new(config.queue_url.clone()).with_prefix(config.queue_prefix.clone());
+    let bull = BullConfig::new(config.queue_url.expose()).with_prefix(config.queue_prefix.clone());
     let engine = BullEngine::connect(bull).await?;
     check_eviction_policy(&engine, config.allow_redis_eviction).await?;
     Ok(engine)
@@ -201,7 +199,7 @@ pub fn stalled_interval(lease: std::time::Duration) -> std::time::Duration {
 /// The queue engine's settings from the configuration (the `pg_*` ones apply on Postgres
 /// only, `durability` on SQLite only).
 pub fn sql_config(config: &Config) -> SqlConfig {
-    let mut sql = SqlConfig::new(config.queue_url.clone());
+    let mut sql = SqlConfig::new(config.queue_url.expose());
     sql.durability = config.durability;
     sql.write_timeout = config.write_timeout;
     sql.max_connections = config.pg_max_connections;

@@ -114,6 +114,34 @@ const STORE_BACKENDS: &[Backend] = &[Backend::Sqlite, Backend::Postgres];
 /// The kinds `--queue-url` takes.
 const QUEUE_BACKENDS: &[Backend] = &[Backend::Sqlite, Backend::Postgres, Backend::Redis];
 
+/// A database or Redis URL, which may carry a password: printed (`Display`, `Debug`) with the
+/// password replaced by `***`; [`SecretUrl::expose`] gives the URL itself, to connect with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+    /// The URL itself, password included: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&convoq_queue::sql::redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({self})")
+    }
+}
+
 /// A secret string: never printed, never logged.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -188,9 +216,9 @@ pub struct Config {
     /// it serves no HTTP.
     pub worker_listen: Option<SocketAddr>,
     /// The store's URL.
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// The queue engine's URL (the store's by default).
-    pub queue_url: String,
+    pub queue_url: SecretUrl,
     /// The BullMQ engine's Redis key prefix (`redis://` queue URLs only).
     pub queue_prefix: String,
     /// Start even when Redis may evict keys (`maxmemory-policy` other than `noeviction`),
@@ -617,8 +645,8 @@ impl Config {
         Ok(Config {
             listen,
             worker_listen,
-            database_url,
-            queue_url,
+            database_url: SecretUrl::new(database_url),
+            queue_url: SecretUrl::new(queue_url),
             queue_prefix,
             allow_redis_eviction,
             api_keys,
@@ -803,8 +831,8 @@ mod tests {
     fn defaults_are_the_embedded_default() {
         let c = load(Settings::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
-        assert_eq!(c.queue_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(c.queue_url.expose(), DEFAULT_DATABASE_URL);
         assert!(c.protected_mode());
         assert_eq!(c.concurrency["database"], 128);
         assert_eq!(
@@ -964,7 +992,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.queue_url, c.database_url, "the queue follows the store");
-        assert_eq!(Backend::of(&c.queue_url), Some(Backend::Postgres));
+        assert_eq!(Backend::of(c.queue_url.expose()), Some(Backend::Postgres));
+        // Printed, the password is hidden.
+        assert!(!format!("{c:?}").contains(":pw@"), "{c:?}");
+        assert!(c.database_url.to_string().contains(":***@"));
         assert_eq!(c.pg_max_connections, 20);
         assert_eq!(c.pg_statement_timeout, Duration::from_secs(5));
         assert!(c.pg_poll_only);
@@ -973,7 +1004,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(Backend::of(&c.database_url), Some(Backend::Sqlite));
+        assert_eq!(Backend::of(c.database_url.expose()), Some(Backend::Sqlite));
         assert_eq!(c.pg_max_connections, DEFAULT_PG_MAX_CONNECTIONS);
         assert!(!c.pg_poll_only);
 
