@@ -191,3 +191,90 @@ pub(crate) fn attempt_failure(
         ],
     }
 }
+
+/// What an operator's retry of job `id` records in its history before it waits again: the
+/// failed attempt (its start and its failure) and the retry. Only a failed job can be retried.
+pub(crate) fn operator_retry(
+    job: Option<&Job>,
+    queue: &str,
+    id: &str,
+    now: i64,
+) -> Result<Vec<NewEvent>> {
+    let Some(job) = job else {
+        return Err(QueueError::Invalid(format!("no job {id} in queue {queue}")));
+    };
+    if job.state != JobState::Failed {
+        return Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: job.state.to_string(),
+        });
+    }
+    let mut events = Vec::with_capacity(3);
+    if let Some(started) = job.processed_at {
+        events.push(NewEvent {
+            kind: JobEventKind::Active,
+            attempt: job.attempts_made,
+            at: started.timestamp_millis(),
+            detail: None,
+        });
+    }
+    events.push(NewEvent {
+        kind: JobEventKind::Failed,
+        attempt: job.attempts_made,
+        at: job.finished_at.map_or(now, |t| t.timestamp_millis()),
+        detail: job.failed_reason.clone().map(serde_json::Value::String),
+    });
+    events.push(NewEvent {
+        kind: JobEventKind::Waiting,
+        attempt: 0,
+        at: now,
+        detail: Some("retried by an operator".into()),
+    });
+    Ok(events)
+}
+
+/// What taking back a job whose lease expired does: the events that record its attempt and the
+/// stall, and whether it fails for good (it stalled more than `max_stalled` times: its
+/// `failed_reason`, `keep_count` and `expire_at`) or waits to run again (`None`).
+pub(crate) struct Stall {
+    pub(crate) events: [NewEvent; 2],
+    pub(crate) fails: Option<(String, Option<i64>, Option<i64>)>,
+}
+
+/// Decides a stall from the stored `attempts_made`, `stalled_count`, `processed_at` and `opts`.
+pub(crate) fn stall(
+    attempts_made: i64,
+    stalled_count: i64,
+    started: Option<i64>,
+    opts: &str,
+    max_stalled: u32,
+    now: i64,
+) -> Stall {
+    let opts: JobOptions = serde_json::from_str(opts).unwrap_or_default();
+    let attempt = attempts_made.clamp(0, u32::MAX as i64) as u32;
+    let fails = (stalled_count + 1 > max_stalled as i64).then(|| {
+        let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
+        (
+            format!("job stalled more than the allowed {max_stalled} times"),
+            keep_count,
+            expire_at,
+        )
+    });
+    Stall {
+        events: [
+            NewEvent {
+                kind: JobEventKind::Active,
+                attempt,
+                at: started.unwrap_or(now),
+                detail: None,
+            },
+            NewEvent {
+                kind: JobEventKind::Stalled,
+                attempt,
+                at: now,
+                detail: Some("the job's lease expired: its worker stopped or stalled".into()),
+            },
+        ],
+        fails,
+    }
+}

@@ -17,9 +17,11 @@ use super::SqlResult;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
-use crate::job::{Added, Job, JobOptions, JobState, NewJob};
+use crate::job::{Added, Job, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
-use crate::sql::rules::{attempt_failure, keep_columns, lease_lost, to_json, AttemptFailure};
+use crate::sql::rules::{
+    attempt_failure, keep_columns, lease_lost, operator_retry, stall, to_json, AttemptFailure,
+};
 use crate::sql::writer::Batch;
 
 /// Inserts jobs; a custom id that exists already yields the existing job.
@@ -550,43 +552,25 @@ pub(crate) async fn reap_stalled(
     let mut n = 0;
     for row in rows {
         let id: String = row.try_get(0)?;
-        let attempt: i64 = row.try_get(1)?;
-        let stalled: i64 = row.try_get(2)?;
-        let started: Option<i64> = row.try_get(3)?;
-        let opts: JobOptions = serde_json::from_str(row.try_get::<&str, _>(4)?).unwrap_or_default();
-        let attempt = attempt.max(0) as u32;
-        insert_event(
-            conn,
-            queue,
-            &id,
-            JobEventKind::Active,
-            attempt,
-            started.unwrap_or(now),
-            None,
-        )
-        .await?;
-        let reason = "the job's lease expired: its worker stopped or stalled";
-        insert_event(
-            conn,
-            queue,
-            &id,
-            JobEventKind::Stalled,
-            attempt,
+        let decided = stall(
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get::<&str, _>(4)?,
+            max_stalled,
             now,
-            Some(reason.into()),
-        )
-        .await?;
-        if stalled + 1 > max_stalled as i64 {
-            let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
+        );
+        for e in decided.events {
+            insert_event(conn, queue, &id, e.kind, e.attempt, e.at, e.detail).await?;
+        }
+        if let Some((reason, keep_count, expire_at)) = decided.fails {
             sqlx::query(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
                  failed_reason = $1, finished_at = $2, processed_at = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
                  WHERE queue = $5 AND id = $6",
             )
-            .bind(format!(
-                "job stalled more than the allowed {max_stalled} times"
-            ))
+            .bind(reason)
             .bind(now)
             .bind(keep_count)
             .bind(expire_at)
@@ -710,54 +694,17 @@ pub(crate) async fn retry(
         .bind(id)
         .execute(&mut *conn)
         .await?;
-    let Some(job) = (match get_on(&mut *conn, queue, id, now).await? {
+    let job = match get_on(&mut *conn, queue, id, now).await? {
         Ok(j) => j,
         Err(e) => return Ok(Err(e)),
-    }) else {
-        return Ok(Err(QueueError::Invalid(format!(
-            "no job {id} in queue {queue}"
-        ))));
     };
-    if job.state != JobState::Failed {
-        return Ok(Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: job.state.to_string(),
-        }));
+    let events = match operator_retry(job.as_ref(), queue, id, now) {
+        Ok(events) => events,
+        Err(e) => return Ok(Err(e)),
+    };
+    for e in events {
+        insert_event(conn, queue, id, e.kind, e.attempt, e.at, e.detail).await?;
     }
-    let finished = job.finished_at.map_or(now, |t| t.timestamp_millis());
-    if let Some(started) = job.processed_at {
-        insert_event(
-            conn,
-            queue,
-            id,
-            JobEventKind::Active,
-            job.attempts_made,
-            started.timestamp_millis(),
-            None,
-        )
-        .await?;
-    }
-    let reason = job.failed_reason.clone().map(serde_json::Value::String);
-    insert_event(
-        conn,
-        queue,
-        id,
-        JobEventKind::Failed,
-        job.attempts_made,
-        finished,
-        reason,
-    )
-    .await?;
-    insert_event(
-        conn,
-        queue,
-        id,
-        JobEventKind::Waiting,
-        0,
-        now,
-        Some("retried by an operator".into()),
-    )
-    .await?;
     sqlx::query(
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = $1, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \

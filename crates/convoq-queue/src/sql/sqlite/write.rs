@@ -12,9 +12,11 @@ use super::SqlResult;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
-use crate::job::{Added, Job, JobOptions, JobState, NewJob};
+use crate::job::{Added, Job, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
-use crate::sql::rules::{attempt_failure, keep_columns, lease_lost, to_json, AttemptFailure};
+use crate::sql::rules::{
+    attempt_failure, keep_columns, lease_lost, operator_retry, stall, to_json, AttemptFailure,
+};
 use crate::sql::writer::Batch;
 
 /// Rows for a statement that reads them with `json_each(?)`, one JSON array per row (a value
@@ -479,42 +481,17 @@ pub(crate) fn reap_stalled(
         .collect::<SqlResult<_>>()?;
     let mut n = 0;
     for (id, attempt, stalled, started, opts) in expired {
-        let opts: JobOptions = serde_json::from_str(&opts).unwrap_or_default();
-        let attempt = attempt.clamp(0, u32::MAX as i64) as u32;
-        insert_event(
-            conn,
-            queue,
-            &id,
-            JobEventKind::Active,
-            attempt,
-            started.unwrap_or(now),
-            None,
-        )?;
-        let reason = "the job's lease expired: its worker stopped or stalled";
-        insert_event(
-            conn,
-            queue,
-            &id,
-            JobEventKind::Stalled,
-            attempt,
-            now,
-            Some(reason.into()),
-        )?;
-        if stalled + 1 > max_stalled as i64 {
-            let (keep_count, expire_at) = keep_columns(opts.remove_on_fail, now);
+        let decided = stall(attempt, stalled, started, &opts, max_stalled, now);
+        for e in decided.events {
+            insert_event(conn, queue, &id, e.kind, e.attempt, e.at, e.detail)?;
+        }
+        if let Some((reason, keep_count, expire_at)) = decided.fails {
             conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
                  failed_reason = ?, finished_at = ?, processed_at = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, keep_count = ?, expire_at = ? WHERE queue = ? AND id = ?",
             )?
-            .execute(params![
-                format!("job stalled more than the allowed {max_stalled} times"),
-                now,
-                keep_count,
-                expire_at,
-                queue,
-                id
-            ])?;
+            .execute(params![reason, now, keep_count, expire_at, queue, id])?;
             batch.count_failed(queue);
         } else {
             conn.prepare_cached(
@@ -623,51 +600,17 @@ pub(crate) fn retry(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
-    let Some(job) = (match get_on(conn, queue, id, now)? {
+    let job = match get_on(conn, queue, id, now)? {
         Ok(j) => j,
         Err(e) => return Ok(Err(e)),
-    }) else {
-        return Ok(Err(QueueError::Invalid(format!(
-            "no job {id} in queue {queue}"
-        ))));
     };
-    if job.state != JobState::Failed {
-        return Ok(Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: job.state.to_string(),
-        }));
+    let events = match operator_retry(job.as_ref(), queue, id, now) {
+        Ok(events) => events,
+        Err(e) => return Ok(Err(e)),
+    };
+    for e in events {
+        insert_event(conn, queue, id, e.kind, e.attempt, e.at, e.detail)?;
     }
-    let finished = job.finished_at.map_or(now, |t| t.timestamp_millis());
-    if let Some(started) = job.processed_at {
-        insert_event(
-            conn,
-            queue,
-            id,
-            JobEventKind::Active,
-            job.attempts_made,
-            started.timestamp_millis(),
-            None,
-        )?;
-    }
-    let reason = job.failed_reason.clone().map(serde_json::Value::String);
-    insert_event(
-        conn,
-        queue,
-        id,
-        JobEventKind::Failed,
-        job.attempts_made,
-        finished,
-        reason,
-    )?;
-    insert_event(
-        conn,
-        queue,
-        id,
-        JobEventKind::Waiting,
-        0,
-        now,
-        Some("retried by an operator".into()),
-    )?;
     conn.prepare_cached(
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
