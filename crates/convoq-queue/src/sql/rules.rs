@@ -278,3 +278,56 @@ pub(crate) fn stall(
         fails,
     }
 }
+
+/// What releasing a claimed job at shutdown records: its attempt's start, and its return to
+/// waiting with the attempt not counted.
+pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
+    let job = &claimed.job;
+    [
+        NewEvent {
+            kind: JobEventKind::Active,
+            attempt: job.attempts_made,
+            at: job.processed_at.map_or(now, |t| t.timestamp_millis()),
+            detail: None,
+        },
+        NewEvent {
+            kind: JobEventKind::Waiting,
+            attempt: job.attempts_made.saturating_sub(1),
+            at: now,
+            detail: Some(
+                serde_json::json!({ "reason": "released at shutdown; the attempt does not count" }),
+            ),
+        },
+    ]
+}
+
+/// The stored row of a job being added: its id (the custom one, or a new UUIDv7) and the
+/// columns its options decide.
+pub(crate) struct NewRow<'a> {
+    pub(crate) queue: &'a str,
+    pub(crate) id: String,
+    pub(crate) name: &'a str,
+    pub(crate) data: String,
+    pub(crate) opts: String,
+    pub(crate) priority: i64,
+    pub(crate) run_at: i64,
+    pub(crate) max_attempts: i64,
+}
+
+/// Plans the row of `job` added at `now`.
+pub(crate) fn new_row<'a>(job: &'a crate::job::NewJob, now: i64) -> NewRow<'a> {
+    NewRow {
+        queue: &job.queue,
+        id: job
+            .opts
+            .job_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        name: &job.name,
+        data: to_json(&job.data),
+        opts: to_json(&job.opts),
+        priority: job.opts.priority.unwrap_or(0) as i64,
+        run_at: job.due_at(now),
+        max_attempts: job.opts.max_attempts() as i64,
+    }
+}

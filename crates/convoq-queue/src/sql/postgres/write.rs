@@ -20,7 +20,8 @@ use crate::events::JobEventKind;
 use crate::job::{Added, Job, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, operator_retry, stall, to_json, AttemptFailure,
+    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
+    to_json, AttemptFailure,
 };
 use crate::sql::writer::Batch;
 
@@ -48,20 +49,15 @@ pub(crate) async fn add_jobs(
     let mut priorities = Vec::with_capacity(n);
     let mut run_ats = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
-    for job in jobs {
-        queues.push(job.queue.as_str());
-        ids.push(
-            job.opts
-                .job_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        );
-        names.push(job.name.as_str());
-        datas.push(to_json(&job.data));
-        optss.push(to_json(&job.opts));
-        priorities.push(job.opts.priority.unwrap_or(0) as i64);
-        run_ats.push(job.due_at(now));
-        max_attempts.push(job.opts.max_attempts() as i64);
+    for row in jobs.iter().map(|job| new_row(job, now)) {
+        queues.push(row.queue);
+        ids.push(row.id);
+        names.push(row.name);
+        datas.push(row.data);
+        optss.push(row.opts);
+        priorities.push(row.priority);
+        run_ats.push(row.run_at);
+        max_attempts.push(row.max_attempts);
     }
     // `WITH ORDINALITY` keeps the list's order in `seq`, so that FIFO follows the order added.
     let inserted: Vec<(String, String)> = sqlx::query_as(
@@ -501,30 +497,9 @@ pub(crate) async fn release(
     if n != 1 {
         return Ok(Err(lease_lost(claimed)));
     }
-    let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
-    let attempt = job.attempts_made;
-    insert_event(
-        conn,
-        &job.queue,
-        &job.id,
-        JobEventKind::Active,
-        attempt,
-        started,
-        None,
-    )
-    .await?;
-    let detail =
-        serde_json::json!({ "reason": "released at shutdown; the attempt does not count" });
-    insert_event(
-        conn,
-        &job.queue,
-        &job.id,
-        JobEventKind::Waiting,
-        attempt.saturating_sub(1),
-        now,
-        Some(detail),
-    )
-    .await?;
+    for e in release_events(claimed, now) {
+        insert_event(conn, &job.queue, &job.id, e.kind, e.attempt, e.at, e.detail).await?;
+    }
     batch.wake(&job.queue);
     batch.changed(&job.queue, &job.id);
     Ok(Ok(()))

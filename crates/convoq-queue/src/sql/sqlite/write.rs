@@ -15,7 +15,8 @@ use crate::events::JobEventKind;
 use crate::job::{Added, Job, NewJob};
 use crate::sql::effect::{apply_guarded, SqlConn};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, operator_retry, stall, to_json, AttemptFailure,
+    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
+    to_json, AttemptFailure, NewRow,
 };
 use crate::sql::writer::Batch;
 
@@ -34,27 +35,17 @@ pub(crate) fn add_jobs(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
-    let planned: Vec<(String, i64)> = jobs
-        .iter()
-        .map(|job| {
-            let id = job
-                .opts
-                .job_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            (id, job.due_at(now))
-        })
-        .collect();
-    let rows = json_rows(jobs.iter().zip(&planned).map(|(job, (id, run_at))| {
+    let planned: Vec<NewRow> = jobs.iter().map(|job| new_row(job, now)).collect();
+    let rows = json_rows(planned.iter().map(|r| {
         (
-            &job.queue,
-            id,
-            &job.name,
-            to_json(&job.data),
-            to_json(&job.opts),
-            job.opts.priority.unwrap_or(0) as i64,
-            *run_at,
-            job.opts.max_attempts() as i64,
+            r.queue,
+            &r.id,
+            r.name,
+            &r.data,
+            &r.opts,
+            r.priority,
+            r.run_at,
+            r.max_attempts,
         )
     }));
     // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
@@ -69,7 +60,7 @@ pub(crate) fn add_jobs(
         .query_map(params![now, rows], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<SqlResult<_>>()?;
     let mut out = Vec::with_capacity(jobs.len());
-    for (job, (id, run_at)) in jobs.iter().zip(planned) {
+    for (job, NewRow { id, run_at, .. }) in jobs.iter().zip(planned) {
         // `remove` so that a custom id listed twice is created once and found once.
         if fresh.remove(&(job.queue.clone(), id.clone())) {
             batch.wake(&job.queue);
@@ -430,33 +421,11 @@ pub(crate) fn release(
         )?
         .execute(params![now, job.queue, job.id, claimed.token])?;
     if n != 1 {
-        return Ok(Err(QueueError::LeaseLost {
-            queue: job.queue.clone(),
-            job_id: job.id.clone(),
-        }));
+        return Ok(Err(lease_lost(claimed)));
     }
-    let started = job.processed_at.map_or(now, |t| t.timestamp_millis());
-    let attempt = job.attempts_made;
-    insert_event(
-        conn,
-        &job.queue,
-        &job.id,
-        JobEventKind::Active,
-        attempt,
-        started,
-        None,
-    )?;
-    let detail =
-        serde_json::json!({ "reason": "released at shutdown; the attempt does not count" });
-    insert_event(
-        conn,
-        &job.queue,
-        &job.id,
-        JobEventKind::Waiting,
-        attempt.saturating_sub(1),
-        now,
-        Some(detail),
-    )?;
+    for e in release_events(claimed, now) {
+        insert_event(conn, &job.queue, &job.id, e.kind, e.attempt, e.at, e.detail)?;
+    }
     batch.wake(&job.queue);
     batch.changed(&job.queue, &job.id);
     Ok(Ok(()))
