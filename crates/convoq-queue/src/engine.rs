@@ -10,10 +10,10 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
+use crate::effect::TxEffect;
 use crate::error::{ProcessError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
-use crate::sql::TxEffect;
 
 /// A job held by a worker under a lease. Only the holder of `token` can finish it.
 #[derive(Debug, Clone)]

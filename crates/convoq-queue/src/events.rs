@@ -1,10 +1,6 @@
-//! Following a job: its history as [`JobEvent`]s, replayed from the start and then streamed as
-//! it happens, so that a subscriber that arrives late misses nothing.
-//!
-//! Engines store enough to rebuild a job's history ([`crate::Engine::history`]) and ring a
-//! per-job bell when it changes ([`WatchRegistry`]). [`Follower`] combines the two: it takes a
-//! watch *before* reading the history, so a change between the read and the wait is never lost,
-//! and re-reads on a poll interval as well, which covers changes made by other processes.
+//! A job's history as [`JobEvent`]s, and the per-job bell engines ring when a job changes
+//! ([`WatchRegistry`]). Engines store enough to rebuild a job's history
+//! ([`crate::Engine::history`]); `crate::follow::Follower` combines the two.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,9 +9,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-use crate::engine::Engine;
-use crate::error::Result;
 
 /// One step in a job's life.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,75 +123,5 @@ impl JobWatch {
             tokio::time::timeout(timeout, self.rx.changed()).await,
             Ok(Ok(()))
         )
-    }
-}
-
-/// Replays a job's history, then yields its new events as they happen.
-///
-/// Built by [`crate::Queues::follow`]. Ends after a terminal event (`completed`, `failed`).
-pub struct Follower {
-    engine: Arc<dyn Engine>,
-    queue: String,
-    id: String,
-    watch: JobWatch,
-    poll: Duration,
-    sent: usize,
-    pending: std::collections::VecDeque<JobEvent>,
-    done: bool,
-}
-
-impl Follower {
-    pub(crate) fn new(engine: Arc<dyn Engine>, queue: &str, id: &str, poll: Duration) -> Self {
-        let watch = engine.watches().watch(queue, id);
-        Follower {
-            engine,
-            queue: queue.to_owned(),
-            id: id.to_owned(),
-            watch,
-            poll,
-            sent: 0,
-            pending: Default::default(),
-            done: false,
-        }
-    }
-
-    /// The next event, waiting for it if need be. `Ok(None)` once the job has finished (after
-    /// its terminal event) or when the job does not exist (any more).
-    ///
-    /// # Errors
-    /// When the engine cannot be read.
-    pub async fn next(&mut self) -> Result<Option<JobEvent>> {
-        loop {
-            if let Some(event) = self.pending.pop_front() {
-                if event.kind.is_terminal() {
-                    self.done = true;
-                }
-                return Ok(Some(event));
-            }
-            if self.done {
-                return Ok(None);
-            }
-            let Some(history) = self.engine.history(&self.queue, &self.id).await? else {
-                self.done = true;
-                return Ok(None);
-            };
-            if history.len() > self.sent {
-                self.pending.extend(history[self.sent..].iter().cloned());
-                self.sent = history.len();
-                continue;
-            }
-            self.watch.changed(self.poll).await;
-        }
-    }
-
-    /// Like [`Follower::next`], but gives up with `Ok(None)` after `timeout`.
-    ///
-    /// # Errors
-    /// When the engine cannot be read.
-    pub async fn next_within(&mut self, timeout: Duration) -> Result<Option<JobEvent>> {
-        match tokio::time::timeout(timeout, self.next()).await {
-            Ok(r) => r,
-            Err(_) => Ok(None),
-        }
     }
 }

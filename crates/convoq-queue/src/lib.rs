@@ -27,9 +27,11 @@
 #[cfg(feature = "redis")]
 pub mod bullmq;
 pub mod clock;
+pub mod effect;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod follow;
 pub mod job;
 pub mod queues;
 pub mod sql;
@@ -40,7 +42,8 @@ pub mod worker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{Capabilities, ClaimBatch, ClaimedJob, Completion, Engine, Outcome};
 pub use error::{ProcessError, QueueError, Result};
-pub use events::{Follower, JobEvent, JobEventKind};
+pub use events::{JobEvent, JobEventKind};
+pub use follow::Follower;
 pub use job::{
     Added, Backoff, BackoffKind, Job, JobOptions, JobState, KeepJobs, NewJob, QueueCounts,
 };

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use crate::engine::Engine;
 use crate::error::{QueueError, Result};
-use crate::events::Follower;
+use crate::follow::Follower;
 use crate::job::{Added, Job, JobOptions, JobState, NewJob, QueueCounts};
-use crate::worker::WorkerPoolBuilder;
 
 /// Longest accepted queue name.
 pub const MAX_QUEUE_NAME: usize = 64;
@@ -242,11 +241,6 @@ impl Queues {
             }
             watch.changed((deadline - now).min(self.follow_poll)).await;
         }
-    }
-
-    /// Starts describing a worker pool on these queues.
-    pub fn workers(&self) -> WorkerPoolBuilder {
-        WorkerPoolBuilder::new(self.clone())
     }
 }
 

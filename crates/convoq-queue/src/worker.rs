@@ -100,6 +100,14 @@ pub struct WorkerPoolBuilder {
     observer: Arc<dyn WorkerObserver>,
 }
 
+impl Queues {
+    /// Starts describing a worker pool on these queues. (Defined here, beside the builder, so
+    /// that `queues` does not depend on `worker`.)
+    pub fn workers(&self) -> WorkerPoolBuilder {
+        WorkerPoolBuilder::new(self.clone())
+    }
+}
+
 impl WorkerPoolBuilder {
     pub(crate) fn new(queues: Queues) -> Self {
         WorkerPoolBuilder {

@@ -8,9 +8,9 @@
 
 use async_trait::async_trait;
 
-use super::effect::SqlConn;
 use super::writer::Batch;
 use crate::clock::Clock;
+use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;

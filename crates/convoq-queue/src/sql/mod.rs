@@ -15,7 +15,6 @@
 //! - `postgres/`: the Postgres dialect: the same schema and statements in Postgres's SQL,
 //!   `SKIP LOCKED` claims, several writer connections, and `LISTEN/NOTIFY` wake-ups.
 //! - `history.rs`: rebuilding a job's event history from its row and its event rows.
-//! - `effect.rs`: [`TxEffect`], database work that commits together with a job's completion.
 //!
 //! Timestamps are milliseconds since the Unix epoch from the engine's [`Clock`]. On SQLite all
 //! processes share one machine and so one clock. On Postgres, writes are stamped with the
@@ -23,7 +22,6 @@
 //! is zero outside tests), so that processes on several machines agree on lease expiry.
 
 mod dialect;
-mod effect;
 mod history;
 mod postgres;
 mod rules;
@@ -38,7 +36,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
-pub use effect::{SqlConn, TxEffect};
+pub use crate::effect::{SqlConn, TxEffect};
 pub use sqlite::conn::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 
 use crate::clock::{Clock, SystemClock};

@@ -43,11 +43,11 @@ use super::dialect::{transport_error, Dialect, Failure, Reads, Schedule};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
+use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
-use crate::sql::effect::SqlConn;
 
 /// How long a writer waits for a new connection to open before its batch fails as
 /// unavailable (the next batch tries again).

@@ -30,11 +30,11 @@ use super::dialect::{Dialect, Failure, Reads, Schedule};
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
+use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
-use crate::sql::effect::SqlConn;
 use conn::{ReadPool, SqliteFile};
 
 /// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own

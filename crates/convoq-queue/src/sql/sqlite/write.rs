@@ -9,11 +9,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
+use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::events::JobEventKind;
 use crate::job::{Added, Job, NewJob};
-use crate::sql::effect::{apply_guarded, SqlConn};
 use crate::sql::rules::{
     attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
     to_json, AttemptFailure, NewRow,

@@ -3,11 +3,11 @@
 
 use super::commit::{Abort, Mode};
 use super::ops::{Batch, Done, Op};
+use crate::effect::{apply_group_guarded, apply_guarded, TxEffect};
 use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, NewJob};
 use crate::sql::dialect::Dialect;
-use crate::sql::effect::{apply_group_guarded, apply_guarded, TxEffect};
 
 /// A successful attempt, and whether it carries nothing to commit but itself.
 fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {

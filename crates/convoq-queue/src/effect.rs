@@ -1,5 +1,7 @@
 //! [`TxEffect`]: database work that a processor hands back with its completion, so that the
 //! engine commits it in the same transaction as the job's completion and its follow-up jobs.
+//! Engine-neutral (the engine's `Completion` carries one); the SQL engine is the one that can
+//! commit it (`Capabilities::transactional_effects`), also reachable as `sql::TxEffect`.
 //!
 //! This is how "create the conversation, enqueue the audit event and complete the job" becomes
 //! one commit on the embedded default: either all of it happened or none of it did.
