@@ -45,7 +45,7 @@ use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use dialect::Reads;
-use writer::{Op, Request, WriterHandle};
+use writer::{Op, Request, Slot, WriterHandle};
 
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`, in WAL mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -362,10 +362,10 @@ impl SqlEngine {
     /// Sends a write to the writer and waits for its answer, up to the write timeout: past it
     /// the caller gets [`QueueError::Unavailable`], and the writer drops the operation unless
     /// it has already taken it up.
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+    async fn request<T>(&self, make: impl FnOnce(Slot<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let answer = async {
-            self.writer.send(Request::new(make(tx))).await?;
+            self.writer.send(Request::new(make(Slot::new(tx)))).await?;
             match rx.await {
                 Ok(r) => r,
                 Err(_) if self.writer.is_closed() => Err(QueueError::Closed),

@@ -2,7 +2,7 @@
 //! carefully one by one), adds together, then each operation, then the fetch-next claims.
 
 use super::commit::{Abort, Mode};
-use super::ops::{Batch, Done, Op};
+use super::ops::{Batch, Op};
 use crate::effect::{apply_group_guarded, apply_guarded, TxEffect};
 use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
@@ -143,31 +143,33 @@ async fn add_together<D: Dialect>(
     Ok(answers)
 }
 
+/// Applies `ops` inside the batch's open transaction, holding each one's answer in its slot
+/// until the batch commits.
 pub(super) async fn apply_ops<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
-    ops: &[Op],
+    ops: &mut [Op],
     now: i64,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
+) -> std::result::Result<Batch, Abort<D::Error>> {
     let mut batch = Batch::default();
-    let mut dones = Vec::with_capacity(ops.len());
     // Completions go first, together. Operations of one batch come from concurrent callers, so
     // their order among themselves is no one's promise.
     // Then adds, together too, so that this batch's claims can take what they added.
     let mut together = complete_together(d, conn, ops, now, mode, &mut batch).await?;
     let mut added = add_together(d, conn, ops, now, mode, &mut batch).await?;
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in ops.iter_mut().enumerate() {
+        let b = &mut batch;
         if let Some(r) = together[i].take() {
-            dones.push(match op {
-                Op::FinishAndClaim { .. } => Done::Fetched(r.map(|()| None)),
-                _ => Done::Unit(r),
-            });
+            match op {
+                Op::FinishAndClaim { reply, .. } => reply.set(r.map(|()| None)),
+                Op::Finish { reply, .. } => reply.set(r),
+                _ => unreachable!("only finishes are completed together"),
+            }
             continue;
         }
-        let b = &mut batch;
-        let done = match op {
-            Op::Add { .. } => Done::Added(added[i].take().unwrap_or_else(|| {
+        match op {
+            Op::Add { reply, .. } => reply.set(added[i].take().unwrap_or_else(|| {
                 Err(QueueError::Corrupt(
                     "an add was left out of its batch".into(),
                 ))
@@ -177,39 +179,53 @@ pub(super) async fn apply_ops<D: Dialect>(
                 max,
                 lease_ms,
                 token,
-                ..
-            } => Done::Claimed(d.claim(conn, queue, *max, *lease_ms, token, now, b).await?),
+                reply,
+            } => reply.set(d.claim(conn, queue, *max, *lease_ms, token, now, b).await?),
             Op::Extend {
                 queue,
                 leases,
                 lease_ms,
+                reply,
+            } => reply.set(d.extend(conn, queue, leases, *lease_ms, now).await?),
+            Op::Finish {
+                job,
+                outcome,
+                reply,
+            } => reply.set(d.finish(conn, job, outcome, now, b).await?),
+            Op::FinishAndClaim {
+                job,
+                outcome,
+                reply,
                 ..
-            } => Done::Bools(d.extend(conn, queue, leases, *lease_ms, now).await?),
-            Op::Finish { job, outcome, .. } => {
-                Done::Unit(d.finish(conn, job, outcome, now, b).await?)
-            }
-            Op::FinishAndClaim { job, outcome, .. } => {
-                Done::Fetched(d.finish(conn, job, outcome, now, b).await?.map(|()| None))
-            }
-            Op::Release { job, .. } => Done::Unit(d.release(conn, job, now, b).await?),
+            } => reply.set(d.finish(conn, job, outcome, now, b).await?.map(|()| None)),
+            Op::Release { job, reply } => reply.set(d.release(conn, job, now, b).await?),
             Op::ReapStalled {
-                queue, max_stalled, ..
-            } => Done::Count(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
-            Op::Prune { queue, limit, .. } => Done::Count(d.prune(conn, queue, *limit, now).await?),
-            Op::SetPaused { queue, paused, .. } => {
-                if !paused {
+                queue,
+                max_stalled,
+                reply,
+            } => reply.set(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
+            Op::Prune {
+                queue,
+                limit,
+                reply,
+            } => reply.set(d.prune(conn, queue, *limit, now).await?),
+            Op::SetPaused {
+                queue,
+                paused,
+                reply,
+            } => {
+                if !*paused {
                     b.wake(queue);
                 }
-                Done::Unit(d.set_paused(conn, queue, *paused).await?)
+                reply.set(d.set_paused(conn, queue, *paused).await?)
             }
-            Op::Retry { queue, id, .. } => Done::Job(d.retry(conn, queue, id, now, b).await?),
-            Op::Remove { queue, id, .. } => Done::Bool(d.remove(conn, queue, id, b).await?),
+            Op::Retry { queue, id, reply } => reply.set(d.retry(conn, queue, id, now, b).await?),
+            Op::Remove { queue, id, reply } => reply.set(d.remove(conn, queue, id, b).await?),
             Op::Close(_) => unreachable!("close is taken out of the batch before it is applied"),
-        };
-        dones.push(done);
+        }
     }
-    fetch_next(d, conn, ops, &mut dones, now, &mut batch).await?;
-    Ok((dones, batch))
+    fetch_next(d, conn, ops, now, &mut batch).await?;
+    Ok(batch)
 }
 
 /// Claims the next jobs for the batch's fetch-next finishes that were recorded: one claim per
@@ -219,16 +235,15 @@ pub(super) async fn apply_ops<D: Dialect>(
 async fn fetch_next<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
-    ops: &[Op],
-    dones: &mut [Done],
+    ops: &mut [Op],
     now: i64,
     batch: &mut Batch,
 ) -> std::result::Result<(), Abort<D::Error>> {
     /// A queue and lease, the token of the group's first finish, and the finishes asking.
-    struct Group<'a> {
-        queue: &'a str,
+    struct Group {
+        queue: String,
         lease_ms: i64,
-        token: &'a str,
+        token: String,
         members: Vec<usize>,
     }
     let mut groups: Vec<Group> = Vec::new();
@@ -237,12 +252,13 @@ async fn fetch_next<D: Dialect>(
             job,
             lease_ms,
             token,
+            reply,
             ..
         } = op
         else {
             continue;
         };
-        if !matches!(dones[i], Done::Fetched(Ok(None))) {
+        if !matches!(reply.answer(), Some(Ok(None))) {
             continue;
         }
         let queue = job.job.queue.as_str();
@@ -252,9 +268,9 @@ async fn fetch_next<D: Dialect>(
         {
             Some(g) => g.members.push(i),
             None => groups.push(Group {
-                queue,
+                queue: queue.to_owned(),
                 lease_ms: *lease_ms,
-                token,
+                token: token.clone(),
                 members: vec![i],
             }),
         }
@@ -263,10 +279,10 @@ async fn fetch_next<D: Dialect>(
         let claimed = d
             .claim(
                 conn,
-                g.queue,
+                &g.queue,
                 g.members.len(),
                 g.lease_ms,
-                g.token,
+                &g.token,
                 now,
                 batch,
             )
@@ -275,7 +291,9 @@ async fn fetch_next<D: Dialect>(
             continue;
         };
         for (i, next) in g.members.into_iter().zip(claimed.jobs) {
-            dones[i] = Done::Fetched(Ok(Some(next)));
+            if let Op::FinishAndClaim { reply, .. } = &mut ops[i] {
+                reply.set(Ok(Some(next)));
+            }
         }
     }
     Ok(())

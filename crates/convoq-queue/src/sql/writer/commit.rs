@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 
 use super::apply::apply_ops;
-use super::ops::{clone_err, deliver, refuse, Batch, Done, Op};
+use super::ops::{abandoned, clone_err, deliver, refuse, Batch, Op};
 use crate::clock::Clock;
 use crate::error::{panic_message, QueueError};
 use crate::sql::dialect::{Dialect, Failure};
@@ -83,25 +83,6 @@ pub(super) async fn commit_ops<D: Dialect>(
     false
 }
 
-/// Whether nobody waits for the operation's answer any more: its caller gave up (its write
-/// deadline passed) or went away. Such an operation is not applied, so that a caller answered
-/// "unavailable" before the writer took its write up does not find it committed later.
-fn abandoned(op: &Op) -> bool {
-    match op {
-        Op::Add { reply, .. } => reply.is_closed(),
-        Op::Claim { reply, .. } => reply.is_closed(),
-        Op::Extend { reply, .. } => reply.is_closed(),
-        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
-            reply.is_closed()
-        }
-        Op::FinishAndClaim { reply, .. } => reply.is_closed(),
-        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.is_closed(),
-        Op::Retry { reply, .. } => reply.is_closed(),
-        Op::Remove { reply, .. } => reply.is_closed(),
-        Op::Close(_) => false,
-    }
-}
-
 /// Replaces the writer's connection after a panic left its state unknown; until that succeeds
 /// the writer is reported down (readiness fails) and each batch is refused as unavailable.
 pub(super) async fn reopen<D: Dialect>(d: &D, conn: &mut D::Conn, shared: &Shared) -> bool {
@@ -147,25 +128,23 @@ async fn commit_ops_now<D: Dialect>(
     }
     let failed = failure(d, &result);
     match result {
-        Ok((dones, batch)) => {
+        Ok(batch) => {
             shared.writer_up();
             shared.inject(WriterFault::PanicAfterCommit);
-            deliver_all(ops, dones, batch, shared)
+            deliver_all(ops, batch, shared)
         }
         Err(e) if ops.len() > 1 && matches!(failed, Some(Failure::Operation) | None) => {
             // One operation's failure (a constraint, a bad value): each alone, so that it fails
             // by itself.
             tracing::warn!(error = %abort_err(d, e), ops = ops.len(), "group commit failed; applying its operations one by one");
             for op in std::mem::take(ops) {
-                let single = [op];
-                match apply_batch(d, conn, &single, clock, Mode::Careful).await {
-                    Ok((dones, batch)) => {
-                        let mut v: Vec<Op> = single.into();
-                        deliver_all(&mut v, dones, batch, shared);
-                    }
+                let mut single = vec![op];
+                match apply_batch(d, conn, &mut single, clock, Mode::Careful).await {
+                    Ok(batch) => deliver_all(&mut single, batch, shared),
                     Err(e) => {
-                        let [op] = single;
-                        refuse(op, abort_err(d, e));
+                        if let Some(op) = single.pop() {
+                            refuse(op, abort_err(d, e));
+                        }
                     }
                 }
             }
@@ -214,11 +193,11 @@ fn abort_err<D: Dialect>(d: &D, e: Abort<D::Error>) -> QueueError {
     }
 }
 
-fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Shared) {
+fn deliver_all(ops: &mut Vec<Op>, batch: Batch, shared: &Shared) {
     shared.commits.fetch_add(1, Ordering::Relaxed);
     shared.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-    for (op, done) in ops.drain(..).zip(dones) {
-        deliver(op, done);
+    for op in ops.drain(..) {
+        deliver(op);
     }
     for queue in &batch.woken {
         shared.wake(queue);
@@ -234,10 +213,10 @@ fn deliver_all(ops: &mut Vec<Op>, dones: Vec<Done>, batch: Batch, shared: &Share
 async fn apply_batch<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
-    ops: &[Op],
+    ops: &mut [Op],
     clock: &dyn Clock,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
+) -> std::result::Result<Batch, Abort<D::Error>> {
     let Some(limit) = d.schedule().batch_timeout else {
         return apply_batch_now(d, conn, ops, clock, mode).await;
     };
@@ -255,16 +234,16 @@ async fn apply_batch<D: Dialect>(
 async fn apply_batch_now<D: Dialect>(
     d: &D,
     conn: &mut D::Conn,
-    ops: &[Op],
+    ops: &mut [Op],
     clock: &dyn Clock,
     mode: Mode,
-) -> std::result::Result<(Vec<Done>, Batch), Abort<D::Error>> {
+) -> std::result::Result<Batch, Abort<D::Error>> {
     let now = d.now_ms(conn, clock).await?;
     d.begin(conn).await?;
     let result = apply_ops(d, conn, ops, now, mode).await;
     match result {
-        Ok((dones, batch)) => match d.commit(conn, &batch).await {
-            Ok(()) => Ok((dones, batch)),
+        Ok(batch) => match d.commit(conn, &batch).await {
+            Ok(()) => Ok(batch),
             Err(e) => {
                 let _ = d.rollback(conn).await;
                 Err(e.into())

@@ -62,7 +62,7 @@ use crate::clock::Clock;
 use crate::error::{QueueError, Result};
 use commit::{commit_ops, reopen};
 use ops::refuse;
-pub(crate) use ops::{Batch, Op, Request};
+pub(crate) use ops::{Batch, Op, Request, Slot};
 
 /// The engine's handle on the writer tasks.
 pub(crate) struct WriterHandle {

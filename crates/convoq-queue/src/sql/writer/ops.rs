@@ -1,5 +1,6 @@
-//! The writer's operations (`Op`), each with where its answer goes, their answers (`Done`)
-//! held until the batch commits, and what a batch notes for after its commit (`Batch`).
+//! The writer's operations (`Op`), each with the [`Slot`] its answer waits in until the batch
+//! commits (typed by the operation, so that no answer can reach the wrong caller), and what a
+//! batch notes for after its commit (`Batch`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -9,9 +10,56 @@ use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 
-type Reply<T> = oneshot::Sender<Result<T>>;
+/// Where an operation's answer goes, and the answer itself while its batch has not committed.
+pub(crate) struct Slot<T> {
+    reply: oneshot::Sender<Result<T>>,
+    answer: Option<Result<T>>,
+}
 
-/// One write, with where to send its answer.
+impl<T> Slot<T> {
+    pub(crate) fn new(reply: oneshot::Sender<Result<T>>) -> Self {
+        Slot {
+            reply,
+            answer: None,
+        }
+    }
+
+    /// Holds the operation's answer until the batch commits (a later application of the batch
+    /// replaces it).
+    pub(super) fn set(&mut self, answer: Result<T>) {
+        self.answer = Some(answer);
+    }
+
+    /// The answer held, if any.
+    pub(super) fn answer(&self) -> Option<&Result<T>> {
+        self.answer.as_ref()
+    }
+
+    /// Whether the caller stopped waiting.
+    pub(super) fn is_closed(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    /// Sends the answer held (the batch committed).
+    fn deliver(self) {
+        let answer = self.answer.unwrap_or_else(|| {
+            Err(QueueError::Unavailable(
+                "the writer applied the batch without answering this write".into(),
+            ))
+        });
+        let _ = self.reply.send(answer);
+    }
+
+    /// Sends `err` instead of any answer held (the batch did not commit).
+    fn refuse(self, err: QueueError) {
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+type Reply<T> = Slot<T>;
+
+/// One write, with the slot its answer waits in.
+#[allow(clippy::large_enum_variant)] // One per write in flight; boxing would allocate per write.
 pub(crate) enum Op {
     Add {
         jobs: Vec<NewJob>,
@@ -85,19 +133,6 @@ impl Request {
     }
 }
 
-/// The answer to one operation, held until the batch commits.
-#[allow(clippy::large_enum_variant)] // Short-lived, one per operation in a batch.
-pub(crate) enum Done {
-    Added(Result<Vec<Added>>),
-    Claimed(Result<ClaimBatch>),
-    Bools(Result<Vec<bool>>),
-    Unit(Result<()>),
-    Fetched(Result<Option<ClaimedJob>>),
-    Count(Result<u64>),
-    Job(Result<Job>),
-    Bool(Result<bool>),
-}
-
 /// What to do once a batch has committed, and the counters it moves.
 #[derive(Default)]
 pub(crate) struct Batch {
@@ -126,40 +161,55 @@ impl Batch {
     }
 }
 
-pub(super) fn deliver(op: Op, done: Done) {
-    match (op, done) {
-        (Op::Add { reply, .. }, Done::Added(r)) => drop(reply.send(r)),
-        (Op::Claim { reply, .. }, Done::Claimed(r)) => drop(reply.send(r)),
-        (Op::Extend { reply, .. }, Done::Bools(r)) => drop(reply.send(r)),
-        (Op::Finish { reply, .. } | Op::Release { reply, .. }, Done::Unit(r)) => {
-            drop(reply.send(r))
+/// Sends the operation's answer (its batch committed).
+pub(super) fn deliver(op: Op) {
+    match op {
+        Op::Add { reply, .. } => reply.deliver(),
+        Op::Claim { reply, .. } => reply.deliver(),
+        Op::FinishAndClaim { reply, .. } => reply.deliver(),
+        Op::Extend { reply, .. } => reply.deliver(),
+        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
+            reply.deliver()
         }
-        (Op::FinishAndClaim { reply, .. }, Done::Fetched(r)) => drop(reply.send(r)),
-        (Op::SetPaused { reply, .. }, Done::Unit(r)) => drop(reply.send(r)),
-        (Op::ReapStalled { reply, .. } | Op::Prune { reply, .. }, Done::Count(r)) => {
-            drop(reply.send(r))
-        }
-        (Op::Retry { reply, .. }, Done::Job(r)) => drop(reply.send(r)),
-        (Op::Remove { reply, .. }, Done::Bool(r)) => drop(reply.send(r)),
-        (op, _) => refuse(
-            op,
-            QueueError::Corrupt("writer paired an answer with the wrong operation".into()),
-        ),
+        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.deliver(),
+        Op::Retry { reply, .. } => reply.deliver(),
+        Op::Remove { reply, .. } => reply.deliver(),
+        Op::Close(tx) => drop(tx.send(())),
     }
 }
 
+/// Whether nobody waits for the operation's answer any more: its caller gave up (its write
+/// deadline passed) or went away. Such an operation is not applied, so that a caller answered
+/// "unavailable" before the writer took its write up does not find it committed later.
+pub(super) fn abandoned(op: &Op) -> bool {
+    match op {
+        Op::Add { reply, .. } => reply.is_closed(),
+        Op::Claim { reply, .. } => reply.is_closed(),
+        Op::Extend { reply, .. } => reply.is_closed(),
+        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
+            reply.is_closed()
+        }
+        Op::FinishAndClaim { reply, .. } => reply.is_closed(),
+        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.is_closed(),
+        Op::Retry { reply, .. } => reply.is_closed(),
+        Op::Remove { reply, .. } => reply.is_closed(),
+        Op::Close(_) => false,
+    }
+}
+
+/// Refuses the operation with `err` (its batch did not commit).
 pub(super) fn refuse(op: Op, err: QueueError) {
     match op {
-        Op::Add { reply, .. } => drop(reply.send(Err(err))),
-        Op::Claim { reply, .. } => drop(reply.send(Err(err))),
-        Op::FinishAndClaim { reply, .. } => drop(reply.send(Err(err))),
-        Op::Extend { reply, .. } => drop(reply.send(Err(err))),
+        Op::Add { reply, .. } => reply.refuse(err),
+        Op::Claim { reply, .. } => reply.refuse(err),
+        Op::FinishAndClaim { reply, .. } => reply.refuse(err),
+        Op::Extend { reply, .. } => reply.refuse(err),
         Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
-            drop(reply.send(Err(err)))
+            reply.refuse(err)
         }
-        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => drop(reply.send(Err(err))),
-        Op::Retry { reply, .. } => drop(reply.send(Err(err))),
-        Op::Remove { reply, .. } => drop(reply.send(Err(err))),
+        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.refuse(err),
+        Op::Retry { reply, .. } => reply.refuse(err),
+        Op::Remove { reply, .. } => reply.refuse(err),
         Op::Close(tx) => drop(tx.send(())),
     }
 }
