@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::extract::{json_object, optional_str, query_number, required_str};
+use super::stats::Admission;
 use super::{ok_json, ApiResult, AppState, Caller, RequestId};
 use crate::domain::{
     CreateConversationJob, PersonalityMode, Title, UserId, CREATE_CONVERSATION, DATABASE_QUEUE,
@@ -43,7 +44,137 @@ fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         .map(|n| n.min(MAX_WAIT_SECS))
 }
 
-/// `POST /api/chat/conversations`.
+/// A validated `POST /api/chat/conversations` body.
+struct CreateRequest {
+    user_id: UserId,
+    title: Option<Title>,
+    mode: PersonalityMode,
+}
+
+impl CreateRequest {
+    async fn read(headers: &HeaderMap, body: Body, modes: &[String]) -> Result<Self, ApiError> {
+        let map = json_object(headers, body, &["userId", "title", "personalityMode"]).await?;
+        Ok(CreateRequest {
+            user_id: UserId::parse("userId", required_str(&map, "userId")?)?,
+            title: Title::parse(optional_str(&map, "title")?)?,
+            mode: PersonalityMode::parse(optional_str(&map, "personalityMode")?, modes)?,
+        })
+    }
+
+    /// A digest of what the request asks for, stored with an idempotent job so that a replay
+    /// with another body is refused.
+    fn body_hash(&self) -> String {
+        hex(&Sha256::digest(
+            serde_json::to_vec(&json!([self.user_id, self.title, self.mode])).unwrap_or_default(),
+        ))
+    }
+
+    /// The `create_conversation` job for this request, its conversation id fixed now; with an
+    /// idempotency key, under a custom id scoped to the caller and kept for the key's lifetime.
+    fn job(
+        &self,
+        key: Option<&str>,
+        caller: &Caller,
+        request_id: &str,
+    ) -> Result<NewJob, ApiError> {
+        let mut opts = JobOptions::default();
+        if let Some(key) = key {
+            let scoped = Sha256::digest(format!("{}\u{0}{key}", caller.name).as_bytes());
+            opts.job_id = Some(format!("idem-{}", &hex(&scoped)[..40]));
+            opts.remove_on_complete = Some(KeepJobs::Keep {
+                count: None,
+                age_secs: Some(IDEMPOTENCY_TTL_SECS),
+            });
+            opts.remove_on_fail = opts.remove_on_complete;
+        }
+        let payload = CreateConversationJob {
+            conversation_id: Some(uuid::Uuid::now_v7().to_string()),
+            user_id: self.user_id.to_string(),
+            title: self.title.as_ref().map(|t| t.as_str().to_owned()),
+            personality_mode: Some(self.mode.as_str().to_owned()),
+            request_id: Some(request_id.to_owned()),
+            actor: Some(caller.name.clone()),
+            body_hash: key.map(|_| self.body_hash()),
+        };
+        let data = serde_json::to_value(&payload).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(NewJob::new(DATABASE_QUEUE, CREATE_CONVERSATION, data).with_opts(opts))
+    }
+}
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .filter(|k| k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::field(
+                "Idempotency-Key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })
+}
+
+/// A place in the `database` queue's backlog, or 429 (see `stats::QueueStats::admit`).
+async fn admit(state: &AppState) -> Result<Admission, ApiError> {
+    let limit = state.config.max_backlog;
+    match state
+        .stats
+        .admit(&state.queues, &state.metrics, DATABASE_QUEUE, limit)
+        .await?
+    {
+        Ok(admission) => Ok(admission),
+        Err(full) => Err(ApiError::TooManyRequests {
+            retry_after: full.retry_after,
+            message: format!(
+                "the {DATABASE_QUEUE} queue has {} jobs waiting, at its limit of {limit}; retry later",
+                full.backlog
+            ),
+        }),
+    }
+}
+
+/// With `Prefer: wait`, the job's end within the wait: 201 with the conversation, or 422 with
+/// the failure; `None` when it did not end in time (the caller answers 202).
+async fn waited(
+    state: &AppState,
+    secs: u64,
+    job_id: &str,
+    conversation_id: &str,
+    request_id: Option<&str>,
+) -> Result<Option<axum::response::Response>, ApiError> {
+    let done = state
+        .queues
+        .wait_finished(DATABASE_QUEUE, job_id, Duration::from_secs(secs))
+        .await?;
+    match done {
+        Some(j) if j.state == JobState::Completed => {
+            let Some(conversation) = state.store.get_conversation(conversation_id).await? else {
+                return Ok(None);
+            };
+            let mut resp = ok_json(
+                StatusCode::CREATED,
+                json!({ "ok": true, "jobId": job_id, "conversationId": conversation_id,
+                        "status": "completed", "requestId": request_id, "conversation": conversation }),
+            );
+            resp.headers_mut()
+                .insert("preference-applied", HeaderValue::from_static("wait"));
+            Ok(Some(resp))
+        }
+        Some(j) if j.state == JobState::Failed => Err(ApiError::Unprocessable(
+            "job_failed",
+            j.failed_reason.unwrap_or_else(|| "the job failed".into()),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// `POST /api/chat/conversations`: validate, take a place in the backlog, add the job (or find
+/// the one an idempotency key names), then answer 202 (or, with `Prefer: wait`, the job's end).
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -51,89 +182,19 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let map = json_object(&headers, body, &["userId", "title", "personalityMode"]).await?;
-    let user_id = UserId::parse("userId", required_str(&map, "userId")?)?;
-    let title = Title::parse(optional_str(&map, "title")?)?;
-    let mode = PersonalityMode::parse(
-        optional_str(&map, "personalityMode")?,
-        &state.config.personality_modes,
-    )?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let visible = |k: &&str| k.bytes().all(|b| b.is_ascii_graphic());
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255)
-                .filter(visible);
-            Some(k.ok_or_else(|| {
-                ApiError::field(
-                    "Idempotency-Key",
-                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
-                )
-            })?)
-        }
-    };
-
-    // A place in the backlog, counted against what this process has committed (see
-    // `stats::QueueStats::admit`); given back if the add fails.
-    let admission = match state
-        .stats
-        .admit(
-            &state.queues,
-            &state.metrics,
-            DATABASE_QUEUE,
-            state.config.max_backlog,
-        )
-        .await?
-    {
-        Ok(admission) => admission,
-        Err(full) => {
-            return Err(ApiError::TooManyRequests {
-                retry_after: full.retry_after,
-                message: format!(
-                "the {DATABASE_QUEUE} queue has {} jobs waiting, at its limit of {}; retry later",
-                full.backlog, state.config.max_backlog
-            ),
-            })
-        }
-    };
+    let request = CreateRequest::read(&headers, body, &state.config.personality_modes).await?;
+    let key = idempotency_key(&headers)?;
+    let admission = admit(&state).await?;
     let backlog = admission.backlog;
 
-    let body_hash = hex(&Sha256::digest(
-        serde_json::to_vec(&json!([user_id, title, mode])).unwrap_or_default(),
-    ));
-    let mut opts = JobOptions::default();
-    if let Some(key) = idempotency_key {
-        let scoped = Sha256::digest(format!("{}\u{0}{key}", caller.name).as_bytes());
-        opts.job_id = Some(format!("idem-{}", &hex(&scoped)[..40]));
-        opts.remove_on_complete = Some(KeepJobs::Keep {
-            count: None,
-            age_secs: Some(IDEMPOTENCY_TTL_SECS),
-        });
-        opts.remove_on_fail = opts.remove_on_complete;
-    }
-    let payload = CreateConversationJob {
-        conversation_id: Some(uuid::Uuid::now_v7().to_string()),
-        user_id: user_id.to_string(),
-        title: title.as_ref().map(|t| t.as_str().to_owned()),
-        personality_mode: Some(mode.as_str().to_owned()),
-        request_id: Some(request_id.clone()),
-        actor: Some(caller.name.clone()),
-        body_hash: idempotency_key.map(|_| body_hash.clone()),
-    };
-    let job = NewJob::new(
-        DATABASE_QUEUE,
-        CREATE_CONVERSATION,
-        serde_json::to_value(&payload).map_err(|e| ApiError::Internal(e.to_string()))?,
-    )
-    .with_opts(opts);
-    let added = state.queues.add(job).await?;
+    let added = state
+        .queues
+        .add(request.job(key, &caller, &request_id)?)
+        .await?;
     admission.added(added.created);
     let stored: CreateConversationJob = serde_json::from_value(added.job.data.clone())
         .map_err(|e| ApiError::Internal(format!("stored job payload unreadable: {e}")))?;
-    if !added.created && stored.body_hash.as_deref() != Some(body_hash.as_str()) {
+    if !added.created && stored.body_hash.as_deref() != Some(request.body_hash().as_str()) {
         return Err(ApiError::Unprocessable(
             "idempotency_key_reused",
             "this Idempotency-Key was used with a different body".into(),
@@ -148,34 +209,13 @@ pub async fn create(
             .with_label_values(&[DATABASE_QUEUE, CREATE_CONVERSATION])
             .inc();
         tracing::info!(request_id = %request_id, job_id = %job_id, queue = DATABASE_QUEUE,
-            user_id = %user_id, conversation_id = %conversation_id, "job enqueued");
+            user_id = %request.user_id, conversation_id = %conversation_id, "job enqueued");
     }
 
     if let Some(secs) = prefer_wait(&headers) {
-        let done = state
-            .queues
-            .wait_finished(DATABASE_QUEUE, &job_id, Duration::from_secs(secs))
-            .await?;
-        match done {
-            Some(j) if j.state == JobState::Completed => {
-                if let Some(conversation) = state.store.get_conversation(&conversation_id).await? {
-                    let mut resp = ok_json(
-                        StatusCode::CREATED,
-                        json!({ "ok": true, "jobId": job_id, "conversationId": conversation_id,
-                                "status": "completed", "requestId": stored.request_id, "conversation": conversation }),
-                    );
-                    resp.headers_mut()
-                        .insert("preference-applied", HeaderValue::from_static("wait"));
-                    return Ok(resp);
-                }
-            }
-            Some(j) if j.state == JobState::Failed => {
-                return Err(ApiError::Unprocessable(
-                    "job_failed",
-                    j.failed_reason.unwrap_or_else(|| "the job failed".into()),
-                ));
-            }
-            _ => {}
+        let request_id = stored.request_id.as_deref();
+        if let Some(resp) = waited(&state, secs, &job_id, &conversation_id, request_id).await? {
+            return Ok(resp);
         }
     }
 
