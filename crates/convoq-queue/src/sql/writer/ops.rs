@@ -10,10 +10,12 @@ use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 
-/// Where an operation's answer goes, and the answer itself while its batch has not committed.
+/// Where an operation's answer goes, and the answer itself while its batch has not committed
+/// (boxed, so that every operation stays small however large its answer: operations are moved
+/// through the channel and the batch's partitions).
 pub(crate) struct Slot<T> {
     reply: oneshot::Sender<Result<T>>,
-    answer: Option<Result<T>>,
+    answer: Option<Box<Result<T>>>,
 }
 
 impl<T> Slot<T> {
@@ -27,12 +29,12 @@ impl<T> Slot<T> {
     /// Holds the operation's answer until the batch commits (a later application of the batch
     /// replaces it).
     pub(super) fn set(&mut self, answer: Result<T>) {
-        self.answer = Some(answer);
+        self.answer = Some(Box::new(answer));
     }
 
     /// The answer held, if any.
     pub(super) fn answer(&self) -> Option<&Result<T>> {
-        self.answer.as_ref()
+        self.answer.as_deref()
     }
 
     /// Whether the caller stopped waiting.
@@ -42,11 +44,14 @@ impl<T> Slot<T> {
 
     /// Sends the answer held (the batch committed).
     fn deliver(self) {
-        let answer = self.answer.unwrap_or_else(|| {
-            Err(QueueError::Unavailable(
-                "the writer applied the batch without answering this write".into(),
-            ))
-        });
+        let answer = self.answer.map_or_else(
+            || {
+                Err(QueueError::Unavailable(
+                    "the writer applied the batch without answering this write".into(),
+                ))
+            },
+            |a| *a,
+        );
         let _ = self.reply.send(answer);
     }
 
@@ -221,3 +226,4 @@ pub(super) fn clone_err(e: &QueueError) -> QueueError {
         other => QueueError::Unavailable(other.to_string()),
     }
 }
+
