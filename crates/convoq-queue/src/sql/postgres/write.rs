@@ -17,11 +17,10 @@ use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::events::JobEventKind;
 use crate::job::{Added, Job, NewJob};
 use crate::sql::rules::{
     attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
-    to_json, AttemptFailure,
+    to_json, AttemptFailure, NewEvent,
 };
 use crate::sql::writer::Batch;
 
@@ -234,28 +233,28 @@ pub(crate) async fn extend(
     Ok(Ok(leases.iter().map(|l| held.contains(l)).collect()))
 }
 
-async fn insert_event(
+/// Records events in a job's history.
+async fn insert_events(
     conn: &mut PgConnection,
     queue: &str,
     id: &str,
-    kind: JobEventKind,
-    attempt: u32,
-    at: i64,
-    detail: Option<serde_json::Value>,
+    events: &[NewEvent],
 ) -> SqlResult<()> {
-    sqlx::query(
-        "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(queue)
-    .bind(id)
-    .bind(kind.as_str())
-    .bind(attempt as i64)
-    .bind(at)
-    .bind(detail.map(|d| to_json(&d)))
-    .execute(conn)
-    .await
-    .map(drop)
+    for e in events {
+        sqlx::query(
+            "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(queue)
+        .bind(id)
+        .bind(e.kind.as_str())
+        .bind(e.attempt as i64)
+        .bind(e.at)
+        .bind(e.detail.as_ref().map(to_json))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Completes jobs whose completions carry no effect and no follow-ups, in one statement, each
@@ -447,18 +446,7 @@ async fn fail_attempt(
             .await?
             .rows_affected();
             if n == 1 {
-                for e in events {
-                    insert_event(
-                        conn,
-                        &job.queue,
-                        &job.id,
-                        e.kind,
-                        e.attempt,
-                        e.at,
-                        e.detail.clone(),
-                    )
-                    .await?;
-                }
+                insert_events(conn, &job.queue, &job.id, events).await?;
             }
             n
         }
@@ -497,9 +485,7 @@ pub(crate) async fn release(
     if n != 1 {
         return Ok(Err(lease_lost(claimed)));
     }
-    for e in release_events(claimed, now) {
-        insert_event(conn, &job.queue, &job.id, e.kind, e.attempt, e.at, e.detail).await?;
-    }
+    insert_events(conn, &job.queue, &job.id, &release_events(claimed, now)).await?;
     batch.wake(&job.queue);
     batch.changed(&job.queue, &job.id);
     Ok(Ok(()))
@@ -535,9 +521,7 @@ pub(crate) async fn reap_stalled(
             max_stalled,
             now,
         );
-        for e in decided.events {
-            insert_event(conn, queue, &id, e.kind, e.attempt, e.at, e.detail).await?;
-        }
+        insert_events(conn, queue, &id, &decided.events).await?;
         if let Some((reason, keep_count, expire_at)) = decided.fails {
             sqlx::query(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
@@ -677,9 +661,7 @@ pub(crate) async fn retry(
         Ok(events) => events,
         Err(e) => return Ok(Err(e)),
     };
-    for e in events {
-        insert_event(conn, queue, id, e.kind, e.attempt, e.at, e.detail).await?;
-    }
+    insert_events(conn, queue, id, &events).await?;
     sqlx::query(
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = $1, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \

@@ -12,11 +12,10 @@ use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::events::JobEventKind;
 use crate::job::{Added, Job, NewJob};
 use crate::sql::rules::{
     attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
-    to_json, AttemptFailure, NewRow,
+    to_json, AttemptFailure, NewEvent, NewRow,
 };
 use crate::sql::writer::Batch;
 
@@ -165,28 +164,23 @@ pub(crate) fn extend(
     Ok(Ok(held))
 }
 
-fn insert_event(
-    conn: &Connection,
-    queue: &str,
-    id: &str,
-    kind: JobEventKind,
-    attempt: u32,
-    at: i64,
-    detail: Option<serde_json::Value>,
-) -> SqlResult<()> {
-    conn.prepare_cached(
+/// Records events in a job's history.
+fn insert_events(conn: &Connection, queue: &str, id: &str, events: &[NewEvent]) -> SqlResult<()> {
+    let mut insert = conn.prepare_cached(
         "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
          VALUES (?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        queue,
-        id,
-        kind.as_str(),
-        attempt as i64,
-        at,
-        detail.map(|d| to_json(&d))
-    ])
-    .map(drop)
+    )?;
+    for e in events {
+        insert.execute(params![
+            queue,
+            id,
+            e.kind.as_str(),
+            e.attempt as i64,
+            e.at,
+            e.detail.as_ref().map(to_json)
+        ])?;
+    }
+    Ok(())
 }
 
 /// Runs one statement of the writer's transaction control (savepoints), from the cache.
@@ -379,17 +373,7 @@ fn fail_attempt(
                 )?
                 .execute(params![reason, run_at, job.queue, job.id, claimed.token])?;
             if n == 1 {
-                for e in events {
-                    insert_event(
-                        conn,
-                        &job.queue,
-                        &job.id,
-                        e.kind,
-                        e.attempt,
-                        e.at,
-                        e.detail.clone(),
-                    )?;
-                }
+                insert_events(conn, &job.queue, &job.id, events)?;
             }
             n
         }
@@ -423,9 +407,7 @@ pub(crate) fn release(
     if n != 1 {
         return Ok(Err(lease_lost(claimed)));
     }
-    for e in release_events(claimed, now) {
-        insert_event(conn, &job.queue, &job.id, e.kind, e.attempt, e.at, e.detail)?;
-    }
+    insert_events(conn, &job.queue, &job.id, &release_events(claimed, now))?;
     batch.wake(&job.queue);
     batch.changed(&job.queue, &job.id);
     Ok(Ok(()))
@@ -451,9 +433,7 @@ pub(crate) fn reap_stalled(
     let mut n = 0;
     for (id, attempt, stalled, started, opts) in expired {
         let decided = stall(attempt, stalled, started, &opts, max_stalled, now);
-        for e in decided.events {
-            insert_event(conn, queue, &id, e.kind, e.attempt, e.at, e.detail)?;
-        }
+        insert_events(conn, queue, &id, &decided.events)?;
         if let Some((reason, keep_count, expire_at)) = decided.fails {
             conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
@@ -577,9 +557,7 @@ pub(crate) fn retry(
         Ok(events) => events,
         Err(e) => return Ok(Err(e)),
     };
-    for e in events {
-        insert_event(conn, queue, id, e.kind, e.attempt, e.at, e.detail)?;
-    }
+    insert_events(conn, queue, id, &events)?;
     conn.prepare_cached(
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \

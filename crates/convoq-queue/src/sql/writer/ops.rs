@@ -226,4 +226,3 @@ pub(super) fn clone_err(e: &QueueError) -> QueueError {
         other => QueueError::Unavailable(other.to_string()),
     }
 }
-
