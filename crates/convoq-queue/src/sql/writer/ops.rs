@@ -10,12 +10,10 @@ use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 
-/// Where an operation's answer goes, and the answer itself while its batch has not committed
-/// (boxed, so that every operation stays small however large its answer: operations are moved
-/// through the channel and the batch's partitions).
+/// Where an operation's answer goes, and the answer itself while its batch has not committed.
 pub(crate) struct Slot<T> {
     reply: oneshot::Sender<Result<T>>,
-    answer: Option<Box<Result<T>>>,
+    answer: Option<Result<T>>,
 }
 
 impl<T> Slot<T> {
@@ -29,12 +27,12 @@ impl<T> Slot<T> {
     /// Holds the operation's answer until the batch commits (a later application of the batch
     /// replaces it).
     pub(super) fn set(&mut self, answer: Result<T>) {
-        self.answer = Some(Box::new(answer));
+        self.answer = Some(answer);
     }
 
     /// The answer held, if any.
     pub(super) fn answer(&self) -> Option<&Result<T>> {
-        self.answer.as_deref()
+        self.answer.as_ref()
     }
 
     /// Whether the caller stopped waiting.
@@ -44,14 +42,11 @@ impl<T> Slot<T> {
 
     /// Sends the answer held (the batch committed).
     fn deliver(self) {
-        let answer = self.answer.map_or_else(
-            || {
-                Err(QueueError::Unavailable(
-                    "the writer applied the batch without answering this write".into(),
-                ))
-            },
-            |a| *a,
-        );
+        let answer = self.answer.unwrap_or_else(|| {
+            Err(QueueError::Unavailable(
+                "the writer applied the batch without answering this write".into(),
+            ))
+        });
         let _ = self.reply.send(answer);
     }
 
