@@ -2,6 +2,7 @@
 //! means for it (see [`Failure`]), catching panics, and answering its callers.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 
 use futures::FutureExt;
 
@@ -11,7 +12,6 @@ use crate::clock::Clock;
 use crate::error::{panic_message, QueueError};
 use crate::sql::dialect::{Dialect, Failure};
 use crate::sql::{Shared, WriterFault};
-use std::sync::atomic::Ordering;
 
 /// Why a batch did not commit.
 pub(crate) enum Abort<E> {
