@@ -331,3 +331,16 @@ pub(crate) fn new_row<'a>(job: &'a crate::job::NewJob, now: i64) -> NewRow<'a> {
         max_attempts: job.opts.max_attempts() as i64,
     }
 }
+
+/// Whether an operator may remove job `id` in its stored `state` (`None`: there is no such
+/// job, nothing to remove): any job but one a worker holds.
+pub(crate) fn removable(state: Option<&str>, id: &str) -> Result<bool> {
+    match state {
+        None => Ok(false),
+        Some("active") => Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: "active".into(),
+        }),
+        Some(_) => Ok(true),
+    }
+}

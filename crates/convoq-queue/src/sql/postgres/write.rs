@@ -19,8 +19,8 @@ use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
-    to_json, AttemptFailure, NewEvent,
+    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, removable,
+    stall, to_json, AttemptFailure, NewEvent,
 };
 use crate::sql::writer::Batch;
 
@@ -691,25 +691,20 @@ pub(crate) async fn remove(
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
-    match state.as_deref() {
-        None => Ok(Ok(false)),
-        Some("active") => Ok(Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: "active".into(),
-        })),
-        Some(_) => {
-            sqlx::query("DELETE FROM cq_jobs WHERE queue = $1 AND id = $2")
-                .bind(queue)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = $2")
-                .bind(queue)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            batch.changed(queue, id);
-            Ok(Ok(true))
-        }
+    match removable(state.as_deref(), id) {
+        Ok(true) => {}
+        other => return Ok(other),
     }
+    sqlx::query("DELETE FROM cq_jobs WHERE queue = $1 AND id = $2")
+        .bind(queue)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = $2")
+        .bind(queue)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    batch.changed(queue, id);
+    Ok(Ok(true))
 }

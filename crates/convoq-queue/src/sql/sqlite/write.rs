@@ -14,8 +14,8 @@ use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::job::{Added, Job, NewJob};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, stall,
-    to_json, AttemptFailure, NewEvent, NewRow,
+    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, removable,
+    stall, to_json, AttemptFailure, NewEvent, NewRow,
 };
 use crate::sql::writer::Batch;
 
@@ -580,19 +580,14 @@ pub(crate) fn remove(
         .prepare_cached("SELECT state FROM cq_jobs WHERE queue = ? AND id = ?")?
         .query_row(params![queue, id], |r| r.get(0))
         .optional()?;
-    match state.as_deref() {
-        None => Ok(Ok(false)),
-        Some("active") => Ok(Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: "active".into(),
-        })),
-        Some(_) => {
-            conn.prepare_cached("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")?
-                .execute(params![queue, id])?;
-            conn.prepare_cached("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")?
-                .execute(params![queue, id])?;
-            batch.changed(queue, id);
-            Ok(Ok(true))
-        }
+    match removable(state.as_deref(), id) {
+        Ok(true) => {}
+        other => return Ok(other),
     }
+    conn.prepare_cached("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")?
+        .execute(params![queue, id])?;
+    conn.prepare_cached("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")?
+        .execute(params![queue, id])?;
+    batch.changed(queue, id);
+    Ok(Ok(true))
 }
