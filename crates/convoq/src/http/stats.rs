@@ -9,8 +9,8 @@
 //! a lock. Jobs that drained since the read are found at the next refresh (the count errs high,
 //! never low). An add that commits before a read begins but is answered after it would be
 //! counted twice (in the read and as added since), so within [`NEAR_LIMIT`] jobs of the limit
-//! admissions and reads are kept apart ([`QueueStats::gate`]): there the limit holds exactly
-//! within one process. Other processes' adds are seen at this process's next refresh: see the
+//! admissions and reads are kept apart (`QueueStats::gate`; a read waits for it up to
+//! [`GATE_WAIT`]): there the limit holds exactly within one process. Other processes' adds are seen at this process's next refresh: see the
 //! README for the bound.
 
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +29,8 @@ const STALE_FOR: Duration = Duration::from_secs(5);
 /// How close to its limit a queue's backlog must be for admissions and count reads to be kept
 /// apart, so that the count is exact there.
 pub const NEAR_LIMIT: u64 = 256;
+/// The longest a count read waits for the admissions under way near the limit.
+const GATE_WAIT: Duration = Duration::from_millis(50);
 /// The window for throughput and mean duration.
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -246,8 +248,13 @@ impl QueueStats {
         metrics: &Metrics,
         queue: &str,
     ) -> Result<QueueCounts, QueueError> {
+        // Near the limit, the read waits for the admissions under way to be answered, but no
+        // longer than GATE_WAIT: one stuck behind a slow write must not hold up every POST
+        // queued behind the read. Without the gate the count can only err high.
         let _apart = if self.near_limit(queue) {
-            Some(self.gate.write().await)
+            tokio::time::timeout(GATE_WAIT, self.gate.write())
+                .await
+                .ok()
         } else {
             None
         };
