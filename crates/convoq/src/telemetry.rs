@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use convoq_queue::{AttemptEnd, Job, WorkerObserver};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::config::LogFormat;
@@ -30,6 +31,10 @@ pub struct Metrics {
     pub job_wait: HistogramVec,
     /// Jobs per queue and state.
     pub queue_jobs: IntGaugeVec,
+    /// 1 while the queue engine can take writes (its writer is up and its database answers),
+    /// 0 while it cannot (a full disk, a broken file, an engine that is away); read at each
+    /// scrape.
+    pub queue_ready: IntGauge,
     /// HTTP requests.
     pub http_requests: IntCounterVec,
     /// HTTP request durations.
@@ -103,6 +108,14 @@ impl Metrics {
         registry
             .register(Box::new(queue_jobs.clone()))
             .expect("unique metric");
+        let queue_ready = IntGauge::new(
+            "convoq_queue_ready",
+            "1 while the queue engine can take writes, 0 while it cannot (see /readyz).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_ready.clone()))
+            .expect("unique metric");
         let http_requests = counter(
             "convoq_http_requests_total",
             "HTTP requests by route template and status.",
@@ -128,6 +141,7 @@ impl Metrics {
             job_duration,
             job_wait,
             queue_jobs,
+            queue_ready,
             http_requests,
             http_duration,
             db_query,

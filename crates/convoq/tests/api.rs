@@ -1555,6 +1555,7 @@ async fn metrics_cover_the_spec_with_route_templates() {
         "convoq_http_requests_total",
         "convoq_http_request_duration_seconds",
         "convoq_db_query_duration_seconds",
+        "convoq_queue_ready",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(name)),

@@ -261,7 +261,7 @@ async fn a_full_disk_refuses_posts_and_recovers_when_space_returns() {
     // POSTs while full, with a payload that needs new pages: each answered 202 or 503 in time
     // (SQLite may still fit some in pages it already has), none 5xx but 503.
     let big = "x".repeat(180);
-    let (mut accepted, mut refused, mut not_ready) = (0, 0, false);
+    let (mut accepted, mut refused, mut not_ready, mut metric_down) = (0, 0, false, false);
     for i in 0..60 {
         let key = format!("full-{i}");
         let (status, took, job, _) = post(port, &key, &format!("{key}-{big}")).await;
@@ -279,6 +279,9 @@ async fn a_full_disk_refuses_posts_and_recovers_when_space_returns() {
         if let Ok(r) = get(port, "/readyz").await {
             not_ready |= r.status == 503;
         }
+        if let Ok(r) = get(port, "/metrics").await {
+            metric_down |= r.text().contains("\nconvoq_queue_ready 0");
+        }
     }
     assert!(refused > 0, "nothing was refused on a full disk");
     assert!(
@@ -286,6 +289,7 @@ async fn a_full_disk_refuses_posts_and_recovers_when_space_returns() {
         "the process died on a full disk"
     );
     assert!(not_ready, "/readyz never said the writer could not write");
+    assert!(metric_down, "convoq_queue_ready never said 0");
 
     std::fs::remove_file(&filler).unwrap();
     // Space is back: POSTs get 202 again within seconds.
@@ -302,6 +306,8 @@ async fn a_full_disk_refuses_posts_and_recovers_when_space_returns() {
             .map(|_| ())
     })
     .await;
+    let metrics = get(port, "/metrics").await.unwrap().text();
+    assert!(metrics.contains("\nconvoq_queue_ready 1"), "{metrics}");
     server.stop(Duration::from_secs(20)).await;
     let check: String = rusqlite::Connection::open(&db_path)
         .unwrap()

@@ -61,6 +61,11 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult {
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> ApiResult {
+    let ready = tokio::time::timeout(Duration::from_secs(2), state.queues.engine().ping()).await;
+    state
+        .metrics
+        .queue_ready
+        .set(i64::from(matches!(ready, Ok(Ok(())))));
     for q in QUEUES {
         if let Ok(c) = state.stats.counts(&state.queues, &state.metrics, q).await {
             for s in JobState::ALL {
