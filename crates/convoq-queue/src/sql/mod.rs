@@ -29,7 +29,7 @@ mod sqlite;
 mod writer;
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -192,8 +192,12 @@ pub(crate) struct Shared {
     /// Why the writer cannot write now (a full disk, a broken file, a connection it could not
     /// reopen after a panic), until its next commit; `None` while it can.
     down: Mutex<Option<String>>,
-    /// A fault the writer is to stage once (tests only, through `SqlEngine::inject_fault`).
+    /// Whether `down` holds a reason: the writer checks it after each commit without a lock.
+    is_down: AtomicBool,
+    /// A fault the writer is to stage once (tests only, through `SqlEngine::inject_fault`); the
+    /// writer looks before taking the lock.
     fault: Mutex<Option<WriterFault>>,
+    fault_staged: AtomicBool,
 }
 
 /// A fault staged in the writer for tests of its recovery (feature `testkit`): a panic at one
@@ -224,11 +228,16 @@ impl Shared {
     /// Records why the writer cannot write; readiness fails until [`Shared::writer_up`].
     pub(crate) fn writer_down(&self, why: String) {
         *self.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.is_down.store(true, Ordering::Release);
     }
 
     /// Records that the writer committed (or recovered its connection).
     pub(crate) fn writer_up(&self) {
+        if !self.is_down.load(Ordering::Acquire) {
+            return;
+        }
         let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        self.is_down.store(false, Ordering::Release);
         if let Some(why) = down.take() {
             tracing::info!(was = %why, "the writer is writing again");
         }
@@ -241,6 +250,9 @@ impl Shared {
 
     /// Panics if `point` is the fault a test staged, once.
     pub(crate) fn inject(&self, point: WriterFault) {
+        if !self.fault_staged.load(Ordering::Acquire) {
+            return;
+        }
         let mut fault = self.fault.lock().unwrap_or_else(|p| p.into_inner());
         if *fault == Some(point) {
             *fault = None;
@@ -279,7 +291,9 @@ impl SqlEngine {
             ops: AtomicU64::new(0),
             work: Mutex::new(Default::default()),
             down: Mutex::new(None),
+            is_down: AtomicBool::new(false),
             fault: Mutex::new(None),
+            fault_staged: AtomicBool::new(false),
         });
         let (name, prune_chunk, reads, writer, background): (_, _, Box<dyn Reads>, _, _) = if config
             .url
@@ -357,6 +371,7 @@ impl SqlEngine {
     #[cfg(feature = "testkit")]
     pub fn inject_fault(&self, fault: WriterFault) {
         *self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
+        self.shared.fault_staged.store(true, Ordering::Release);
     }
 
     /// Sends a write to the writer and waits for its answer, up to the write timeout: past it
