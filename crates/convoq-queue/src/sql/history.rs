@@ -17,6 +17,24 @@ pub(crate) struct EventRow {
     pub(crate) detail: Option<serde_json::Value>,
 }
 
+impl EventRow {
+    /// An event row from its stored columns (`kind`, `attempt`, `at`, `detail` as JSON text;
+    /// a detail that is not JSON is left out).
+    pub(crate) fn from_columns(
+        kind: String,
+        attempt: i64,
+        at: i64,
+        detail: Option<String>,
+    ) -> Self {
+        EventRow {
+            kind,
+            attempt: attempt.clamp(0, u32::MAX as i64) as u32,
+            at,
+            detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+        }
+    }
+}
+
 fn kind_from_str(s: &str) -> Option<JobEventKind> {
     use JobEventKind::*;
     [

@@ -21,6 +21,7 @@
 //! database server's clock (shifted by the injected clock's offset from the system clock, which
 //! is zero outside tests), so that processes on several machines agree on lease expiry.
 
+mod answers;
 mod dialect;
 mod history;
 mod postgres;

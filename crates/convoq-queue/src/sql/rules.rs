@@ -142,6 +142,16 @@ pub(crate) enum AttemptFailure {
     },
 }
 
+impl AttemptFailure {
+    /// How the attempt ended.
+    pub(crate) fn ended(&self) -> crate::sql::answers::Ended {
+        match self {
+            AttemptFailure::Final { .. } => crate::sql::answers::Ended::Failed,
+            AttemptFailure::Retry { .. } => crate::sql::answers::Ended::Retrying,
+        }
+    }
+}
+
 /// An event to insert into a job's history.
 pub(crate) struct NewEvent {
     pub(crate) kind: JobEventKind,
@@ -342,5 +352,196 @@ pub(crate) fn removable(state: Option<&str>, id: &str) -> Result<bool> {
             state: "active".into(),
         }),
         Some(_) => Ok(true),
+    }
+}
+
+/// One statement of a prune, in the order [`PrunePlan`] runs them; each deletes at most
+/// `limit` jobs of the queue and returns their ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PruneStep {
+    /// Finished jobs whose `expire_at` has passed.
+    Expired { limit: i64 },
+    /// Jobs of `state` beyond their keep count, ranked among that state's newest `window`
+    /// jobs that have a count (their ranks are exact: they are the newest).
+    Newest {
+        state: &'static str,
+        window: i64,
+        limit: i64,
+    },
+    /// Jobs beyond their keep count, ranked among all the finished jobs of their state: only
+    /// when the windows left work undone (a count larger than the window).
+    All { limit: i64 },
+}
+
+/// How a prune removes at most `limit` finished jobs past their retention: expired ones first,
+/// then those beyond their keep count. Ranking every finished job costs a sort of all of them
+/// per chunk, so each state's newest `left + PRUNE_WINDOW` are ranked first; only if that
+/// leaves work undone are all of them ranked.
+pub(crate) struct PrunePlan {
+    limit: i64,
+    removed: Vec<String>,
+    next: usize,
+}
+
+impl PrunePlan {
+    pub(crate) fn new(limit: u64) -> Self {
+        PrunePlan {
+            limit: limit.min(i64::MAX as u64) as i64,
+            removed: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// The next statement to run, if any work is left.
+    pub(crate) fn next_step(&mut self) -> Option<PruneStep> {
+        let left = self.limit - self.removed.len() as i64;
+        if left <= 0 {
+            return None;
+        }
+        let step = match self.next {
+            0 => PruneStep::Expired { limit: left },
+            1 | 2 => PruneStep::Newest {
+                state: if self.next == 1 {
+                    "completed"
+                } else {
+                    "failed"
+                },
+                window: left.saturating_add(crate::sql::PRUNE_WINDOW),
+                limit: left,
+            },
+            3 => PruneStep::All { limit: left },
+            _ => return None,
+        };
+        self.next += 1;
+        Some(step)
+    }
+
+    /// Records the ids a step deleted.
+    pub(crate) fn deleted(&mut self, ids: Vec<String>) {
+        self.removed.extend(ids);
+    }
+
+    /// Every id deleted (their events go next).
+    pub(crate) fn removed(&self) -> &[String] {
+        &self.removed
+    }
+}
+
+/// Which rows of a queue a listing of one state reads, and in what order; `None` when the
+/// state is empty by the queue's pause flag (waiting jobs of a paused queue are `paused`).
+pub(crate) fn listing(state: JobState, paused: bool) -> Option<(Rows, &'static str)> {
+    Some(match state {
+        JobState::Waiting if paused => return None,
+        JobState::Paused if !paused => return None,
+        JobState::Waiting | JobState::Paused => (Rows::Ready, "priority, run_at, seq"),
+        JobState::Delayed => (Rows::Later, "run_at, seq"),
+        JobState::Active => (Rows::State("active"), "processed_at, seq"),
+        JobState::Completed => (Rows::State("completed"), "finished_at DESC, seq DESC"),
+        JobState::Failed => (Rows::State("failed"), "finished_at DESC, seq DESC"),
+    })
+}
+
+/// Rows a listing reads (see [`listing`]); each dialect writes the condition in its SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// Waiting and due.
+    Ready,
+    /// Waiting and due later.
+    Later,
+    /// In this stored state.
+    State(&'static str),
+}
+
+/// A queue's stored tallies, as each dialect reads them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Tally {
+    /// Waiting and due.
+    pub(crate) ready: u64,
+    /// Waiting and due later.
+    pub(crate) later: u64,
+    pub(crate) active: u64,
+    pub(crate) completed: u64,
+    pub(crate) failed: u64,
+    pub(crate) paused: bool,
+    pub(crate) completed_total: u64,
+    pub(crate) failed_total: u64,
+}
+
+impl Tally {
+    /// The counts by state: the jobs ready in a paused queue count as `paused`.
+    pub(crate) fn counts(self) -> crate::job::QueueCounts {
+        crate::job::QueueCounts {
+            waiting: if self.paused { 0 } else { self.ready },
+            paused: if self.paused { self.ready } else { 0 },
+            delayed: self.later,
+            active: self.active,
+            completed: self.completed,
+            failed: self.failed,
+            completed_total: self.completed_total,
+            failed_total: self.failed_total,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prune_stops_when_its_limit_is_reached_and_ranks_everything_last() {
+        let mut plan = PrunePlan::new(10);
+        assert_eq!(plan.next_step(), Some(PruneStep::Expired { limit: 10 }));
+        plan.deleted(vec!["a".into(); 4]);
+        let window = 6 + crate::sql::PRUNE_WINDOW;
+        assert_eq!(
+            plan.next_step(),
+            Some(PruneStep::Newest {
+                state: "completed",
+                window,
+                limit: 6
+            })
+        );
+        plan.deleted(Vec::new());
+        assert_eq!(
+            plan.next_step(),
+            Some(PruneStep::Newest {
+                state: "failed",
+                window,
+                limit: 6
+            })
+        );
+        assert_eq!(plan.next_step(), Some(PruneStep::All { limit: 6 }));
+        plan.deleted(vec!["b".into(); 6]);
+        assert_eq!(plan.next_step(), None);
+        assert_eq!(plan.removed().len(), 10);
+
+        let mut full = PrunePlan::new(3);
+        assert_eq!(full.next_step(), Some(PruneStep::Expired { limit: 3 }));
+        full.deleted(vec!["c".into(); 3]);
+        assert_eq!(
+            full.next_step(),
+            None,
+            "nothing runs once the limit is reached"
+        );
+    }
+
+    #[test]
+    fn ready_jobs_of_a_paused_queue_count_as_paused() {
+        let t = Tally {
+            ready: 3,
+            later: 2,
+            paused: true,
+            ..Tally::default()
+        };
+        let c = t.counts();
+        assert_eq!((c.waiting, c.paused, c.delayed), (0, 3, 2));
+        let c = Tally { paused: false, ..t }.counts();
+        assert_eq!((c.waiting, c.paused, c.delayed), (3, 0, 2));
+        assert!(listing(JobState::Waiting, true).is_none());
+        assert!(listing(JobState::Paused, false).is_none());
+        assert_eq!(
+            listing(JobState::Paused, true).map(|l| l.0),
+            Some(Rows::Ready)
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::job::{Job, JobState, QueueCounts};
 use crate::sql::history::{self, EventRow};
 
 pub(crate) use crate::sql::rules::{job_from_row, JOB_COLUMNS};
+use crate::sql::rules::{listing, Rows, Tally};
 
 /// Reads one job inside the writer's transaction, at the batch's `now`.
 pub(crate) async fn get_on(
@@ -64,26 +65,15 @@ pub(crate) async fn list(
     now: i64,
 ) -> Result<Vec<Job>> {
     let paused = is_paused(pool, queue).await?;
-    let (filter, order) = match state {
-        JobState::Waiting if paused => return Ok(Vec::new()),
-        JobState::Paused if !paused => return Ok(Vec::new()),
-        JobState::Waiting | JobState::Paused => (
-            "state = 'waiting' AND run_at <= $2",
-            "priority, run_at, seq",
-        ),
-        JobState::Delayed => ("state = 'waiting' AND run_at > $2", "run_at, seq"),
-        JobState::Active => (
-            "state = 'active' AND $2::int8 IS NOT NULL",
-            "processed_at, seq",
-        ),
-        JobState::Completed => (
-            "state = 'completed' AND $2::int8 IS NOT NULL",
-            "finished_at DESC, seq DESC",
-        ),
-        JobState::Failed => (
-            "state = 'failed' AND $2::int8 IS NOT NULL",
-            "finished_at DESC, seq DESC",
-        ),
+    let Some((rows, order)) = listing(state, paused) else {
+        return Ok(Vec::new());
+    };
+    let filter = match rows {
+        Rows::Ready => "state = 'waiting' AND run_at <= $2",
+        Rows::Later => "state = 'waiting' AND run_at > $2",
+        Rows::State("active") => "state = 'active' AND $2::int8 IS NOT NULL",
+        Rows::State("completed") => "state = 'completed' AND $2::int8 IS NOT NULL",
+        Rows::State(_) => "state = 'failed' AND $2::int8 IS NOT NULL",
     };
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = $1 AND {filter} \
@@ -115,32 +105,26 @@ pub(crate) async fn counts(pool: &PgPool, queue: &str, now: i64) -> Result<Queue
             .fetch_optional(pool)
             .await
             .map_err(map_err)?;
-    let mut c = QueueCounts::default();
-    let (paused, completed_total, failed_total) = match q {
-        Some(r) => (
-            r.try_get::<bool, _>(0).map_err(map_err)?,
-            r.try_get::<i64, _>(1).map_err(map_err)?,
-            r.try_get::<i64, _>(2).map_err(map_err)?,
-        ),
-        None => (false, 0, 0),
-    };
-    c.completed_total = completed_total.max(0) as u64;
-    c.failed_total = failed_total.max(0) as u64;
+    let mut t = Tally::default();
+    if let Some(r) = q {
+        t.paused = r.try_get::<bool, _>(0).map_err(map_err)?;
+        t.completed_total = r.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u64;
+        t.failed_total = r.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64;
+    }
     for r in rows {
         let state: String = r.try_get(0).map_err(map_err)?;
         let later: bool = r.try_get(1).map_err(map_err)?;
         let n = r.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64;
         match (state.as_str(), later) {
-            ("waiting", true) => c.delayed += n,
-            ("waiting", false) if paused => c.paused += n,
-            ("waiting", false) => c.waiting += n,
-            ("active", _) => c.active += n,
-            ("completed", _) => c.completed += n,
-            ("failed", _) => c.failed += n,
+            ("waiting", true) => t.later += n,
+            ("waiting", false) => t.ready += n,
+            ("active", _) => t.active += n,
+            ("completed", _) => t.completed += n,
+            ("failed", _) => t.failed += n,
             _ => {}
         }
     }
-    Ok(c)
+    Ok(t.counts())
 }
 
 /// A job's history, readable from any process: its row and its event rows in one snapshot.
@@ -170,13 +154,12 @@ pub(crate) async fn history(
     };
     let mut stored = Vec::new();
     for r in events.map_err(map_err)? {
-        let detail: Option<String> = r.try_get(3).map_err(map_err)?;
-        stored.push(EventRow {
-            kind: r.try_get(0).map_err(map_err)?,
-            attempt: r.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u32,
-            at: r.try_get(2).map_err(map_err)?,
-            detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
-        });
+        stored.push(EventRow::from_columns(
+            r.try_get(0).map_err(map_err)?,
+            r.try_get(1).map_err(map_err)?,
+            r.try_get(2).map_err(map_err)?,
+            r.try_get(3).map_err(map_err)?,
+        ));
     }
     Ok(Some(history::rebuild(&job, &stored)))
 }

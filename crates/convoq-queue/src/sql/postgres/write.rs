@@ -18,9 +18,10 @@ use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::job::{Added, Job, NewJob};
+use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, removable,
-    stall, to_json, AttemptFailure, NewEvent,
+    attempt_failure, keep_columns, new_row, operator_retry, release_events, removable, stall,
+    to_json, AttemptFailure, NewEvent, PrunePlan, PruneStep,
 };
 use crate::sql::writer::Batch;
 
@@ -96,23 +97,10 @@ pub(crate) async fn add_jobs(
             _ => false,
         };
         if created {
-            let run_at = run_ats[i];
-            batch.wake(&job.queue);
-            out.push(Added {
-                job: job.stored(id.clone(), now, run_at),
-                created: true,
-            });
+            out.push(answers::created(job, id.clone(), now, run_ats[i], batch));
         } else {
-            match get_on(&mut *conn, &job.queue, id, now).await? {
-                Ok(Some(existing)) => out.push(Added {
-                    job: existing,
-                    created: false,
-                }),
-                Ok(None) => {
-                    return Ok(Err(QueueError::Corrupt(format!(
-                        "job {id} conflicted on insert but cannot be read"
-                    ))))
-                }
+            match answers::found(id, get_on(&mut *conn, &job.queue, id, now).await?) {
+                Ok(added) => out.push(added),
                 Err(e) => return Ok(Err(e)),
             }
         }
@@ -149,35 +137,22 @@ pub(crate) async fn claim(
         .bind(max.min(i64::MAX as usize) as i64)
         .fetch_all(&mut *conn)
         .await?;
-    let mut jobs = Vec::with_capacity(rows.len());
+    let mut read = Vec::with_capacity(rows.len());
     for row in &rows {
-        match job_from_row(row, now, false) {
-            Ok(job) => {
-                batch.changed(&job.queue, &job.id);
-                jobs.push(ClaimedJob {
-                    job,
-                    token: token.to_owned(),
-                });
-            }
-            Err(e) => {
-                // A job that cannot be read can never run: fail it with the reason, so it is
-                // visible to operators instead of stalling forever, and go on with the others.
-                let id: String = row.try_get(1)?;
-                tracing::error!(queue, job_id = %id, error = %e, "failing a job whose stored data cannot be read");
-                sqlx::query(
-                    "UPDATE cq_jobs SET state = 'failed', failed_reason = $1, finished_at = $2, \
-                     lease_token = NULL, lease_expires_at = NULL WHERE queue = $3 AND id = $4",
-                )
-                .bind(e.to_string())
-                .bind(now)
-                .bind(queue)
-                .bind(&id)
-                .execute(&mut *conn)
-                .await?;
-                batch.count_failed(queue);
-                batch.changed(queue, &id);
-            }
-        }
+        read.push((row.try_get::<String, _>(1)?, job_from_row(row, now, false)));
+    }
+    let (jobs, unreadable) = answers::sort_claimed(queue, token, read, batch);
+    for Unreadable { id, reason } in unreadable {
+        sqlx::query(
+            "UPDATE cq_jobs SET state = 'failed', failed_reason = $1, finished_at = $2, \
+             lease_token = NULL, lease_expires_at = NULL WHERE queue = $3 AND id = $4",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(queue)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
     }
     let mut next_due_ms = None;
     if jobs.is_empty() {
@@ -310,24 +285,24 @@ pub(crate) async fn complete_plain(
     for key in done {
         *left.entry(key).or_default() += 1;
     }
-    let mut out = Vec::with_capacity(n);
-    for (claimed, _) in jobs {
-        let key = (
-            claimed.job.queue.clone(),
-            claimed.job.id.clone(),
-            claimed.token.clone(),
-        );
-        match left.get_mut(&key) {
-            Some(k) if *k > 0 => {
-                *k -= 1;
-                batch.count_completed(&claimed.job.queue);
-                batch.changed(&claimed.job.queue, &claimed.job.id);
-                out.push(Ok(()));
+    Ok(answers::completions(
+        jobs,
+        |_, claimed| {
+            let key = (
+                claimed.job.queue.clone(),
+                claimed.job.id.clone(),
+                claimed.token.clone(),
+            );
+            match left.get_mut(&key) {
+                Some(k) if *k > 0 => {
+                    *k -= 1;
+                    true
+                }
+                _ => false,
             }
-            _ => out.push(Err(lease_lost(claimed))),
-        }
-    }
-    Ok(out)
+        },
+        batch,
+    ))
 }
 
 /// Records the end of an attempt, fenced by the lease token. A completion's effect runs in a
@@ -361,13 +336,13 @@ pub(crate) async fn finish(
             .execute(&mut *conn)
             .await?
             .rows_affected();
-            if n != 1 {
+            if let Err(lost) = answers::fenced(claimed, n) {
                 if c.effect.is_some() {
                     sqlx::query("RELEASE SAVEPOINT effect")
                         .execute(&mut *conn)
                         .await?;
                 }
-                return Ok(Err(lease_lost(claimed)));
+                return Ok(Err(lost));
             }
             if let Some(effect) = &c.effect {
                 if let Err(e) = apply_guarded(&**effect, SqlConn::Postgres(&mut *conn), now).await {
@@ -390,8 +365,7 @@ pub(crate) async fn finish(
                 Ok(_) => {}
                 Err(e) => return Ok(Err(e)),
             }
-            batch.count_completed(&job.queue);
-            batch.changed(&job.queue, &job.id);
+            answers::ended(claimed, Ended::Completed, batch);
             Ok(Ok(()))
         }
         Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch).await,
@@ -451,13 +425,10 @@ async fn fail_attempt(
             n
         }
     };
-    if n != 1 {
-        return Ok(Err(lease_lost(claimed)));
+    if let Err(lost) = answers::fenced(claimed, n) {
+        return Ok(Err(lost));
     }
-    if matches!(failure, AttemptFailure::Final { .. }) {
-        batch.count_failed(&job.queue);
-    }
-    batch.changed(&job.queue, &job.id);
+    answers::ended(claimed, failure.ended(), batch);
     Ok(Ok(()))
 }
 
@@ -482,12 +453,11 @@ pub(crate) async fn release(
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    if n != 1 {
-        return Ok(Err(lease_lost(claimed)));
+    if let Err(lost) = answers::fenced(claimed, n) {
+        return Ok(Err(lost));
     }
     insert_events(conn, &job.queue, &job.id, &release_events(claimed, now)).await?;
-    batch.wake(&job.queue);
-    batch.changed(&job.queue, &job.id);
+    answers::ended(claimed, Ended::Released, batch);
     Ok(Ok(()))
 }
 
@@ -522,7 +492,7 @@ pub(crate) async fn reap_stalled(
             now,
         );
         insert_events(conn, queue, &id, &decided.events).await?;
-        if let Some((reason, keep_count, expire_at)) = decided.fails {
+        if let Some((reason, keep_count, expire_at)) = &decided.fails {
             sqlx::query(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
                  failed_reason = $1, finished_at = $2, processed_at = NULL, lease_token = NULL, \
@@ -537,7 +507,6 @@ pub(crate) async fn reap_stalled(
             .bind(&id)
             .execute(&mut *conn)
             .await?;
-            batch.count_failed(queue);
         } else {
             sqlx::query(
                 "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
@@ -549,15 +518,15 @@ pub(crate) async fn reap_stalled(
             .bind(&id)
             .execute(&mut *conn)
             .await?;
-            batch.wake(queue);
         }
-        batch.changed(queue, &id);
+        decided.note(queue, &id, batch);
         n += 1;
     }
     Ok(Ok(n))
 }
 
-/// Removes finished jobs past their retention. Lifetime totals live in `cq_queues` and are not
+/// Removes at most `limit` finished jobs past their retention, with their events, in the
+/// set-based statements of a [`PrunePlan`]. Lifetime totals live in `cq_queues` and are not
 /// touched.
 pub(crate) async fn prune(
     conn: &mut PgConnection,
@@ -565,59 +534,52 @@ pub(crate) async fn prune(
     limit: u64,
     now: i64,
 ) -> SqlResult<Result<u64>> {
-    let limit = limit.min(i64::MAX as u64) as i64;
-    let mut expired: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs WHERE queue = $1 \
-         AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= $2 \
-         LIMIT $3)) RETURNING id",
-    )
-    .bind(queue)
-    .bind(now)
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?;
-    // Jobs past their count, as on SQLite: each state's newest `left + PRUNE_WINDOW` ranked
-    // first, every finished job only if that leaves work undone.
-    for state in ["completed", "failed"] {
-        let left = limit - expired.len() as i64;
-        if left <= 0 {
-            break;
+    let mut plan = PrunePlan::new(limit);
+    while let Some(step) = plan.next_step() {
+        let ids: Vec<String> = match step {
+            PruneStep::Expired { limit } => sqlx::query_scalar(
+                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs \
+                 WHERE queue = $1 AND state IN ('completed', 'failed') \
+                 AND expire_at IS NOT NULL AND expire_at <= $2 LIMIT $3)) RETURNING id",
+            )
+            .bind(queue)
+            .bind(now)
+            .bind(limit),
+            PruneStep::Newest {
+                state,
+                window,
+                limit,
+            } => sqlx::query_scalar(
+                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, \
+                 keep_count, ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
+                   SELECT ctid, seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
+                   AND state = $2 AND state IN ('completed', 'failed') \
+                   AND keep_count IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT $3) \
+                 AS newest) AS ranked WHERE rn > keep_count LIMIT $4)) RETURNING id",
+            )
+            .bind(queue)
+            .bind(state)
+            .bind(window)
+            .bind(limit),
+            PruneStep::All { limit } => sqlx::query_scalar(
+                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, \
+                 keep_count, ROW_NUMBER() OVER (PARTITION BY state \
+                 ORDER BY finished_at DESC, seq DESC) AS rn FROM cq_jobs WHERE queue = $1 \
+                 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL) AS ranked \
+                 WHERE rn > keep_count LIMIT $2)) RETURNING id",
+            )
+            .bind(queue)
+            .bind(limit),
         }
-        let surplus: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, keep_count, \
-             ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
-               SELECT ctid, seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
-               AND state = $2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
-               ORDER BY finished_at DESC, seq DESC LIMIT $3) AS newest) AS ranked \
-             WHERE rn > keep_count LIMIT $4)) RETURNING id",
-        )
-        .bind(queue)
-        .bind(state)
-        .bind(left.saturating_add(crate::sql::PRUNE_WINDOW))
-        .bind(left)
         .fetch_all(&mut *conn)
         .await?;
-        expired.extend(surplus);
+        plan.deleted(ids);
     }
-    let left = limit - expired.len() as i64;
-    if left > 0 {
-        let surplus: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, keep_count, \
-             ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
-             FROM cq_jobs WHERE queue = $1 AND state IN ('completed', 'failed') \
-             AND keep_count IS NOT NULL) AS ranked WHERE rn > keep_count LIMIT $2)) RETURNING id",
-        )
-        .bind(queue)
-        .bind(left)
-        .fetch_all(&mut *conn)
-        .await?;
-        expired.extend(surplus);
-    }
-    let removed: Vec<&str> = expired.iter().map(String::as_str).collect();
+    let removed = plan.removed();
     if !removed.is_empty() {
         sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = ANY($2::text[])")
             .bind(queue)
-            .bind(&removed)
+            .bind(removed)
             .execute(&mut *conn)
             .await?;
     }
@@ -672,11 +634,8 @@ pub(crate) async fn retry(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    batch.wake(queue);
-    batch.changed(queue, id);
-    Ok(get_on(conn, queue, id, now)
-        .await?
-        .and_then(|j| j.ok_or_else(|| QueueError::Corrupt(format!("job {id} vanished")))))
+    let read = get_on(conn, queue, id, now).await?;
+    Ok(answers::retried(queue, id, read, batch))
 }
 
 pub(crate) async fn remove(

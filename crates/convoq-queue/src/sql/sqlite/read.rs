@@ -14,6 +14,7 @@ use crate::job::{Job, JobState, QueueCounts};
 use crate::sql::history::{self, EventRow};
 
 pub(crate) use crate::sql::rules::{job_from_row, JOB_COLUMNS};
+use crate::sql::rules::{listing, Rows, Tally};
 
 pub(crate) fn get_on(
     conn: &Connection,
@@ -81,20 +82,15 @@ fn list_on(
     // One read transaction, so that the pause flag and the rows are one snapshot.
     let tx = conn.transaction()?;
     let paused = paused_on(&tx, queue)?;
-    let (filter, order) = match state {
-        JobState::Waiting if paused => return Ok(Ok(Vec::new())),
-        JobState::Paused if !paused => return Ok(Ok(Vec::new())),
-        JobState::Waiting | JobState::Paused => (
-            "state = 'waiting' AND run_at <= ?2",
-            "priority, run_at, seq",
-        ),
-        JobState::Delayed => ("state = 'waiting' AND run_at > ?2", "run_at, seq"),
-        JobState::Active => ("state = 'active' AND ?2 = ?2", "processed_at, seq"),
-        JobState::Completed => (
-            "state = 'completed' AND ?2 = ?2",
-            "finished_at DESC, seq DESC",
-        ),
-        JobState::Failed => ("state = 'failed' AND ?2 = ?2", "finished_at DESC, seq DESC"),
+    let Some((rows, order)) = listing(state, paused) else {
+        return Ok(Ok(Vec::new()));
+    };
+    let filter = match rows {
+        Rows::Ready => "state = 'waiting' AND run_at <= ?2",
+        Rows::Later => "state = 'waiting' AND run_at > ?2",
+        Rows::State("active") => "state = 'active' AND ?2 = ?2",
+        Rows::State("completed") => "state = 'completed' AND ?2 = ?2",
+        Rows::State(_) => "state = 'failed' AND ?2 = ?2",
     };
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
@@ -144,19 +140,17 @@ pub(crate) async fn counts(pool: &ReadPool, queue: &str, now: i64) -> Result<Que
         .await
         .map_err(map_err)?;
     let get = |i: usize| got[i].unwrap_or(0).max(0) as u64;
-    let (waiting, delayed) = (get(0), get(1));
-    let ready = waiting.saturating_sub(delayed);
-    let paused = get(5) != 0;
-    Ok(QueueCounts {
-        waiting: if paused { 0 } else { ready },
-        paused: if paused { ready } else { 0 },
-        delayed,
+    Ok(Tally {
+        ready: get(0).saturating_sub(get(1)),
+        later: get(1),
         active: get(2),
         completed: get(3),
         failed: get(4),
+        paused: get(5) != 0,
         completed_total: get(6),
         failed_total: get(7),
-    })
+    }
+    .counts())
 }
 
 pub(crate) async fn history(
@@ -180,13 +174,12 @@ pub(crate) async fn history(
                  WHERE queue = ? AND job_id = ? ORDER BY idx",
             )?
             .query_map((&queue, &id), |r| {
-                let detail: Option<String> = r.get(3)?;
-                Ok(EventRow {
-                    kind: r.get(0)?,
-                    attempt: r.get::<_, i64>(1)?.clamp(0, u32::MAX as i64) as u32,
-                    at: r.get(2)?,
-                    detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
-                })
+                Ok(EventRow::from_columns(
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
             })?
             .collect::<SqlResult<Vec<EventRow>>>()?;
         Ok(Ok(Some(history::rebuild(&job, &stored))))

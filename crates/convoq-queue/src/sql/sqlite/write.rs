@@ -13,9 +13,10 @@ use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
 use crate::job::{Added, Job, NewJob};
+use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, lease_lost, new_row, operator_retry, release_events, removable,
-    stall, to_json, AttemptFailure, NewEvent, NewRow,
+    attempt_failure, keep_columns, new_row, operator_retry, release_events, removable, stall,
+    to_json, AttemptFailure, NewEvent, NewRow, PrunePlan, PruneStep,
 };
 use crate::sql::writer::Batch;
 
@@ -62,22 +63,10 @@ pub(crate) fn add_jobs(
     for (job, NewRow { id, run_at, .. }) in jobs.iter().zip(planned) {
         // `remove` so that a custom id listed twice is created once and found once.
         if fresh.remove(&(job.queue.clone(), id.clone())) {
-            batch.wake(&job.queue);
-            out.push(Added {
-                job: job.stored(id, now, run_at),
-                created: true,
-            });
+            out.push(answers::created(job, id, now, run_at, batch));
         } else {
-            match get_on(conn, &job.queue, &id, now)? {
-                Ok(Some(existing)) => out.push(Added {
-                    job: existing,
-                    created: false,
-                }),
-                Ok(None) => {
-                    return Ok(Err(QueueError::Corrupt(format!(
-                        "job {id} conflicted on insert but cannot be read"
-                    ))))
-                }
+            match answers::found(&id, get_on(conn, &job.queue, &id, now)?) {
+                Ok(added) => out.push(added),
                 Err(e) => return Ok(Err(e)),
             }
         }
@@ -110,29 +99,13 @@ pub(crate) fn claim(
             |r| Ok((r.get(1)?, job_from_row(r, now, false))),
         )?
         .collect::<SqlResult<_>>()?;
-    let mut jobs = Vec::with_capacity(rows.len());
-    for (id, read) in rows {
-        match read {
-            Ok(job) => {
-                batch.changed(&job.queue, &job.id);
-                jobs.push(ClaimedJob {
-                    job,
-                    token: token.to_owned(),
-                });
-            }
-            Err(e) => {
-                // A job that cannot be read can never run: fail it with the reason, so it is
-                // visible to operators instead of stalling forever, and go on with the others.
-                tracing::error!(queue, job_id = %id, error = %e, "failing a job whose stored data cannot be read");
-                conn.prepare_cached(
-                    "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
-                     lease_token = NULL, lease_expires_at = NULL WHERE queue = ? AND id = ?",
-                )?
-                .execute(params![e.to_string(), now, queue, id])?;
-                batch.count_failed(queue);
-                batch.changed(queue, &id);
-            }
-        }
+    let (jobs, unreadable) = answers::sort_claimed(queue, token, rows, batch);
+    for Unreadable { id, reason } in unreadable {
+        conn.prepare_cached(
+            "UPDATE cq_jobs SET state = 'failed', failed_reason = ?, finished_at = ?, \
+             lease_token = NULL, lease_expires_at = NULL WHERE queue = ? AND id = ?",
+        )?
+        .execute(params![reason, now, queue, id])?;
     }
     let mut next_due_ms = None;
     if jobs.is_empty() {
@@ -197,12 +170,6 @@ pub(crate) async fn finish(
     batch: &mut Batch,
 ) -> SqlResult<Result<()>> {
     let job = &claimed.job;
-    let lost = || {
-        Ok(Err(QueueError::LeaseLost {
-            queue: job.queue.clone(),
-            job_id: job.id.clone(),
-        }))
-    };
     match outcome {
         Outcome::Completed(c) => {
             if c.effect.is_some() {
@@ -224,11 +191,11 @@ pub(crate) async fn finish(
                     job.id,
                     claimed.token
                 ])?;
-            if n != 1 {
+            if let Err(lost) = answers::fenced(claimed, n as u64) {
                 if c.effect.is_some() {
                     control(conn, "RELEASE effect")?;
                 }
-                return lost();
+                return Ok(Err(lost));
             }
             if let Some(effect) = &c.effect {
                 if let Err(e) = apply_guarded(&**effect, SqlConn::Sqlite(&mut *conn), now).await {
@@ -243,8 +210,7 @@ pub(crate) async fn finish(
             if let Err(e) = add_jobs(conn, &c.follow_ups.iter().collect::<Vec<_>>(), now, batch)? {
                 return Ok(Err(e));
             }
-            batch.count_completed(&job.queue);
-            batch.changed(&job.queue, &job.id);
+            answers::ended(claimed, Ended::Completed, batch);
             Ok(Ok(()))
         }
         Outcome::Failed(e) => fail_attempt(conn, claimed, e, now, batch),
@@ -288,11 +254,7 @@ pub(crate) fn complete_plain(
         if counted != jobs.len() {
             return Ok(None);
         }
-        for (claimed, _) in jobs {
-            batch.count_completed(&claimed.job.queue);
-            batch.changed(&claimed.job.queue, &claimed.job.id);
-        }
-        return Ok(Some(jobs.iter().map(|_| Ok(())).collect()));
+        return Ok(Some(answers::completions(jobs, |_, _| true, batch)));
     }
     // Which of the listed completions hold their job's current lease, by their index in the
     // list: a stale holder and the current one of one job may end in the same batch, and only
@@ -311,24 +273,13 @@ pub(crate) fn complete_plain(
     // A job listed twice under its current token is completed once: the second answers lease
     // lost.
     let mut completed: HashSet<(&str, &str)> = HashSet::with_capacity(holding.len());
-    Ok(Some(
-        jobs.iter()
-            .enumerate()
-            .map(|(i, (claimed, _))| {
-                let job = &claimed.job;
-                if holding.contains(&i) && completed.insert((&job.queue, &job.id)) {
-                    batch.count_completed(&job.queue);
-                    batch.changed(&job.queue, &job.id);
-                    Ok(())
-                } else {
-                    Err(QueueError::LeaseLost {
-                        queue: job.queue.clone(),
-                        job_id: job.id.clone(),
-                    })
-                }
-            })
-            .collect(),
-    ))
+    Ok(Some(answers::completions(
+        jobs,
+        |i, claimed| {
+            holding.contains(&i) && completed.insert((&claimed.job.queue, &claimed.job.id))
+        },
+        batch,
+    )))
 }
 
 fn fail_attempt(
@@ -378,13 +329,10 @@ fn fail_attempt(
             n
         }
     };
-    if n != 1 {
-        return Ok(Err(lease_lost(claimed)));
+    if let Err(lost) = answers::fenced(claimed, n as u64) {
+        return Ok(Err(lost));
     }
-    if matches!(failure, AttemptFailure::Final { .. }) {
-        batch.count_failed(&job.queue);
-    }
-    batch.changed(&job.queue, &job.id);
+    answers::ended(claimed, failure.ended(), batch);
     Ok(Ok(()))
 }
 
@@ -404,12 +352,11 @@ pub(crate) fn release(
              WHERE queue = ? AND id = ? AND state = 'active' AND lease_token = ?",
         )?
         .execute(params![now, job.queue, job.id, claimed.token])?;
-    if n != 1 {
-        return Ok(Err(lease_lost(claimed)));
+    if let Err(lost) = answers::fenced(claimed, n as u64) {
+        return Ok(Err(lost));
     }
     insert_events(conn, &job.queue, &job.id, &release_events(claimed, now))?;
-    batch.wake(&job.queue);
-    batch.changed(&job.queue, &job.id);
+    answers::ended(claimed, Ended::Released, batch);
     Ok(Ok(()))
 }
 
@@ -434,14 +381,13 @@ pub(crate) fn reap_stalled(
     for (id, attempt, stalled, started, opts) in expired {
         let decided = stall(attempt, stalled, started, &opts, max_stalled, now);
         insert_events(conn, queue, &id, &decided.events)?;
-        if let Some((reason, keep_count, expire_at)) = decided.fails {
+        if let Some((reason, keep_count, expire_at)) = &decided.fails {
             conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
                  failed_reason = ?, finished_at = ?, processed_at = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, keep_count = ?, expire_at = ? WHERE queue = ? AND id = ?",
             )?
             .execute(params![reason, now, keep_count, expire_at, queue, id])?;
-            batch.count_failed(queue);
         } else {
             conn.prepare_cached(
                 "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
@@ -449,9 +395,8 @@ pub(crate) fn reap_stalled(
                  WHERE queue = ? AND id = ?",
             )?
             .execute(params![now, queue, id])?;
-            batch.wake(queue);
         }
-        batch.changed(queue, &id);
+        decided.note(queue, &id, batch);
         n += 1;
     }
     Ok(Ok(n))
@@ -468,61 +413,51 @@ fn deleted_ids(
         .collect()
 }
 
-/// Removes at most `limit` finished jobs past their retention (expired first, then those
-/// beyond their keep count), with their events, in a few set-based statements. Lifetime totals
-/// live in `cq_queues` and are not touched.
+/// Removes at most `limit` finished jobs past their retention, with their events, in the
+/// set-based statements of a [`PrunePlan`]. Lifetime totals live in `cq_queues` and are not
+/// touched.
 pub(crate) fn prune(
     conn: &Connection,
     queue: &str,
     limit: u64,
     now: i64,
 ) -> SqlResult<Result<u64>> {
-    let limit = limit.min(i64::MAX as u64) as i64;
-    let mut removed = deleted_ids(
-        conn,
-        "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?1 \
-         AND state IN ('completed', 'failed') AND expire_at IS NOT NULL AND expire_at <= ?2 \
-         LIMIT ?3) RETURNING id",
-        params![queue, now, limit],
-    )?;
-    // Jobs past their count: ranked newest first among their state's jobs that have a count.
-    // Ranking every finished job costs a sort of all of them per chunk, so each state's newest
-    // `left + PRUNE_WINDOW` are ranked first (their ranks are exact: they are the newest); only
-    // if that leaves work undone (a count larger than the window) are all of them ranked.
-    for state in ["completed", "failed"] {
-        let left = limit - removed.len() as i64;
-        if left <= 0 {
-            break;
-        }
-        let surplus = deleted_ids(
-            conn,
-            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-             ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
-               SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = ?1 \
-               AND state = ?2 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL \
-               ORDER BY finished_at DESC, seq DESC LIMIT ?3)) \
-             WHERE rn > keep_count LIMIT ?4) RETURNING id",
-            params![
-                queue,
+    let mut plan = PrunePlan::new(limit);
+    while let Some(step) = plan.next_step() {
+        let ids = match step {
+            PruneStep::Expired { limit } => deleted_ids(
+                conn,
+                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?1 \
+                 AND state IN ('completed', 'failed') AND expire_at IS NOT NULL \
+                 AND expire_at <= ?2 LIMIT ?3) RETURNING id",
+                params![queue, now, limit],
+            )?,
+            PruneStep::Newest {
                 state,
-                left.saturating_add(crate::sql::PRUNE_WINDOW),
-                left
-            ],
-        )?;
-        removed.extend(surplus);
+                window,
+                limit,
+            } => deleted_ids(
+                conn,
+                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+                 ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
+                   SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = ?1 \
+                   AND state = ?2 AND state IN ('completed', 'failed') \
+                   AND keep_count IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT ?3)) \
+                 WHERE rn > keep_count LIMIT ?4) RETURNING id",
+                params![queue, state, window, limit],
+            )?,
+            PruneStep::All { limit } => deleted_ids(
+                conn,
+                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
+                 ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) \
+                 AS rn FROM cq_jobs WHERE queue = ?1 AND state IN ('completed', 'failed') \
+                 AND keep_count IS NOT NULL) WHERE rn > keep_count LIMIT ?2) RETURNING id",
+                params![queue, limit],
+            )?,
+        };
+        plan.deleted(ids);
     }
-    let left = limit - removed.len() as i64;
-    if left > 0 {
-        let surplus = deleted_ids(
-            conn,
-            "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-             ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) AS rn \
-             FROM cq_jobs WHERE queue = ?1 AND state IN ('completed', 'failed') \
-             AND keep_count IS NOT NULL) WHERE rn > keep_count LIMIT ?2) RETURNING id",
-            params![queue, left],
-        )?;
-        removed.extend(surplus);
-    }
+    let removed = plan.removed();
     if !removed.is_empty() {
         conn.prepare_cached(
             "DELETE FROM cq_job_events WHERE queue = ?1 \
@@ -564,10 +499,12 @@ pub(crate) fn retry(
          WHERE queue = ? AND id = ?",
     )?
     .execute(params![now, queue, id])?;
-    batch.wake(queue);
-    batch.changed(queue, id);
-    Ok(get_on(conn, queue, id, now)?
-        .and_then(|j| j.ok_or_else(|| QueueError::Corrupt(format!("job {id} vanished")))))
+    Ok(answers::retried(
+        queue,
+        id,
+        get_on(conn, queue, id, now)?,
+        batch,
+    ))
 }
 
 pub(crate) fn remove(
