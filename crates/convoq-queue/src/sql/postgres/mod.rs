@@ -1,5 +1,6 @@
 //! The Postgres dialect of the SQL engine: `schema.rs` (tables, error mapping and transaction
-//! control), `write.rs` (the writers' statements), `read.rs` (reads and row mapping).
+//! control), `write.rs` and `upkeep.rs` (the writers' statements), `read.rs` (reads and row
+//! mapping).
 //!
 //! It is a second dialect of the same engine, not a second engine: the same operations go
 //! through the same group-commit writer, with these differences:
@@ -22,6 +23,7 @@
 mod listen;
 mod read;
 mod schema;
+mod upkeep;
 mod write;
 
 use std::future::Future;
@@ -448,7 +450,7 @@ impl Dialect for Postgres {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<u64>> {
-        write::reap_stalled(w.conn()?, queue, max_stalled, now, batch).await
+        upkeep::reap_stalled(w.conn()?, queue, max_stalled, now, batch).await
     }
     async fn prune(
         &self,
@@ -457,7 +459,7 @@ impl Dialect for Postgres {
         limit: u64,
         now: i64,
     ) -> SqlResult<Result<u64>> {
-        write::prune(w.conn()?, queue, limit, now).await
+        upkeep::prune(w.conn()?, queue, limit, now).await
     }
     async fn set_paused(
         &self,
@@ -465,7 +467,7 @@ impl Dialect for Postgres {
         queue: &str,
         paused: bool,
     ) -> SqlResult<Result<()>> {
-        write::set_paused(w.conn()?, queue, paused).await
+        upkeep::set_paused(w.conn()?, queue, paused).await
     }
     async fn retry(
         &self,
@@ -475,7 +477,7 @@ impl Dialect for Postgres {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Job>> {
-        write::retry(w.conn()?, queue, id, now, batch).await
+        upkeep::retry(w.conn()?, queue, id, now, batch).await
     }
     async fn remove(
         &self,
@@ -484,7 +486,7 @@ impl Dialect for Postgres {
         id: &str,
         batch: &mut Batch,
     ) -> SqlResult<Result<bool>> {
-        write::remove(w.conn()?, queue, id, batch).await
+        upkeep::remove(w.conn()?, queue, id, batch).await
     }
 }
 

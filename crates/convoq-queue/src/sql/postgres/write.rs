@@ -1,6 +1,6 @@
-//! The Postgres statements behind the writer's operations: add, claim, extend, finish, release,
-//! reap stalled, prune, pause, retry, remove. Each runs inside one writer's open transaction
-//! and records what to announce after the commit in the [`Batch`].
+//! The Postgres statements behind a job's life from its add to its attempt's end: add, claim,
+//! extend, finish, release (`upkeep.rs` has the rest). Each runs inside one writer's open
+//! transaction and records what to announce after the commit in the [`Batch`].
 //!
 //! Several writers run at once, each in its own transaction, so the statements that pick rows
 //! (claim, reap) lock them with `FOR UPDATE SKIP LOCKED`: two writers never pick the same row,
@@ -17,11 +17,10 @@ use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::job::{Added, Job, NewJob};
+use crate::job::{Added, NewJob};
 use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, new_row, operator_retry, release_events, removable, stall,
-    to_json, AttemptFailure, NewEvent, PrunePlan, PruneStep,
+    attempt_failure, keep_columns, new_row, release_events, to_json, AttemptFailure, NewEvent,
 };
 use crate::sql::writer::Batch;
 
@@ -209,7 +208,7 @@ pub(crate) async fn extend(
 }
 
 /// Records events in a job's history.
-async fn insert_events(
+pub(super) async fn insert_events(
     conn: &mut PgConnection,
     queue: &str,
     id: &str,
@@ -459,211 +458,4 @@ pub(crate) async fn release(
     insert_events(conn, &job.queue, &job.id, &release_events(claimed, now)).await?;
     answers::ended(claimed, Ended::Released, batch);
     Ok(Ok(()))
-}
-
-/// Takes back active jobs whose lease expired. Rows another writer holds (a completion racing
-/// the expiry) are skipped: if that writer commits, the job is no longer active; if not, the
-/// next check takes it.
-pub(crate) async fn reap_stalled(
-    conn: &mut PgConnection,
-    queue: &str,
-    max_stalled: u32,
-    now: i64,
-    batch: &mut Batch,
-) -> SqlResult<Result<u64>> {
-    let rows = sqlx::query(
-        "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
-         WHERE queue = $1 AND state = 'active' AND lease_expires_at < $2 \
-         ORDER BY seq FOR UPDATE SKIP LOCKED",
-    )
-    .bind(queue)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut n = 0;
-    for row in rows {
-        let id: String = row.try_get(0)?;
-        let decided = stall(
-            row.try_get(1)?,
-            row.try_get(2)?,
-            row.try_get(3)?,
-            row.try_get::<&str, _>(4)?,
-            max_stalled,
-            now,
-        );
-        insert_events(conn, queue, &id, &decided.events).await?;
-        if let Some((reason, keep_count, expire_at)) = &decided.fails {
-            sqlx::query(
-                "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
-                 failed_reason = $1, finished_at = $2, processed_at = NULL, lease_token = NULL, \
-                 lease_expires_at = NULL, keep_count = $3, expire_at = $4 \
-                 WHERE queue = $5 AND id = $6",
-            )
-            .bind(reason)
-            .bind(now)
-            .bind(keep_count)
-            .bind(expire_at)
-            .bind(queue)
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
-                 run_at = $1, processed_at = NULL, lease_token = NULL, lease_expires_at = NULL \
-                 WHERE queue = $2 AND id = $3",
-            )
-            .bind(now)
-            .bind(queue)
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
-        }
-        decided.note(queue, &id, batch);
-        n += 1;
-    }
-    Ok(Ok(n))
-}
-
-/// Removes at most `limit` finished jobs past their retention, with their events, in the
-/// set-based statements of a [`PrunePlan`]. Lifetime totals live in `cq_queues` and are not
-/// touched.
-pub(crate) async fn prune(
-    conn: &mut PgConnection,
-    queue: &str,
-    limit: u64,
-    now: i64,
-) -> SqlResult<Result<u64>> {
-    let mut plan = PrunePlan::new(limit);
-    while let Some(step) = plan.next_step() {
-        let ids: Vec<String> = match step {
-            PruneStep::Expired { limit } => sqlx::query_scalar(
-                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM cq_jobs \
-                 WHERE queue = $1 AND state IN ('completed', 'failed') \
-                 AND expire_at IS NOT NULL AND expire_at <= $2 LIMIT $3)) RETURNING id",
-            )
-            .bind(queue)
-            .bind(now)
-            .bind(limit),
-            PruneStep::Newest {
-                state,
-                window,
-                limit,
-            } => sqlx::query_scalar(
-                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, \
-                 keep_count, ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
-                   SELECT ctid, seq, keep_count, finished_at FROM cq_jobs WHERE queue = $1 \
-                   AND state = $2 AND state IN ('completed', 'failed') \
-                   AND keep_count IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT $3) \
-                 AS newest) AS ranked WHERE rn > keep_count LIMIT $4)) RETURNING id",
-            )
-            .bind(queue)
-            .bind(state)
-            .bind(window)
-            .bind(limit),
-            PruneStep::All { limit } => sqlx::query_scalar(
-                "DELETE FROM cq_jobs WHERE ctid = ANY(ARRAY(SELECT ctid FROM (SELECT ctid, \
-                 keep_count, ROW_NUMBER() OVER (PARTITION BY state \
-                 ORDER BY finished_at DESC, seq DESC) AS rn FROM cq_jobs WHERE queue = $1 \
-                 AND state IN ('completed', 'failed') AND keep_count IS NOT NULL) AS ranked \
-                 WHERE rn > keep_count LIMIT $2)) RETURNING id",
-            )
-            .bind(queue)
-            .bind(limit),
-        }
-        .fetch_all(&mut *conn)
-        .await?;
-        plan.deleted(ids);
-    }
-    let removed = plan.removed();
-    if !removed.is_empty() {
-        sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = ANY($2::text[])")
-            .bind(queue)
-            .bind(removed)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(Ok(removed.len() as u64))
-}
-
-pub(crate) async fn set_paused(
-    conn: &mut PgConnection,
-    queue: &str,
-    paused: bool,
-) -> SqlResult<Result<()>> {
-    sqlx::query(
-        "INSERT INTO cq_queues (name, paused) VALUES ($1, $2) \
-         ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-    )
-    .bind(queue)
-    .bind(paused)
-    .execute(conn)
-    .await?;
-    Ok(Ok(()))
-}
-
-pub(crate) async fn retry(
-    conn: &mut PgConnection,
-    queue: &str,
-    id: &str,
-    now: i64,
-    batch: &mut Batch,
-) -> SqlResult<Result<Job>> {
-    // Lock the row first, so that two operators' retries do not both record events.
-    sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
-        .bind(queue)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    let job = match get_on(&mut *conn, queue, id, now).await? {
-        Ok(j) => j,
-        Err(e) => return Ok(Err(e)),
-    };
-    let events = match operator_retry(job.as_ref(), queue, id, now) {
-        Ok(events) => events,
-        Err(e) => return Ok(Err(e)),
-    };
-    insert_events(conn, queue, id, &events).await?;
-    sqlx::query(
-        "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = $1, \
-         processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
-         WHERE queue = $2 AND id = $3",
-    )
-    .bind(now)
-    .bind(queue)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    let read = get_on(conn, queue, id, now).await?;
-    Ok(answers::retried(queue, id, read, batch))
-}
-
-pub(crate) async fn remove(
-    conn: &mut PgConnection,
-    queue: &str,
-    id: &str,
-    batch: &mut Batch,
-) -> SqlResult<Result<bool>> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
-            .bind(queue)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    match removable(state.as_deref(), id) {
-        Ok(true) => {}
-        other => return Ok(other),
-    }
-    sqlx::query("DELETE FROM cq_jobs WHERE queue = $1 AND id = $2")
-        .bind(queue)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM cq_job_events WHERE queue = $1 AND job_id = $2")
-        .bind(queue)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    batch.changed(queue, id);
-    Ok(Ok(true))
 }

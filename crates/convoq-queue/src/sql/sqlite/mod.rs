@@ -1,7 +1,7 @@
 //! The SQLite dialect of the SQL engine, on `rusqlite` (SQLite bundled, its safe API):
 //! `conn.rs` (opening connections, the read pool, busy handling; shared with the service's
-//! store), `schema.rs` (tables and transaction control), `write.rs` (the writer's statements),
-//! `read.rs` (reads and row mapping).
+//! store), `schema.rs` (tables and transaction control), `write.rs` and `upkeep.rs` (the
+//! writer's statements), `read.rs` (reads and row mapping).
 //!
 //! SQLite allows one writer at a time, so the engine runs one writer connection (with group
 //! commit) on a thread of its own, where each statement is a direct call into SQLite with no
@@ -16,6 +16,7 @@
 pub(crate) mod conn;
 mod read;
 mod schema;
+mod upkeep;
 mod write;
 
 use std::sync::Arc;
@@ -261,7 +262,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<u64>> {
-        write::reap_stalled(&w.conn, queue, max_stalled, now, batch)
+        upkeep::reap_stalled(&w.conn, queue, max_stalled, now, batch)
     }
     async fn prune(
         &self,
@@ -270,7 +271,7 @@ impl Dialect for Sqlite {
         limit: u64,
         now: i64,
     ) -> SqlResult<Result<u64>> {
-        write::prune(&w.conn, queue, limit, now)
+        upkeep::prune(&w.conn, queue, limit, now)
     }
     async fn set_paused(
         &self,
@@ -278,7 +279,7 @@ impl Dialect for Sqlite {
         queue: &str,
         paused: bool,
     ) -> SqlResult<Result<()>> {
-        write::set_paused(&w.conn, queue, paused)
+        upkeep::set_paused(&w.conn, queue, paused)
     }
     async fn retry(
         &self,
@@ -288,7 +289,7 @@ impl Dialect for Sqlite {
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Job>> {
-        write::retry(&w.conn, queue, id, now, batch)
+        upkeep::retry(&w.conn, queue, id, now, batch)
     }
     async fn remove(
         &self,
@@ -297,7 +298,7 @@ impl Dialect for Sqlite {
         id: &str,
         batch: &mut Batch,
     ) -> SqlResult<Result<bool>> {
-        write::remove(&w.conn, queue, id, batch)
+        upkeep::remove(&w.conn, queue, id, batch)
     }
 }
 

@@ -1,22 +1,23 @@
-//! The SQLite statements behind the writer's operations: add, claim, extend, finish, release,
-//! reap stalled, prune, pause, retry, remove. Each runs inside the writer's open transaction,
-//! on the writer's own thread (rusqlite runs a statement on the calling thread, from a cache of
-//! prepared statements), and records what to announce after the commit in the [`Batch`].
+//! The SQLite statements behind a job's life from its add to its attempt's end: add, claim,
+//! extend, finish, release (`upkeep.rs` has the rest). Each runs inside the writer's open
+//! transaction, on the writer's own thread (rusqlite runs a statement on the calling thread,
+//! from a cache of prepared statements), and records what to announce after the commit in the
+//! [`Batch`].
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 use super::read::{get_on, job_from_row, JOB_COLUMNS};
 use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::job::{Added, Job, NewJob};
+use crate::job::{Added, NewJob};
 use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
-    attempt_failure, keep_columns, new_row, operator_retry, release_events, removable, stall,
-    to_json, AttemptFailure, NewEvent, NewRow, PrunePlan, PruneStep,
+    attempt_failure, keep_columns, new_row, release_events, to_json, AttemptFailure, NewEvent,
+    NewRow,
 };
 use crate::sql::writer::Batch;
 
@@ -138,7 +139,12 @@ pub(crate) fn extend(
 }
 
 /// Records events in a job's history.
-fn insert_events(conn: &Connection, queue: &str, id: &str, events: &[NewEvent]) -> SqlResult<()> {
+pub(super) fn insert_events(
+    conn: &Connection,
+    queue: &str,
+    id: &str,
+    events: &[NewEvent],
+) -> SqlResult<()> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO cq_job_events (queue, job_id, kind, attempt, at, detail) \
          VALUES (?, ?, ?, ?, ?, ?)",
@@ -358,173 +364,4 @@ pub(crate) fn release(
     insert_events(conn, &job.queue, &job.id, &release_events(claimed, now))?;
     answers::ended(claimed, Ended::Released, batch);
     Ok(Ok(()))
-}
-
-/// Takes back active jobs whose lease expired.
-pub(crate) fn reap_stalled(
-    conn: &Connection,
-    queue: &str,
-    max_stalled: u32,
-    now: i64,
-    batch: &mut Batch,
-) -> SqlResult<Result<u64>> {
-    let expired: Vec<(String, i64, i64, Option<i64>, String)> = conn
-        .prepare_cached(
-            "SELECT id, attempts_made, stalled_count, processed_at, opts FROM cq_jobs \
-             WHERE queue = ? AND state = 'active' AND lease_expires_at < ?",
-        )?
-        .query_map(params![queue, now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?
-        .collect::<SqlResult<_>>()?;
-    let mut n = 0;
-    for (id, attempt, stalled, started, opts) in expired {
-        let decided = stall(attempt, stalled, started, &opts, max_stalled, now);
-        insert_events(conn, queue, &id, &decided.events)?;
-        if let Some((reason, keep_count, expire_at)) = &decided.fails {
-            conn.prepare_cached(
-                "UPDATE cq_jobs SET state = 'failed', stalled_count = stalled_count + 1, \
-                 failed_reason = ?, finished_at = ?, processed_at = NULL, lease_token = NULL, \
-                 lease_expires_at = NULL, keep_count = ?, expire_at = ? WHERE queue = ? AND id = ?",
-            )?
-            .execute(params![reason, now, keep_count, expire_at, queue, id])?;
-        } else {
-            conn.prepare_cached(
-                "UPDATE cq_jobs SET state = 'waiting', stalled_count = stalled_count + 1, \
-                 run_at = ?, processed_at = NULL, lease_token = NULL, lease_expires_at = NULL \
-                 WHERE queue = ? AND id = ?",
-            )?
-            .execute(params![now, queue, id])?;
-        }
-        decided.note(queue, &id, batch);
-        n += 1;
-    }
-    Ok(Ok(n))
-}
-
-/// Runs a `DELETE … RETURNING id` and gives the ids.
-fn deleted_ids(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> SqlResult<Vec<String>> {
-    conn.prepare_cached(sql)?
-        .query_map(params, |r| r.get(0))?
-        .collect()
-}
-
-/// Removes at most `limit` finished jobs past their retention, with their events, in the
-/// set-based statements of a [`PrunePlan`]. Lifetime totals live in `cq_queues` and are not
-/// touched.
-pub(crate) fn prune(
-    conn: &Connection,
-    queue: &str,
-    limit: u64,
-    now: i64,
-) -> SqlResult<Result<u64>> {
-    let mut plan = PrunePlan::new(limit);
-    while let Some(step) = plan.next_step() {
-        let ids = match step {
-            PruneStep::Expired { limit } => deleted_ids(
-                conn,
-                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM cq_jobs WHERE queue = ?1 \
-                 AND state IN ('completed', 'failed') AND expire_at IS NOT NULL \
-                 AND expire_at <= ?2 LIMIT ?3) RETURNING id",
-                params![queue, now, limit],
-            )?,
-            PruneStep::Newest {
-                state,
-                window,
-                limit,
-            } => deleted_ids(
-                conn,
-                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-                 ROW_NUMBER() OVER (ORDER BY finished_at DESC, seq DESC) AS rn FROM ( \
-                   SELECT seq, keep_count, finished_at FROM cq_jobs WHERE queue = ?1 \
-                   AND state = ?2 AND state IN ('completed', 'failed') \
-                   AND keep_count IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT ?3)) \
-                 WHERE rn > keep_count LIMIT ?4) RETURNING id",
-                params![queue, state, window, limit],
-            )?,
-            PruneStep::All { limit } => deleted_ids(
-                conn,
-                "DELETE FROM cq_jobs WHERE seq IN (SELECT seq FROM (SELECT seq, keep_count, \
-                 ROW_NUMBER() OVER (PARTITION BY state ORDER BY finished_at DESC, seq DESC) \
-                 AS rn FROM cq_jobs WHERE queue = ?1 AND state IN ('completed', 'failed') \
-                 AND keep_count IS NOT NULL) WHERE rn > keep_count LIMIT ?2) RETURNING id",
-                params![queue, limit],
-            )?,
-        };
-        plan.deleted(ids);
-    }
-    let removed = plan.removed();
-    if !removed.is_empty() {
-        conn.prepare_cached(
-            "DELETE FROM cq_job_events WHERE queue = ?1 \
-             AND job_id IN (SELECT value FROM json_each(?2))",
-        )?
-        .execute(params![queue, to_json(&removed)])?;
-    }
-    Ok(Ok(removed.len() as u64))
-}
-
-pub(crate) fn set_paused(conn: &Connection, queue: &str, paused: bool) -> SqlResult<Result<()>> {
-    conn.prepare_cached(
-        "INSERT INTO cq_queues (name, paused) VALUES (?, ?) \
-         ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-    )?
-    .execute(params![queue, paused as i64])?;
-    Ok(Ok(()))
-}
-
-pub(crate) fn retry(
-    conn: &Connection,
-    queue: &str,
-    id: &str,
-    now: i64,
-    batch: &mut Batch,
-) -> SqlResult<Result<Job>> {
-    let job = match get_on(conn, queue, id, now)? {
-        Ok(j) => j,
-        Err(e) => return Ok(Err(e)),
-    };
-    let events = match operator_retry(job.as_ref(), queue, id, now) {
-        Ok(events) => events,
-        Err(e) => return Ok(Err(e)),
-    };
-    insert_events(conn, queue, id, &events)?;
-    conn.prepare_cached(
-        "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
-         processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
-         WHERE queue = ? AND id = ?",
-    )?
-    .execute(params![now, queue, id])?;
-    Ok(answers::retried(
-        queue,
-        id,
-        get_on(conn, queue, id, now)?,
-        batch,
-    ))
-}
-
-pub(crate) fn remove(
-    conn: &Connection,
-    queue: &str,
-    id: &str,
-    batch: &mut Batch,
-) -> SqlResult<Result<bool>> {
-    let state: Option<String> = conn
-        .prepare_cached("SELECT state FROM cq_jobs WHERE queue = ? AND id = ?")?
-        .query_row(params![queue, id], |r| r.get(0))
-        .optional()?;
-    match removable(state.as_deref(), id) {
-        Ok(true) => {}
-        other => return Ok(other),
-    }
-    conn.prepare_cached("DELETE FROM cq_jobs WHERE queue = ? AND id = ?")?
-        .execute(params![queue, id])?;
-    conn.prepare_cached("DELETE FROM cq_job_events WHERE queue = ? AND job_id = ?")?
-        .execute(params![queue, id])?;
-    batch.changed(queue, id);
-    Ok(Ok(true))
 }
