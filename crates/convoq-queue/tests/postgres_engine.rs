@@ -1,5 +1,6 @@
-//! Behaviour specific to the SQL engine on Postgres: transactional effects, group commit across
-//! several writers, refusing corrupt or foreign data without panicking, migrations of processes
+//! Behaviour specific to the SQL engine on Postgres (what both dialects share is tested in
+//! `sql_engine.rs`): batched completions across several writers, lease renewals beside them,
+//! schema upgrades, migrations of processes
 //! starting together, wake-ups through LISTEN/NOTIFY between engines (processes), the poll-only
 //! setting, connections the server kills, and histories read by another engine.
 //!
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, TxEffect};
+use convoq_queue::sql::{SqlConfig, SqlEngine};
 use convoq_queue::{
     Completion, Engine, JobEventKind, JobState, NewJob, Outcome, ProcessError, Processor,
     QueueError, Queues, WorkerOptions,
@@ -31,158 +32,6 @@ async fn database() -> Option<(pg::Databases, String)> {
 
 async fn engine(url: &str) -> Arc<SqlEngine> {
     SqlEngine::connect(SqlConfig::new(url)).await.unwrap()
-}
-
-/// Inserts a row into `effects`, or fails as told.
-struct InsertRow {
-    key: String,
-    fail: Option<ProcessError>,
-}
-
-#[async_trait]
-impl TxEffect for InsertRow {
-    async fn apply(&self, conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        let SqlConn::Postgres(conn) = conn else {
-            return Err(ProcessError::unrecoverable("this test runs on Postgres"));
-        };
-        sqlx::query("INSERT INTO effects (key) VALUES ($1)")
-            .bind(&self.key)
-            .execute(&mut *conn)
-            .await
-            .map_err(ProcessError::retryable)?;
-        match &self.fail {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
-    }
-}
-
-async fn rows(url: &str, key: &str) -> i64 {
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let n = sqlx::query_scalar("SELECT COUNT(*) FROM effects WHERE key = $1")
-        .bind(key)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
-}
-
-fn completion(key: &str, fail: Option<ProcessError>) -> Outcome {
-    let mut c = Completion::with_result(json!({ "key": key }));
-    c.follow_ups
-        .push(NewJob::new("audit", "audit", json!({ "of": key })).with_id(format!("audit-{key}")));
-    c.effect = Some(Arc::new(InsertRow {
-        key: key.to_owned(),
-        fail,
-    }));
-    Outcome::Completed(c)
-}
-
-#[tokio::test]
-async fn effect_commits_with_the_completion_or_not_at_all() {
-    let Some((_dbs, url)) = database().await else {
-        return;
-    };
-    let engine = engine(&url).await;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query("CREATE TABLE effects (key TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    let queues = Queues::new(engine.clone());
-    let mut opts = queues.defaults(Q);
-    opts.attempts = Some(2);
-    queues.set_defaults(Q, opts);
-
-    // Success: row, follow-up and completion together.
-    let ok = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    engine.finish(&c, completion("ok", None)).await.unwrap();
-    assert_eq!(rows(&url, "ok").await, 1);
-    assert!(queues.get("audit", "audit-ok").await.unwrap().is_some());
-    assert_eq!(
-        queues.get(Q, &ok).await.unwrap().unwrap().state,
-        JobState::Completed
-    );
-
-    // A failing effect rolls back its row and follow-up, and fails the attempt with its error.
-    let bad = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    let err = ProcessError::unrecoverable("unknown user u9");
-    let r = engine.finish(&c, completion("bad", Some(err))).await;
-    assert!(
-        matches!(&r, Err(QueueError::EffectFailed(e)) if e.reason() == "unknown user u9"),
-        "{r:?}"
-    );
-    assert_eq!(
-        rows(&url, "bad").await,
-        0,
-        "the effect's insert was rolled back"
-    );
-    assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
-    let j = queues.get(Q, &bad).await.unwrap().unwrap();
-    assert_eq!(j.state, JobState::Failed);
-    assert_eq!(j.failed_reason.as_deref(), Some("unknown user u9"));
-
-    // A stale lease applies nothing.
-    let stale = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let mut c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    c.token = "not-the-token".into();
-    let r = engine.finish(&c, completion("stale", None)).await;
-    assert!(matches!(r, Err(QueueError::LeaseLost { .. })), "{r:?}");
-    assert_eq!(rows(&url, "stale").await, 0);
-    assert_eq!(
-        queues.get(Q, &stale).await.unwrap().unwrap().state,
-        JobState::Active
-    );
-    engine.close().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_adds_share_commits() {
-    let Some((_dbs, url)) = database().await else {
-        return;
-    };
-    let engine = engine(&url).await;
-    let queues = Queues::new(engine.clone());
-    queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
-    let before = engine.write_stats();
-    let barrier = Arc::new(tokio::sync::Barrier::new(64));
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let (q, b) = (queues.clone(), barrier.clone());
-            tokio::spawn(async move {
-                b.wait().await;
-                q.add(NewJob::new(Q, "w", json!(i))).await.unwrap()
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 64);
-    let commits = after.commits - before.commits;
-    assert!(commits < 64, "64 concurrent adds took {commits} commits");
-    assert_eq!(queues.counts(Q).await.unwrap().waiting, 65);
-    engine.close().await;
 }
 
 /// Many plain completions in flight at once: each is applied exactly once, and a second
@@ -318,59 +167,6 @@ async fn lease_renewal_skips_rows_other_transactions_hold() {
     engine.close().await;
 }
 
-#[tokio::test]
-async fn corrupt_rows_are_errors_not_panics() {
-    let Some((_dbs, url)) = database().await else {
-        return;
-    };
-    let engine = engine(&url).await;
-    let queues = Queues::new(engine.clone());
-    let id = queues
-        .add(NewJob::new(Q, "w", json!({"a": 1})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query("UPDATE cq_jobs SET data = '{not json' WHERE id = $1")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let err = queues.get(Q, &id).await.unwrap_err();
-    assert!(
-        matches!(err, QueueError::Corrupt(ref m) if m.contains("payload")),
-        "{err}"
-    );
-    let fine = queues
-        .add(NewJob::new(Q, "w", json!({"b": 2})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let claimed = engine.claim(Q, 10, LEASE).await.unwrap();
-    let ids: Vec<_> = claimed.jobs.iter().map(|c| c.job.id.clone()).collect();
-    assert_eq!(
-        ids,
-        vec![fine],
-        "the readable job is claimed, the corrupt one is not"
-    );
-    let counts = queues.counts(Q).await.unwrap();
-    assert_eq!(
-        (counts.failed, counts.waiting),
-        (1, 0),
-        "the corrupt job failed visibly"
-    );
-    let reason: String = sqlx::query_scalar("SELECT failed_reason FROM cq_jobs WHERE id = $1")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(reason.contains("corrupt"), "{reason}");
-    pool.close().await;
-    engine.close().await;
-}
-
 /// Schema step 4 (the `seq` index dropped, `(queue, id)` the primary key) upgrades a database
 /// that holds jobs in every state, and the engine goes on with them.
 #[tokio::test]
@@ -429,22 +225,6 @@ async fn step_4_upgrades_a_database_holding_jobs() {
     engine.close().await;
 }
 
-#[tokio::test]
-async fn newer_schema_is_refused_with_a_clear_error() {
-    let Some((_dbs, url)) = database().await else {
-        return;
-    };
-    engine(&url).await.close().await;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query("INSERT INTO cq_schema (version) VALUES (99)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    let err = SqlEngine::connect(SqlConfig::new(url)).await.err().unwrap();
-    assert!(err.to_string().contains("newer than this build"), "{err}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_starting_together_migrate_once() {
     let Some((_dbs, url)) = database().await else {
@@ -473,21 +253,6 @@ async fn processes_starting_together_migrate_once() {
     for e in engines {
         e.close().await;
     }
-}
-
-#[tokio::test]
-async fn closed_engine_refuses_work() {
-    let Some((_dbs, url)) = database().await else {
-        return;
-    };
-    let engine = engine(&url).await;
-    assert_eq!(engine.name(), "postgres");
-    engine.close().await;
-    let err = Queues::new(engine)
-        .add(NewJob::new(Q, "w", json!(1)))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, QueueError::Closed), "{err}");
 }
 
 #[tokio::test]

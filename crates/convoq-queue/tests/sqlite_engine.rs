@@ -1,20 +1,28 @@
-//! Behaviour specific to the SQL engine on SQLite: transactional effects, group commit, and
-//! refusing corrupt or foreign data without panicking.
+//! Behaviour specific to the SQL engine on SQLite: adds committed ahead of their batch,
+//! checkpoints beside the writer, prunes in chunks, batched completions' answers, and engines
+//! opening one new file together. What both dialects share is tested in `sql_engine.rs`.
+
+mod pg;
+mod sqldb;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use convoq_queue::sql::{SqlConfig, SqlConn, SqlEngine, SqliteFile, TxEffect};
+use convoq_queue::sql::{SqlConfig, SqlEngine, SqliteFile};
 use convoq_queue::{
     Completion, Engine, JobState, NewJob, Outcome, ProcessError, QueueError, Queues,
 };
 use serde_json::json;
-use tokio::sync::oneshot;
+use sqldb::{HeldWriter, LEASE};
 
 const Q: &str = "sql";
-const LEASE: Duration = Duration::from_secs(30);
+
+/// A connection of its own to the engine's database, to look at it from outside the engine.
+fn open(url: &str) -> rusqlite::Connection {
+    SqliteFile::from_url(url).unwrap().open().unwrap()
+}
 
 async fn engine(dir: &tempfile::TempDir) -> (Arc<SqlEngine>, String) {
     let url = format!("sqlite://{}", dir.path().join("q.db").display());
@@ -24,246 +32,6 @@ async fn engine(dir: &tempfile::TempDir) -> (Arc<SqlEngine>, String) {
             .unwrap(),
         url,
     )
-}
-
-/// Inserts a row into `effects`, or fails as told. Effects of one batch are applied as a group,
-/// in one statement (counted in `GROUP_CALLS` when their first key starts with `g`, the keys of
-/// the one test that reads it, since tests of this binary may run in parallel threads).
-struct InsertRow {
-    key: String,
-    fail: Option<ProcessError>,
-}
-
-static GROUP_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-#[async_trait]
-impl TxEffect for InsertRow {
-    async fn apply(&self, conn: SqlConn<'_>, now_ms: i64) -> Result<(), ProcessError> {
-        self.apply_group(&[self], conn, now_ms).await
-    }
-    fn group(&self) -> Option<&'static str> {
-        Some("insert-row")
-    }
-    async fn apply_group(
-        &self,
-        effects: &[&dyn TxEffect],
-        conn: SqlConn<'_>,
-        _now_ms: i64,
-    ) -> Result<(), ProcessError> {
-        if self.key.starts_with('g') {
-            GROUP_CALLS.fetch_add(1, Ordering::Relaxed);
-        }
-        let SqlConn::Sqlite(conn) = conn else {
-            return Err(ProcessError::unrecoverable("this test runs on SQLite"));
-        };
-        let rows: Vec<&InsertRow> = effects
-            .iter()
-            .filter_map(|e| e.as_any()?.downcast_ref())
-            .collect();
-        conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)", [])
-            .map_err(ProcessError::retryable)?;
-        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        conn.execute(
-            "INSERT INTO effects (key) SELECT value FROM json_each(?)",
-            [serde_json::to_string(&keys).unwrap()],
-        )
-        .map_err(ProcessError::retryable)?;
-        match rows.iter().find_map(|r| r.fail.clone()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-}
-
-/// A connection of its own to the engine's database, to look at it (or tamper with it) from
-/// outside the engine. Its statements block the calling thread, for at most the busy timeout
-/// while the writer (on its own thread) holds the lock.
-fn open(url: &str) -> rusqlite::Connection {
-    SqliteFile::from_url(url).unwrap().open().unwrap()
-}
-
-fn rows(url: &str, key: &str) -> i64 {
-    let conn = open(url);
-    let exists: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'effects'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    if exists == 0 {
-        return 0;
-    }
-    conn.query_row("SELECT COUNT(*) FROM effects WHERE key = ?", [key], |r| {
-        r.get(0)
-    })
-    .unwrap()
-}
-
-/// An effect that signals when the writer runs it, then waits to be released.
-struct Hold {
-    entered: Mutex<Option<oneshot::Sender<()>>>,
-    release: Mutex<Option<oneshot::Receiver<()>>>,
-}
-
-#[async_trait]
-impl TxEffect for Hold {
-    async fn apply(&self, _conn: SqlConn<'_>, _now_ms: i64) -> Result<(), ProcessError> {
-        let entered = self.entered.lock().unwrap().take();
-        if let Some(entered) = entered {
-            let _ = entered.send(());
-        }
-        let release = self.release.lock().unwrap().take();
-        if let Some(release) = release {
-            let _ = release.await;
-        }
-        Ok(())
-    }
-}
-
-/// The writer, kept inside a completion's effect (of a job on queue `hold`) until released:
-/// operations sent meanwhile all wait in its queue and reach it as one batch, however a loaded
-/// machine schedules the threads. The held completion is one more operation and one more commit
-/// in [`SqlEngine::write_stats`].
-struct HeldWriter {
-    release: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl HeldWriter {
-    async fn new(engine: &Arc<SqlEngine>) -> HeldWriter {
-        Queues::new(engine.clone())
-            .add(NewJob::new("hold", "hold", json!(null)))
-            .await
-            .unwrap();
-        let claimed = engine.claim("hold", 1, LEASE).await.unwrap().jobs.remove(0);
-        let (entered_tx, entered) = oneshot::channel();
-        let (release, release_rx) = oneshot::channel();
-        let mut c = Completion::with_result(json!(null));
-        c.effect = Some(Arc::new(Hold {
-            entered: Mutex::new(Some(entered_tx)),
-            release: Mutex::new(Some(release_rx)),
-        }));
-        let engine = engine.clone();
-        let done = tokio::spawn(async move {
-            engine
-                .finish(&claimed, Outcome::Completed(c))
-                .await
-                .unwrap();
-        });
-        entered.await.unwrap();
-        HeldWriter { release, done }
-    }
-
-    /// Lets the writer go on, and waits for the held completion's commit.
-    async fn release(self) {
-        self.release.send(()).unwrap();
-        self.done.await.unwrap();
-    }
-}
-
-fn completion(key: &str, fail: Option<ProcessError>) -> Outcome {
-    let mut c = Completion::with_result(json!({ "key": key }));
-    c.follow_ups
-        .push(NewJob::new("audit", "audit", json!({ "of": key })).with_id(format!("audit-{key}")));
-    c.effect = Some(Arc::new(InsertRow {
-        key: key.to_owned(),
-        fail,
-    }));
-    Outcome::Completed(c)
-}
-
-#[tokio::test]
-async fn effect_commits_with_the_completion_or_not_at_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, url) = engine(&dir).await;
-    let queues = Queues::new(engine.clone());
-    let mut opts = queues.defaults(Q);
-    opts.attempts = Some(2);
-    queues.set_defaults(Q, opts);
-
-    // Success: row, follow-up and completion together.
-    let ok = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    engine.finish(&c, completion("ok", None)).await.unwrap();
-    assert_eq!(rows(&url, "ok"), 1);
-    assert!(queues.get("audit", "audit-ok").await.unwrap().is_some());
-    assert_eq!(
-        queues.get(Q, &ok).await.unwrap().unwrap().state,
-        JobState::Completed
-    );
-
-    // A failing effect rolls back its row and follow-up, and fails the attempt with its error.
-    let bad = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    let err = ProcessError::unrecoverable("unknown user u9");
-    let r = engine.finish(&c, completion("bad", Some(err))).await;
-    assert!(
-        matches!(&r, Err(QueueError::EffectFailed(e)) if e.reason() == "unknown user u9"),
-        "{r:?}"
-    );
-    assert_eq!(rows(&url, "bad"), 0, "the effect's insert was rolled back");
-    assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
-    let j = queues.get(Q, &bad).await.unwrap().unwrap();
-    assert_eq!(j.state, JobState::Failed);
-    assert_eq!(j.failed_reason.as_deref(), Some("unknown user u9"));
-
-    // A stale lease applies nothing.
-    let stale = queues
-        .add(NewJob::new(Q, "w", json!({})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let mut c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
-    c.token = "not-the-token".into();
-    let r = engine.finish(&c, completion("stale", None)).await;
-    assert!(matches!(r, Err(QueueError::LeaseLost { .. })), "{r:?}");
-    assert_eq!(rows(&url, "stale"), 0);
-    assert_eq!(
-        queues.get(Q, &stale).await.unwrap().unwrap().state,
-        JobState::Active
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_adds_share_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, _) = engine(&dir).await;
-    let queues = Queues::new(engine.clone());
-    queues.add(NewJob::new(Q, "w", json!(0))).await.unwrap();
-    let before = engine.write_stats();
-    let barrier = Arc::new(tokio::sync::Barrier::new(32));
-    let tasks: Vec<_> = (0..32)
-        .map(|i| {
-            let (q, b) = (queues.clone(), barrier.clone());
-            tokio::spawn(async move {
-                b.wait().await;
-                q.add(NewJob::new(Q, "w", json!(i))).await.unwrap()
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 32);
-    let commits = after.commits - before.commits;
-    assert!(commits < 32, "32 concurrent adds took {commits} commits");
-    assert_eq!(queues.counts(Q).await.unwrap().waiting, 33);
 }
 
 /// Adds that reach the writer with other work commit first, in a transaction of their own, so
@@ -299,79 +67,6 @@ async fn adds_commit_before_the_rest_of_their_batch() {
     );
     // The claim ran after the add committed, so it saw both jobs.
     assert_eq!(claimed.unwrap().jobs.len(), 2);
-}
-
-#[tokio::test]
-async fn corrupt_rows_are_errors_not_panics() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, url) = engine(&dir).await;
-    let queues = Queues::new(engine.clone());
-    let id = queues
-        .add(NewJob::new(Q, "w", json!({"a": 1})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let conn = open(&url);
-    conn.execute("UPDATE cq_jobs SET data = '{not json' WHERE id = ?", [&id])
-        .unwrap();
-    let err = queues.get(Q, &id).await.unwrap_err();
-    assert!(
-        matches!(err, QueueError::Corrupt(ref m) if m.contains("payload")),
-        "{err}"
-    );
-    let fine = queues
-        .add(NewJob::new(Q, "w", json!({"b": 2})))
-        .await
-        .unwrap()
-        .job
-        .id;
-    let claimed = engine.claim(Q, 10, LEASE).await.unwrap();
-    let ids: Vec<_> = claimed.jobs.iter().map(|c| c.job.id.clone()).collect();
-    assert_eq!(
-        ids,
-        vec![fine],
-        "the readable job is claimed, the corrupt one is not"
-    );
-    let counts = queues.counts(Q).await.unwrap();
-    assert_eq!(
-        (counts.failed, counts.waiting),
-        (1, 0),
-        "the corrupt job failed visibly"
-    );
-    let reason: String = conn
-        .query_row(
-            "SELECT failed_reason FROM cq_jobs WHERE id = ?",
-            [&id],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert!(reason.contains("corrupt"), "{reason}");
-}
-
-#[tokio::test]
-async fn newer_schema_is_refused_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, url) = engine(&dir).await;
-    engine.close().await;
-    let conn = open(&url);
-    conn.execute("INSERT INTO cq_schema (version) VALUES (99)", [])
-        .unwrap();
-    conn.close().map_err(|(_, e)| e).unwrap();
-    let err = SqlEngine::connect(SqlConfig::new(url)).await.err().unwrap();
-    assert!(err.to_string().contains("newer than this build"), "{err}");
-}
-
-#[tokio::test]
-async fn closed_engine_refuses_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, _) = engine(&dir).await;
-    engine.close().await;
-    let err = Queues::new(engine)
-        .add(NewJob::new(Q, "w", json!(1)))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, QueueError::Closed), "{err}");
 }
 
 /// Committed pages reach the database file soon after the commit, long before the WAL holds the
@@ -426,59 +121,6 @@ fn open_immutable(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connecti
         uri,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
     )
-}
-
-/// Completions that arrive together commit together; one failing effect among them fails its
-/// own attempt only, and the others still commit with their effects and follow-ups.
-#[tokio::test]
-async fn a_failing_effect_in_a_group_fails_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, url) = engine(&dir).await;
-    let queues = Queues::new(engine.clone());
-    let jobs: Vec<_> = (0..12).map(|i| NewJob::new(Q, "w", json!(i))).collect();
-    queues.add_bulk(jobs).await.unwrap();
-    let claimed = engine.claim(Q, 12, LEASE).await.unwrap().jobs;
-    assert_eq!(claimed.len(), 12);
-    let held = HeldWriter::new(&engine).await;
-    let before = engine.write_stats();
-    let group_calls = GROUP_CALLS.load(Ordering::Relaxed);
-    let mut finishes = Box::pin(futures::future::join_all(claimed.iter().enumerate().map(
-        |(i, c)| {
-            let fail = (i == 5).then(|| ProcessError::unrecoverable("unknown user g5"));
-            engine.finish(c, completion(&format!("g{i}"), fail))
-        },
-    )));
-    // One poll queues every finish; then the writer takes the twelve as one batch.
-    assert!(futures::poll!(&mut finishes).is_pending());
-    held.release().await;
-    let results = finishes.await;
-    let after = engine.write_stats();
-    assert_eq!(after.operations - before.operations, 1 + 12);
-    assert_eq!(
-        after.commits - before.commits,
-        1 + 1,
-        "the held completion's commit, then one for the batch"
-    );
-    // One call for the group, which failed, then one per effect.
-    assert_eq!(GROUP_CALLS.load(Ordering::Relaxed) - group_calls, 1 + 12);
-    for (i, (c, r)) in claimed.iter().zip(results).enumerate() {
-        assert_eq!(r.is_ok(), i != 5, "job {i}: {r:?}");
-        let key = format!("g{i}");
-        let job = queues.get(Q, &c.job.id).await.unwrap().unwrap();
-        let follow_up = queues.get("audit", &format!("audit-{key}")).await.unwrap();
-        if i == 5 {
-            assert_eq!(job.state, JobState::Failed);
-            assert_eq!(job.failed_reason.as_deref(), Some("unknown user g5"));
-            assert_eq!(rows(&url, &key), 0, "the failed effect left no row");
-            assert!(follow_up.is_none());
-        } else {
-            assert_eq!(job.state, JobState::Completed, "job {i}");
-            assert_eq!(rows(&url, &key), 1, "job {i}'s effect");
-            assert!(follow_up.is_some(), "job {i}'s follow-up");
-        }
-    }
-    let counts = queues.counts(Q).await.unwrap();
-    assert_eq!((counts.completed_total, counts.failed_total), (11, 1));
 }
 
 /// Pruning more jobs than one chunk takes several writer operations and keeps exactly the
