@@ -8,6 +8,7 @@
 
 use async_trait::async_trait;
 
+use super::operation::Operation;
 use super::writer::Batch;
 use crate::clock::Clock;
 use crate::effect::SqlConn;
@@ -130,14 +131,6 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         now: i64,
         batch: &mut Batch,
     ) -> DResult<Self, Result<ClaimBatch>>;
-    async fn extend(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        leases: &[(String, String)],
-        lease_ms: i64,
-        now: i64,
-    ) -> DResult<Self, Result<Vec<bool>>>;
     async fn finish(
         &self,
         conn: &mut Self::Conn,
@@ -163,50 +156,15 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     ) -> DResult<Self, Option<Vec<Result<()>>>>;
     /// The connection as handed to a [`crate::sql::TxEffect`].
     fn effect_conn<'a>(&self, conn: &'a mut Self::Conn) -> DResult<Self, SqlConn<'a>>;
-    async fn release(
+    /// Applies a plain operation (see `sql/operation.rs`): its statement in this dialect, its
+    /// answer held until the batch commits.
+    async fn run(
         &self,
         conn: &mut Self::Conn,
-        job: &ClaimedJob,
+        op: &mut dyn Operation,
         now: i64,
         batch: &mut Batch,
-    ) -> DResult<Self, Result<()>>;
-    async fn reap_stalled(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        max_stalled: u32,
-        now: i64,
-        batch: &mut Batch,
-    ) -> DResult<Self, Result<u64>>;
-    /// Removes at most `limit` finished jobs past their retention, with their events.
-    async fn prune(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        limit: u64,
-        now: i64,
-    ) -> DResult<Self, Result<u64>>;
-    async fn set_paused(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        paused: bool,
-    ) -> DResult<Self, Result<()>>;
-    async fn retry(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        id: &str,
-        now: i64,
-        batch: &mut Batch,
-    ) -> DResult<Self, Result<Job>>;
-    async fn remove(
-        &self,
-        conn: &mut Self::Conn,
-        queue: &str,
-        id: &str,
-        batch: &mut Batch,
-    ) -> DResult<Self, Result<bool>>;
+    ) -> DResult<Self, ()>;
 }
 
 /// The read side of a dialect, on a pool.

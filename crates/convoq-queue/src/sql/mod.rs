@@ -25,6 +25,8 @@ mod answers;
 mod config;
 mod dialect;
 mod history;
+mod operation;
+mod operations;
 mod postgres;
 mod rules;
 mod sqlite;
@@ -47,6 +49,7 @@ use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use dialect::Reads;
+use operation::{Pending, Statement};
 use writer::{Op, Request, Slot, WriterHandle};
 
 /// Counters of the group-commit writer.
@@ -310,6 +313,14 @@ impl SqlEngine {
     }
 }
 
+impl SqlEngine {
+    /// Sends a plain operation (see `operation.rs`) to the writer and waits for its answer.
+    async fn run<S: Statement>(&self, statement: S) -> Result<S::Answer> {
+        self.request(|reply| Op::Run(Box::new(Pending::new(statement, reply))))
+            .await
+    }
+}
+
 /// A fresh lease token for a claim.
 fn new_lease_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -371,12 +382,7 @@ impl Engine for SqlEngine {
 
     async fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
         let queue = queue.to_owned();
-        self.request(|reply| Op::SetPaused {
-            queue,
-            paused,
-            reply,
-        })
-        .await
+        self.run(operations::SetPaused { queue, paused }).await
     }
 
     async fn is_paused(&self, queue: &str) -> Result<bool> {
@@ -385,12 +391,12 @@ impl Engine for SqlEngine {
 
     async fn retry(&self, queue: &str, id: &str) -> Result<Job> {
         let (queue, id) = (queue.to_owned(), id.to_owned());
-        self.request(|reply| Op::Retry { queue, id, reply }).await
+        self.run(operations::Retry { queue, id }).await
     }
 
     async fn remove(&self, queue: &str, id: &str) -> Result<bool> {
         let (queue, id) = (queue.to_owned(), id.to_owned());
-        self.request(|reply| Op::Remove { queue, id, reply }).await
+        self.run(operations::Remove { queue, id }).await
     }
 
     async fn history(&self, queue: &str, id: &str) -> Result<Option<Vec<JobEvent>>> {
@@ -418,11 +424,10 @@ impl Engine for SqlEngine {
     ) -> Result<Vec<bool>> {
         let queue = queue.to_owned();
         let leases = leases.to_vec();
-        self.request(|reply| Op::Extend {
+        self.run(operations::Extend {
             queue,
             leases,
             lease_ms: lease.as_millis() as i64,
-            reply,
         })
         .await
     }
@@ -457,17 +462,13 @@ impl Engine for SqlEngine {
 
     async fn release(&self, job: &ClaimedJob) -> Result<()> {
         let job = job.clone();
-        self.request(|reply| Op::Release { job, reply }).await
+        self.run(operations::Release { job }).await
     }
 
     async fn reap_stalled(&self, queue: &str, max_stalled: u32) -> Result<u64> {
         let queue = queue.to_owned();
-        self.request(|reply| Op::ReapStalled {
-            queue,
-            max_stalled,
-            reply,
-        })
-        .await
+        self.run(operations::ReapStalled { queue, max_stalled })
+            .await
     }
 
     async fn prune(&self, queue: &str) -> Result<u64> {
@@ -477,10 +478,9 @@ impl Engine for SqlEngine {
         loop {
             let queue = queue.to_owned();
             let n = self
-                .request(|reply| Op::Prune {
+                .run(operations::Prune {
                     queue,
                     limit: self.prune_chunk,
-                    reply,
                 })
                 .await?;
             removed += n;

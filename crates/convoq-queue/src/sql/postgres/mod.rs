@@ -23,8 +23,8 @@
 mod listen;
 mod read;
 mod schema;
-mod upkeep;
-mod write;
+pub(super) mod upkeep;
+pub(super) mod write;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -42,6 +42,7 @@ pub(crate) use listen::spawn_listener;
 /// answer (lease lost, wrong state) and the batch goes on.
 pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
 use super::dialect::{transport_error, Dialect, Failure, Reads, Schedule};
+use super::operation::Operation;
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -396,16 +397,6 @@ impl Dialect for Postgres {
     ) -> SqlResult<Result<ClaimBatch>> {
         write::claim(w.conn()?, queue, max, lease_ms, token, now, batch).await
     }
-    async fn extend(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        leases: &[(String, String)],
-        lease_ms: i64,
-        now: i64,
-    ) -> SqlResult<Result<Vec<bool>>> {
-        write::extend(w.conn()?, queue, leases, lease_ms, now).await
-    }
     async fn finish(
         &self,
         w: &mut PgWriter,
@@ -433,60 +424,14 @@ impl Dialect for Postgres {
     fn effect_conn<'a>(&self, w: &'a mut PgWriter) -> SqlResult<SqlConn<'a>> {
         Ok(SqlConn::Postgres(w.conn()?))
     }
-    async fn release(
+    async fn run(
         &self,
         w: &mut PgWriter,
-        job: &ClaimedJob,
+        op: &mut dyn Operation,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<()>> {
-        write::release(w.conn()?, job, now, batch).await
-    }
-    async fn reap_stalled(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        max_stalled: u32,
-        now: i64,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<u64>> {
-        upkeep::reap_stalled(w.conn()?, queue, max_stalled, now, batch).await
-    }
-    async fn prune(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        limit: u64,
-        now: i64,
-    ) -> SqlResult<Result<u64>> {
-        upkeep::prune(w.conn()?, queue, limit, now).await
-    }
-    async fn set_paused(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        paused: bool,
-    ) -> SqlResult<Result<()>> {
-        upkeep::set_paused(w.conn()?, queue, paused).await
-    }
-    async fn retry(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        id: &str,
-        now: i64,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<Job>> {
-        upkeep::retry(w.conn()?, queue, id, now, batch).await
-    }
-    async fn remove(
-        &self,
-        w: &mut PgWriter,
-        queue: &str,
-        id: &str,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<bool>> {
-        upkeep::remove(w.conn()?, queue, id, batch).await
+    ) -> SqlResult<()> {
+        op.on_postgres(w.conn()?, now, batch).await
     }
 }
 

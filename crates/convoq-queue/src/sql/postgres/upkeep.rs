@@ -140,10 +140,12 @@ pub(crate) async fn prune(
     Ok(Ok(removed.len() as u64))
 }
 
+/// Pauses or resumes a queue; a resumed queue's ready jobs wake its workers.
 pub(crate) async fn set_paused(
     conn: &mut PgConnection,
     queue: &str,
     paused: bool,
+    batch: &mut Batch,
 ) -> SqlResult<Result<()>> {
     sqlx::query(
         "INSERT INTO cq_queues (name, paused) VALUES ($1, $2) \
@@ -153,6 +155,9 @@ pub(crate) async fn set_paused(
     .bind(paused)
     .execute(conn)
     .await?;
+    if !paused {
+        batch.wake(queue);
+    }
     Ok(Ok(()))
 }
 

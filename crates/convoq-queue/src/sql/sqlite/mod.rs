@@ -16,8 +16,8 @@
 pub(crate) mod conn;
 mod read;
 mod schema;
-mod upkeep;
-mod write;
+pub(super) mod upkeep;
+pub(super) mod write;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::dialect::{Dialect, Failure, Reads, Schedule};
+use super::operation::Operation;
 use super::writer::Batch;
 use super::SqlConfig;
 use crate::clock::Clock;
@@ -212,16 +213,6 @@ impl Dialect for Sqlite {
     ) -> SqlResult<Result<ClaimBatch>> {
         write::claim(&w.conn, queue, max, lease_ms, token, now, batch)
     }
-    async fn extend(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        leases: &[(String, String)],
-        lease_ms: i64,
-        now: i64,
-    ) -> SqlResult<Result<Vec<bool>>> {
-        write::extend(&w.conn, queue, leases, lease_ms, now)
-    }
     async fn finish(
         &self,
         w: &mut SqliteWriter,
@@ -245,60 +236,14 @@ impl Dialect for Sqlite {
     fn effect_conn<'a>(&self, w: &'a mut SqliteWriter) -> SqlResult<SqlConn<'a>> {
         Ok(SqlConn::Sqlite(&mut w.conn))
     }
-    async fn release(
+    async fn run(
         &self,
         w: &mut SqliteWriter,
-        job: &ClaimedJob,
+        op: &mut dyn Operation,
         now: i64,
         batch: &mut Batch,
-    ) -> SqlResult<Result<()>> {
-        write::release(&w.conn, job, now, batch)
-    }
-    async fn reap_stalled(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        max_stalled: u32,
-        now: i64,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<u64>> {
-        upkeep::reap_stalled(&w.conn, queue, max_stalled, now, batch)
-    }
-    async fn prune(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        limit: u64,
-        now: i64,
-    ) -> SqlResult<Result<u64>> {
-        upkeep::prune(&w.conn, queue, limit, now)
-    }
-    async fn set_paused(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        paused: bool,
-    ) -> SqlResult<Result<()>> {
-        upkeep::set_paused(&w.conn, queue, paused)
-    }
-    async fn retry(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        id: &str,
-        now: i64,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<Job>> {
-        upkeep::retry(&w.conn, queue, id, now, batch)
-    }
-    async fn remove(
-        &self,
-        w: &mut SqliteWriter,
-        queue: &str,
-        id: &str,
-        batch: &mut Batch,
-    ) -> SqlResult<Result<bool>> {
-        upkeep::remove(&w.conn, queue, id, batch)
+    ) -> SqlResult<()> {
+        op.on_sqlite(&w.conn, now, batch)
     }
 }
 

@@ -121,12 +121,21 @@ pub(crate) fn prune(
     Ok(Ok(removed.len() as u64))
 }
 
-pub(crate) fn set_paused(conn: &Connection, queue: &str, paused: bool) -> SqlResult<Result<()>> {
+/// Pauses or resumes a queue; a resumed queue's ready jobs wake its workers.
+pub(crate) fn set_paused(
+    conn: &Connection,
+    queue: &str,
+    paused: bool,
+    batch: &mut Batch,
+) -> SqlResult<Result<()>> {
     conn.prepare_cached(
         "INSERT INTO cq_queues (name, paused) VALUES (?, ?) \
          ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
     )?
     .execute(params![queue, paused as i64])?;
+    if !paused {
+        batch.wake(queue);
+    }
     Ok(Ok(()))
 }
 

@@ -181,12 +181,6 @@ pub(super) async fn apply_ops<D: Dialect>(
                 token,
                 reply,
             } => reply.set(d.claim(conn, queue, *max, *lease_ms, token, now, b).await?),
-            Op::Extend {
-                queue,
-                leases,
-                lease_ms,
-                reply,
-            } => reply.set(d.extend(conn, queue, leases, *lease_ms, now).await?),
             Op::Finish {
                 job,
                 outcome,
@@ -198,29 +192,7 @@ pub(super) async fn apply_ops<D: Dialect>(
                 reply,
                 ..
             } => reply.set(d.finish(conn, job, outcome, now, b).await?.map(|()| None)),
-            Op::Release { job, reply } => reply.set(d.release(conn, job, now, b).await?),
-            Op::ReapStalled {
-                queue,
-                max_stalled,
-                reply,
-            } => reply.set(d.reap_stalled(conn, queue, *max_stalled, now, b).await?),
-            Op::Prune {
-                queue,
-                limit,
-                reply,
-            } => reply.set(d.prune(conn, queue, *limit, now).await?),
-            Op::SetPaused {
-                queue,
-                paused,
-                reply,
-            } => {
-                if !*paused {
-                    b.wake(queue);
-                }
-                reply.set(d.set_paused(conn, queue, *paused).await?)
-            }
-            Op::Retry { queue, id, reply } => reply.set(d.retry(conn, queue, id, now, b).await?),
-            Op::Remove { queue, id, reply } => reply.set(d.remove(conn, queue, id, b).await?),
+            Op::Run(op) => d.run(conn, op.as_mut(), now, b).await?,
             Op::Close(_) => unreachable!("close is taken out of the batch before it is applied"),
         }
     }

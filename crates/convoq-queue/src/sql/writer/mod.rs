@@ -267,7 +267,7 @@ async fn run<D: Dialect>(
                 std::mem::take(&mut ops).into_iter().partition(is_add);
             let (prunes, mut rest): (Vec<Op>, Vec<Op>) = rest
                 .into_iter()
-                .partition(|op| matches!(op, Op::Prune { .. }));
+                .partition(|op| matches!(op, Op::Run(o) if o.is_long()));
             w.commit(&mut adds).await;
             w.commit(&mut rest).await;
             for prune in prunes {

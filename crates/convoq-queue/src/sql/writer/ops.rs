@@ -8,7 +8,8 @@ use tokio::sync::oneshot;
 
 use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
-use crate::job::{Added, Job, NewJob};
+use crate::job::{Added, NewJob};
+use crate::sql::operation::Operation;
 
 /// Where an operation's answer goes, and the answer itself while its batch has not committed.
 pub(crate) struct Slot<T> {
@@ -26,7 +27,7 @@ impl<T> Slot<T> {
 
     /// Holds the operation's answer until the batch commits (a later application of the batch
     /// replaces it).
-    pub(super) fn set(&mut self, answer: Result<T>) {
+    pub(crate) fn set(&mut self, answer: Result<T>) {
         self.answer = Some(answer);
     }
 
@@ -36,12 +37,12 @@ impl<T> Slot<T> {
     }
 
     /// Whether the caller stopped waiting.
-    pub(super) fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.reply.is_closed()
     }
 
     /// Sends the answer held (the batch committed).
-    fn deliver(self) {
+    pub(crate) fn deliver(self) {
         let answer = self.answer.unwrap_or_else(|| {
             Err(QueueError::Unavailable(
                 "the writer applied the batch without answering this write".into(),
@@ -51,7 +52,7 @@ impl<T> Slot<T> {
     }
 
     /// Sends `err` instead of any answer held (the batch did not commit).
-    fn refuse(self, err: QueueError) {
+    pub(crate) fn refuse(self, err: QueueError) {
         let _ = self.reply.send(Err(err));
     }
 }
@@ -72,12 +73,6 @@ pub(crate) enum Op {
         token: String,
         reply: Reply<ClaimBatch>,
     },
-    Extend {
-        queue: String,
-        leases: Vec<(String, String)>,
-        lease_ms: i64,
-        reply: Reply<Vec<bool>>,
-    },
     Finish {
         job: ClaimedJob,
         outcome: Outcome,
@@ -92,35 +87,8 @@ pub(crate) enum Op {
         token: String,
         reply: Reply<Option<ClaimedJob>>,
     },
-    Release {
-        job: ClaimedJob,
-        reply: Reply<()>,
-    },
-    ReapStalled {
-        queue: String,
-        max_stalled: u32,
-        reply: Reply<u64>,
-    },
-    Prune {
-        queue: String,
-        limit: u64,
-        reply: Reply<u64>,
-    },
-    SetPaused {
-        queue: String,
-        paused: bool,
-        reply: Reply<()>,
-    },
-    Retry {
-        queue: String,
-        id: String,
-        reply: Reply<Job>,
-    },
-    Remove {
-        queue: String,
-        id: String,
-        reply: Reply<bool>,
-    },
+    /// Any other write: see `sql/operation.rs`.
+    Run(Box<dyn Operation>),
     Close(oneshot::Sender<()>),
 }
 
@@ -167,13 +135,8 @@ pub(super) fn deliver(op: Op) {
         Op::Add { reply, .. } => reply.deliver(),
         Op::Claim { reply, .. } => reply.deliver(),
         Op::FinishAndClaim { reply, .. } => reply.deliver(),
-        Op::Extend { reply, .. } => reply.deliver(),
-        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
-            reply.deliver()
-        }
-        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.deliver(),
-        Op::Retry { reply, .. } => reply.deliver(),
-        Op::Remove { reply, .. } => reply.deliver(),
+        Op::Finish { reply, .. } => reply.deliver(),
+        Op::Run(op) => op.deliver(),
         Op::Close(tx) => drop(tx.send(())),
     }
 }
@@ -185,14 +148,9 @@ pub(super) fn abandoned(op: &Op) -> bool {
     match op {
         Op::Add { reply, .. } => reply.is_closed(),
         Op::Claim { reply, .. } => reply.is_closed(),
-        Op::Extend { reply, .. } => reply.is_closed(),
-        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
-            reply.is_closed()
-        }
+        Op::Finish { reply, .. } => reply.is_closed(),
         Op::FinishAndClaim { reply, .. } => reply.is_closed(),
-        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.is_closed(),
-        Op::Retry { reply, .. } => reply.is_closed(),
-        Op::Remove { reply, .. } => reply.is_closed(),
+        Op::Run(op) => op.abandoned(),
         Op::Close(_) => false,
     }
 }
@@ -203,13 +161,8 @@ pub(super) fn refuse(op: Op, err: QueueError) {
         Op::Add { reply, .. } => reply.refuse(err),
         Op::Claim { reply, .. } => reply.refuse(err),
         Op::FinishAndClaim { reply, .. } => reply.refuse(err),
-        Op::Extend { reply, .. } => reply.refuse(err),
-        Op::Finish { reply, .. } | Op::Release { reply, .. } | Op::SetPaused { reply, .. } => {
-            reply.refuse(err)
-        }
-        Op::ReapStalled { reply, .. } | Op::Prune { reply, .. } => reply.refuse(err),
-        Op::Retry { reply, .. } => reply.refuse(err),
-        Op::Remove { reply, .. } => reply.refuse(err),
+        Op::Finish { reply, .. } => reply.refuse(err),
+        Op::Run(op) => op.refuse(err),
         Op::Close(tx) => drop(tx.send(())),
     }
 }
