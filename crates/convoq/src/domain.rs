@@ -193,31 +193,90 @@ impl DisplayName {
     }
 }
 
-/// The payload of a `create_conversation` job, as the HTTP API enqueues it and as a Node
-/// producer of the system being replaced sends it (without `conversationId`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateConversationJob {
-    /// Fixed at enqueue time, so that every attempt creates the same conversation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation_id: Option<String>,
+/// A `create_conversation` job, typed: what the HTTP API enqueues ([`ConversationJob::to_data`])
+/// and what the processor and the API's idempotent replays read back from storage
+/// ([`ConversationJob::from_job`]), so that both ends hold the same validated values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationJob {
+    /// Fixed at enqueue time, so that every attempt creates the same conversation; derived
+    /// from the job for a Node producer's job that carries none ([`derived_conversation_id`]).
+    pub conversation_id: String,
     /// The owner.
-    pub user_id: String,
-    /// The title, already trimmed (or null).
-    #[serde(default)]
-    pub title: Option<String>,
+    pub user_id: UserId,
+    /// The title, if any.
+    pub title: Option<Title>,
     /// The personality mode.
-    #[serde(default)]
-    pub personality_mode: Option<String>,
+    pub mode: PersonalityMode,
     /// The HTTP request that asked for it, for log correlation.
-    #[serde(default)]
     pub request_id: Option<String>,
     /// Who asked (the API key's name).
-    #[serde(default)]
     pub actor: Option<String>,
     /// A digest of the request body, for idempotent replays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_hash: Option<String>,
+}
+
+/// A `create_conversation` payload as stored, and as a Node producer of the system being
+/// replaced sends it (without `conversationId`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConversationPayload {
+    #[serde(default)]
+    conversation_id: Option<String>,
+    user_id: String,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    personality_mode: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    body_hash: Option<String>,
+}
+
+impl ConversationJob {
+    /// The job's payload.
+    pub fn to_data(&self) -> serde_json::Value {
+        let mut data = serde_json::json!({
+            "conversationId": self.conversation_id,
+            "userId": self.user_id,
+            "title": self.title,
+            "personalityMode": self.mode,
+            "requestId": self.request_id,
+            "actor": self.actor,
+        });
+        if let Some(hash) = &self.body_hash {
+            data["bodyHash"] = hash.as_str().into();
+        }
+        data
+    }
+
+    /// Reads and validates the payload of `job` as stored, with the deployment's personality
+    /// `modes`.
+    ///
+    /// # Errors
+    /// The first field that is missing or invalid (`data` when the payload is not an object
+    /// of this shape).
+    pub fn from_job(job: &Job, modes: &[String]) -> Result<Self, Invalid> {
+        let p: ConversationPayload = serde_json::from_value(job.data.clone())
+            .map_err(|e| Invalid::new("data", e.to_string()))?;
+        let conversation_id = p
+            .conversation_id
+            .unwrap_or_else(|| derived_conversation_id(job));
+        if uuid::Uuid::parse_str(&conversation_id).is_err() {
+            return Err(Invalid::new("conversationId", "must be a UUID"));
+        }
+        Ok(ConversationJob {
+            conversation_id,
+            user_id: UserId::parse("userId", &p.user_id)?,
+            title: Title::parse(p.title.as_deref())?,
+            mode: PersonalityMode::parse(p.personality_mode.as_deref(), modes)?,
+            request_id: p.request_id,
+            actor: p.actor,
+            body_hash: p.body_hash,
+        })
+    }
 }
 
 /// The job name of conversation creation, stable across releases.
@@ -250,10 +309,19 @@ pub struct AuditEventJob {
     pub at: String,
 }
 
+/// The conversation a `create_conversation` job creates, read without validating the rest of
+/// its payload (for logs): its `conversationId`, or the one derived for a job without one.
+pub fn conversation_id_of(job: &Job) -> String {
+    match job.data.get("conversationId").and_then(|v| v.as_str()) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => derived_conversation_id(job),
+    }
+}
+
 /// A conversation id for a job that carries none (one added by a Node producer of the system
 /// being replaced): a UUIDv7 built from the job's creation time and a digest of its queue and
 /// id, so every attempt of that job derives the same conversation.
-pub fn derived_conversation_id(job: &Job) -> String {
+fn derived_conversation_id(job: &Job) -> String {
     let digest = Sha256::digest(format!("{}\u{0}{}", job.queue, job.id).as_bytes());
     let mut random = [0u8; 10];
     random.copy_from_slice(&digest[..10]);
@@ -287,6 +355,69 @@ mod tests {
         let e = Title::parse(Some(&"a".repeat(201))).unwrap_err();
         assert_eq!(e.field, "title");
         assert!(Title::parse(Some("a\0b")).is_err());
+    }
+
+    #[test]
+    fn a_conversation_job_reads_back_as_it_was_enqueued() {
+        let modes: Vec<String> = DEFAULT_MODES.iter().map(|s| s.to_string()).collect();
+        let sent = ConversationJob {
+            conversation_id: uuid::Uuid::now_v7().to_string(),
+            user_id: UserId::parse("userId", "u1").unwrap(),
+            title: Title::parse(Some(" Hi ")).unwrap(),
+            mode: PersonalityMode::parse(Some("concise"), &modes).unwrap(),
+            request_id: Some("r1".into()),
+            actor: Some("bot".into()),
+            body_hash: Some("abc".into()),
+        };
+        let now = chrono::Utc::now();
+        let mut job = convoq_queue::Job {
+            id: "j1".into(),
+            queue: DATABASE_QUEUE.into(),
+            name: CREATE_CONVERSATION.into(),
+            data: sent.to_data(),
+            opts: Default::default(),
+            state: convoq_queue::JobState::Waiting,
+            attempts_made: 0,
+            stalled_count: 0,
+            result: None,
+            failed_reason: None,
+            created_at: now,
+            available_at: now,
+            processed_at: None,
+            finished_at: None,
+        };
+        assert_eq!(ConversationJob::from_job(&job, &modes).unwrap(), sent);
+
+        // A Node producer's payload: no conversation id (one is derived, the same each time).
+        job.data = serde_json::json!({ "userId": "u1", "title": null });
+        let a = ConversationJob::from_job(&job, &modes).unwrap();
+        assert_eq!(
+            a.conversation_id,
+            ConversationJob::from_job(&job, &modes)
+                .unwrap()
+                .conversation_id
+        );
+        assert_eq!(a.conversation_id, conversation_id_of(&job));
+        assert_eq!(a.mode.as_str(), DEFAULT_MODE);
+
+        for (data, field) in [
+            (serde_json::json!({ "userId": "" }), "userId"),
+            (
+                serde_json::json!({ "userId": "u1", "conversationId": "x" }),
+                "conversationId",
+            ),
+            (
+                serde_json::json!({ "userId": "u1", "personalityMode": "grumpy" }),
+                "personalityMode",
+            ),
+            (serde_json::json!([1]), "data"),
+        ] {
+            job.data = data;
+            assert_eq!(
+                ConversationJob::from_job(&job, &modes).unwrap_err().field,
+                field
+            );
+        }
     }
 
     #[test]

@@ -18,10 +18,7 @@ use convoq_queue::sql::{SqlConn, TxEffect};
 use convoq_queue::{Completion, Job, NewJob, ProcessError, Processor};
 use serde_json::json;
 
-use crate::domain::{
-    derived_conversation_id, AuditEventJob, CreateConversationJob, PersonalityMode, Title, UserId,
-    AUDIT_QUEUE, RECORD_AUDIT_EVENT,
-};
+use crate::domain::{AuditEventJob, ConversationJob, AUDIT_QUEUE, RECORD_AUDIT_EVENT};
 use crate::store::{self, NewAuditEvent, NewConversation, Store, StoreError};
 
 /// The audit event recorded when a conversation is created.
@@ -125,24 +122,9 @@ impl<R: InsertRows> TxEffect for StoreInsert<R> {
 #[async_trait]
 impl Processor for CreateConversation {
     async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
-        let payload: CreateConversationJob = serde_json::from_value(job.data.clone())
+        let payload = ConversationJob::from_job(job, &self.modes)
             .map_err(|e| ProcessError::unrecoverable(format!("invalid job payload: {e}")))?;
-        let invalid = |e: crate::domain::Invalid| {
-            ProcessError::unrecoverable(format!("invalid job payload: {e}"))
-        };
-        let user_id = UserId::parse("userId", &payload.user_id).map_err(invalid)?;
-        let title = Title::parse(payload.title.as_deref()).map_err(invalid)?;
-        let mode = PersonalityMode::parse(payload.personality_mode.as_deref(), &self.modes)
-            .map_err(invalid)?;
-        let conversation_id = payload
-            .conversation_id
-            .clone()
-            .unwrap_or_else(|| derived_conversation_id(job));
-        if uuid::Uuid::parse_str(&conversation_id).is_err() {
-            return Err(ProcessError::unrecoverable(
-                "invalid job payload: conversationId must be a UUID",
-            ));
-        }
+        let (conversation_id, user_id) = (&payload.conversation_id, &payload.user_id);
         // Where the insert commits in the queue's batch, an unknown user is found first (from
         // memory, for users seen before): its foreign-key failure would roll back the batch
         // shared with other jobs and have it applied again, one savepoint per effect. The
@@ -161,8 +143,8 @@ impl Processor for CreateConversation {
         let conversation = NewConversation {
             id: conversation_id.clone(),
             user_id: user_id.to_string(),
-            title: title.map(|t| t.as_str().to_owned()),
-            personality_mode: mode.as_str().to_owned(),
+            title: payload.title.as_ref().map(|t| t.as_str().to_owned()),
+            personality_mode: payload.mode.as_str().to_owned(),
         };
         let actor = payload.actor.clone().unwrap_or_else(|| "unknown".into());
         // No ':' in the id: BullMQ forbids it in custom ids (it separates key parts).

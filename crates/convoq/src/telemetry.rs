@@ -14,7 +14,7 @@ use prometheus::{
 };
 
 use crate::config::LogFormat;
-use crate::domain::{derived_conversation_id, CREATE_CONVERSATION};
+use crate::domain::{conversation_id_of, CREATE_CONVERSATION};
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -232,10 +232,7 @@ impl WorkerObserver for JobTelemetry {
                 if job.name == CREATE_CONVERSATION {
                     // After the commit that made the conversation (its own insert, or the
                     // completion's transaction where the queue is in the store's database).
-                    let conversation_id = match field(job, "conversationId") {
-                        "" => derived_conversation_id(job),
-                        id => id.to_owned(),
-                    };
+                    let conversation_id = conversation_id_of(job);
                     tracing::info!(request_id, job_id = %job.id, user_id = field(job, "userId"),
                         conversation_id, attempt = job.attempts_made, "conversation created");
                 }

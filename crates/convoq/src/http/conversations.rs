@@ -20,7 +20,7 @@ use super::extract::{json_object, optional_str, query_number, required_str};
 use super::stats::Admission;
 use super::{ok_json, ApiResult, AppState, Caller, RequestId};
 use crate::domain::{
-    CreateConversationJob, PersonalityMode, Title, UserId, CREATE_CONVERSATION, DATABASE_QUEUE,
+    ConversationJob, PersonalityMode, Title, UserId, CREATE_CONVERSATION, DATABASE_QUEUE,
 };
 
 /// How long an idempotency key is honoured, at least: 25 hours (the contract says 24).
@@ -71,12 +71,7 @@ impl CreateRequest {
 
     /// The `create_conversation` job for this request, its conversation id fixed now; with an
     /// idempotency key, under a custom id scoped to the caller and kept for the key's lifetime.
-    fn job(
-        &self,
-        key: Option<&str>,
-        caller: &Caller,
-        request_id: &str,
-    ) -> Result<NewJob, ApiError> {
+    fn job(&self, key: Option<&str>, caller: &Caller, request_id: &str) -> NewJob {
         let mut opts = JobOptions::default();
         if let Some(key) = key {
             let scoped = Sha256::digest(format!("{}\u{0}{key}", caller.name).as_bytes());
@@ -87,17 +82,16 @@ impl CreateRequest {
             });
             opts.remove_on_fail = opts.remove_on_complete;
         }
-        let payload = CreateConversationJob {
-            conversation_id: Some(uuid::Uuid::now_v7().to_string()),
-            user_id: self.user_id.to_string(),
-            title: self.title.as_ref().map(|t| t.as_str().to_owned()),
-            personality_mode: Some(self.mode.as_str().to_owned()),
+        let job = ConversationJob {
+            conversation_id: uuid::Uuid::now_v7().to_string(),
+            user_id: self.user_id.clone(),
+            title: self.title.clone(),
+            mode: self.mode.clone(),
             request_id: Some(request_id.to_owned()),
             actor: Some(caller.name.clone()),
             body_hash: key.map(|_| self.body_hash()),
         };
-        let data = serde_json::to_value(&payload).map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(NewJob::new(DATABASE_QUEUE, CREATE_CONVERSATION, data).with_opts(opts))
+        NewJob::new(DATABASE_QUEUE, CREATE_CONVERSATION, job.to_data()).with_opts(opts)
     }
 }
 
@@ -189,10 +183,10 @@ pub async fn create(
 
     let added = state
         .queues
-        .add(request.job(key, &caller, &request_id)?)
+        .add(request.job(key, &caller, &request_id))
         .await?;
     admission.added(added.created);
-    let stored: CreateConversationJob = serde_json::from_value(added.job.data.clone())
+    let stored = ConversationJob::from_job(&added.job, &state.config.personality_modes)
         .map_err(|e| ApiError::Internal(format!("stored job payload unreadable: {e}")))?;
     if !added.created && stored.body_hash.as_deref() != Some(request.body_hash().as_str()) {
         return Err(ApiError::Unprocessable(
@@ -201,7 +195,7 @@ pub async fn create(
         ));
     }
     let job_id = added.job.id.clone();
-    let conversation_id = stored.conversation_id.clone().unwrap_or_default();
+    let conversation_id = stored.conversation_id.clone();
     if added.created {
         state
             .metrics
