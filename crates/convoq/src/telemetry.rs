@@ -75,7 +75,7 @@ impl Metrics {
         };
         let jobs_queued = counter(
             "convoq_jobs_queued_total",
-            "Jobs enqueued.",
+            "Jobs this process added: accepted POSTs, and follow-ups its workers' completions added.",
             &["queue", "name"],
         );
         let jobs_completed = counter(
@@ -194,6 +194,13 @@ fn field<'a>(job: &'a Job, name: &str) -> &'a str {
 }
 
 impl WorkerObserver for JobTelemetry {
+    fn follow_up_added(&self, queue: &str, name: &str) {
+        self.metrics
+            .jobs_queued
+            .with_label_values(&[queue, name])
+            .inc();
+    }
+
     fn started(&self, job: &Job) {
         let labels = [job.queue.as_str(), job.name.as_str()];
         if let Some(started) = job.processed_at {

@@ -38,10 +38,12 @@ pub async fn pool_runs_jobs_and_follow_ups(factory: &dyn EngineFactory) {
         runs: AtomicUsize::new(0),
         follow_up: true,
     });
+    let observed = Arc::new(CountFollowUps::default());
     let pool = queues
         .workers()
         .processor("work", echo.clone())
         .queue(Q, fast_opts(8))
+        .observer(observed.clone())
         .start();
     let added = queues.add_bulk((0..200).map(job).collect()).await.unwrap();
     for a in &added {
@@ -64,6 +66,33 @@ pub async fn pool_runs_jobs_and_follow_ups(factory: &dyn EngineFactory) {
     assert_eq!(echo.runs.load(Ordering::SeqCst), 200);
     assert_eq!(queues.counts("follow").await.unwrap().waiting, 200);
     pool.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        (
+            observed.completed.load(Ordering::SeqCst),
+            observed.follow_ups.load(Ordering::SeqCst)
+        ),
+        (200, 200),
+        "the observer hears of every completion and of every follow-up it added"
+    );
+}
+
+/// Counts what a pool reports: completions, and the follow-ups they added.
+#[derive(Default)]
+struct CountFollowUps {
+    completed: AtomicUsize,
+    follow_ups: AtomicUsize,
+}
+
+impl crate::WorkerObserver for CountFollowUps {
+    fn finished(&self, _job: &crate::Job, end: crate::AttemptEnd, _: Duration, _: Option<&str>) {
+        if end == crate::AttemptEnd::Completed {
+            self.completed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn follow_up_added(&self, queue: &str, name: &str) {
+        assert_eq!((queue, name), ("follow", "audit"));
+        self.follow_ups.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 struct Troublesome;

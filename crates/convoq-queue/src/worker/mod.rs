@@ -55,6 +55,10 @@ pub trait WorkerObserver: Send + Sync + 'static {
     fn started(&self, _job: &Job) {}
     /// An attempt ended after `elapsed`. `error` is the failure, if any.
     fn finished(&self, _job: &Job, _end: AttemptEnd, _elapsed: Duration, _error: Option<&str>) {}
+    /// A completion that committed added the follow-up job `name` to `queue` (called after
+    /// [`WorkerObserver::finished`], once per follow-up), so that counts of jobs added can
+    /// include the jobs workers add, not only those callers add.
+    fn follow_up_added(&self, _queue: &str, _name: &str) {}
 }
 
 struct NoObserver;

@@ -214,6 +214,16 @@ impl QueueLoop {
             Outcome::Completed(_) => (AttemptEnd::Completed, None),
             Outcome::Failed(e) => failure_end(e),
         };
+        // What the completion adds, to report once it has committed (empty, unallocated, for
+        // most completions).
+        let follow_ups: Vec<(String, String)> = match &outcome {
+            Outcome::Completed(c) => c
+                .follow_ups
+                .iter()
+                .map(|j| (j.queue.clone(), j.name.clone()))
+                .collect(),
+            Outcome::Failed(_) => Vec::new(),
+        };
         let mut next = None;
         match self
             .finish_with_retries(&claimed, outcome, fetch_next)
@@ -234,6 +244,11 @@ impl QueueLoop {
             }
         }
         self.observer.finished(job, end, elapsed, error.as_deref());
+        if end == AttemptEnd::Completed {
+            for (queue, name) in &follow_ups {
+                self.observer.follow_up_added(queue, name);
+            }
+        }
         (next, kept)
     }
 
