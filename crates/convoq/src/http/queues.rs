@@ -137,14 +137,7 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let q = known(&name)?;
-    state.queues.pause(q).await?;
-    tracing::warn!(queue = q, actor = %caller.name, "queue paused");
-    Ok(ok_json(
-        StatusCode::OK,
-        json!({ "ok": true, "queue": q, "paused": true }),
-    ))
+    set_paused(&state, &caller, &name, true).await
 }
 
 /// `POST /api/queues/{name}/resume`.
@@ -153,12 +146,22 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult {
+    set_paused(&state, &caller, &name, false).await
+}
+
+/// Pauses or resumes a queue for an admin, and logs who did.
+async fn set_paused(state: &AppState, caller: &Caller, name: &str, paused: bool) -> ApiResult {
     caller.require_admin()?;
-    let q = known(&name)?;
-    state.queues.resume(q).await?;
-    tracing::info!(queue = q, actor = %caller.name, "queue resumed");
+    let q = known(name)?;
+    if paused {
+        state.queues.pause(q).await?;
+        tracing::warn!(queue = q, actor = %caller.name, "queue paused");
+    } else {
+        state.queues.resume(q).await?;
+        tracing::info!(queue = q, actor = %caller.name, "queue resumed");
+    }
     Ok(ok_json(
         StatusCode::OK,
-        json!({ "ok": true, "queue": q, "paused": false }),
+        json!({ "ok": true, "queue": q, "paused": paused }),
     ))
 }

@@ -2,9 +2,10 @@
 //! URL's scheme as the queue engine chooses its dialect. Every query is timed into
 //! `convoq_db_query_duration_seconds{operation}`.
 //!
-//! Layout: this file holds the types, the errors and [`Store`], which times each operation and
-//! hands it to its dialect: `sqlite.rs` (on `rusqlite`, a small pool of connections lent to
-//! closures on blocking threads) and `postgres.rs` (on `sqlx`), each with its own embedded,
+//! Layout: this file holds the types, the errors, the `Backend` trait each database implements,
+//! and [`Store`], which times each operation and hands it to its backend: `sqlite.rs` (on
+//! `rusqlite`, a small pool of connections lent to closures on blocking threads) and
+//! `postgres.rs` (on `sqlx`), each with its own embedded,
 //! numbered migrations (`migrations/sqlite/NNNN_*.sql`, `migrations/postgres/NNNN_*.sql`, in
 //! step).
 //!
@@ -18,11 +19,11 @@ mod sqlite;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use convoq_queue::sql::{Durability, ReadPool, SqlConn};
+use convoq_queue::sql::{Durability, SqlConn};
 use rusqlite::ffi;
 use serde::Serialize;
-use sqlx::PgPool;
 
 use crate::telemetry::Metrics;
 
@@ -180,17 +181,48 @@ impl Default for StoreOptions {
     }
 }
 
-/// The database behind the store.
-#[derive(Clone)]
-enum Db {
-    Sqlite(Arc<ReadPool>),
-    Postgres(PgPool),
+/// What each database the store runs on provides: `sqlite.rs` and `postgres.rs` implement it,
+/// and [`Store`] times each call. The inserts inside the queue engine's transaction are apart
+/// (`Store::insert_conversations_in`): they run on the engine's connection, not the store's.
+#[async_trait]
+trait Backend: Send + Sync {
+    fn dialect(&self) -> &'static str;
+    async fn migrate(&self) -> Result<(), StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+    async fn upsert_user(
+        &self,
+        id: &str,
+        discord_id: &str,
+        username: &str,
+        global_name: Option<&str>,
+    ) -> Result<(User, bool), StoreError>;
+    async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError>;
+    async fn get_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
+    async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Vec<Conversation>, StoreError>;
+    async fn audit_events_for(
+        &self,
+        subject_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError>;
+    async fn insert_conversations(
+        &self,
+        rows: &[(&NewConversation, DateTime<Utc>)],
+    ) -> Result<(), StoreError>;
+    async fn insert_audits(
+        &self,
+        rows: &[(&NewAuditEvent, DateTime<Utc>)],
+    ) -> Result<(), StoreError>;
+    async fn close(&self);
 }
 
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Db,
+    db: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
     known_users: Arc<KnownUsers>,
 }
@@ -231,10 +263,10 @@ impl Store {
         options: &StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        let db = if url.starts_with("sqlite:") {
-            Db::Sqlite(sqlite::open(url, options)?)
+        let db: Arc<dyn Backend> = if url.starts_with("sqlite:") {
+            Arc::new(sqlite::open(url, options)?)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Db::Postgres(postgres::open(url, options)?)
+            Arc::new(postgres::open(url, options)?)
         } else {
             return Err(StoreError::Unavailable(format!(
                 "the store takes sqlite:// or postgres:// URLs, not {:?}",
@@ -248,20 +280,14 @@ impl Store {
         };
         {
             let _t = store.metrics.db_timer("migrate");
-            match &store.db {
-                Db::Sqlite(p) => sqlite::migrate(p).await?,
-                Db::Postgres(p) => postgres::migrate(p).await?,
-            }
+            store.db.migrate().await?;
         }
         Ok(store)
     }
 
     /// Which database the store runs on: `sqlite` or `postgres`.
     pub fn dialect(&self) -> &'static str {
-        match self.db {
-            Db::Sqlite(_) => "sqlite",
-            Db::Postgres(_) => "postgres",
-        }
+        self.db.dialect()
     }
 
     /// Checks the database answers.
@@ -270,10 +296,7 @@ impl Store {
     /// When it does not.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("ping");
-        match &self.db {
-            Db::Sqlite(p) => sqlite::ping(p).await,
-            Db::Postgres(p) => postgres::ping(p).await,
-        }
+        self.db.ping().await
     }
 
     /// Creates or updates a user. Returns the user and whether it was created.
@@ -288,12 +311,10 @@ impl Store {
         global_name: Option<&str>,
     ) -> Result<(User, bool), StoreError> {
         let _t = self.metrics.db_timer("upsert_user");
-        let r = match &self.db {
-            Db::Sqlite(p) => sqlite::upsert_user(p, id, discord_id, username, global_name).await,
-            Db::Postgres(p) => {
-                postgres::upsert_user(p, id, discord_id, username, global_name).await
-            }
-        };
+        let r = self
+            .db
+            .upsert_user(id, discord_id, username, global_name)
+            .await;
         r.map_err(|e| match e {
             StoreError::Conflict(_) => {
                 StoreError::Conflict("another user has this discordId".into())
@@ -308,10 +329,7 @@ impl Store {
     /// When the store cannot be read.
     pub async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
         let _t = self.metrics.db_timer("get_user");
-        match &self.db {
-            Db::Sqlite(p) => sqlite::get_user(p, id).await,
-            Db::Postgres(p) => postgres::get_user(p, id).await,
-        }
+        self.db.get_user(id).await
     }
 
     /// Whether a user exists, from this process's memory of users it has seen, or else from
@@ -338,10 +356,7 @@ impl Store {
     /// When the store cannot be read.
     pub async fn get_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         let _t = self.metrics.db_timer("get_conversation");
-        match &self.db {
-            Db::Sqlite(p) => sqlite::get_conversation(p, id).await,
-            Db::Postgres(p) => postgres::get_conversation(p, id).await,
-        }
+        self.db.get_conversation(id).await
     }
 
     /// A user's conversations, newest first, after `cursor` (the last id of the previous page:
@@ -356,10 +371,7 @@ impl Store {
         cursor: Option<&str>,
     ) -> Result<Vec<Conversation>, StoreError> {
         let _t = self.metrics.db_timer("list_conversations");
-        match &self.db {
-            Db::Sqlite(p) => sqlite::list_conversations(p, user_id, limit, cursor).await,
-            Db::Postgres(p) => postgres::list_conversations(p, user_id, limit, cursor).await,
-        }
+        self.db.list_conversations(user_id, limit, cursor).await
     }
 
     /// Inserts a conversation on its own (when the queue does not share this database).
@@ -372,20 +384,10 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_conversation");
-        let r = match &self.db {
-            Db::Sqlite(p) => {
-                let row = c.clone();
-                p.run(move |conn| sqlite::insert_conversations(conn, &[(&row, now)]))
-                    .await
-                    .map_err(map_sqlite_err)
-            }
-            Db::Postgres(p) => match p.acquire().await {
-                Ok(mut conn) => postgres::insert_conversations(&mut conn, &[(c, now)]).await,
-                Err(e) => Err(e),
-            }
-            .map_err(map_err),
-        };
-        r.map_err(|e| conversation_err(e, c))
+        self.db
+            .insert_conversations(&[(c, now)])
+            .await
+            .map_err(|e| conversation_err(e, c))
     }
 
     /// Inserts conversations on `conn` in one statement, inside the queue engine's open
@@ -425,19 +427,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_audit_event");
-        match &self.db {
-            Db::Sqlite(p) => {
-                let row = e.clone();
-                p.run(move |conn| sqlite::insert_audits(conn, &[(&row, now)]))
-                    .await
-                    .map_err(map_sqlite_err)
-            }
-            Db::Postgres(p) => match p.acquire().await {
-                Ok(mut conn) => postgres::insert_audits(&mut conn, &[(e, now)]).await,
-                Err(err) => Err(err),
-            }
-            .map_err(map_err),
-        }
+        self.db.insert_audits(&[(e, now)]).await
     }
 
     /// Records audit events on `conn` in one statement, inside the queue engine's open
@@ -466,10 +456,7 @@ impl Store {
         subject_id: &str,
     ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
         let _t = self.metrics.db_timer("list_audit_events");
-        match &self.db {
-            Db::Sqlite(p) => sqlite::audit_events_for(p, subject_id).await,
-            Db::Postgres(p) => postgres::audit_events_for(p, subject_id).await,
-        }
+        self.db.audit_events_for(subject_id).await
     }
 
     /// The metrics this store times its queries into.
@@ -479,10 +466,7 @@ impl Store {
 
     /// Closes the pool.
     pub async fn close(&self) {
-        match &self.db {
-            Db::Sqlite(p) => p.close(),
-            Db::Postgres(p) => p.close().await,
-        }
+        self.db.close().await
     }
 }
 

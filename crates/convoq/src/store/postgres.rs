@@ -13,9 +13,11 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 
+use async_trait::async_trait;
+
 use super::{
-    map_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError, StoreOptions,
-    User,
+    map_err, timestamp, Backend, Conversation, NewAuditEvent, NewConversation, StoreError,
+    StoreOptions, User,
 };
 
 /// The migrations, in order, numbered in step with SQLite's.
@@ -26,29 +28,168 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.
 const MIGRATION_LOCK: i64 = 0x6376_5f73_6368_656d;
 
 /// Opens the pool (lazily: connections open on first use and are re-opened after they break).
-pub(super) fn open(url: &str, options: &StoreOptions) -> Result<PgPool, StoreError> {
+pub(super) fn open(url: &str, options: &StoreOptions) -> Result<PgStore, StoreError> {
     let statement_timeout = options.statement_timeout.as_millis().max(1).to_string();
     let opts = PgConnectOptions::from_str(url)
         .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
         .application_name("convoq-store")
         .options([("statement_timeout", statement_timeout.as_str())])
         .log_statements(tracing::log::LevelFilter::Trace);
-    Ok(PgPoolOptions::new()
-        .max_connections(options.max_connections.max(1))
-        .min_connections(0)
-        .acquire_timeout(options.acquire_timeout)
-        .connect_lazy_with(opts))
+    Ok(PgStore(
+        PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .min_connections(0)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(opts),
+    ))
 }
 
-/// Applies the migrations the database lacks, under an advisory transaction lock so that
-/// processes starting together apply each step once.
-pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await.map_err(map_err)?;
-    let r = migrate_steps(&mut conn).await;
-    if r.is_err() {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+/// The store on Postgres: its pool.
+pub(super) struct PgStore(PgPool);
+
+#[async_trait]
+impl Backend for PgStore {
+    /// Applies the migrations the database lacks, under an advisory transaction lock so that
+    /// processes starting together apply each step once.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let pool = &self.0;
+        let mut conn = pool.acquire().await.map_err(map_err)?;
+        let r = migrate_steps(&mut conn).await;
+        if r.is_err() {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        }
+        r
     }
-    r
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pool = &self.0;
+        sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop)
+            .map_err(map_err)
+    }
+
+    async fn upsert_user(
+        &self,
+        id: &str,
+        discord_id: &str,
+        username: &str,
+        global_name: Option<&str>,
+    ) -> Result<(User, bool), StoreError> {
+        let pool = &self.0;
+        // `xmax = 0` holds for a row this statement inserted, not for one it updated.
+        let row = sqlx::query(
+            "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
+             discord_id = excluded.discord_id, username = excluded.username, \
+             global_name = excluded.global_name, updated_at = excluded.updated_at \
+             RETURNING id, discord_id, username, global_name, created_at, updated_at, (xmax = 0)",
+        )
+        .bind(id)
+        .bind(discord_id)
+        .bind(username)
+        .bind(global_name)
+        .bind(now_ms())
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)?;
+        let created: bool = row.try_get(6).map_err(map_err)?;
+        Ok((user_from_row(&row)?, created))
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let pool = &self.0;
+        let row = sqlx::query(
+            "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| user_from_row(&r)).transpose()
+    }
+
+    async fn get_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let pool = &self.0;
+        let row = sqlx::query(
+            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+             FROM conversations WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| conversation_from_row(&r)).transpose()
+    }
+
+    async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let pool = &self.0;
+        let rows = sqlx::query(
+            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+             FROM conversations WHERE user_id = $1 AND ($2::text IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(cursor)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(conversation_from_row).collect()
+    }
+
+    async fn audit_events_for(
+        &self,
+        subject_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let pool = &self.0;
+        let rows = sqlx::query(
+            "SELECT event, actor, request_id FROM audit_log WHERE subject_id = $1 ORDER BY created_at",
+        )
+        .bind(subject_id)
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(map_err)?,
+                    r.try_get(1).map_err(map_err)?,
+                    r.try_get(2).map_err(map_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn dialect(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn insert_conversations(
+        &self,
+        rows: &[(&NewConversation, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.0.acquire().await.map_err(map_err)?;
+        insert_conversations(&mut conn, rows).await.map_err(map_err)
+    }
+
+    async fn insert_audits(
+        &self,
+        rows: &[(&NewAuditEvent, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.0.acquire().await.map_err(map_err)?;
+        insert_audits(&mut conn, rows).await.map_err(map_err)
+    }
+
+    async fn close(&self) {
+        self.0.close().await;
+    }
 }
 
 async fn migrate_steps(conn: &mut PgConnection) -> Result<(), StoreError> {
@@ -89,109 +230,6 @@ async fn migrate_steps(conn: &mut PgConnection) -> Result<(), StoreError> {
     }
     run("COMMIT").execute(&mut *conn).await.map_err(map_err)?;
     Ok(())
-}
-
-pub(super) async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1")
-        .execute(pool)
-        .await
-        .map(drop)
-        .map_err(map_err)
-}
-
-pub(super) async fn upsert_user(
-    pool: &PgPool,
-    id: &str,
-    discord_id: &str,
-    username: &str,
-    global_name: Option<&str>,
-) -> Result<(User, bool), StoreError> {
-    // `xmax = 0` holds for a row this statement inserted, not for one it updated.
-    let row = sqlx::query(
-        "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
-         discord_id = excluded.discord_id, username = excluded.username, \
-         global_name = excluded.global_name, updated_at = excluded.updated_at \
-         RETURNING id, discord_id, username, global_name, created_at, updated_at, (xmax = 0)",
-    )
-    .bind(id)
-    .bind(discord_id)
-    .bind(username)
-    .bind(global_name)
-    .bind(now_ms())
-    .fetch_one(pool)
-    .await
-    .map_err(map_err)?;
-    let created: bool = row.try_get(6).map_err(map_err)?;
-    Ok((user_from_row(&row)?, created))
-}
-
-pub(super) async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)?;
-    row.map(|r| user_from_row(&r)).transpose()
-}
-
-pub(super) async fn get_conversation(
-    pool: &PgPool,
-    id: &str,
-) -> Result<Option<Conversation>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-         FROM conversations WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)?;
-    row.map(|r| conversation_from_row(&r)).transpose()
-}
-
-pub(super) async fn list_conversations(
-    pool: &PgPool,
-    user_id: &str,
-    limit: u32,
-    cursor: Option<&str>,
-) -> Result<Vec<Conversation>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-         FROM conversations WHERE user_id = $1 AND ($2::text IS NULL OR id < $2) \
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(user_id)
-    .bind(cursor)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await
-    .map_err(map_err)?;
-    rows.iter().map(conversation_from_row).collect()
-}
-
-pub(super) async fn audit_events_for(
-    pool: &PgPool,
-    subject_id: &str,
-) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT event, actor, request_id FROM audit_log WHERE subject_id = $1 ORDER BY created_at",
-    )
-    .bind(subject_id)
-    .fetch_all(pool)
-    .await
-    .map_err(map_err)?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get(0).map_err(map_err)?,
-                r.try_get(1).map_err(map_err)?,
-                r.try_get(2).map_err(map_err)?,
-            ))
-        })
-        .collect()
 }
 
 /// Inserts conversations on `conn` in one statement, the rows passed as arrays. Idempotent per

@@ -17,8 +17,10 @@ use chrono::{DateTime, Utc};
 use convoq_queue::sql::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use async_trait::async_trait;
+
 use super::{
-    map_sqlite_err, timestamp, Conversation, NewAuditEvent, NewConversation, StoreError,
+    map_sqlite_err, timestamp, Backend, Conversation, NewAuditEvent, NewConversation, StoreError,
     StoreOptions, User,
 };
 
@@ -36,36 +38,196 @@ const POOL_SIZE: u32 = 4;
 const CACHE_KIB: i64 = 2_000;
 
 /// Opens the pool (lazily: the first call opens the file, creating it if needed).
-pub(super) fn open(url: &str, options: &StoreOptions) -> Result<Arc<ReadPool>, StoreError> {
+pub(super) fn open(url: &str, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
     let file = SqliteFile::from_url(url)
         .map_err(|e| StoreError::Unavailable(format!("bad store URL: {e}")))?
         .durability(options.durability)
         .busy_timeout(BUSY_TIMEOUT)
         .cache_kib(CACHE_KIB);
-    Ok(ReadPool::new(file, POOL_SIZE, options.acquire_timeout))
+    Ok(SqliteStore(ReadPool::new(
+        file,
+        POOL_SIZE,
+        options.acquire_timeout,
+    )))
 }
 
-/// Applies the migrations the database lacks, in one immediate transaction, on a connection of
-/// the pool (which keeps it, and with it an in-memory database, open).
-///
-/// Processes that open a new file together race to switch it to WAL mode, and SQLite answers
-/// the loser "database is locked" at once rather than through the busy timeout (two readers
-/// that both want to write would otherwise wait for each other): so a busy answer is retried,
-/// for up to the busy timeout: inside the blocking call when the migration gets it, around the
-/// call when opening the pool's connection does.
-pub(super) async fn migrate(pool: &ReadPool) -> Result<(), StoreError> {
-    let within = pool.file().busy_timeout_value();
-    let deadline = Instant::now() + within;
-    loop {
-        let r = pool
-            .run(move |c| retry_while_busy(within, || migrate_once(c)))
-            .await;
-        match r {
-            Err(e) if sqlite_busy(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+/// The store on SQLite: the pool its operations run on.
+pub(super) struct SqliteStore(Arc<ReadPool>);
+
+#[async_trait]
+impl Backend for SqliteStore {
+    /// Applies the migrations the database lacks, in one immediate transaction, on a connection of
+    /// the pool (which keeps it, and with it an in-memory database, open).
+    ///
+    /// Processes that open a new file together race to switch it to WAL mode, and SQLite answers
+    /// the loser "database is locked" at once rather than through the busy timeout (two readers
+    /// that both want to write would otherwise wait for each other): so a busy answer is retried,
+    /// for up to the busy timeout: inside the blocking call when the migration gets it, around the
+    /// call when opening the pool's connection does.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let pool = &self.0;
+        let within = pool.file().busy_timeout_value();
+        let deadline = Instant::now() + within;
+        loop {
+            let r = pool
+                .run(move |c| retry_while_busy(within, || migrate_once(c)))
+                .await;
+            match r {
+                Err(e) if sqlite_busy(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                r => return r.map_err(map_sqlite_err),
             }
-            r => return r.map_err(map_sqlite_err),
         }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pool = &self.0;
+        pool.run(|c| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
+            .await
+            .map_err(map_sqlite_err)
+    }
+
+    async fn upsert_user(
+        &self,
+        id: &str,
+        discord_id: &str,
+        username: &str,
+        global_name: Option<&str>,
+    ) -> Result<(User, bool), StoreError> {
+        let pool = &self.0;
+        let now = timestamp(Utc::now());
+        let (id, discord_id, username) =
+            (id.to_owned(), discord_id.to_owned(), username.to_owned());
+        let global_name = global_name.map(str::to_owned);
+        pool.run(move |c| {
+            // One immediate transaction: no other writer comes between the read that tells a new
+            // user (201) from an updated one (200) and the write.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let existed = select_user(&tx, &id)?.is_some();
+            let user = tx
+                .prepare_cached(
+                    "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
+                     discord_id = excluded.discord_id, username = excluded.username, \
+                     global_name = excluded.global_name, updated_at = excluded.updated_at \
+                     RETURNING id, discord_id, username, global_name, created_at, updated_at",
+                )?
+                .query_row(
+                    params![id, discord_id, username, global_name, now],
+                    user_from_row,
+                )?;
+            tx.commit()?;
+            Ok((user, !existed))
+        })
+        .await
+        .map_err(map_sqlite_err)
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let pool = &self.0;
+        let id = id.to_owned();
+        pool.run(move |c| select_user(c, &id))
+            .await
+            .map_err(map_sqlite_err)
+    }
+
+    async fn get_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let pool = &self.0;
+        let id = id.to_owned();
+        pool.run(move |c| {
+            c.prepare_cached(
+                "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+                 FROM conversations WHERE id = ?1",
+            )?
+            .query_row(params![id], conversation_from_row)
+            .optional()
+        })
+        .await
+        .map_err(map_sqlite_err)
+    }
+
+    async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let pool = &self.0;
+        let user_id = user_id.to_owned();
+        let cursor = cursor.map(str::to_owned);
+        pool.run(move |c| {
+            c.prepare_cached(
+                "SELECT id, user_id, title, personality_mode, created_at, updated_at \
+                 FROM conversations WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2) \
+                 ORDER BY id DESC LIMIT ?3",
+            )?
+            .query_map(
+                params![user_id, cursor, i64::from(limit)],
+                conversation_from_row,
+            )?
+            .collect()
+        })
+        .await
+        .map_err(map_sqlite_err)
+    }
+
+    async fn audit_events_for(
+        &self,
+        subject_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let pool = &self.0;
+        let subject_id = subject_id.to_owned();
+        pool.run(move |c| {
+            c.prepare_cached(
+                "SELECT event, actor, request_id FROM audit_log WHERE subject_id = ?1 \
+                 ORDER BY created_at",
+            )?
+            .query_map(params![subject_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect()
+        })
+        .await
+        .map_err(map_sqlite_err)
+    }
+
+    fn dialect(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn insert_conversations(
+        &self,
+        rows: &[(&NewConversation, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let rows: Vec<(NewConversation, DateTime<Utc>)> =
+            rows.iter().map(|(r, at)| ((*r).clone(), *at)).collect();
+        self.0
+            .run(move |conn| {
+                let rows: Vec<_> = rows.iter().map(|(r, at)| (r, *at)).collect();
+                insert_conversations(conn, &rows)
+            })
+            .await
+            .map_err(map_sqlite_err)
+    }
+
+    async fn insert_audits(
+        &self,
+        rows: &[(&NewAuditEvent, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        let rows: Vec<(NewAuditEvent, DateTime<Utc>)> =
+            rows.iter().map(|(r, at)| ((*r).clone(), *at)).collect();
+        self.0
+            .run(move |conn| {
+                let rows: Vec<_> = rows.iter().map(|(r, at)| (r, *at)).collect();
+                insert_audits(conn, &rows)
+            })
+            .await
+            .map_err(map_sqlite_err)
+    }
+
+    async fn close(&self) {
+        self.0.close();
     }
 }
 
@@ -96,119 +258,12 @@ fn migrate_steps(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.execute_batch("COMMIT")
 }
 
-pub(super) async fn ping(pool: &ReadPool) -> Result<(), StoreError> {
-    pool.run(|c| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
-        .await
-        .map_err(map_sqlite_err)
-}
-
-pub(super) async fn upsert_user(
-    pool: &ReadPool,
-    id: &str,
-    discord_id: &str,
-    username: &str,
-    global_name: Option<&str>,
-) -> Result<(User, bool), StoreError> {
-    let now = timestamp(Utc::now());
-    let (id, discord_id, username) = (id.to_owned(), discord_id.to_owned(), username.to_owned());
-    let global_name = global_name.map(str::to_owned);
-    pool.run(move |c| {
-        // One immediate transaction: no other writer comes between the read that tells a new
-        // user (201) from an updated one (200) and the write.
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let existed = select_user(&tx, &id)?.is_some();
-        let user = tx
-            .prepare_cached(
-                "INSERT INTO users (id, discord_id, username, global_name, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO UPDATE SET \
-                 discord_id = excluded.discord_id, username = excluded.username, \
-                 global_name = excluded.global_name, updated_at = excluded.updated_at \
-                 RETURNING id, discord_id, username, global_name, created_at, updated_at",
-            )?
-            .query_row(
-                params![id, discord_id, username, global_name, now],
-                user_from_row,
-            )?;
-        tx.commit()?;
-        Ok((user, !existed))
-    })
-    .await
-    .map_err(map_sqlite_err)
-}
-
-pub(super) async fn get_user(pool: &ReadPool, id: &str) -> Result<Option<User>, StoreError> {
-    let id = id.to_owned();
-    pool.run(move |c| select_user(c, &id))
-        .await
-        .map_err(map_sqlite_err)
-}
-
 fn select_user(c: &Connection, id: &str) -> rusqlite::Result<Option<User>> {
     c.prepare_cached(
         "SELECT id, discord_id, username, global_name, created_at, updated_at FROM users WHERE id = ?1",
     )?
     .query_row(params![id], user_from_row)
     .optional()
-}
-
-pub(super) async fn get_conversation(
-    pool: &ReadPool,
-    id: &str,
-) -> Result<Option<Conversation>, StoreError> {
-    let id = id.to_owned();
-    pool.run(move |c| {
-        c.prepare_cached(
-            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-             FROM conversations WHERE id = ?1",
-        )?
-        .query_row(params![id], conversation_from_row)
-        .optional()
-    })
-    .await
-    .map_err(map_sqlite_err)
-}
-
-pub(super) async fn list_conversations(
-    pool: &ReadPool,
-    user_id: &str,
-    limit: u32,
-    cursor: Option<&str>,
-) -> Result<Vec<Conversation>, StoreError> {
-    let user_id = user_id.to_owned();
-    let cursor = cursor.map(str::to_owned);
-    pool.run(move |c| {
-        c.prepare_cached(
-            "SELECT id, user_id, title, personality_mode, created_at, updated_at \
-             FROM conversations WHERE user_id = ?1 AND (?2 IS NULL OR id < ?2) \
-             ORDER BY id DESC LIMIT ?3",
-        )?
-        .query_map(
-            params![user_id, cursor, i64::from(limit)],
-            conversation_from_row,
-        )?
-        .collect()
-    })
-    .await
-    .map_err(map_sqlite_err)
-}
-
-pub(super) async fn audit_events_for(
-    pool: &ReadPool,
-    subject_id: &str,
-) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
-    let subject_id = subject_id.to_owned();
-    pool.run(move |c| {
-        c.prepare_cached(
-            "SELECT event, actor, request_id FROM audit_log WHERE subject_id = ?1 \
-             ORDER BY created_at",
-        )?
-        .query_map(params![subject_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
-        .collect()
-    })
-    .await
-    .map_err(map_sqlite_err)
 }
 
 /// Inserts conversations on `conn` in one statement, the rows passed as one JSON parameter.
