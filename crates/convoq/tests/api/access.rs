@@ -1,0 +1,147 @@
+//! Authentication, roles and protected mode.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_is_required_with_the_right_key() {
+    let h = harness().await;
+    let body = json!({ "userId": "u1" });
+    let post = |auth: Option<&str>| {
+        let mut b = Request::builder()
+            .method("POST")
+            .uri("/api/chat/conversations")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(Body::from(body.to_string())).unwrap()
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong-key-wrong-key"),
+        Some("Bearer "),
+        Some("Bearer"),
+        Some("Basic MDEyMzQ1Njc4OWFiY2RlZg=="),
+        Some("0123456789abcdef"),
+        Some("Bearer 0123456789ABCDEF"),
+    ] {
+        h.send(post(auth))
+            .await
+            .assert_error(401, "unauthorized", None);
+    }
+    // The scheme is case-insensitive.
+    let r = h.send(post(Some("bearer 0123456789abcdef"))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    // Every API route needs a key, including unknown routes.
+    for uri in [
+        "/api/queues",
+        "/api/jobs/x",
+        "/api/users/u1/conversations",
+        "/api/nope",
+    ] {
+        h.get(uri, None)
+            .await
+            .assert_error(401, "unauthorized", None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_limit_service_keys() {
+    let h = harness().await;
+    for (method, uri) in [
+        ("GET", "/api/queues"),
+        ("GET", "/api/queues/database"),
+        ("GET", "/api/queues/database/jobs"),
+        ("POST", "/api/queues/database/pause"),
+        ("POST", "/api/queues/database/resume"),
+        ("POST", "/api/jobs/x/retry"),
+        ("DELETE", "/api/jobs/x"),
+    ] {
+        let r = h
+            .send(req(method, uri, Some(SERVICE)).body(Body::empty()).unwrap())
+            .await;
+        r.assert_error(403, "forbidden", None);
+        let r = h
+            .send(req(method, uri, Some(ADMIN)).body(Body::empty()).unwrap())
+            .await;
+        assert_ne!(r.status, StatusCode::FORBIDDEN, "{method} {uri}");
+    }
+    // The queue was not left paused by the admin calls above? It was resumed after.
+    let q = h.get("/api/queues/database", Some(ADMIN)).await.json();
+    assert_eq!(q["queue"]["paused"], json!(false));
+
+    // Jobs: a service key sees its own, not another key's; an admin sees all.
+    let v = h
+        .create(SERVICE, &json!({ "userId": "u1" }), &[])
+        .await
+        .json();
+    let id = v["jobId"].as_str().unwrap();
+    let uri = format!("/api/jobs/{id}");
+    assert_eq!(h.get(&uri, Some(SERVICE)).await.status, StatusCode::OK);
+    h.get(&uri, Some(SERVICE2))
+        .await
+        .assert_error(404, "not_found", None);
+    assert_eq!(h.get(&uri, Some(ADMIN)).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_mode_serves_only_loopback_clients() {
+    let h = harness_with(None, |_| {}).await;
+    // What `into_make_service_with_connect_info::<SocketAddr>()` puts in every request.
+    // (Not `MockConnectInfo`: the middleware reads the `ConnectInfo` extension directly, and
+    // `MockConnectInfo` is only seen by the `ConnectInfo` extractor.)
+    let with_peer = |addr: &str| {
+        let addr: SocketAddr = addr.parse().unwrap();
+        h.router.clone().layer(Extension(ConnectInfo(addr)))
+    };
+    let local = with_peer("127.0.0.1:40000");
+    let local6 = with_peer("[::1]:40000");
+    let remote = with_peer("203.0.113.5:40000");
+    let remote6 = with_peer("[2001:db8::1]:40000");
+
+    let body = json!({ "userId": "u1" });
+    for router in [&local, &local6] {
+        let r = send_to(
+            router,
+            json_req("POST", "/api/chat/conversations", None, &body),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        // Loopback callers act as an admin named `local`.
+        let r = send_to(router, get_req("/api/queues", None), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let id = r.json()["queues"][0]["name"].clone();
+        assert_eq!(id, json!("database"));
+    }
+    for (router, uri) in [
+        (&remote, "/api/queues"),
+        (&remote, "/api/jobs/x"),
+        (&remote6, "/api/queues"),
+        (&remote, "/metrics"),
+    ] {
+        let r = send_to(router, get_req(uri, None), None).await;
+        if uri == "/metrics" {
+            // /metrics is open unless a metrics key is configured.
+            assert_eq!(r.status, StatusCode::OK);
+        } else {
+            r.assert_error(403, "protected_mode", None);
+        }
+    }
+    let r = send_to(
+        &remote,
+        json_req("POST", "/api/chat/conversations", Some(ADMIN), &body),
+        None,
+    )
+    .await;
+    r.assert_error(403, "protected_mode", None);
+    // No peer address at all is not loopback.
+    h.send(json_req("POST", "/api/chat/conversations", None, &body))
+        .await
+        .assert_error(403, "protected_mode", None);
+    // Health stays open.
+    for uri in ["/healthz", "/readyz"] {
+        let r = send_to(&remote, get_req(uri, None), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.text);
+    }
+}

@@ -1,0 +1,152 @@
+//! Queues: stats, listings, pause, and backpressure.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_stats_and_listings() {
+    let h = harness().await;
+    h.put_user("u1", "1").await;
+    let v = h.create_waited("u1", None).await;
+    let job_id = v["jobId"].as_str().unwrap().to_owned();
+
+    let r = h.get("/api/queues", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let names: Vec<String> = r.json()["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["database", "audit", "chat"]);
+
+    let q = h
+        .queue_until("database", |q| q["counts"]["completed"] == json!(1))
+        .await;
+    assert_eq!(q["name"], json!("database"));
+    assert_eq!(q["paused"], json!(false));
+    for s in [
+        "waiting",
+        "active",
+        "delayed",
+        "completed",
+        "failed",
+        "paused",
+    ] {
+        assert!(q["counts"][s].is_u64(), "{s}: {q}");
+    }
+    assert_eq!(q["totals"]["completed"], json!(1));
+    assert!(q["throughputPerMinute"].is_number());
+    assert!(q["meanDurationMs"].is_number());
+    // The conversation's audit record commits with it (it is in the store, with the request
+    // id), so the audit queue has nothing to do.
+    let conversation_id = v["conversationId"].as_str().unwrap().to_owned();
+    let db = rusqlite::Connection::open(h.dir.path().join("t.db")).unwrap();
+    let (event, request_id): (String, Option<String>) = db
+        .query_row(
+            "SELECT event, request_id FROM audit_log WHERE subject_id = ?1",
+            [&conversation_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("one audit record for the conversation");
+    assert_eq!(event, "conversation.created");
+    assert_eq!(request_id.as_deref(), v["requestId"].as_str());
+    let r = h.get("/api/queues/audit", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json()["queue"]["totals"]["completed"],
+        json!(0),
+        "{}",
+        r.text
+    );
+
+    let r = h
+        .get("/api/queues/database/jobs?state=completed", Some(ADMIN))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let jobs = r.json()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], json!(job_id));
+    assert_eq!(jobs[0]["state"], json!("completed"));
+    let r = h.get("/api/queues/database/jobs", Some(ADMIN)).await;
+    assert_eq!(r.json()["jobs"], json!([]), "default state is waiting");
+
+    for (q, field) in [
+        ("state=bogus", "state"),
+        ("state=COMPLETED", "state"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("offset=-1", "offset"),
+    ] {
+        h.get(&format!("/api/queues/database/jobs?{q}"), Some(ADMIN))
+            .await
+            .assert_error(400, "invalid_field", Some(field));
+    }
+    h.get("/api/queues/nope", Some(ADMIN))
+        .await
+        .assert_error(404, "not_found", None);
+    h.get("/api/queues/nope/jobs", Some(ADMIN))
+        .await
+        .assert_error(404, "not_found", None);
+    h.post("/api/queues/nope/pause", Some(ADMIN))
+        .await
+        .assert_error(404, "not_found", None);
+    h.post("/api/queues/nope/resume", Some(ADMIN))
+        .await
+        .assert_error(404, "not_found", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_queue_accepts_but_holds_jobs_until_resumed() {
+    let h = harness().await;
+    h.put_user("u1", "1").await;
+    let r = h.post("/api/queues/database/pause", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({ "ok": true, "queue": "database", "paused": true })
+    );
+
+    let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.json()["jobId"].as_str().unwrap().to_owned();
+    // A long-poll of one second finds it still waiting.
+    let j = h
+        .get(&format!("/api/jobs/{id}?wait=1"), Some(SERVICE))
+        .await;
+    let state = j.json()["job"]["state"].clone();
+    assert!(
+        state == json!("waiting") || state == json!("paused"),
+        "{state}"
+    );
+    let q = h
+        .queue_until("database", |q| q["counts"]["paused"] == json!(1))
+        .await;
+    assert_eq!(q["paused"], json!(true));
+    assert_eq!(q["counts"]["waiting"], json!(0));
+    assert_eq!(q["counts"]["completed"], json!(0));
+
+    let r = h.post("/api/queues/database/resume", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["paused"], json!(false));
+    let job = h.wait_job(&id).await;
+    assert_eq!(job["state"], json!("completed"), "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_over_the_limit_is_429_with_retry_after() {
+    let h = harness_with(Some(KEYS), |s| s.max_backlog = Some("1".into())).await;
+    h.post("/api/queues/database/pause", Some(ADMIN)).await;
+    let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    // Wait until the (cached) counts see the held job.
+    h.queue_until("database", |q| q["counts"]["paused"] == json!(1))
+        .await;
+    let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+    r.assert_error(429, "backlog_full", None);
+    let secs: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&secs), "{secs}");
+}
