@@ -7,10 +7,15 @@
 //! - `writer/`: the group-commit writer. Every write (add, claim, finish, extend, release,
 //!   reap, prune, operator actions) is an `Op` sent to one task that drains whatever is queued
 //!   and applies it in one transaction, so 32 concurrent adds cost one commit.
-//! - `dialect.rs`: what a dialect provides: the statements behind each write operation and the
-//!   reads.
+//! - `operation.rs`, `operations.rs`: the plain write operations (lease renewal, release,
+//!   reaping, pruning, pausing, operators' retries and removals), each a `Statement` with its
+//!   typed answer and its statement per dialect; the writer holds them behind one `Op::Run`.
+//! - `dialect.rs`: what a dialect provides: the statements behind the hot path's grouped
+//!   writes (adds, claims, completions), `run` for a plain operation, and the reads.
 //! - `rules.rs`: the job rules written once for both dialects (row mapping, retention columns,
-//!   what a failed attempt does); the dialects run the statements they decide.
+//!   what a failed attempt or a stall does, a prune's order, listings and counts); the dialects
+//!   run the statements they decide. `answers.rs`: what those statements returned becomes each
+//!   operation's answer and the batch's notes, once for both dialects.
 //! - `sqlite/`: the SQLite dialect: schema and statements.
 //! - `postgres/`: the Postgres dialect: the same schema and statements in Postgres's SQL,
 //!   `SKIP LOCKED` claims, several writer connections, and `LISTEN/NOTIFY` wake-ups.
