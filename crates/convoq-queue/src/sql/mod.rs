@@ -239,7 +239,7 @@ impl SqlEngine {
                 shared.clone(),
                 config.max_batch,
             )?;
-            let mut background = Vec::new();
+            let mut background = vec![opened.notifications.spawn()];
             if let Some((listener, pool)) = opened.listener {
                 background.push(postgres::spawn_listener(
                     listener,

@@ -21,6 +21,7 @@
 //! [`READ_WHILE_DOWN`] instead of waiting for the pool to connect ([`Reachability`]).
 
 mod listen;
+mod notify;
 mod read;
 mod schema;
 pub(super) mod upkeep;
@@ -41,6 +42,8 @@ pub(crate) use listen::spawn_listener;
 /// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
 /// answer (lease lost, wrong state) and the batch goes on.
 pub(crate) type SqlResult<T> = std::result::Result<T, sqlx::Error>;
+use notify::{Notifications, Notifier};
+
 use super::dialect::{transport_error, Dialect, Failure, Reads, Schedule};
 use super::operation::Operation;
 use super::writer::Batch;
@@ -89,6 +92,8 @@ impl Reachability {
 pub(crate) struct Postgres {
     pub(crate) clock: Arc<DbClock>,
     pub(crate) reach: Arc<Reachability>,
+    /// Sends the wake-ups of committed batches (see `notify.rs`).
+    pub(crate) notifier: Arc<Notifier>,
     /// How long a batch may take before its connection counts as lost.
     pub(crate) batch_timeout: Duration,
 }
@@ -186,6 +191,8 @@ pub(crate) struct Opened {
     pub(crate) reads: PgReads,
     /// The listener, and the one-connection pool it reconnects from.
     pub(crate) listener: Option<(PgListener, PgPool)>,
+    /// The task that sends the writers' wake-ups, to be started with the writers.
+    pub(crate) notifications: Notifications,
     pub(crate) dialect: Postgres,
 }
 
@@ -242,7 +249,12 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
         None
     };
     let reach = Arc::new(Reachability::default());
+    let notifier = Arc::new(Notifier::default());
     Ok(Opened {
+        notifications: Notifications {
+            notifier: notifier.clone(),
+            pool: pool.clone(),
+        },
         writers,
         reads: PgReads {
             pool,
@@ -253,6 +265,7 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
         dialect: Postgres {
             clock,
             reach,
+            notifier,
             // Every statement of a batch is bounded by the statement timeout on the server;
             // a batch still running long after that has lost its server.
             batch_timeout: config.statement_timeout * 2 + Duration::from_secs(5),
@@ -362,7 +375,9 @@ impl Dialect for Postgres {
         w.conn().map(drop)
     }
     async fn commit(&self, w: &mut PgWriter, batch: &Batch) -> SqlResult<()> {
-        schema::commit(w.conn()?, batch).await
+        schema::commit(w.conn()?, batch).await?;
+        self.notifier.announce(&batch.woken);
+        Ok(())
     }
     async fn rollback(&self, w: &mut PgWriter) -> SqlResult<()> {
         let r = schema::rollback(w.conn()?).await;

@@ -162,11 +162,11 @@ async fn migrate_steps(conn: &mut PgConnection) -> SqlResult<Result<()>> {
     Ok(Ok(()))
 }
 
-/// Adds the batch's lifetime totals, announces the queues it woke, and commits.
+/// Adds the batch's lifetime totals and commits (the queues it woke are announced after the
+/// commit: see `notify.rs`).
 ///
 /// Totals are added in queue-name order so that two writers never lock `cq_queues` rows in
-/// opposite orders. The notifications are sent inside the transaction: Postgres delivers them
-/// at commit, and only if it commits.
+/// opposite orders.
 pub(crate) async fn commit(conn: &mut PgConnection, batch: &Batch) -> SqlResult<()> {
     let mut totals: Vec<_> = batch.totals.iter().collect();
     totals.sort_by(|a, b| a.0.cmp(b.0));
@@ -186,15 +186,6 @@ pub(crate) async fn commit(conn: &mut PgConnection, batch: &Batch) -> SqlResult<
         .bind(&failed)
         .execute(&mut *conn)
         .await?;
-    }
-    if !batch.woken.is_empty() {
-        let mut woken: Vec<&str> = batch.woken.iter().map(String::as_str).collect();
-        woken.sort_unstable();
-        sqlx::query("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q")
-            .bind(CHANNEL)
-            .bind(&woken)
-            .execute(&mut *conn)
-            .await?;
     }
     sqlx::query("COMMIT").execute(conn).await.map(drop)
 }
