@@ -167,10 +167,11 @@ async fn lease_renewal_skips_rows_other_transactions_hold() {
     engine.close().await;
 }
 
-/// Schema step 4 (the `seq` index dropped, `(queue, id)` the primary key) upgrades a database
-/// that holds jobs in every state, and the engine goes on with them.
+/// Schema steps 4 (the `seq` index dropped, `(queue, id)` the primary key) and 5 (lifetime
+/// totals spread over shards) upgrade a database that holds jobs in every state and totals, and
+/// the engine goes on with them.
 #[tokio::test]
-async fn step_4_upgrades_a_database_holding_jobs() {
+async fn steps_4_and_5_upgrade_a_database_holding_jobs() {
     let Some((_dbs, url)) = database().await else {
         return;
     };
@@ -189,9 +190,13 @@ async fn step_4_upgrades_a_database_holding_jobs() {
     // Back to version 3's shape, as a database written by an older build is.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     for step in [
+        "INSERT INTO cq_queues (name, completed_total) \
+         SELECT name, SUM(completed_total) FROM cq_queue_totals GROUP BY name \
+         ON CONFLICT (name) DO UPDATE SET completed_total = excluded.completed_total",
+        "DROP TABLE cq_queue_totals",
         "ALTER TABLE cq_jobs DROP CONSTRAINT cq_jobs_pkey, ADD PRIMARY KEY (seq), \
          ADD CONSTRAINT cq_jobs_queue_id_key UNIQUE (queue, id)",
-        "DELETE FROM cq_schema WHERE version = 4",
+        "DELETE FROM cq_schema WHERE version >= 4",
     ] {
         sqlx::query(step).execute(&pool).await.unwrap();
     }
@@ -209,6 +214,7 @@ async fn step_4_upgrades_a_database_holding_jobs() {
     let queues = Queues::new(engine.clone());
     let c = queues.counts(Q).await.unwrap();
     assert_eq!((c.completed, c.active, c.waiting), (1, 1, 2));
+    assert_eq!(c.completed_total, 1, "the lifetime total carried over");
     engine
         .finish(
             &active,
@@ -216,6 +222,7 @@ async fn step_4_upgrades_a_database_holding_jobs() {
         )
         .await
         .unwrap();
+    assert_eq!(queues.counts(Q).await.unwrap().completed_total, 2);
     let rest = engine.claim(Q, 10, LEASE).await.unwrap().jobs;
     assert_eq!(rest.len(), 2, "the waiting jobs are claimed, in order");
     assert_eq!(
@@ -248,7 +255,7 @@ async fn processes_starting_together_migrate_once() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4], "each step recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4, 5], "each step recorded once");
     pool.close().await;
     for e in engines {
         e.close().await;

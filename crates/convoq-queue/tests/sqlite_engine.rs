@@ -288,7 +288,7 @@ async fn engines_opening_a_new_file_together_migrate_once() {
         .unwrap()
         .collect::<rusqlite::Result<_>>()
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4], "each step recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4, 5], "each step recorded once");
     drop(conn);
     for e in engines {
         e.close().await;

@@ -175,6 +175,8 @@ impl DbClock {
 pub(crate) struct PgWriter {
     conn: Option<PgConnection>,
     opts: PgConnectOptions,
+    /// The row of each queue's lifetime totals this writer adds to (schema step 5).
+    shard: i32,
 }
 
 impl PgWriter {
@@ -222,14 +224,18 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     for _ in 0..5 {
         clock.sample(&mut first).await.map_err(schema::map_err)?;
     }
+    let first_shard = rand::random::<u32>() % schema::TOTAL_SHARDS;
+    let shard = |i: u32| ((first_shard + i) % schema::TOTAL_SHARDS) as i32;
     let mut writers = vec![PgWriter {
         conn: Some(first),
         opts: opts.clone(),
+        shard: shard(0),
     }];
-    for _ in 1..n_writers {
+    for i in 1..n_writers {
         writers.push(PgWriter {
             conn: Some(opts.connect().await.map_err(schema::map_err)?),
             opts: opts.clone(),
+            shard: shard(i),
         });
     }
     // Lazy: read connections open on first use.
@@ -375,7 +381,8 @@ impl Dialect for Postgres {
         w.conn().map(drop)
     }
     async fn commit(&self, w: &mut PgWriter, batch: &Batch) -> SqlResult<()> {
-        schema::commit(w.conn()?, batch).await?;
+        let shard = w.shard;
+        schema::commit(w.conn()?, batch, shard).await?;
         self.notifier.announce(&batch.woken);
         Ok(())
     }

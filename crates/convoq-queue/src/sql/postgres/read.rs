@@ -99,18 +99,22 @@ pub(crate) async fn counts(pool: &PgPool, queue: &str, now: i64) -> Result<Queue
     .fetch_all(pool)
     .await
     .map_err(map_err)?;
-    let q =
-        sqlx::query("SELECT paused, completed_total, failed_total FROM cq_queues WHERE name = $1")
-            .bind(queue)
-            .fetch_optional(pool)
-            .await
-            .map_err(map_err)?;
-    let mut t = Tally::default();
-    if let Some(r) = q {
-        t.paused = r.try_get::<bool, _>(0).map_err(map_err)?;
-        t.completed_total = r.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u64;
-        t.failed_total = r.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64;
-    }
+    // The pause flag, and the lifetime totals summed over their shards (schema step 5).
+    let q = sqlx::query(
+        "SELECT COALESCE((SELECT paused FROM cq_queues WHERE name = $1), FALSE), \
+         COALESCE(SUM(completed_total), 0)::int8, COALESCE(SUM(failed_total), 0)::int8 \
+         FROM cq_queue_totals WHERE name = $1",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await
+    .map_err(map_err)?;
+    let mut t = Tally {
+        paused: q.try_get::<bool, _>(0).map_err(map_err)?,
+        completed_total: q.try_get::<i64, _>(1).map_err(map_err)?.max(0) as u64,
+        failed_total: q.try_get::<i64, _>(2).map_err(map_err)?.max(0) as u64,
+        ..Tally::default()
+    };
     for r in rows {
         let state: String = r.try_get(0).map_err(map_err)?;
         let later: bool = r.try_get(1).map_err(map_err)?;

@@ -79,7 +79,27 @@ CREATE INDEX cq_jobs_expiry ON cq_jobs (queue, expire_at) WHERE expire_at IS NOT
 ALTER TABLE cq_jobs DROP CONSTRAINT cq_jobs_pkey, DROP CONSTRAINT cq_jobs_queue_id_key,
     ADD CONSTRAINT cq_jobs_pkey PRIMARY KEY (queue, id);
 "#,
+    // A queue's lifetime totals were one row that every completing transaction updated, so
+    // writers (of every process) waited for each other's commits on it (`Lock:transactionid`
+    // in `pg_stat_activity` under load). They are now spread over rows per shard, each writer
+    // adding to its own; a read sums them.
+    r#"
+CREATE TABLE cq_queue_totals (
+    name TEXT NOT NULL,
+    shard INTEGER NOT NULL,
+    completed_total BIGINT NOT NULL DEFAULT 0,
+    failed_total BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, shard)
+);
+INSERT INTO cq_queue_totals (name, shard, completed_total, failed_total)
+    SELECT name, 0, completed_total, failed_total FROM cq_queues;
+UPDATE cq_queues SET completed_total = 0, failed_total = 0;
+"#,
 ];
+
+/// How many rows a queue's lifetime totals are spread over (see step 5): writers pick theirs
+/// at random, so that two of them rarely share one.
+pub(crate) const TOTAL_SHARDS: u32 = 32;
 
 /// The advisory lock that serialises migrations of one database ("cq_schem" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6371_5f73_6368_656d;
@@ -162,12 +182,12 @@ async fn migrate_steps(conn: &mut PgConnection) -> SqlResult<Result<()>> {
     Ok(Ok(()))
 }
 
-/// Adds the batch's lifetime totals and commits (the queues it woke are announced after the
-/// commit: see `notify.rs`).
+/// Adds the batch's lifetime totals to the writer's `shard` and commits (the queues it woke are
+/// announced after the commit: see `notify.rs`).
 ///
-/// Totals are added in queue-name order so that two writers never lock `cq_queues` rows in
-/// opposite orders.
-pub(crate) async fn commit(conn: &mut PgConnection, batch: &Batch) -> SqlResult<()> {
+/// Totals are added in queue-name order so that two writers on one shard never lock its rows
+/// in opposite orders.
+pub(crate) async fn commit(conn: &mut PgConnection, batch: &Batch, shard: i32) -> SqlResult<()> {
     let mut totals: Vec<_> = batch.totals.iter().collect();
     totals.sort_by(|a, b| a.0.cmp(b.0));
     if !totals.is_empty() {
@@ -175,15 +195,17 @@ pub(crate) async fn commit(conn: &mut PgConnection, batch: &Batch) -> SqlResult<
         let completed: Vec<i64> = totals.iter().map(|(_, t)| t.0).collect();
         let failed: Vec<i64> = totals.iter().map(|(_, t)| t.1).collect();
         sqlx::query(
-            "INSERT INTO cq_queues (name, completed_total, failed_total) \
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
-             ON CONFLICT (name) DO UPDATE SET \
-             completed_total = cq_queues.completed_total + excluded.completed_total, \
-             failed_total = cq_queues.failed_total + excluded.failed_total",
+            "INSERT INTO cq_queue_totals (name, shard, completed_total, failed_total) \
+             SELECT t.name, $4, t.completed, t.failed \
+             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS t(name, completed, failed) \
+             ON CONFLICT (name, shard) DO UPDATE SET \
+             completed_total = cq_queue_totals.completed_total + excluded.completed_total, \
+             failed_total = cq_queue_totals.failed_total + excluded.failed_total",
         )
         .bind(&names)
         .bind(&completed)
         .bind(&failed)
+        .bind(shard)
         .execute(&mut *conn)
         .await?;
     }
