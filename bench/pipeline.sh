@@ -20,7 +20,9 @@
 #                           "default" (no --concurrency flag), a number N (--concurrency
 #                           database=N), "log=info" (default concurrency, --log info), or
 #                           "N,log=info"; add ",pg" (or "pg" alone) to run convoq on a fresh
-#                           Postgres database (store and queue) instead of SQLite
+#                           Postgres database (store and queue) instead of SQLite, or ",redis"
+#                           for the reference's topology: the queue on Redis (BullMQ, key
+#                           prefix cvbench, cleared first), the store on a fresh Postgres database
 #   CONVOQ_LOG=warn         log filter for passes that do not say log=...
 #   PERF=0                  1: perf record -g the convoq process during the wrk window
 #   SHARED=/work/shared     where bench/ of the spec lives
@@ -601,6 +603,7 @@ convoq_backlog() { # waiting + active + delayed jobs over every queue
 }
 convoq_cpu_pids() { echo "$1"; }                          # the one process, threads included
 convoq_pg_cpu_pids() { echo "$1"; pgrep -x postgres; }    # + the Postgres server it runs on
+convoq_redis_cpu_pids() { echo "$1"; pgrep -x postgres; pgrep -x redis-server; } # + Postgres and Redis
 
 create_users() { # 1000 users, user-0..user-999, over one keep-alive connection
   python3 - "$CONVOQ_PORT" <<'PY'
@@ -626,6 +629,7 @@ run_convoq() { # variant
       log=*) level=${part#log=} ;;
       [0-9]*) conc=$part ;;
       pg) backend=pg ;;
+      redis) backend=redis ;;
       *) die "unknown CONVOQ_VARIANTS entry: $part" ;;
     esac
   done
@@ -633,14 +637,19 @@ run_convoq() { # variant
   local dbdir; dbdir=$(mktemp -d /tmp/convoq-pipeline-db.XXXX); TMPDIRS+=("$dbdir")
   CONVOQ_DB="$dbdir/convoq.db"
   local url="sqlite://$CONVOQ_DB" count=sqlite_count cpu_pids=convoq_cpu_pids
-  if [ "$backend" = pg ]; then
-    tag="$tag-pg"
+  if [ "$backend" != sqlite ]; then
+    tag="$tag-$backend"
     "${PG[@]}" -d postgres -c 'DROP DATABASE IF EXISTS convoq_bench' -c 'CREATE DATABASE convoq_bench' >/dev/null \
       || die "cannot create the Postgres database convoq_bench"
     url="postgres://${PGUSER:-root}@127.0.0.1:5432/convoq_bench" count=convoq_pg_count cpu_pids=convoq_pg_cpu_pids
   fi
   local args=(--listen "127.0.0.1:$CONVOQ_PORT" --database-url "$url"
               --personality-modes "$MODES" --log "$level")
+  if [ "$backend" = redis ]; then
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'cvbench:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
+    args+=(--queue-url "redis://127.0.0.1:6379" --queue-prefix cvbench)
+    cpu_pids=convoq_redis_cpu_pids
+  fi
   [ -n "$conc" ] && args+=(--concurrency "database=$conc")
   log "$tag: convoq ${args[*]}"
   (cd "$dbdir" && CONVOQ_LOG_FORMAT=json exec "$CONVOQ_BIN" "${args[@]}") >"$OUT_DIR/$tag.log" 2>&1 &
