@@ -71,6 +71,12 @@ pub(crate) struct Schedule {
     /// batches. Not for a dialect whose connections are sockets registered with the runtime
     /// that opened them (Postgres).
     pub(crate) own_thread: bool,
+    /// Whether adds get a writer of their own (the first connection, when there are several),
+    /// so that a POST's add never waits behind claims and completions in a busy writer: its
+    /// latency is one transaction's. Worth it where writers are several and each batch costs
+    /// round trips to a server (Postgres); SQLite's one writer commits adds first instead
+    /// (`adds_first`).
+    pub(crate) add_lane: bool,
 }
 
 /// The write side of a dialect, driven by the writer task.

@@ -173,6 +173,7 @@ impl Dialect for Sqlite {
             batch_timeout: None,
             adds_first: true,
             own_thread: true,
+            add_lane: false,
         }
     }
     async fn now_ms(&self, _w: &mut SqliteWriter, clock: &dyn Clock) -> SqlResult<i64> {

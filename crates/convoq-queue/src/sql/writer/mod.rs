@@ -67,6 +67,9 @@ pub(crate) use ops::{Batch, Op, Request, Slot};
 /// The engine's handle on the writer tasks.
 pub(crate) struct WriterHandle {
     tx: mpsc::Sender<Request>,
+    /// Where adds go when they have a writer of their own
+    /// ([`Schedule::add_lane`](super::dialect::Schedule::add_lane)).
+    adds_tx: Option<mpsc::Sender<Request>>,
     closed: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -76,22 +79,30 @@ impl WriterHandle {
         if self.closed.load(Ordering::Acquire) {
             return Err(QueueError::Closed);
         }
-        self.tx.send(req).await.map_err(|_| QueueError::Closed)
+        let tx = match (&self.adds_tx, &req.0) {
+            (Some(adds), Op::Add { .. }) => adds,
+            _ => &self.tx,
+        };
+        tx.send(req).await.map_err(|_| QueueError::Closed)
     }
 
-    /// Whether the writer has been closed, or has stopped (its channel has no receiver).
+    /// Whether the writer has been closed, or has stopped (a channel has no receiver).
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.tx.is_closed()
+        self.closed.load(Ordering::Acquire)
+            || self.tx.is_closed()
+            || self.adds_tx.as_ref().is_some_and(|tx| tx.is_closed())
     }
 
-    /// Applies what is queued, then stops the writer.
+    /// Applies what is queued, then stops the writers (of each channel).
     pub(crate) async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Request(Op::Close(tx))).await.is_ok() {
-            let _ = rx.await;
+        for tx in std::iter::once(&self.tx).chain(self.adds_tx.as_ref()) {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Request(Op::Close(done))).await.is_ok() {
+                let _ = rx.await;
+            }
         }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
@@ -116,19 +127,35 @@ pub(crate) fn spawn<D: Dialect>(
     shared: Arc<Shared>,
     max_batch: usize,
 ) -> Result<WriterHandle> {
-    let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-    let inbox = Arc::new(Inbox {
-        rx: tokio::sync::Mutex::new(rx),
-        closing: AtomicBool::new(false),
-    });
+    let inbox = |capacity: usize| {
+        let (tx, rx) = mpsc::channel(capacity);
+        let inbox = Arc::new(Inbox {
+            rx: tokio::sync::Mutex::new(rx),
+            closing: AtomicBool::new(false),
+        });
+        (tx, inbox)
+    };
+    let (tx, main) = inbox(max_batch.max(1) * 4);
+    // With an add lane, the first connection takes the adds alone; the others, the rest.
+    let (adds_tx, adds) = if dialect.schedule().add_lane && conns.len() >= 2 {
+        let (tx, inbox) = inbox(max_batch.max(1) * 4);
+        (Some(tx), Some(inbox))
+    } else {
+        (None, None)
+    };
     let dialect = Arc::new(dialect);
     let tasks = conns
         .into_iter()
-        .map(|conn| {
+        .enumerate()
+        .map(|(i, conn)| {
+            let inbox = match &adds {
+                Some(adds) if i == 0 => adds.clone(),
+                _ => main.clone(),
+            };
             let writer = run(
                 dialect.clone(),
                 conn,
-                inbox.clone(),
+                inbox,
                 clock.clone(),
                 shared.clone(),
                 max_batch.max(1),
@@ -143,6 +170,7 @@ pub(crate) fn spawn<D: Dialect>(
         .map_err(|e| QueueError::Unavailable(format!("could not start a writer thread: {e}")))?;
     Ok(WriterHandle {
         tx,
+        adds_tx,
         closed: AtomicBool::new(false),
         tasks: Mutex::new(tasks),
     })
