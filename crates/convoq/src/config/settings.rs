@@ -27,7 +27,7 @@ macro_rules! settings {
             $(, default $default:expr)? $(, [$($extra:tt)*])?;
     )*) => {
         /// Settings from flags and environment; unset ones fall back to the file, then to their
-        /// defaults (see [`Values::read`]).
+        /// defaults (see `Values::read`).
         #[derive(Debug, Args, Default, Clone)]
         pub struct Settings {
             /// A TOML file with any of the settings below (snake_case keys).
