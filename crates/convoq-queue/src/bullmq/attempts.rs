@@ -77,23 +77,10 @@ impl BullEngine {
             "convoq",
         );
         let now = self.config.clock.now_ms().to_string();
+        let mut keys = move_to_active_keys(&k);
+        keys.extend([target, k.job_key(&job.id), metrics, k.marker()]);
         let cmd = self.scripts.move_to_finished.cmd(
-            &[
-                k.wait(),
-                k.active(),
-                k.prioritized(),
-                k.events(),
-                k.stalled(),
-                k.limiter(),
-                k.delayed(),
-                k.paused(),
-                k.meta(),
-                k.pc(),
-                target,
-                k.job_key(&job.id),
-                metrics,
-                k.marker(),
-            ],
+            &keys,
             &[
                 job.id.as_bytes(),
                 now.as_bytes(),
@@ -261,22 +248,11 @@ impl BullEngine {
         now: &str,
     ) -> redis::Cmd {
         let opts = codec::pack_active_opts(token, lease_ms, "convoq");
-        self.scripts.move_to_active.cmd(
-            &[
-                k.wait(),
-                k.active(),
-                k.prioritized(),
-                k.events(),
-                k.stalled(),
-                k.limiter(),
-                k.delayed(),
-                k.paused(),
-                k.meta(),
-                k.pc(),
-                k.marker(),
-            ],
-            &[k.key_prefix().as_bytes(), now.as_bytes(), &opts],
-        )
+        let mut keys = move_to_active_keys(k);
+        keys.push(k.marker());
+        self.scripts
+            .move_to_active
+            .cmd(&keys, &[k.key_prefix().as_bytes(), now.as_bytes(), &opts])
     }
 
     pub(super) async fn claim_jobs(
@@ -367,4 +343,23 @@ impl BullEngine {
         self.changed(&job.queue, &job.id);
         Ok(())
     }
+}
+
+/// The keys `moveToActive` takes before its marker, which `moveToFinished` also takes first
+/// (it runs `moveToActive`'s code to fetch the next job): written once for both calls.
+fn move_to_active_keys(k: &QueueKeys) -> Vec<String> {
+    let mut keys = Vec::with_capacity(14);
+    keys.extend([
+        k.wait(),
+        k.active(),
+        k.prioritized(),
+        k.events(),
+        k.stalled(),
+        k.limiter(),
+        k.delayed(),
+        k.paused(),
+        k.meta(),
+        k.pc(),
+    ]);
+    keys
 }

@@ -27,6 +27,7 @@ macro_rules! statement {
         impl Statement for $op {
             type Answer = $answer;
             $(const LONG: bool = $long;)?
+            #[allow(unused_variables)] // Not every statement takes `now` and the batch.
             fn on_sqlite(
                 &self,
                 $conn: &rusqlite::Connection,
@@ -34,9 +35,9 @@ macro_rules! statement {
                 $batch: &mut Batch,
             ) -> rusqlite::Result<Result<$answer>> {
                 let $s = self;
-                let _ = (&$now, &$batch);
                 $sqlite
             }
+            #[allow(unused_variables)]
             fn on_postgres<'a>(
                 &'a self,
                 $conn: &'a mut PgConnection,
@@ -44,7 +45,6 @@ macro_rules! statement {
                 $batch: &'a mut Batch,
             ) -> BoxFuture<'a, sqlx::Result<Result<$answer>>> {
                 let $s = self;
-                let _ = (&$now, &$batch);
                 $postgres.boxed()
             }
         }
