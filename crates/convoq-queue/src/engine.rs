@@ -89,6 +89,9 @@ pub struct Capabilities {
     /// true, a worker keeps an attempt's slot until its end is recorded, for the job that may
     /// come with it; where false, it frees the slot as soon as the processor returns.
     pub fetch_next: bool,
+    /// [`Engine::add_claimed`] can store a job claimed (the SQL engine): a worker of the adding
+    /// process that waits for work takes the job without a claim of its own.
+    pub claim_on_add: bool,
 }
 
 /// A queue engine. Implemented by the SQL engine ([`crate::sql::SqlEngine`]) and the BullMQ
@@ -115,6 +118,22 @@ pub trait Engine: Send + Sync + 'static {
     /// Adds jobs, in order. A job whose custom id exists already is not added again: its
     /// [`Added`] carries the existing job and `created: false`.
     async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>>;
+    /// Adds one job and, where the engine can ([`Capabilities::claim_on_add`]) and the job is
+    /// ready at once in an unpaused queue, claims it for `lease` in the same write: the job is
+    /// stored active, its attempt counted, and handed back to run. A job not claimed this way
+    /// (an engine that cannot, a delay, a paused queue, a custom id that exists) is added as
+    /// [`Engine::add_bulk`] adds it, for any worker to claim.
+    async fn add_claimed(
+        &self,
+        job: NewJob,
+        lease: Duration,
+    ) -> Result<(Added, Option<ClaimedJob>)> {
+        let _ = lease;
+        let added = self.add_bulk(vec![job]).await?.pop().ok_or_else(|| {
+            crate::error::QueueError::Unavailable("the engine answered no job for the add".into())
+        })?;
+        Ok((added, None))
+    }
     /// Reads one job.
     async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>>;
     /// Lists jobs in one state, newest first for finished states, in run order otherwise.

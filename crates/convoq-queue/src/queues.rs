@@ -2,10 +2,10 @@
 //! completes jobs before they reach the engine, and offers the read, operator and follow calls.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use crate::engine::Engine;
+use crate::engine::{ClaimedJob, Engine};
 use crate::error::{QueueError, Result};
 use crate::follow::Follower;
 use crate::job::{Added, Job, JobOptions, JobState, NewJob, QueueCounts};
@@ -30,6 +30,24 @@ pub struct Queues {
     engine: Arc<dyn Engine>,
     defaults: Arc<RwLock<HashMap<String, JobOptions>>>,
     follow_poll: Duration,
+    /// This process's workers, by queue, that take jobs as they are added.
+    takers: Arc<RwLock<HashMap<String, Weak<dyn Taker>>>>,
+}
+
+/// A queue's workers in this process, as [`Queues::add`] sees them.
+pub(crate) trait Taker: Send + Sync {
+    /// A free slot, held for a job being added, while the workers wait for work (their last
+    /// claim found none). `None` while they are busy or stopping: a job added then waits its
+    /// turn behind the queue's ready jobs.
+    fn reserve(self: Arc<Self>) -> Option<Box<dyn Reserved>>;
+}
+
+/// A worker's slot held for a job being added. Dropped unused, the slot is free again.
+pub(crate) trait Reserved: Send {
+    /// The lease to claim the job under.
+    fn lease(&self) -> Duration;
+    /// Runs the job, claimed as it was added, in this slot.
+    fn run(self: Box<Self>, job: ClaimedJob);
 }
 
 impl std::fmt::Debug for Queues {
@@ -48,6 +66,7 @@ impl Queues {
             engine,
             defaults: Default::default(),
             follow_poll: DEFAULT_FOLLOW_POLL,
+            takers: Default::default(),
         }
     }
 
@@ -117,12 +136,49 @@ impl Queues {
 
     /// Adds one job.
     ///
+    /// Where a worker of this process waits for work on the job's queue and the engine can
+    /// ([`crate::Capabilities::claim_on_add`]), a job ready at once is stored claimed by that
+    /// worker in the add's own write and handed to it: no claim of its own, no wake-up. Its
+    /// life is otherwise the same (its lease, renewals and fencing, its history, and a crash
+    /// of this process leaves it to be taken back when its lease expires). The answer then
+    /// shows it active.
+    ///
     /// # Errors
     /// [`QueueError::Invalid`] for a bad job; [`QueueError::Unavailable`] when the job could not
     /// be stored (nothing was added).
     pub async fn add(&self, job: NewJob) -> Result<Added> {
-        let mut added = self.add_bulk(vec![job]).await?;
+        let job = self.prepare(job)?;
+        if let Some(slot) = self.idle_worker(&job) {
+            let (added, claimed) = self.engine.add_claimed(job, slot.lease()).await?;
+            if let Some(claimed) = claimed {
+                slot.run(claimed);
+            }
+            return Ok(added);
+        }
+        let mut added = self.engine.add_bulk(vec![job]).await?;
         added.pop().ok_or(QueueError::Closed)
+    }
+
+    /// A slot of this process's workers for `job`, if it can be claimed as it is added.
+    fn idle_worker(&self, job: &NewJob) -> Option<Box<dyn Reserved>> {
+        if !self.engine.capabilities().claim_on_add || job.opts.delay.unwrap_or(0) > 0 {
+            return None;
+        }
+        let taker = self
+            .takers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&job.queue)?
+            .upgrade()?;
+        taker.reserve()
+    }
+
+    /// Lets `taker` take the jobs added to `queue` while it waits for work.
+    pub(crate) fn register_taker(&self, queue: &str, taker: Weak<dyn Taker>) {
+        self.takers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(queue.to_owned(), taker);
     }
 
     /// Adds jobs in one go: all are stored or none.

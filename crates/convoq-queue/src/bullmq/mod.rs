@@ -229,6 +229,7 @@ impl Engine for BullEngine {
             transactional_effects: false,
             leases_follow_clock: false,
             fetch_next: true,
+            claim_on_add: false,
         }
     }
 

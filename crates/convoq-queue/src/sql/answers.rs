@@ -5,15 +5,32 @@
 
 use super::rules::{lease_lost, Stall};
 use super::writer::Batch;
+use crate::clock::ms_to_datetime;
 use crate::engine::{ClaimedJob, Completion};
 use crate::error::{QueueError, Result};
-use crate::job::{Added, Job, NewJob};
+use crate::job::{Added, Job, JobState, NewJob};
 
-/// The answer for a job `id` that its add inserted, as stored at `now` to run at `run_at`.
-pub(crate) fn created(job: &NewJob, id: String, now: i64, run_at: i64, batch: &mut Batch) -> Added {
-    batch.wake(&job.queue);
+/// The answer for a job `id` that its add inserted, as stored at `now` to run at `run_at`;
+/// `claimed` when the statement inserted it held by the lease the add brought (then no worker
+/// needs waking for it).
+pub(crate) fn created(
+    job: &NewJob,
+    id: String,
+    now: i64,
+    run_at: i64,
+    claimed: bool,
+    batch: &mut Batch,
+) -> Added {
+    let mut stored = job.stored(id, now, run_at);
+    if claimed {
+        stored.state = JobState::Active;
+        stored.attempts_made = 1;
+        stored.processed_at = Some(ms_to_datetime(now));
+    } else {
+        batch.wake(&job.queue);
+    }
     Added {
-        job: job.stored(id, now, run_at),
+        job: stored,
         created: true,
     }
 }

@@ -15,7 +15,8 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::sql::rules::ToAdd;
 
 /// A dialect's result: the driver's error outside, the operation's own inside.
 pub(crate) type DResult<D, T> = std::result::Result<T, <D as Dialect>::Error>;
@@ -122,7 +123,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     async fn add_jobs(
         &self,
         conn: &mut Self::Conn,
-        jobs: &[&NewJob],
+        jobs: &[ToAdd<'_>],
         now: i64,
         batch: &mut Batch,
     ) -> DResult<Self, Result<Vec<Added>>>;

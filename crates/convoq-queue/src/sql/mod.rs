@@ -55,6 +55,7 @@ use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use dialect::Reads;
 use operation::{Pending, Statement};
+use rules::ClaimOnAdd;
 use writer::{Op, Request, Slot, WriterHandle};
 
 /// Counters of the group-commit writer.
@@ -350,6 +351,7 @@ impl Engine for SqlEngine {
             transactional_effects: true,
             leases_follow_clock: true,
             fetch_next: true,
+            claim_on_add: true,
         }
     }
 
@@ -362,7 +364,38 @@ impl Engine for SqlEngine {
     }
 
     async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
-        self.request(|reply| Op::Add { jobs, reply }).await
+        self.request(|reply| Op::Add {
+            jobs,
+            claim: None,
+            reply,
+        })
+        .await
+    }
+
+    async fn add_claimed(
+        &self,
+        job: NewJob,
+        lease: Duration,
+    ) -> Result<(Added, Option<ClaimedJob>)> {
+        let claim = ClaimOnAdd {
+            lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
+            token: new_lease_token(),
+        };
+        let token = claim.token.clone();
+        let added = self
+            .request(|reply| Op::Add {
+                jobs: vec![job],
+                claim: Some(claim),
+                reply,
+            })
+            .await?
+            .pop()
+            .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
+        let claimed = (added.created && added.job.state == JobState::Active).then(|| ClaimedJob {
+            job: added.job.clone(),
+            token,
+        });
+        Ok((added, claimed))
     }
 
     async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>> {

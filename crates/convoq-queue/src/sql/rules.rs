@@ -311,6 +311,28 @@ pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
     ]
 }
 
+/// The lease an add takes its job under at once, for a worker of this process that waits for
+/// work (see [`crate::Queues::add`]): the job is inserted claimed, which spares the claim's
+/// statement, its row version and its commit.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimOnAdd {
+    pub(crate) lease_ms: i64,
+    pub(crate) token: String,
+}
+
+/// A job to add, with the lease to insert it under, if any.
+#[derive(Clone, Copy)]
+pub(crate) struct ToAdd<'a> {
+    pub(crate) job: &'a crate::job::NewJob,
+    pub(crate) claim: Option<&'a ClaimOnAdd>,
+}
+
+impl<'a> From<&'a crate::job::NewJob> for ToAdd<'a> {
+    fn from(job: &'a crate::job::NewJob) -> Self {
+        ToAdd { job, claim: None }
+    }
+}
+
 /// The stored row of a job being added: its id (the custom one, or a new UUIDv7) and the
 /// columns its options decide.
 pub(crate) struct NewRow<'a> {
@@ -322,10 +344,15 @@ pub(crate) struct NewRow<'a> {
     pub(crate) priority: i64,
     pub(crate) run_at: i64,
     pub(crate) max_attempts: i64,
+    /// The lease token and its expiry when the job is to be inserted claimed: only a job ready
+    /// at once is (the statement also leaves it waiting while its queue is paused).
+    pub(crate) lease: Option<(&'a str, i64)>,
 }
 
-/// Plans the row of `job` added at `now`.
-pub(crate) fn new_row<'a>(job: &'a crate::job::NewJob, now: i64) -> NewRow<'a> {
+/// Plans the row of `add` at `now`.
+pub(crate) fn new_row<'a>(add: ToAdd<'a>, now: i64) -> NewRow<'a> {
+    let job = add.job;
+    let run_at = job.due_at(now);
     NewRow {
         queue: &job.queue,
         id: job
@@ -337,8 +364,12 @@ pub(crate) fn new_row<'a>(job: &'a crate::job::NewJob, now: i64) -> NewRow<'a> {
         data: to_json(&job.data),
         opts: to_json(&job.opts),
         priority: job.opts.priority.unwrap_or(0) as i64,
-        run_at: job.due_at(now),
+        run_at,
         max_attempts: job.opts.max_attempts() as i64,
+        lease: add
+            .claim
+            .filter(|_| run_at <= now)
+            .map(|c| (c.token.as_str(), now.saturating_add(c.lease_ms))),
     }
 }
 

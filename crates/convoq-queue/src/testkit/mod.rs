@@ -4,10 +4,12 @@
 //!
 //! When engine semantics change, this suite changes first.
 
+mod claim_on_add;
 mod jobs;
 pub mod postgres;
 mod workers;
 
+pub use claim_on_add::*;
 pub use jobs::*;
 pub use workers::*;
 
@@ -75,7 +77,8 @@ macro_rules! conformance_tests {
             add_wakes_idle_worker_without_polling, graceful_shutdown_releases_unfinished_job,
             graceful_shutdown_lets_short_job_finish, wait_finished_returns_when_done,
             unknown_job_name_fails_with_reason, effects_follow_capabilities,
-            finish_and_claim_hands_over_the_next_job);
+            finish_and_claim_hands_over_the_next_job, add_claimed_holds_the_job_under_its_lease,
+            idle_worker_takes_added_jobs_as_stored);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

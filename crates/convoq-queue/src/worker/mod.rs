@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::engine::{ClaimedJob, Completion, Engine, Outcome};
 use crate::error::{panic_message, ProcessError, QueueError};
 use crate::job::Job;
-use crate::queues::Queues;
+use crate::queues::{Queues, Reserved, Taker};
 
 mod queue_loop;
 
@@ -161,8 +161,11 @@ impl WorkerPoolBuilder {
                 live: watch::Sender::new(0),
                 last_tick_ms: AtomicI64::new(now_ms()),
                 stopping: AtomicBool::new(false),
+                idle: AtomicBool::new(false),
                 opts,
             });
+            let taker: Arc<dyn Taker> = shared.clone();
+            self.queues.register_taker(&queue, Arc::downgrade(&taker));
             let fetch = tokio::spawn(shared.clone().fetch_loop(stop_rx.clone()));
             let renew = tokio::spawn(shared.clone().renew_loop(stop_rx.clone()));
             let housekeeping = tokio::spawn(shared.clone().housekeeping_loop(stop_rx.clone()));

@@ -18,11 +18,66 @@ pub(super) struct QueueLoop {
     pub(super) live: watch::Sender<usize>,
     pub(super) last_tick_ms: AtomicI64,
     pub(super) stopping: AtomicBool,
+    /// The claim loop waits for work: its last claim found none. Jobs added in this process
+    /// meanwhile are handed to a free slot as they are stored (see [`Taker`]); while it is
+    /// false they wait their turn behind the queue's ready jobs.
+    pub(super) idle: AtomicBool,
     pub(super) opts: WorkerOptions,
 }
 
-/// Held by an attempt task for as long as it lives.
+/// Held by an attempt task for as long as it lives, and by a slot held for a job being added:
+/// shutdown waits for both.
 struct Live(Arc<QueueLoop>);
+
+impl Live {
+    fn new(queue_loop: &Arc<QueueLoop>) -> Self {
+        queue_loop.live.send_modify(|n| *n += 1);
+        Live(queue_loop.clone())
+    }
+}
+
+/// A slot held for a job being added ([`Queues::add`]).
+struct HeldSlot {
+    live: Live,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Taker for QueueLoop {
+    fn reserve(self: Arc<Self>) -> Option<Box<dyn Reserved>> {
+        if !self.idle.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(Box::new(HeldSlot {
+            live: Live::new(&self),
+            permit,
+        }))
+    }
+}
+
+impl Reserved for HeldSlot {
+    fn lease(&self) -> Duration {
+        self.live.0.opts.lease
+    }
+
+    fn run(self: Box<Self>, job: ClaimedJob) {
+        let HeldSlot { live, permit } = *self;
+        let this = live.0.clone();
+        if !this.stopping.load(Ordering::Acquire) {
+            this.spawn_attempt(job, permit, live);
+            return;
+        }
+        // Stopping: the job goes back as shutdown gives back unfinished ones.
+        drop(permit);
+        tokio::spawn(async move {
+            let _live = live;
+            if let Err(e) = this.engine.release(&job).await {
+                tracing::warn!(queue = %job.job.queue, job_id = %job.job.id, error = %e,
+                    "could not release a job added at shutdown; it will be taken back when its lease expires");
+            }
+        });
+    }
+}
 
 impl Drop for Live {
     fn drop(&mut self) {
@@ -92,16 +147,18 @@ impl QueueLoop {
                     let until = (due - self.engine.clock().now_ms()).max(1) as u64;
                     wait = wait.min(Duration::from_millis(until));
                 }
+                self.idle.store(true, Ordering::Release);
                 tokio::select! {
                     _ = signal.changed() => {}
                     _ = stop.changed() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
+                self.idle.store(false, Ordering::Release);
                 continue;
             }
             for claimed in batch.jobs {
                 let permit = permits.pop().expect("claimed no more jobs than permits");
-                self.spawn_attempt(claimed, permit);
+                self.spawn_attempt(claimed, permit, Live::new(&self));
             }
         }
     }
@@ -112,19 +169,19 @@ impl QueueLoop {
         self: &Arc<Self>,
         claimed: ClaimedJob,
         permit: tokio::sync::OwnedSemaphorePermit,
+        live: Live,
     ) {
         let this = self.clone();
         let id = claimed.job.id.clone();
         let own_handle = Arc::new(OnceLock::<tokio::task::AbortHandle>::new());
         // Hold the map lock across spawn so the task cannot remove its entry before it exists.
         let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        self.live.send_modify(|n| *n += 1);
         let task = tokio::spawn({
             let claimed = claimed.clone();
             let own_handle = own_handle.clone();
             async move {
                 // Counts the task down however it ends, aborted at shutdown included.
-                let _live = Live(this.clone());
+                let _live = live;
                 let mut current = claimed;
                 let mut slot = permit;
                 loop {
@@ -193,8 +250,11 @@ impl QueueLoop {
         // The processor is done with the slot. Where the engine hands over the next job with
         // this attempt's end, keep the slot for that job; otherwise free it now, so that the
         // next claim can share a commit with this attempt's result instead of waiting for it.
-        let fetch_next =
-            self.engine.capabilities().fetch_next && !self.stopping.load(Ordering::Relaxed);
+        // An idle claim loop found no ready job last time, and jobs added since were handed
+        // out as they were stored: a next job is unlikely, and not worth a claim's statement.
+        let fetch_next = self.engine.capabilities().fetch_next
+            && !self.stopping.load(Ordering::Relaxed)
+            && !self.idle.load(Ordering::Relaxed);
         let kept = if fetch_next {
             Some(slot)
         } else {

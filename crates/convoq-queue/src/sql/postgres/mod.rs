@@ -53,7 +53,8 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::sql::rules::ToAdd;
 
 /// How long a writer waits for a new connection to open before its batch fails as
 /// unavailable (the next batch tries again).
@@ -405,7 +406,7 @@ impl Dialect for Postgres {
     async fn add_jobs(
         &self,
         w: &mut PgWriter,
-        jobs: &[&NewJob],
+        jobs: &[ToAdd<'_>],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {

@@ -17,14 +17,16 @@ use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::job::{Added, NewJob};
+use crate::job::Added;
 use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
     attempt_failure, keep_columns, new_row, release_events, to_json, AttemptFailure, NewEvent,
+    ToAdd,
 };
 use crate::sql::writer::Batch;
 
-/// Inserts jobs; a custom id that exists already yields the existing job.
+/// Inserts jobs; a custom id that exists already yields the existing job. A job that brings a
+/// lease ([`ToAdd::claim`]) is inserted active under it, unless its queue is paused.
 ///
 /// One statement for the whole list (`unnest`), returning the ids it inserted; the jobs it did
 /// not insert (their custom id exists, or appeared earlier in the list) are read back. A custom
@@ -32,7 +34,7 @@ use crate::sql::writer::Batch;
 /// conflicts, as on SQLite.
 pub(crate) async fn add_jobs(
     conn: &mut PgConnection,
-    jobs: &[&NewJob],
+    jobs: &[ToAdd<'_>],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
@@ -48,7 +50,9 @@ pub(crate) async fn add_jobs(
     let mut priorities = Vec::with_capacity(n);
     let mut run_ats = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
-    for row in jobs.iter().map(|job| new_row(job, now)) {
+    let mut tokens = Vec::with_capacity(n);
+    let mut expiries = Vec::with_capacity(n);
+    for row in jobs.iter().map(|add| new_row(*add, now)) {
         queues.push(row.queue);
         ids.push(row.id);
         names.push(row.name);
@@ -57,18 +61,26 @@ pub(crate) async fn add_jobs(
         priorities.push(row.priority);
         run_ats.push(row.run_at);
         max_attempts.push(row.max_attempts);
+        tokens.push(row.lease.map(|l| l.0));
+        expiries.push(row.lease.map(|l| l.1));
     }
     // `WITH ORDINALITY` keeps the list's order in `seq`, so that FIFO follows the order added.
-    let inserted: Vec<(String, String)> = sqlx::query_as(
+    let inserted: Vec<(String, String, String)> = sqlx::query_as(
         "INSERT INTO cq_jobs (queue, id, name, data, opts, state, priority, run_at, \
-         max_attempts, created_at) \
-         SELECT v.queue, v.id, v.name, v.data, v.opts, 'waiting', v.priority, v.run_at, \
-         v.max_attempts, $9 \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
-         $7::int8[], $8::int8[]) WITH ORDINALITY \
-         AS v(queue, id, name, data, opts, priority, run_at, max_attempts, ord) \
+         max_attempts, created_at, lease_token, lease_expires_at, attempts_made, processed_at) \
+         SELECT v.queue, v.id, v.name, v.data, v.opts, \
+         CASE WHEN v.held THEN 'active' ELSE 'waiting' END, v.priority, v.run_at, \
+         v.max_attempts, $9, CASE WHEN v.held THEN v.token END, \
+         CASE WHEN v.held THEN v.expires END, CASE WHEN v.held THEN 1 ELSE 0 END, \
+         CASE WHEN v.held THEN $9 END \
+         FROM (SELECT u.*, u.token IS NOT NULL AND NOT EXISTS \
+               (SELECT 1 FROM cq_queues q WHERE q.name = u.queue AND q.paused) AS held \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::int8[], $7::int8[], $8::int8[], $10::text[], $11::int8[]) WITH ORDINALITY \
+             AS u(queue, id, name, data, opts, priority, run_at, max_attempts, token, expires, \
+             ord)) v \
          ORDER BY v.ord \
-         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state",
     )
     .bind(&queues)
     .bind(&ids)
@@ -79,24 +91,38 @@ pub(crate) async fn add_jobs(
     .bind(&run_ats)
     .bind(&max_attempts)
     .bind(now)
+    .bind(&tokens)
+    .bind(&expiries)
     .fetch_all(&mut *conn)
     .await?;
-    let mut fresh: HashMap<(String, String), usize> = HashMap::with_capacity(inserted.len());
-    for key in inserted {
-        *fresh.entry(key).or_default() += 1;
+    // Per (queue, id): how many of the list's entries the statement inserted, and whether held.
+    let mut fresh: HashMap<(String, String), (usize, bool)> =
+        HashMap::with_capacity(inserted.len());
+    for (queue, id, state) in inserted {
+        let entry = fresh.entry((queue, id)).or_default();
+        entry.0 += 1;
+        entry.1 = state == "active";
     }
     let mut out = Vec::with_capacity(n);
-    for (i, job) in jobs.iter().enumerate() {
+    for (i, add) in jobs.iter().enumerate() {
+        let job = add.job;
         let id = &ids[i];
         let created = match fresh.get_mut(&(job.queue.clone(), id.clone())) {
-            Some(left) if *left > 0 => {
+            Some((left, held)) if *left > 0 => {
                 *left -= 1;
-                true
+                Some(*held)
             }
-            _ => false,
+            _ => None,
         };
-        if created {
-            out.push(answers::created(job, id.clone(), now, run_ats[i], batch));
+        if let Some(held) = created {
+            out.push(answers::created(
+                job,
+                id.clone(),
+                now,
+                run_ats[i],
+                held,
+                batch,
+            ));
         } else {
             match answers::found(id, get_on(&mut *conn, &job.queue, id, now).await?) {
                 Ok(added) => out.push(added),
@@ -360,7 +386,14 @@ pub(crate) async fn finish(
                     .execute(&mut *conn)
                     .await?;
             }
-            match add_jobs(conn, &c.follow_ups.iter().collect::<Vec<_>>(), now, batch).await? {
+            match add_jobs(
+                conn,
+                &c.follow_ups.iter().map(ToAdd::from).collect::<Vec<_>>(),
+                now,
+                batch,
+            )
+            .await?
+            {
                 Ok(_) => {}
                 Err(e) => return Ok(Err(e)),
             }

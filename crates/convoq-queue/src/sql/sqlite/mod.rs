@@ -36,7 +36,8 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::sql::rules::ToAdd;
 use conn::{ReadPool, SqliteFile};
 
 /// A driver result: `Err` aborts the writer's batch; an inner `Err` is the operation's own
@@ -196,7 +197,7 @@ impl Dialect for Sqlite {
     async fn add_jobs(
         &self,
         w: &mut SqliteWriter,
-        jobs: &[&NewJob],
+        jobs: &[ToAdd<'_>],
         now: i64,
         batch: &mut Batch,
     ) -> SqlResult<Result<Vec<Added>>> {

@@ -4,7 +4,7 @@
 //! from a cache of prepared statements), and records what to announce after the commit in the
 //! [`Batch`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection};
 
@@ -13,11 +13,11 @@ use super::SqlResult;
 use crate::effect::{apply_guarded, SqlConn};
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{ProcessError, QueueError, Result};
-use crate::job::{Added, NewJob};
+use crate::job::Added;
 use crate::sql::answers::{self, Ended, Unreadable};
 use crate::sql::rules::{
     attempt_failure, keep_columns, new_row, release_events, to_json, AttemptFailure, NewEvent,
-    NewRow,
+    NewRow, ToAdd,
 };
 use crate::sql::writer::Batch;
 
@@ -29,14 +29,15 @@ fn json_rows<R: serde::Serialize>(rows: impl Iterator<Item = R>) -> String {
 }
 
 /// Inserts jobs in one statement whatever their number (see [`json_rows`]); a custom id that
-/// exists already yields the existing job.
+/// exists already yields the existing job. A job that brings a lease ([`ToAdd::claim`]) is
+/// inserted active under it, unless its queue is paused.
 pub(crate) fn add_jobs(
     conn: &Connection,
-    jobs: &[&NewJob],
+    jobs: &[ToAdd<'_>],
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Vec<Added>>> {
-    let planned: Vec<NewRow> = jobs.iter().map(|job| new_row(job, now)).collect();
+    let planned: Vec<NewRow> = jobs.iter().map(|add| new_row(*add, now)).collect();
     let rows = json_rows(planned.iter().map(|r| {
         (
             r.queue,
@@ -47,24 +48,38 @@ pub(crate) fn add_jobs(
             r.priority,
             r.run_at,
             r.max_attempts,
+            r.lease.map(|l| l.0),
+            r.lease.map(|l| l.1),
         )
     }));
     // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
     let mut insert = conn.prepare_cached(
         "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
-         max_attempts, created_at, state) \
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-         value ->> 6, value ->> 7, ?, 'waiting' FROM json_each(?) WHERE true \
-         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id",
+         max_attempts, created_at, state, lease_token, lease_expires_at, attempts_made, \
+         processed_at) \
+         SELECT queue, id, name, data, opts, priority, run_at, max_attempts, ?1, \
+         CASE WHEN held THEN 'active' ELSE 'waiting' END, \
+         CASE WHEN held THEN token END, CASE WHEN held THEN expires END, \
+         CASE WHEN held THEN 1 ELSE 0 END, CASE WHEN held THEN ?1 END \
+         FROM (SELECT value ->> 0 AS queue, value ->> 1 AS id, value ->> 2 AS name, \
+           value ->> 3 AS data, value ->> 4 AS opts, value ->> 5 AS priority, \
+           value ->> 6 AS run_at, value ->> 7 AS max_attempts, value ->> 8 AS token, \
+           value ->> 9 AS expires, value ->> 8 IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 AND q.paused = 1) AS held \
+           FROM json_each(?2)) WHERE true \
+         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state",
     )?;
-    let mut fresh: HashSet<(String, String)> = insert
-        .query_map(params![now, rows], |r| Ok((r.get(0)?, r.get(1)?)))?
+    let mut fresh: HashMap<(String, String), bool> = insert
+        .query_map(params![now, rows], |r| {
+            Ok(((r.get(0)?, r.get(1)?), r.get::<_, String>(2)? == "active"))
+        })?
         .collect::<SqlResult<_>>()?;
     let mut out = Vec::with_capacity(jobs.len());
-    for (job, NewRow { id, run_at, .. }) in jobs.iter().zip(planned) {
+    for (add, NewRow { id, run_at, .. }) in jobs.iter().zip(planned) {
+        let job = add.job;
         // `remove` so that a custom id listed twice is created once and found once.
-        if fresh.remove(&(job.queue.clone(), id.clone())) {
-            out.push(answers::created(job, id, now, run_at, batch));
+        if let Some(held) = fresh.remove(&(job.queue.clone(), id.clone())) {
+            out.push(answers::created(job, id, now, run_at, held, batch));
         } else {
             match answers::found(&id, get_on(conn, &job.queue, &id, now)?) {
                 Ok(added) => out.push(added),
@@ -213,7 +228,12 @@ pub(crate) async fn finish(
                 }
                 control(conn, "RELEASE effect")?;
             }
-            if let Err(e) = add_jobs(conn, &c.follow_ups.iter().collect::<Vec<_>>(), now, batch)? {
+            if let Err(e) = add_jobs(
+                conn,
+                &c.follow_ups.iter().map(ToAdd::from).collect::<Vec<_>>(),
+                now,
+                batch,
+            )? {
                 return Ok(Err(e));
             }
             answers::ended(claimed, Ended::Completed, batch);

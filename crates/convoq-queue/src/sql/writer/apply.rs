@@ -6,8 +6,9 @@ use super::ops::{Batch, Op};
 use crate::effect::{apply_group_guarded, apply_guarded, TxEffect};
 use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
-use crate::job::{Added, NewJob};
+use crate::job::Added;
 use crate::sql::dialect::Dialect;
+use crate::sql::rules::ToAdd;
 
 /// A successful attempt, and whether it carries nothing to commit but itself.
 fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
@@ -61,7 +62,7 @@ async fn complete_together<D: Dialect>(
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {
             effects.extend(c.effect.as_deref());
-            follow_ups.extend(c.follow_ups.iter());
+            follow_ups.extend(c.follow_ups.iter().map(ToAdd::from));
         }
         answers[*i] = Some(r);
     }
@@ -110,9 +111,9 @@ async fn add_together<D: Dialect>(
 ) -> std::result::Result<Vec<Option<Result<Vec<Added>>>>, Abort<D::Error>> {
     let mut answers: Vec<Option<Result<Vec<Added>>>> = Vec::new();
     answers.resize_with(ops.len(), || None);
-    let mut adds: Vec<(usize, &[NewJob])> = Vec::new();
+    let mut adds: Vec<(usize, Vec<ToAdd>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        let Op::Add { jobs, reply } = op else {
+        let Op::Add { jobs, claim, reply } = op else {
             continue;
         };
         if reply.is_closed() {
@@ -123,16 +124,19 @@ async fn add_together<D: Dialect>(
             )));
             continue;
         }
-        adds.push((i, jobs.as_slice()));
+        let claim = claim.as_ref();
+        adds.push((i, jobs.iter().map(|job| ToAdd { job, claim }).collect()));
     }
     if mode == Mode::Careful || adds.len() < 2 {
         for (i, jobs) in adds {
-            let jobs: Vec<&NewJob> = jobs.iter().collect();
             answers[i] = Some(d.add_jobs(conn, &jobs, now, batch).await?);
         }
         return Ok(answers);
     }
-    let all: Vec<&NewJob> = adds.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+    let all: Vec<ToAdd> = adds
+        .iter()
+        .flat_map(|(_, jobs)| jobs.iter().copied())
+        .collect();
     let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
         return Err(Abort::Careful);
     };

@@ -10,6 +10,7 @@ use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, NewJob};
 use crate::sql::operation::Operation;
+use crate::sql::rules::ClaimOnAdd;
 
 /// Where an operation's answer goes, and the answer itself while its batch has not committed.
 pub(crate) struct Slot<T> {
@@ -64,6 +65,8 @@ type Reply<T> = Slot<T>;
 pub(crate) enum Op {
     Add {
         jobs: Vec<NewJob>,
+        /// The lease to insert the jobs under, for a worker that waits for them.
+        claim: Option<ClaimOnAdd>,
         reply: Reply<Vec<Added>>,
     },
     Claim {
