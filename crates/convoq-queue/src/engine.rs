@@ -42,6 +42,33 @@ pub enum Outcome {
     Failed(ProcessError),
 }
 
+/// The lease an add takes its job under at once, for a worker of this process that waits for
+/// work (see [`crate::Queues::add`]): the job is inserted claimed, which spares the claim's
+/// statement, its row version and its commit.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimOnAdd {
+    pub(crate) lease_ms: i64,
+    pub(crate) token: String,
+}
+
+impl ClaimOnAdd {
+    pub(crate) fn new(lease: Duration) -> Self {
+        ClaimOnAdd {
+            lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+}
+
+/// Follow-up jobs a worker of this process waits for: the lease each is to be inserted under
+/// (by its place in [`Completion::follow_ups`]), and, once the completion has committed, the
+/// ones the engine stored claimed, to run. Engines that cannot claim on add leave it empty.
+#[derive(Debug, Default)]
+pub(crate) struct FollowUpClaims {
+    pub(crate) leases: Vec<Option<ClaimOnAdd>>,
+    pub(crate) claimed: std::sync::Mutex<Vec<ClaimedJob>>,
+}
+
 /// A processor's successful result, with the work to commit together with the completion.
 #[derive(Default, Clone)]
 pub struct Completion {
@@ -52,6 +79,8 @@ pub struct Completion {
     /// Database work to commit in the same transaction as the completion, on engines that can
     /// ([`Capabilities::transactional_effects`]).
     pub effect: Option<Arc<dyn TxEffect>>,
+    /// Set by the worker pool: see [`FollowUpClaims`].
+    pub(crate) follow_up_claims: Option<Arc<FollowUpClaims>>,
 }
 
 impl Completion {

@@ -36,9 +36,9 @@ pub struct Queues {
 
 /// A queue's workers in this process, as [`Queues::add`] sees them.
 pub(crate) trait Taker: Send + Sync {
-    /// A free slot, held for a job being added, while the workers wait for work (their last
-    /// claim found none). `None` while they are busy or stopping: a job added then waits its
-    /// turn behind the queue's ready jobs.
+    /// A free slot, held for a job being added. `None` while every slot is taken or the claim
+    /// loop waits for one (the queue has a backlog: a job added then waits its turn in it), or
+    /// while the workers stop.
     fn reserve(self: Arc<Self>) -> Option<Box<dyn Reserved>>;
 }
 
@@ -136,7 +136,7 @@ impl Queues {
 
     /// Adds one job.
     ///
-    /// Where a worker of this process waits for work on the job's queue and the engine can
+    /// Where a worker of this process has a free slot on the job's queue and the engine can
     /// ([`crate::Capabilities::claim_on_add`]), a job ready at once is stored claimed by that
     /// worker in the add's own write and handed to it: no claim of its own, no wake-up. Its
     /// life is otherwise the same (its lease, renewals and fencing, its history, and a crash
@@ -160,7 +160,7 @@ impl Queues {
     }
 
     /// A slot of this process's workers for `job`, if it can be claimed as it is added.
-    fn idle_worker(&self, job: &NewJob) -> Option<Box<dyn Reserved>> {
+    pub(crate) fn idle_worker(&self, job: &NewJob) -> Option<Box<dyn Reserved>> {
         if !self.engine.capabilities().claim_on_add || job.opts.delay.unwrap_or(0) > 0 {
             return None;
         }

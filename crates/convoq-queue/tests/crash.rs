@@ -77,11 +77,9 @@ impl Processor for InsertRowProcessor {
             .to_owned();
         let pause_ms = rand::thread_rng().gen_range(0..=3u64);
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        Ok(Completion {
-            result: serde_json::json!({ "key": key }),
-            effect: Some(Arc::new(InsertRow { key })),
-            ..Default::default()
-        })
+        let mut completion = Completion::with_result(serde_json::json!({ "key": key }));
+        completion.effect = Some(Arc::new(InsertRow { key }));
+        Ok(completion)
     }
 }
 

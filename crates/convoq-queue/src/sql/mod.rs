@@ -377,10 +377,7 @@ impl Engine for SqlEngine {
         job: NewJob,
         lease: Duration,
     ) -> Result<(Added, Option<ClaimedJob>)> {
-        let claim = ClaimOnAdd {
-            lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
-            token: new_lease_token(),
-        };
+        let claim = ClaimOnAdd::new(lease);
         let token = claim.token.clone();
         let added = self
             .request(|reply| Op::Add {

@@ -311,14 +311,7 @@ pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
     ]
 }
 
-/// The lease an add takes its job under at once, for a worker of this process that waits for
-/// work (see [`crate::Queues::add`]): the job is inserted claimed, which spares the claim's
-/// statement, its row version and its commit.
-#[derive(Debug, Clone)]
-pub(crate) struct ClaimOnAdd {
-    pub(crate) lease_ms: i64,
-    pub(crate) token: String,
-}
+pub(crate) use crate::engine::ClaimOnAdd;
 
 /// A job to add, with the lease to insert it under, if any.
 #[derive(Clone, Copy)]

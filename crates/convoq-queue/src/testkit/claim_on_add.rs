@@ -100,15 +100,21 @@ pub async fn add_claimed_holds_the_job_under_its_lease(factory: &dyn EngineFacto
     assert_eq!(again.job.data, json!({ "n": 4 }));
 }
 
-/// A worker that waits for work takes jobs added in its process as they are stored, and runs
-/// each once; after the pool has stopped, added jobs wait for the next worker.
+/// A worker that waits for work takes jobs added in its process as they are stored, and the
+/// follow-up jobs that completions add, and runs each once; after the pool has stopped, added
+/// jobs wait for the next worker.
 pub async fn idle_worker_takes_added_jobs_as_stored(factory: &dyn EngineFactory) {
     struct Count(AtomicUsize);
     #[async_trait]
     impl Processor for Count {
         async fn process(&self, job: &crate::Job) -> Result<Completion, ProcessError> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(Completion::with_result(job.data.clone()))
+            let mut c = Completion::with_result(job.data.clone());
+            if job.name == "work" {
+                c.follow_ups
+                    .push(NewJob::new("follow", "audit", json!({ "of": job.id })));
+            }
+            Ok(c)
         }
     }
     let queues = real(factory).await;
@@ -121,9 +127,11 @@ pub async fn idle_worker_takes_added_jobs_as_stored(factory: &dyn EngineFactory)
     let pool = queues
         .workers()
         .processor("work", runs.clone())
-        .queue(Q, opts)
+        .processor("audit", runs.clone())
+        .queue(Q, opts.clone())
+        .queue("follow", opts)
         .start();
-    tokio::time::sleep(Duration::from_millis(200)).await; // let the worker go idle
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the workers go idle
     let mut handed = 0;
     let mut ids = Vec::new();
     for n in 0..20 {
@@ -140,11 +148,31 @@ pub async fn idle_worker_takes_added_jobs_as_stored(factory: &dyn EngineFactory)
             .unwrap();
         assert_eq!((done.state, done.attempts_made), (JobState::Completed, 1));
     }
-    assert_eq!(runs.0.load(Ordering::SeqCst), 20, "each job ran once");
+    // Every follow-up ran once; one stored claimed started in the instant it was created.
+    let mut follow_ups_handed = 0;
+    for _ in 0..200 {
+        if queues.counts("follow").await.unwrap().completed == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for f in queues
+        .list("follow", JobState::Completed, 0, 100)
+        .await
+        .unwrap()
+    {
+        assert_eq!(f.attempts_made, 1);
+        follow_ups_handed += usize::from(f.processed_at == Some(f.created_at));
+    }
+    assert_eq!(runs.0.load(Ordering::SeqCst), 40, "each job ran once");
     if queues.engine().capabilities().claim_on_add {
-        // Most, not all: a wake-up of the claim loop (by a completion) makes it busy for a
-        // moment, and an add then goes the ordinary way.
+        // Most, not all: a wake-up of a claim loop makes it busy for a moment, and an add then
+        // goes the ordinary way.
         assert!(handed >= 10, "only {handed} of 20 adds were handed over");
+        assert!(
+            follow_ups_handed >= 10,
+            "only {follow_ups_handed} of 20 follow-ups were handed over"
+        );
     } else {
         assert_eq!(handed, 0);
     }

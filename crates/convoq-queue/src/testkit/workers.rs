@@ -308,11 +308,8 @@ pub async fn effects_follow_capabilities(factory: &dyn EngineFactory) {
     let id = queues.add(job(1)).await.unwrap().job.id;
     let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
     let applied = Arc::new(AtomicUsize::new(0));
-    let completion = Completion {
-        result: json!("done"),
-        follow_ups: Vec::new(),
-        effect: Some(Arc::new(Noop(applied.clone()))),
-    };
+    let mut completion = Completion::with_result(json!("done"));
+    completion.effect = Some(Arc::new(Noop(applied.clone())));
     let finished = engine.finish(&c, Outcome::Completed(completion)).await;
     let state = queues.get(Q, &id).await.unwrap().unwrap().state;
     if engine.capabilities().transactional_effects {

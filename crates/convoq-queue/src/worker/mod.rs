@@ -19,7 +19,7 @@ use futures::FutureExt;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::engine::{ClaimedJob, Completion, Engine, Outcome};
+use crate::engine::{ClaimOnAdd, ClaimedJob, Completion, Engine, FollowUpClaims, Outcome};
 use crate::error::{panic_message, ProcessError, QueueError};
 use crate::job::Job;
 use crate::queues::{Queues, Reserved, Taker};

@@ -18,9 +18,9 @@ pub(super) struct QueueLoop {
     pub(super) live: watch::Sender<usize>,
     pub(super) last_tick_ms: AtomicI64,
     pub(super) stopping: AtomicBool,
-    /// The claim loop waits for work: its last claim found none. Jobs added in this process
-    /// meanwhile are handed to a free slot as they are stored (see [`Taker`]); while it is
-    /// false they wait their turn behind the queue's ready jobs.
+    /// The claim loop waits for work: its last claim found none (and jobs added since were
+    /// handed to free slots as they were stored), so an attempt's end does not look for the
+    /// next job (fetch-next).
     pub(super) idle: AtomicBool,
     pub(super) opts: WorkerOptions,
 }
@@ -44,9 +44,11 @@ struct HeldSlot {
 
 impl Taker for QueueLoop {
     fn reserve(self: Arc<Self>) -> Option<Box<dyn Reserved>> {
-        if !self.idle.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) {
             return None;
         }
+        // Fails while the claim loop waits for a slot (tokio's semaphore serves waiters first):
+        // then the queue has a backlog, and the job added waits its turn in it.
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         Some(Box::new(HeldSlot {
             live: Live::new(&self),
@@ -246,6 +248,7 @@ impl QueueLoop {
                 }
             }
         };
+        let (outcome, mut held) = self.hold_slots_for_follow_ups(outcome);
         let elapsed = started.elapsed();
         // The processor is done with the slot. Where the engine hands over the next job with
         // this attempt's end, keep the slot for that job; otherwise free it now, so that the
@@ -284,12 +287,26 @@ impl QueueLoop {
                 .collect(),
             Outcome::Failed(_) => Vec::new(),
         };
+        let claims = match &outcome {
+            Outcome::Completed(c) => c.follow_up_claims.clone(),
+            Outcome::Failed(_) => None,
+        };
         let mut next = None;
         match self
             .finish_with_retries(&claimed, outcome, fetch_next)
             .await
         {
-            Ok(n) => next = n,
+            Ok(n) => {
+                next = n;
+                let stored = claims.map(|c| {
+                    std::mem::take(&mut *c.claimed.lock().unwrap_or_else(|p| p.into_inner()))
+                });
+                for job in stored.into_iter().flatten() {
+                    if let Some(slot) = held.remove(&job.token) {
+                        slot.run(job);
+                    }
+                }
+            }
             Err(e) => {
                 end = AttemptEnd::NotRecorded;
                 match e {
@@ -310,6 +327,37 @@ impl QueueLoop {
             }
         }
         (next, kept)
+    }
+
+    /// Holds free slots of this process's idle workers for a completion's follow-up jobs, so
+    /// that the completion stores them claimed and they run as soon as it commits (as
+    /// [`Queues::add`] does for the jobs callers add). Returns the slots by lease token; those
+    /// not used are freed when dropped.
+    fn hold_slots_for_follow_ups(
+        &self,
+        outcome: Outcome,
+    ) -> (Outcome, HashMap<String, Box<dyn Reserved>>) {
+        let mut held = HashMap::new();
+        let Outcome::Completed(mut completion) = outcome else {
+            return (outcome, held);
+        };
+        let leases: Vec<Option<ClaimOnAdd>> = completion
+            .follow_ups
+            .iter()
+            .map(|job| {
+                let slot = self.queues.idle_worker(job)?;
+                let lease = ClaimOnAdd::new(slot.lease());
+                held.insert(lease.token.clone(), slot);
+                Some(lease)
+            })
+            .collect();
+        if !held.is_empty() {
+            completion.follow_up_claims = Some(Arc::new(FollowUpClaims {
+                leases,
+                claimed: Default::default(),
+            }));
+        }
+        (Outcome::Completed(completion), held)
     }
 
     /// Records an attempt's end, retrying while the engine is unavailable for up to one lease

@@ -6,7 +6,7 @@ use super::ops::{Batch, Op};
 use crate::effect::{apply_group_guarded, apply_guarded, TxEffect};
 use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
-use crate::job::Added;
+use crate::job::{Added, JobState};
 use crate::sql::dialect::Dialect;
 use crate::sql::rules::ToAdd;
 
@@ -58,11 +58,18 @@ async fn complete_together<D: Dialect>(
         return Err(Abort::Careful);
     };
     let mut follow_ups = Vec::new();
+    // Whose follow-up each is, where a worker waits for it.
+    let mut waiting = Vec::new();
     let mut effects: Vec<&dyn TxEffect> = Vec::new();
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {
             effects.extend(c.effect.as_deref());
-            follow_ups.extend(c.follow_ups.iter().map(ToAdd::from));
+            for (k, job) in c.follow_ups.iter().enumerate() {
+                let claims = c.follow_up_claims.as_ref();
+                let claim = claims.and_then(|f| f.leases.get(k)?.as_ref());
+                follow_ups.push(ToAdd { job, claim });
+                waiting.push(claims.filter(|_| claim.is_some()));
+            }
         }
         answers[*i] = Some(r);
     }
@@ -91,8 +98,21 @@ async fn complete_together<D: Dialect>(
             return Err(Abort::Careful);
         }
     }
-    if !follow_ups.is_empty() && d.add_jobs(conn, &follow_ups, now, batch).await?.is_err() {
-        return Err(Abort::Careful);
+    if !follow_ups.is_empty() {
+        let Ok(added) = d.add_jobs(conn, &follow_ups, now, batch).await? else {
+            return Err(Abort::Careful);
+        };
+        for ((added, add), sink) in added.into_iter().zip(&follow_ups).zip(waiting) {
+            if let (Some(sink), Some(claim)) = (sink, add.claim) {
+                if added.created && added.job.state == JobState::Active {
+                    let job = ClaimedJob {
+                        job: added.job,
+                        token: claim.token.clone(),
+                    };
+                    batch.handed.push((sink.clone(), job));
+                }
+            }
+        }
     }
     Ok(answers)
 }

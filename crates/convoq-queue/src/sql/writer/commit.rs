@@ -196,6 +196,13 @@ fn abort_err<D: Dialect>(d: &D, e: Abort<D::Error>) -> QueueError {
 fn deliver_all(ops: &mut Vec<Op>, batch: Batch, shared: &Shared) {
     shared.commits.fetch_add(1, Ordering::Relaxed);
     shared.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+    // Before the answers, so that a finish's caller finds its follow-ups to run.
+    for (sink, job) in batch.handed {
+        sink.claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job);
+    }
     for op in ops.drain(..) {
         deliver(op);
     }

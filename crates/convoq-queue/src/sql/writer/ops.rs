@@ -3,10 +3,11 @@
 //! batch notes for after its commit (`Batch`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::engine::{ClaimBatch, ClaimedJob, Outcome};
+use crate::engine::{ClaimBatch, ClaimedJob, FollowUpClaims, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, NewJob};
 use crate::sql::operation::Operation;
@@ -113,6 +114,9 @@ pub(crate) struct Batch {
     pub(crate) woken: HashSet<String>,
     /// Lifetime totals to add, per queue: (completed, failed).
     pub(crate) totals: HashMap<String, (i64, i64)>,
+    /// Follow-up jobs stored claimed, for the workers that wait for them (see
+    /// [`FollowUpClaims`]).
+    pub(crate) handed: Vec<(Arc<FollowUpClaims>, ClaimedJob)>,
 }
 
 impl Batch {
