@@ -113,6 +113,20 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     async fn now_ms(&self, conn: &mut Self::Conn, clock: &dyn Clock) -> DResult<Self, i64>;
     /// Opens the batch's transaction.
     async fn begin(&self, conn: &mut Self::Conn) -> DResult<Self, ()>;
+    /// For a batch of adds of jobs without custom ids (one insert, atomic by itself, that no
+    /// conflict can refuse): its clock reading where the dialect runs it without a transaction,
+    /// sparing the round trips of `BEGIN` and `COMMIT`; `None` to run it as any batch.
+    async fn autocommit_adds(
+        &self,
+        _conn: &mut Self::Conn,
+        _clock: &dyn Clock,
+    ) -> DResult<Self, Option<i64>> {
+        Ok(None)
+    }
+    /// What [`Dialect::commit`] does after its commit, for a batch run without a transaction.
+    async fn autocommitted(&self, _conn: &mut Self::Conn, _batch: &Batch) -> DResult<Self, ()> {
+        Ok(())
+    }
     /// Adds the batch's lifetime totals and commits.
     async fn commit(&self, conn: &mut Self::Conn, batch: &Batch) -> DResult<Self, ()>;
     /// Abandons the batch.

@@ -245,6 +245,25 @@ async fn apply_batch_now<D: Dialect>(
     clock: &dyn Clock,
     mode: Mode,
 ) -> std::result::Result<Batch, Abort<D::Error>> {
+    if mode == Mode::Grouped && ops.iter().all(fresh_adds) {
+        if let Some(now) = d.autocommit_adds(conn, clock).await? {
+            // One insert that commits itself: nothing to roll back if it fails, and nothing in
+            // it asks for the careful mode (no custom id, so no conflict to read back).
+            let applied = match apply_ops(d, conn, ops, now, mode).await {
+                Ok(batch) => match d.autocommitted(conn, &batch).await {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err(Abort::Sql(e)),
+                },
+                Err(e) => Err(e),
+            };
+            if applied.is_err() {
+                // Lets the dialect see whether the connection still answers (a broken one is
+                // opened anew for the next try); there is no transaction to end.
+                let _ = d.rollback(conn).await;
+            }
+            return applied;
+        }
+    }
     let now = d.now_ms(conn, clock).await?;
     d.begin(conn).await?;
     let result = apply_ops(d, conn, ops, now, mode).await;
@@ -260,5 +279,14 @@ async fn apply_batch_now<D: Dialect>(
             let _ = d.rollback(conn).await;
             Err(e)
         }
+    }
+}
+
+/// An add whose jobs have no custom id: its insert cannot conflict (see
+/// [`Dialect::autocommit_adds`]).
+fn fresh_adds(op: &Op) -> bool {
+    match op {
+        Op::Add { jobs, .. } => jobs.iter().all(|job| job.opts.job_id.is_none()),
+        _ => false,
     }
 }
