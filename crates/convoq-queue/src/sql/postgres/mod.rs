@@ -225,9 +225,15 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     // those plans for the connection's life, while the table's dead row versions pile up
     // between vacuums, and every completion and claim read them all (`pg_stat_user_tables`:
     // 10,000 sequential scans reading 14 million rows for 10,000 conversations). Writers ask
-    // for the index paths; readers (counts, listings) keep the planner's choice.
+    // for the index paths; readers (counts, listings) keep the planner's choice. And since
+    // those plans are the same for any parameters, writers keep them: with Postgres's default
+    // choice every execution was planned anew (a fifth of the server's CPU in `perf` under
+    // load, `standard_planner` under `GetCachedPlan`).
     let reads_opts = opts;
-    let opts = reads_opts.clone().options([("enable_seqscan", "off")]);
+    let opts = reads_opts.clone().options([
+        ("enable_seqscan", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ]);
     let mut first = opts.connect().await.map_err(schema::map_err)?;
     schema::migrate(&mut first).await?;
     let clock = Arc::new(DbClock::default());
