@@ -148,7 +148,7 @@ impl Queues {
     /// be stored (nothing was added).
     pub async fn add(&self, job: NewJob) -> Result<Added> {
         let job = self.prepare(job)?;
-        if let Some(slot) = self.idle_worker(&job) {
+        if let Some(slot) = self.free_slot(&job) {
             let (added, claimed) = self.engine.add_claimed(job, slot.lease()).await?;
             if let Some(claimed) = claimed {
                 slot.run(claimed);
@@ -160,7 +160,7 @@ impl Queues {
     }
 
     /// A slot of this process's workers for `job`, if it can be claimed as it is added.
-    pub(crate) fn idle_worker(&self, job: &NewJob) -> Option<Box<dyn Reserved>> {
+    pub(crate) fn free_slot(&self, job: &NewJob) -> Option<Box<dyn Reserved>> {
         if !self.engine.capabilities().claim_on_add || job.opts.delay.unwrap_or(0) > 0 {
             return None;
         }
@@ -173,7 +173,7 @@ impl Queues {
         taker.reserve()
     }
 
-    /// Lets `taker` take the jobs added to `queue` while it waits for work.
+    /// Lets `taker` take jobs added to `queue` into its free slots.
     pub(crate) fn register_taker(&self, queue: &str, taker: Weak<dyn Taker>) {
         self.takers
             .write()

@@ -164,8 +164,11 @@ pub async fn add_wakes_idle_worker_without_polling(factory: &dyn EngineFactory) 
         .processor("work", echo)
         .queue(Q, opts)
         .start();
-    tokio::time::sleep(Duration::from_millis(200)).await; // let the worker go idle
-    let id = queues.add(job(1)).await.unwrap().job.id;
+    // Let the worker go idle. Then `add_bulk`: `add` would hand the job to the free slot as
+    // it is stored, with no wake-up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let added = queues.add_bulk(vec![job(1)]).await.unwrap();
+    let id = added[0].job.id.clone();
     let done = queues
         .wait_finished(Q, &id, Duration::from_secs(5))
         .await

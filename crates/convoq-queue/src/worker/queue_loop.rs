@@ -329,7 +329,7 @@ impl QueueLoop {
         (next, kept)
     }
 
-    /// Holds free slots of this process's idle workers for a completion's follow-up jobs, so
+    /// Holds free slots of this process's workers for a completion's follow-up jobs, so
     /// that the completion stores them claimed and they run as soon as it commits (as
     /// [`Queues::add`] does for the jobs callers add). Returns the slots by lease token; those
     /// not used are freed when dropped.
@@ -345,7 +345,7 @@ impl QueueLoop {
             .follow_ups
             .iter()
             .map(|job| {
-                let slot = self.queues.idle_worker(job)?;
+                let slot = self.queues.free_slot(job)?;
                 let lease = ClaimOnAdd::new(slot.lease());
                 held.insert(lease.token.clone(), slot);
                 Some(lease)
