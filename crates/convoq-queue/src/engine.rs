@@ -55,9 +55,23 @@ impl ClaimOnAdd {
     pub(crate) fn new(lease: Duration) -> Self {
         ClaimOnAdd {
             lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
-            token: uuid::Uuid::new_v4().simple().to_string(),
+            token: new_lease_token(),
         }
     }
+
+    /// The job as held under this lease, if its add stored it so (not when it found an
+    /// existing job, or left the job waiting: a paused queue, a delay).
+    pub(crate) fn held(&self, added: &Added) -> Option<ClaimedJob> {
+        (added.created && added.job.state == JobState::Active).then(|| ClaimedJob {
+            job: added.job.clone(),
+            token: self.token.clone(),
+        })
+    }
+}
+
+/// A fresh lease token for a claim.
+pub(crate) fn new_lease_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// Follow-up jobs a worker of this process waits for: the lease each is to be inserted under
@@ -155,9 +169,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn add_claimed(
         &self,
         job: NewJob,
-        lease: Duration,
+        _lease: Duration,
     ) -> Result<(Added, Option<ClaimedJob>)> {
-        let _ = lease;
         let added = self.add_bulk(vec![job]).await?.pop().ok_or_else(|| {
             crate::error::QueueError::Unavailable("the engine answered no job for the add".into())
         })?;

@@ -49,13 +49,14 @@ pub use config::{redact_url, Durability, SqlConfig, DEFAULT_WRITE_TIMEOUT};
 pub use sqlite::conn::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 
 use crate::clock::Clock;
-use crate::engine::{Capabilities, ClaimBatch, ClaimedJob, Engine, Outcome};
+use crate::engine::{
+    new_lease_token, Capabilities, ClaimBatch, ClaimOnAdd, ClaimedJob, Engine, Outcome,
+};
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
 use dialect::Reads;
 use operation::{Pending, Statement};
-use rules::ClaimOnAdd;
 use writer::{Op, Request, Slot, WriterHandle};
 
 /// Counters of the group-commit writer.
@@ -327,11 +328,6 @@ impl SqlEngine {
     }
 }
 
-/// A fresh lease token for a claim.
-fn new_lease_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
 #[async_trait]
 impl Engine for SqlEngine {
     fn name(&self) -> &'static str {
@@ -378,7 +374,7 @@ impl Engine for SqlEngine {
         lease: Duration,
     ) -> Result<(Added, Option<ClaimedJob>)> {
         let claim = ClaimOnAdd::new(lease);
-        let token = claim.token.clone();
+        let held = claim.clone();
         let added = self
             .request(|reply| Op::Add {
                 jobs: vec![job],
@@ -388,10 +384,7 @@ impl Engine for SqlEngine {
             .await?
             .pop()
             .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
-        let claimed = (added.created && added.job.state == JobState::Active).then(|| ClaimedJob {
-            job: added.job.clone(),
-            token,
-        });
+        let claimed = held.held(&added);
         Ok((added, claimed))
     }
 

@@ -311,13 +311,11 @@ pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
     ]
 }
 
-pub(crate) use crate::engine::ClaimOnAdd;
-
 /// A job to add, with the lease to insert it under, if any.
 #[derive(Clone, Copy)]
 pub(crate) struct ToAdd<'a> {
     pub(crate) job: &'a crate::job::NewJob,
-    pub(crate) claim: Option<&'a ClaimOnAdd>,
+    pub(crate) claim: Option<&'a crate::engine::ClaimOnAdd>,
 }
 
 impl<'a> From<&'a crate::job::NewJob> for ToAdd<'a> {

@@ -6,7 +6,7 @@ use super::ops::{Batch, Op};
 use crate::effect::{apply_group_guarded, apply_guarded, TxEffect};
 use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
-use crate::job::{Added, JobState};
+use crate::job::Added;
 use crate::sql::dialect::Dialect;
 use crate::sql::rules::ToAdd;
 
@@ -64,11 +64,11 @@ async fn complete_together<D: Dialect>(
     for ((i, (_, c)), r) in together.iter().zip(results) {
         if r.is_ok() {
             effects.extend(c.effect.as_deref());
+            let claims = c.follow_up_claims.as_ref();
             for (k, job) in c.follow_ups.iter().enumerate() {
-                let claims = c.follow_up_claims.as_ref();
                 let claim = claims.and_then(|f| f.leases.get(k)?.as_ref());
                 follow_ups.push(ToAdd { job, claim });
-                waiting.push(claims.filter(|_| claim.is_some()));
+                waiting.push(claims);
             }
         }
         answers[*i] = Some(r);
@@ -102,15 +102,9 @@ async fn complete_together<D: Dialect>(
         let Ok(added) = d.add_jobs(conn, &follow_ups, now, batch).await? else {
             return Err(Abort::Careful);
         };
-        for ((added, add), sink) in added.into_iter().zip(&follow_ups).zip(waiting) {
-            if let (Some(sink), Some(claim)) = (sink, add.claim) {
-                if added.created && added.job.state == JobState::Active {
-                    let job = ClaimedJob {
-                        job: added.job,
-                        token: claim.token.clone(),
-                    };
-                    batch.handed.push((sink.clone(), job));
-                }
+        for ((added, add), sink) in added.iter().zip(&follow_ups).zip(waiting) {
+            if let (Some(sink), Some(job)) = (sink, add.claim.and_then(|c| c.held(added))) {
+                batch.handed.push((sink.clone(), job));
             }
         }
     }

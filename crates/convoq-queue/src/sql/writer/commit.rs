@@ -249,13 +249,12 @@ async fn apply_batch_now<D: Dialect>(
         if let Some(now) = d.autocommit_adds(conn, clock).await? {
             // One insert that commits itself: nothing to roll back if it fails, and nothing in
             // it asks for the careful mode (no custom id, so no conflict to read back).
-            let applied = match apply_ops(d, conn, ops, now, mode).await {
-                Ok(batch) => match d.autocommitted(conn, &batch).await {
-                    Ok(()) => Ok(batch),
-                    Err(e) => Err(Abort::Sql(e)),
-                },
-                Err(e) => Err(e),
-            };
+            let applied = async {
+                let batch = apply_ops(d, conn, ops, now, mode).await?;
+                d.autocommitted(conn, &batch).await?;
+                Ok(batch)
+            }
+            .await;
             if applied.is_err() {
                 // Lets the dialect see whether the connection still answers (a broken one is
                 // opened anew for the next try); there is no transaction to end.

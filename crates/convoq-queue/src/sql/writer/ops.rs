@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::engine::{ClaimBatch, ClaimedJob, FollowUpClaims, Outcome};
+use crate::engine::{ClaimBatch, ClaimOnAdd, ClaimedJob, FollowUpClaims, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, NewJob};
 use crate::sql::operation::Operation;
-use crate::sql::rules::ClaimOnAdd;
 
 /// Where an operation's answer goes, and the answer itself while its batch has not committed.
 pub(crate) struct Slot<T> {
