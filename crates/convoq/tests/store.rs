@@ -34,6 +34,7 @@ on_each_database!(
     conversations_insert_once_and_page_newest_first,
     inserts_run_inside_a_callers_transaction,
     group_inserts_are_one_statement_all_or_nothing,
+    concurrent_inserts_share_statements_and_each_gets_its_answer,
     every_operation_is_timed,
 );
 
@@ -324,6 +325,81 @@ async fn group_inserts(
         store.insert_conversations_in(conn.reborrow(), mixed).await,
         store.insert_audits_in(conn, audits).await,
     )
+}
+
+/// The count of a `convoq_db_query_duration_seconds` series in `text`.
+fn timed(text: &str, op: &str) -> u64 {
+    let series = format!("convoq_db_query_duration_seconds_count{{operation=\"{op}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Jobs that insert at the same time share statements (one commit for many rows), and each
+/// caller still gets its own row's answer: an unknown user fails that insert alone.
+async fn concurrent_inserts_share_statements_and_each_gets_its_answer(db: TestDatabase) {
+    let url = db.url.as_str();
+    let metrics = Metrics::new();
+    let store = Store::connect(url, &StoreOptions::default(), metrics.clone())
+        .await
+        .expect("store opens");
+    store
+        .upsert_user("u1", "1", "alice", None)
+        .await
+        .expect("user");
+    let at = Utc::now();
+    let rows: Vec<NewConversation> = (0..64)
+        .map(|i| {
+            let user = if i % 16 == 5 { "ghost" } else { "u1" };
+            conversation(&uuid::Uuid::now_v7().to_string(), user, None)
+        })
+        .collect();
+    let answers =
+        futures::future::join_all(rows.iter().map(|c| store.insert_conversation(c, at))).await;
+    for (c, answer) in rows.iter().zip(&answers) {
+        let stored = store.get_conversation(&c.id).await.expect("read");
+        if c.user_id == "ghost" {
+            assert!(
+                matches!(answer, Err(StoreError::UnknownUser(u)) if u == "ghost"),
+                "{answer:?}"
+            );
+            assert!(stored.is_none());
+        } else {
+            answer.as_ref().expect("inserted");
+            assert!(stored.is_some(), "{} not stored", c.id);
+        }
+    }
+    let events: Vec<NewAuditEvent> = rows
+        .iter()
+        .map(|c| NewAuditEvent {
+            id: format!("conversation.created-{}", c.id),
+            event: "conversation.created".into(),
+            subject_id: c.id.clone(),
+            actor: "u1".into(),
+            request_id: None,
+        })
+        .collect();
+    let answers = futures::future::join_all(events.iter().map(|e| store.insert_audit(e, at))).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    for c in &rows {
+        let recorded = store.audit_events_for(&c.id).await.expect("read");
+        assert_eq!(recorded.len(), 1, "{}", c.id);
+    }
+    let text = metrics.render();
+    assert_eq!(timed(&text, "insert_conversation"), 64);
+    assert_eq!(timed(&text, "insert_audit_event"), 64);
+    // The failed group is followed by each of its rows alone, hence the allowance.
+    let statements = timed(&text, "insert_conversations");
+    assert!(
+        (1..=64 / 4 + 64).contains(&statements),
+        "{statements} statements"
+    );
+    let statements = timed(&text, "insert_audit_events");
+    assert!(
+        (1..=64 / 4).contains(&statements),
+        "{statements} statements for 64 events"
+    );
 }
 
 async fn every_operation_is_timed(db: TestDatabase) {

@@ -11,8 +11,10 @@
 //!
 //! Conversation and audit inserts come in two forms: `*_in(conn)`, run inside the queue
 //! engine's completion transaction when the queue and the store share one database, and the
-//! pool form for when they do not. Both are idempotent (`ON CONFLICT DO NOTHING`).
+//! pool form for when they do not, where concurrent inserts of one kind are grouped into one
+//! statement and one commit (`batch.rs`). Both are idempotent (`ON CONFLICT DO NOTHING`).
 
+mod batch;
 mod postgres;
 mod sqlite;
 
@@ -26,9 +28,10 @@ use rusqlite::ffi;
 use serde::Serialize;
 
 use crate::telemetry::Metrics;
+use batch::Batcher;
 
 /// What can go wrong in the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is busy; worth retrying.
     #[error("store unavailable: {0}")]
@@ -225,6 +228,8 @@ pub struct Store {
     db: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
     known_users: Arc<KnownUsers>,
+    conversations: Batcher<NewConversation>,
+    audits: Batcher<NewAuditEvent>,
 }
 
 /// Ids of users this process has seen in the store. Users are never deleted, so a user seen
@@ -263,17 +268,25 @@ impl Store {
         options: &StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        let db: Arc<dyn Backend> = if url.starts_with("sqlite:") {
-            Arc::new(sqlite::open(url, options)?)
+        // Insert lanes: SQLite has one writer; on Postgres half the pool, so that reads always
+        // find a connection.
+        let (db, lanes): (Arc<dyn Backend>, u32) = if url.starts_with("sqlite:") {
+            (Arc::new(sqlite::open(url, options)?), 1)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Arc::new(postgres::open(url, options)?)
+            (
+                Arc::new(postgres::open(url, options)?),
+                options.max_connections / 2,
+            )
         } else {
             return Err(StoreError::Unavailable(format!(
                 "the store takes sqlite:// or postgres:// URLs, not {:?}",
                 convoq_queue::sql::redact_url(url)
             )));
         };
+        let lanes = lanes.max(1) as usize;
         let store = Store {
+            conversations: Batcher::spawn(db.clone(), lanes, metrics.clone()),
+            audits: Batcher::spawn(db.clone(), lanes, metrics.clone()),
             db,
             metrics,
             known_users: Arc::default(),
@@ -374,7 +387,8 @@ impl Store {
         self.db.list_conversations(user_id, limit, cursor).await
     }
 
-    /// Inserts a conversation on its own (when the queue does not share this database).
+    /// Inserts a conversation (when the queue does not share this database), in one statement
+    /// with the conversations other jobs insert meanwhile.
     ///
     /// # Errors
     /// [`StoreError::UnknownUser`] when the user does not exist.
@@ -384,8 +398,8 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_conversation");
-        self.db
-            .insert_conversations(&[(c, now)])
+        self.conversations
+            .insert(c.clone(), now)
             .await
             .map_err(|e| conversation_err(e, c))
     }
@@ -417,7 +431,7 @@ impl Store {
         }
     }
 
-    /// Records an audit event on its own.
+    /// Records an audit event, in one statement with the events other jobs record meanwhile.
     ///
     /// # Errors
     /// When the store cannot be written.
@@ -427,7 +441,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let _t = self.metrics.db_timer("insert_audit_event");
-        self.db.insert_audits(&[(e, now)]).await
+        self.audits.insert(e.clone(), now).await
     }
 
     /// Records audit events on `conn` in one statement, inside the queue engine's open
