@@ -27,8 +27,9 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://convoq.db";
 /// dashboards find convoq's queues without configuration.
 pub const DEFAULT_QUEUE_PREFIX: &str = "bull";
 /// Default per-queue worker concurrency where processors write to a store of their own (the
-/// queue on Redis, or on another database than the store): each slot then holds a store
-/// connection while its job runs.
+/// queue on Redis, or on another database than the store): each slot's insert then waits for
+/// the store's pool, where the inserts of jobs in flight together are grouped into one
+/// statement (`store/batch.rs`).
 pub const DEFAULT_CONCURRENCY: [(&str, usize); 3] = [("database", 32), ("audit", 32), ("chat", 4)];
 /// Default per-queue worker concurrency where the queue and the store are one SQL database (the
 /// embedded default, or Postgres for both): a slot holds no connection (the conversation and

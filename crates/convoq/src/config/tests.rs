@@ -31,7 +31,7 @@ fn default_concurrency_follows_where_processors_write() {
     assert_eq!(both_pg.concurrency["database"], 128);
     assert_eq!(both_pg.concurrency["audit"], 4);
     assert_eq!(both_pg.concurrency["chat"], 4);
-    // A queue apart from the store: each slot holds a store connection while it runs.
+    // A queue apart from the store: each slot's insert waits for the store's pool.
     for queue_url in ["redis://127.0.0.1:6379", "sqlite://queue.db"] {
         let apart = load(Settings {
             database_url: Some(pg.into()),
