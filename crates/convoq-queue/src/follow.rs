@@ -13,7 +13,8 @@ use crate::events::{JobEvent, JobWatch};
 
 /// Replays a job's history, then yields its new events as they happen.
 ///
-/// Built by [`crate::Queues::follow`]. Ends after a terminal event (`completed`, `failed`).
+/// Built by [`crate::Queues::follow`]. Ends after a terminal event (`completed`, `failed`)
+/// that is the last of the job's history when it is read.
 pub struct Follower {
     engine: Arc<dyn Engine>,
     queue: String,
@@ -48,7 +49,9 @@ impl Follower {
     pub async fn next(&mut self) -> Result<Option<JobEvent>> {
         loop {
             if let Some(event) = self.pending.pop_front() {
-                if event.kind.is_terminal() {
+                // A terminal event ends the stream when nothing follows it in the history: a
+                // failure that an operator retried is followed by the job's next attempt.
+                if event.kind.is_terminal() && self.pending.is_empty() {
                     self.done = true;
                 }
                 return Ok(Some(event));

@@ -142,6 +142,7 @@ impl App {
             config: self.config.clone(),
             stats: Arc::new(QueueStats::default()),
             workers: Arc::new(Mutex::new(workers)),
+            sessions: Arc::default(),
         }
     }
 }
@@ -300,7 +301,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
             tracing::info!(listen = %addr, engine = app.queues.engine().name(), owner = app.queues.engine().owner_id(),
-                workers = !no_workers, "convoq listening");
+                workers = !no_workers, console = %format!("http://{addr}/ui"), "convoq listening");
             let router = http::router(state.clone());
             let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
             let serve = axum::serve(

@@ -167,6 +167,9 @@ async fn one_api_and_three_workers_share_one_database() {
             tries += 1;
             assert!(tries <= 100, "worker 0 never held a job when frozen");
             victim.signal("STOP");
+            // A commit the worker sent before it stopped may still land (a completion read
+            // as active here would then never stall): let Postgres finish it first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             let mut held = Vec::new();
             // `create_conversation` jobs only: they are kept (for their idempotency keys), so
             // their histories can be checked at the end; audit jobs are trimmed by retention.

@@ -404,6 +404,41 @@ pub async fn retry_and_remove(factory: &dyn EngineFactory) {
     assert!(queues.get(Q, &id).await.unwrap().is_none());
 }
 
+/// A failed job that an operator retried: its history goes on past the failure, and a
+/// subscriber gets all of it, ending with the job's last end, not its first. (On BullMQ a retry
+/// resets the job's hash, from which its history is derived, so there the history starts over
+/// and holds no failure.)
+pub async fn follow_goes_past_a_retried_failure(factory: &dyn EngineFactory) {
+    let (queues, _) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let id = queues.add(job(1)).await.unwrap().job.id;
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    engine
+        .finish(&c, Outcome::Failed(ProcessError::unrecoverable("nope")))
+        .await
+        .unwrap();
+    queues.retry(Q, &id).await.unwrap();
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    engine
+        .finish(
+            &c,
+            Outcome::Completed(Completion::with_result(json!({"ok": 2}))),
+        )
+        .await
+        .unwrap();
+    let mut follower = queues.follow(Q, &id);
+    let mut kinds = Vec::new();
+    while let Some(e) = follower.next_within(Duration::from_secs(5)).await.unwrap() {
+        kinds.push(e.kind);
+    }
+    use JobEventKind::*;
+    assert_eq!(kinds.first(), Some(&Waiting), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&Completed), "{kinds:?}");
+    if queues.engine().capabilities().transactional_effects {
+        assert_eq!(kinds, [Waiting, Active, Failed, Waiting, Active, Completed]);
+    }
+}
+
 /// A subscriber that arrives after the job finished still gets every step, in order.
 pub async fn follow_replays_history_to_late_subscriber(factory: &dyn EngineFactory) {
     let (queues, clock) = manual(factory).await;

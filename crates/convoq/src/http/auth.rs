@@ -1,8 +1,11 @@
 //! Authentication: `Authorization: Bearer <secret>` against the configured keys' SHA-256
-//! digests, compared in constant time; protected mode (no keys: loopback clients only) when
-//! none are configured. The resolved [`Caller`] goes into request extensions.
+//! digests, compared in constant time, or the operator console's session cookie
+//! (`console.rs`); protected mode (no keys: loopback clients only) when none are configured.
+//! The resolved [`Caller`] goes into request extensions. A state-changing request that a
+//! browser says another site made is refused (`console::cross_site`).
 //!
-//! `/healthz` and `/readyz` are open; `/metrics` is open unless a metrics key is configured.
+//! `/healthz` and `/readyz` are open; `/metrics` is open unless a metrics key is configured;
+//! the console's page, assets, login and logout are open (`console::is_open`).
 
 use std::net::SocketAddr;
 
@@ -13,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{console, AppState};
 use crate::config::{digest, Role};
 
 /// Who is calling.
@@ -58,8 +61,11 @@ fn bearer(req: &Request) -> Option<&str> {
 /// The middleware.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/healthz" || path == "/readyz" {
+    if path == "/healthz" || path == "/readyz" || console::is_open(path) {
         return next.run(req).await;
+    }
+    if let Err(e) = console::cross_site(&req) {
+        return e.into_response();
     }
     let config = &state.config;
     let presented = bearer(&req).map(digest);
@@ -98,7 +104,16 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         }
     } else {
         let Some(d) = presented else {
-            return ApiError::Unauthorized("send Authorization: Bearer <api key>").into_response();
+            return match console::session_caller(&state, &req) {
+                Some(Ok(caller)) => {
+                    req.extensions_mut().insert(caller);
+                    next.run(req).await
+                }
+                Some(Err(e)) => e.into_response(),
+                None => {
+                    ApiError::Unauthorized("send Authorization: Bearer <api key>").into_response()
+                }
+            };
         };
         // Compare against every key, without stopping at a match, so timing says nothing.
         let mut found = None;

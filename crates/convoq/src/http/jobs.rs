@@ -19,7 +19,7 @@ use serde_json::json;
 use super::conversations::MAX_WAIT_SECS;
 use super::error::ApiError;
 use super::extract::query_number;
-use super::{ok_json, ApiResult, AppState, Caller};
+use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::domain::QUEUES;
 
 /// The job as the API shows it.
@@ -135,11 +135,13 @@ pub async fn events(
 pub async fn retry(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult {
     caller.require_admin()?;
     let job = find(&state, &caller, &id).await?;
     let job = state.queues.retry(&job.queue, &id).await?;
+    record_action(&state, &caller, &request_id, "job.retried", &id).await;
     Ok(ok_json(
         StatusCode::OK,
         json!({ "ok": true, "job": job_json(&job) }),
@@ -150,11 +152,15 @@ pub async fn retry(
 pub async fn remove(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult {
     caller.require_admin()?;
     let job = find(&state, &caller, &id).await?;
     let removed = state.queues.remove(&job.queue, &id).await?;
+    if removed {
+        record_action(&state, &caller, &request_id, "job.removed", &id).await;
+    }
     Ok(ok_json(
         StatusCode::OK,
         json!({ "ok": true, "removed": removed }),

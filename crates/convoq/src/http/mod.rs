@@ -3,13 +3,15 @@
 //!
 //! Layout: `conversations.rs` (POST and reads), `jobs.rs` (job state, long-poll, SSE, operator
 //! actions on jobs), `users.rs`, `queues.rs` (stats and operator actions on queues),
-//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `auth.rs`, `stats.rs` (backlog and
-//! throughput for 429 and `estimatedWaitTime`), `error.rs`, `extract.rs`.
+//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `auth.rs`, `console.rs` (the operator
+//! console at `/ui`, its sessions and CSRF rules), `stats.rs` (backlog and throughput for 429 and
+//! `estimatedWaitTime`), `error.rs`, `extract.rs`.
 //!
 //! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
 //! [`crate::store::Store`].
 
 mod auth;
+mod console;
 mod conversations;
 pub mod error;
 pub mod extract;
@@ -60,6 +62,8 @@ pub struct AppState {
     pub stats: Arc<QueueStats>,
     /// This process's workers, if it runs any (readiness looks at them).
     pub workers: Arc<Mutex<Option<WorkerPool>>>,
+    /// The operator console's sessions.
+    pub sessions: Arc<console::Sessions>,
 }
 
 /// The router with every route and middleware.
@@ -83,6 +87,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/", get(console::root))
+        .route("/ui", get(console::page))
+        .route("/ui/console.js", get(console::script))
+        .route("/ui/console.css", get(console::style))
+        .route("/ui/session", get(console::session))
+        .route("/ui/login", post(console::login))
+        .route("/ui/logout", post(console::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     api.layer(middleware::from_fn_with_state(
@@ -204,6 +215,30 @@ async fn json_rejection(resp: Response) -> Response {
         field,
     }
     .into_response()
+}
+
+/// Records an operator's action (who, what, when) in the audit log: `event` is what was done
+/// (`queue.paused`, `job.retried`, ...), `subject` what it was done to. The action has happened
+/// by then, so a store that cannot record it is logged as an error, not answered.
+pub(crate) async fn record_action(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &RequestId,
+    event: &str,
+    subject: &str,
+) {
+    let record = crate::store::NewAuditEvent {
+        id: format!("{event}-{}", uuid::Uuid::now_v7()),
+        event: event.to_owned(),
+        subject_id: subject.to_owned(),
+        actor: caller.name.clone(),
+        request_id: Some(request_id.0.clone()),
+    };
+    match state.store.insert_audit(&record, chrono::Utc::now()).await {
+        Ok(()) => tracing::info!(actor = %caller.name, event, subject, "operator action recorded"),
+        Err(e) => tracing::error!(actor = %caller.name, event, subject, error = %e,
+            "operator action done but not recorded in the audit log"),
+    }
 }
 
 /// Turns a handler result into a response (handlers return `Result<Response, ApiError>`).

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::extract::query_number;
 use super::jobs::job_json;
-use super::{ok_json, ApiResult, AppState, Caller};
+use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::domain::QUEUES;
 
 fn known(name: &str) -> Result<&'static str, ApiError> {
@@ -135,22 +135,30 @@ pub async fn jobs(
 pub async fn pause(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
     Path(name): Path<String>,
 ) -> ApiResult {
-    set_paused(&state, &caller, &name, true).await
+    set_paused(&state, &caller, &request_id, &name, true).await
 }
 
 /// `POST /api/queues/{name}/resume`.
 pub async fn resume(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
     Path(name): Path<String>,
 ) -> ApiResult {
-    set_paused(&state, &caller, &name, false).await
+    set_paused(&state, &caller, &request_id, &name, false).await
 }
 
-/// Pauses or resumes a queue for an admin, and logs who did.
-async fn set_paused(state: &AppState, caller: &Caller, name: &str, paused: bool) -> ApiResult {
+/// Pauses or resumes a queue for an admin, and records who did in the audit log.
+async fn set_paused(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &RequestId,
+    name: &str,
+    paused: bool,
+) -> ApiResult {
     caller.require_admin()?;
     let q = known(name)?;
     if paused {
@@ -160,6 +168,12 @@ async fn set_paused(state: &AppState, caller: &Caller, name: &str, paused: bool)
         state.queues.resume(q).await?;
         tracing::info!(queue = q, actor = %caller.name, "queue resumed");
     }
+    let event = if paused {
+        "queue.paused"
+    } else {
+        "queue.resumed"
+    };
+    record_action(state, caller, request_id, event, q).await;
     Ok(ok_json(
         StatusCode::OK,
         json!({ "ok": true, "queue": q, "paused": paused }),

@@ -11,6 +11,7 @@ mod harness;
 
 mod accepted;
 mod access;
+mod console;
 mod jobs;
 mod ops;
 mod queues;

@@ -163,7 +163,8 @@ async fn metrics_cover_the_spec_with_route_templates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_routes_and_wrong_methods_answer_json_errors() {
     let h = harness().await;
-    for uri in ["/", "/api", "/api/nope", "/api/chat/conversations/x/y"] {
+    // `/` leads to the console (tests/api/console.rs).
+    for uri in ["/api", "/api/nope", "/api/chat/conversations/x/y"] {
         h.get(uri, Some(ADMIN))
             .await
             .assert_error(404, "not_found", None);

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod postgres;
 pub mod proxy;
 mod sse;
+pub mod webdriver;
 
 #[allow(unused_imports)] // Not every test binary reads events.
 pub use http::*;
