@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::effect::TxEffect;
 use crate::error::{ProcessError, Result};
 use crate::events::{JobEvent, WatchRegistry};
-use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Found, Job, JobSearch, JobState, NewJob, QueueCounts};
 
 /// A job held by a worker under a lease. Only the holder of `token` can finish it.
 #[derive(Debug, Clone)]
@@ -117,6 +117,9 @@ impl std::fmt::Debug for Completion {
     }
 }
 
+/// The most jobs of one state that [`Engine::search`]'s default reads.
+pub const SEARCH_SCAN_LIMIT: u64 = 10_000;
+
 /// What an engine can and cannot do, so that callers and the conformance suite can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -181,6 +184,54 @@ pub trait Engine: Send + Sync + 'static {
     /// Lists jobs in one state, newest first for finished states, in run order otherwise.
     async fn list(&self, queue: &str, state: JobState, offset: u64, limit: u64)
         -> Result<Vec<Job>>;
+    /// Finds up to `limit` jobs of `queue` that `search` matches, in one state or (`None`) in
+    /// any, skipping the first `offset` matches. The SQL engine searches in its statement; this
+    /// default, which the BullMQ engine uses, reads the state's listing (each state's, for
+    /// `None`) page by page and stops after [`SEARCH_SCAN_LIMIT`] jobs a state, saying so in
+    /// [`Found::exhaustive`].
+    async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Found> {
+        const PAGE: u64 = 500;
+        let states = match state {
+            Some(s) => vec![s],
+            None => JobState::ALL.to_vec(),
+        };
+        let (mut found, mut skipped, mut exhaustive) = (Vec::new(), 0, true);
+        'states: for s in states {
+            let mut at = 0;
+            loop {
+                if at >= SEARCH_SCAN_LIMIT {
+                    exhaustive = false;
+                    break;
+                }
+                let page = self.list(queue, s, at, PAGE).await?;
+                let last = (page.len() as u64) < PAGE;
+                at += page.len() as u64;
+                for job in page.into_iter().filter(|j| search.matches(j)) {
+                    if skipped < offset {
+                        skipped += 1;
+                    } else if (found.len() as u64) < limit {
+                        found.push(job);
+                    } else {
+                        break 'states;
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+        }
+        Ok(Found {
+            jobs: found,
+            exhaustive,
+        })
+    }
     /// Counts a queue's jobs by state, with its lifetime totals.
     async fn counts(&self, queue: &str) -> Result<QueueCounts>;
     /// Pauses or resumes a queue: a paused queue's waiting jobs are not claimed.

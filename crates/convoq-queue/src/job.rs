@@ -499,3 +499,49 @@ mod tests {
         assert_eq!(merged.job_id.as_deref(), Some("x"));
     }
 }
+
+/// What a job search matches: every part given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobSearch {
+    /// Text that the job's id, data (as JSON text) or failure reason contains, ignoring case.
+    pub text: Option<String>,
+    /// A top-level field of the job's data and the value it must have (a string, or the text of
+    /// a number or boolean): every job of one `userId`, say.
+    pub field: Option<(String, String)>,
+}
+
+impl JobSearch {
+    /// Whether `job` matches: the rule each engine's search applies.
+    pub fn matches(&self, job: &Job) -> bool {
+        let text_ok = self.text.as_deref().is_none_or(|t| {
+            let t = t.to_lowercase();
+            job.id.to_lowercase().contains(&t)
+                || job.data.to_string().to_lowercase().contains(&t)
+                || job
+                    .failed_reason
+                    .as_deref()
+                    .is_some_and(|r| r.to_lowercase().contains(&t))
+        });
+        let field_ok = self
+            .field
+            .as_ref()
+            .is_none_or(|(k, v)| match job.data.get(k) {
+                Some(serde_json::Value::String(s)) => s == v,
+                Some(other @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    v.as_str() == other.to_string().as_str()
+                }
+                _ => false,
+            });
+        text_ok && field_ok
+    }
+}
+
+/// A page of a job search.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    /// The jobs found, in the order of a listing of their state (newest first across states).
+    pub jobs: Vec<Job>,
+    /// Whether every job of the state (or queue) was searched. An engine that cannot search
+    /// where the jobs are stored (BullMQ) reads a bounded number of them and says so here.
+    pub exhaustive: bool,
+}

@@ -45,7 +45,8 @@ pub use error::{ProcessError, QueueError, Result};
 pub use events::{JobEvent, JobEventKind};
 pub use follow::Follower;
 pub use job::{
-    Added, Backoff, BackoffKind, Job, JobOptions, JobState, KeepJobs, NewJob, QueueCounts,
+    Added, Backoff, BackoffKind, Found, Job, JobOptions, JobSearch, JobState, KeepJobs, NewJob,
+    QueueCounts,
 };
 pub use queues::Queues;
 pub use worker::{

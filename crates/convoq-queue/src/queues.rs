@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::engine::{ClaimedJob, Engine};
 use crate::error::{QueueError, Result};
 use crate::follow::Follower;
-use crate::job::{Added, Job, JobOptions, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Found, Job, JobOptions, JobSearch, JobState, NewJob, QueueCounts};
 
 /// Longest accepted queue name.
 pub const MAX_QUEUE_NAME: usize = 64;
@@ -216,6 +216,24 @@ impl Queues {
         limit: u64,
     ) -> Result<Vec<Job>> {
         self.engine.list(queue, state, offset, limit).await
+    }
+
+    /// Finds up to `limit` jobs of a queue that `search` matches, in one state or in any,
+    /// skipping the first `offset` matches ([`Engine::search`]).
+    ///
+    /// # Errors
+    /// When the engine cannot be read.
+    pub async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Found> {
+        self.engine
+            .search(queue, state, search, offset, limit)
+            .await
     }
 
     /// Counts a queue's jobs by state.

@@ -1,8 +1,8 @@
 //! The operator console in a real headless Chromium (Debian's `chromium` and
 //! `chromium-driver`; skipped with the reason when they are not installed), against the real
 //! binary with API keys: an operator logs in with an admin key, watches the counts change as
-//! jobs run, pauses and resumes a queue, finds a failed job in the failed list and by its id,
-//! retries it and watches it complete; every action is in the audit log under the key's name.
+//! jobs run, pauses and resumes a queue, finds a failed job in the failed list, by its request
+//! id and by its id, retries it and watches it complete; every action is in the audit log under the key's name.
 //! Screenshots of the run are saved in the test's target directory
 //! (`CARGO_TARGET_TMPDIR/console-*.png`), and copied to `CONVOQ_TEST_SCREENSHOTS` when set.
 
@@ -165,6 +165,26 @@ async fn an_operator_logs_in_watches_and_acts() {
     );
     browser
         .wait_for("the failed job listed", wait, &listed)
+        .await;
+    // Found again by its request id, in any state.
+    let request_id = job["job"]["requestId"]
+        .as_str()
+        .expect("a request id")
+        .to_owned();
+    browser
+        .eval(
+            "document.querySelector('#jobs-state').value = 'any';",
+            json!([]),
+        )
+        .await;
+    browser.type_into("#jobs-q", &request_id).await;
+    browser.click("#jobs-form button[type=submit]").await;
+    let only = format!(
+        "const a = [...document.querySelectorAll('#jobs tbody a')]; return a.length === 1 && a[0].textContent === {};",
+        json!(id)
+    );
+    browser
+        .wait_for("the job found by its request id", wait, &only)
         .await;
     browser.type_into("#find-id", &id).await;
     browser.click("#find-form button[type=submit]").await;

@@ -167,9 +167,6 @@ async fn one_api_and_three_workers_share_one_database() {
             tries += 1;
             assert!(tries <= 100, "worker 0 never held a job when frozen");
             victim.signal("STOP");
-            // A commit the worker sent before it stopped may still land (a completion read
-            // as active here would then never stall): let Postgres finish it first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let mut held = Vec::new();
             // `create_conversation` jobs only: they are kept (for their idempotency keys), so
             // their histories can be checked at the end; audit jobs are trimmed by retention.
@@ -187,6 +184,26 @@ async fn one_api_and_three_workers_share_one_database() {
                 if state.as_deref() == Some("active") {
                     held.push((queue, id));
                 }
+            }
+            if !held.is_empty() {
+                // A commit the worker sent before it stopped may still land (a completion read
+                // as active above would then never stall): let Postgres finish it, read again.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut still = Vec::new();
+                for (queue, id) in held {
+                    let state: Option<String> = sqlx::query_scalar(
+                        "SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2",
+                    )
+                    .bind(&queue)
+                    .bind(&id)
+                    .fetch_optional(&pg)
+                    .await
+                    .expect("read a job's state");
+                    if state.as_deref() == Some("active") {
+                        still.push((queue, id));
+                    }
+                }
+                held = still;
             }
             if held.is_empty() {
                 victim.signal("CONT");

@@ -15,7 +15,7 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::job::{Added, Job, JobSearch, JobState, QueueCounts};
 use crate::sql::rules::ToAdd;
 
 /// A dialect's result: the driver's error outside, the operation's own inside.
@@ -196,6 +196,15 @@ pub(crate) trait Reads: Send + Sync + 'static {
         &self,
         queue: &str,
         state: JobState,
+        offset: u64,
+        limit: u64,
+        now: i64,
+    ) -> Result<Vec<Job>>;
+    async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
         offset: u64,
         limit: u64,
         now: i64,

@@ -54,7 +54,7 @@ use crate::engine::{
 };
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
-use crate::job::{Added, Job, JobState, NewJob, QueueCounts};
+use crate::job::{Added, Found, Job, JobSearch, JobState, NewJob, QueueCounts};
 use dialect::Reads;
 use operation::{Pending, Statement};
 use writer::{Op, Request, Slot, WriterHandle};
@@ -402,6 +402,24 @@ impl Engine for SqlEngine {
         self.reads
             .list(queue, state, offset, limit, self.clock.now_ms())
             .await
+    }
+
+    async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Found> {
+        let jobs = self
+            .reads
+            .search(queue, state, search, offset, limit, self.clock.now_ms())
+            .await?;
+        Ok(Found {
+            jobs,
+            exhaustive: true,
+        })
     }
 
     async fn counts(&self, queue: &str) -> Result<QueueCounts> {

@@ -463,9 +463,14 @@ pub(crate) fn listing(state: JobState, paused: bool) -> Option<(Rows, &'static s
     })
 }
 
+/// The order of a search over every state: newest first.
+pub(crate) const ANY_STATE_ORDER: &str = "seq DESC";
+
 /// Rows a listing reads (see [`listing`]); each dialect writes the condition in its SQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rows {
+    /// Every row of the queue (a search over every state).
+    Any,
     /// Waiting and due.
     Ready,
     /// Waiting and due later.

@@ -487,3 +487,101 @@ pub async fn follow_replays_history_to_late_subscriber(factory: &dyn EngineFacto
         "the early subscriber sees the rest"
     );
 }
+
+/// A search finds jobs by text in their id, data or failure reason (ignoring case) and by a
+/// field of their data, in one state or in any, with paging; the engine's search and
+/// [`JobSearch::matches`] agree.
+pub async fn search_finds_jobs_by_text_and_field(factory: &dyn EngineFactory) {
+    let (queues, _) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let data = |user: &str, n: i64, req: &str| json!({ "userId": user, "n": n, "requestId": req, "vip": n == 2 });
+    let mut ids = Vec::new();
+    for (n, user) in [(1, "alice"), (2, "bob"), (3, "alice"), (4, "carol")] {
+        let req = format!("req-{n}-Zeta");
+        let added = queues
+            .add(NewJob::new(Q, "work", data(user, n, &req)))
+            .await
+            .unwrap();
+        ids.push(added.job.id);
+    }
+    // Job 1 fails for good with a reason to find.
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    assert_eq!(c.job.id, ids[0]);
+    engine
+        .finish(
+            &c,
+            Outcome::Failed(ProcessError::unrecoverable("Database timeout on insert")),
+        )
+        .await
+        .unwrap();
+    let find = |state: Option<JobState>, search: JobSearch, offset: u64, limit: u64| {
+        let queues = queues.clone();
+        async move {
+            let found = queues
+                .search(Q, state, &search, offset, limit)
+                .await
+                .unwrap();
+            assert!(found.exhaustive, "a handful of jobs is searched whole");
+            for j in &found.jobs {
+                assert!(search.matches(j), "{search:?} found {j:?}");
+            }
+            found.jobs.into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    let text = |t: &str| JobSearch {
+        text: Some(t.into()),
+        field: None,
+    };
+    let field = |k: &str, v: &str| JobSearch {
+        text: None,
+        field: Some((k.into(), v.into())),
+    };
+    // By a request id in the data, in any state, ignoring case.
+    assert_eq!(
+        find(None, text("REQ-3-zeta"), 0, 10).await,
+        [ids[2].as_str()]
+    );
+    // By words of a failure reason, in the failed state and in any.
+    assert_eq!(
+        find(Some(JobState::Failed), text("timeout"), 0, 10).await,
+        [ids[0].as_str()]
+    );
+    assert_eq!(
+        find(None, text("database TIMEOUT"), 0, 10).await,
+        [ids[0].as_str()]
+    );
+    assert!(find(Some(JobState::Waiting), text("timeout"), 0, 10)
+        .await
+        .is_empty());
+    // By the id itself.
+    assert_eq!(find(None, text(&ids[3]), 0, 10).await, [ids[3].as_str()]);
+    // Every job of one user, waiting ones in run order, any state newest first.
+    assert_eq!(
+        find(Some(JobState::Waiting), field("userId", "alice"), 0, 10).await,
+        [ids[2].as_str()]
+    );
+    assert_eq!(
+        find(None, field("userId", "alice"), 0, 10).await,
+        [ids[2].as_str(), ids[0].as_str()]
+    );
+    // Numbers and booleans match by their text; a field nobody has matches nothing.
+    assert_eq!(find(None, field("n", "4"), 0, 10).await, [ids[3].as_str()]);
+    assert_eq!(
+        find(None, field("vip", "true"), 0, 10).await,
+        [ids[1].as_str()]
+    );
+    assert!(find(None, field("nobody", "x"), 0, 10).await.is_empty());
+    assert!(
+        find(None, field("userId", "ALICE"), 0, 10).await.is_empty(),
+        "a field matches exactly"
+    );
+    // Both parts must match; paging skips matches.
+    let both = JobSearch {
+        text: Some("zeta".into()),
+        field: Some(("userId".into(), "alice".into())),
+    };
+    assert_eq!(find(None, both, 0, 10).await.len(), 2);
+    let all = find(None, text("zeta"), 0, 10).await;
+    assert_eq!(all.len(), 4);
+    assert_eq!(find(None, text("zeta"), 1, 2).await, all[1..3].to_vec());
+}

@@ -4,7 +4,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Extension;
-use convoq_queue::JobState;
+use convoq_queue::{JobSearch, JobState};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -106,7 +106,9 @@ pub async fn get_one(
     ))
 }
 
-/// `GET /api/queues/{name}/jobs?state=&limit=&offset=`.
+/// `GET /api/queues/{name}/jobs?state=&limit=&offset=`, and a search with `q=` (text in the
+/// id, data or failure reason, ignoring case) and/or `field=` with `value=` (a top-level field
+/// of the job's data), where `state` may be `any` (the default when searching).
 pub async fn jobs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -115,20 +117,77 @@ pub async fn jobs(
 ) -> ApiResult {
     caller.require_admin()?;
     let queue = known(&name)?;
-    let job_state = match q.get("state") {
-        None => JobState::Waiting,
-        Some(s) => JobState::parse(s).ok_or_else(|| {
+    let search = search_of(&q)?;
+    let job_state = match q.get("state").map(String::as_str) {
+        None if search.is_some() => None,
+        None => Some(JobState::Waiting),
+        Some("any") if search.is_some() => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
             ApiError::field(
                 "state",
-                "state must be one of waiting, active, delayed, completed, failed, paused",
+                "state must be one of waiting, active, delayed, completed, failed, paused \
+                 (or any, with q or field)",
             )
-        })?,
+        })?),
     };
     let limit = query_number(q.get("limit"), "limit", 20, 1, 100)?;
     let offset = query_number(q.get("offset"), "offset", 0, 0, 1_000_000)?;
-    let jobs = state.queues.list(queue, job_state, offset, limit).await?;
+    let (jobs, exhaustive) = if let Some(search) = &search {
+        let found = state
+            .queues
+            .search(queue, job_state, search, offset, limit)
+            .await?;
+        (found.jobs, found.exhaustive)
+    } else {
+        let job_state = job_state.unwrap_or(JobState::Waiting);
+        let jobs = state.queues.list(queue, job_state, offset, limit).await?;
+        (jobs, true)
+    };
     let jobs: Vec<_> = jobs.iter().map(job_json).collect();
-    Ok(ok_json(StatusCode::OK, json!({ "ok": true, "jobs": jobs })))
+    Ok(ok_json(
+        StatusCode::OK,
+        json!({ "ok": true, "jobs": jobs, "exhaustive": exhaustive }),
+    ))
+}
+
+/// The search a job listing's query asks for, if any.
+fn search_of(q: &std::collections::HashMap<String, String>) -> Result<Option<JobSearch>, ApiError> {
+    let text = match q.get("q").map(|t| t.trim()) {
+        None | Some("") => None,
+        Some(t) if t.chars().count() > 200 || t.chars().any(char::is_control) => {
+            return Err(ApiError::field(
+                "q",
+                "q must be at most 200 characters, without control characters",
+            ))
+        }
+        Some(t) => Some(t.to_owned()),
+    };
+    let field = match (q.get("field"), q.get("value")) {
+        (None, None) => None,
+        (Some(k), Some(v)) => {
+            if k.is_empty()
+                || k.len() > 64
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ApiError::field(
+                    "field",
+                    "field must be 1 to 64 characters of A-Z a-z 0-9 _ -",
+                ));
+            }
+            if v.chars().count() > 200 || v.chars().any(char::is_control) {
+                return Err(ApiError::field(
+                    "value",
+                    "value must be at most 200 characters, without control characters",
+                ));
+            }
+            Some((k.clone(), v.clone()))
+        }
+        (Some(_), None) => return Err(ApiError::field("value", "field needs a value")),
+        (None, Some(_)) => return Err(ApiError::field("field", "value needs a field")),
+    };
+    Ok((text.is_some() || field.is_some()).then_some(JobSearch { text, field }))
 }
 
 /// `POST /api/queues/{name}/pause`.

@@ -73,9 +73,14 @@ async fn queue_stats_and_listings() {
     for (q, field) in [
         ("state=bogus", "state"),
         ("state=COMPLETED", "state"),
+        ("state=any", "state"),
         ("limit=0", "limit"),
         ("limit=101", "limit"),
         ("offset=-1", "offset"),
+        ("q=%01", "q"),
+        ("field=userId", "value"),
+        ("value=u1", "field"),
+        ("field=a.b&value=1", "field"),
     ] {
         h.get(&format!("/api/queues/database/jobs?{q}"), Some(ADMIN))
             .await
@@ -149,4 +154,56 @@ async fn backlog_over_the_limit_is_429_with_retry_after() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&secs), "{secs}");
+}
+
+#[tokio::test]
+async fn jobs_are_found_by_request_id_user_and_failure_reason() {
+    let h = harness().await;
+    h.put_user("u1", "1").await;
+    let r = h
+        .create(
+            SERVICE,
+            &json!({ "userId": "u1" }),
+            &[("x-request-id", "find-me-42")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let found_id = r.json()["jobId"].as_str().unwrap().to_owned();
+    h.wait_job(&found_id).await;
+    let r = h.create(SERVICE, &json!({ "userId": "ghost" }), &[]).await;
+    let failed_id = r.json()["jobId"].as_str().unwrap().to_owned();
+    h.wait_job(&failed_id).await;
+
+    let h = &h;
+    let search = |query: &'static str| async move {
+        let r = h
+            .get(&format!("/api/queues/database/jobs?{query}"), Some(ADMIN))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{query}: {}", r.text);
+        let v = r.json();
+        assert_eq!(v["exhaustive"], json!(true));
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // By request id, in any state (the default when searching).
+    assert_eq!(search("q=FIND-ME-42").await, [found_id.as_str()]);
+    assert_eq!(
+        search("q=find-me-42&state=completed").await,
+        [found_id.as_str()]
+    );
+    assert!(search("q=find-me-42&state=failed").await.is_empty());
+    // Every job of one user; a failure by a word of its reason.
+    assert_eq!(search("field=userId&value=u1").await, [found_id.as_str()]);
+    assert_eq!(
+        search("q=unknown%20user&state=failed").await,
+        [failed_id.as_str()]
+    );
+    assert_eq!(
+        search("field=userId&value=ghost&q=unknown").await,
+        [failed_id]
+    );
 }

@@ -245,7 +245,15 @@ impl Browser {
             if self.eval(script, json!([])).await == json!(true) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+            if Instant::now() >= deadline {
+                let page = self
+                    .eval("return document.body.innerText.slice(0, 3000);", json!([]))
+                    .await;
+                panic!(
+                    "{what}: not within {timeout:?}; the page says:\n{}",
+                    page.as_str().unwrap_or_default()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

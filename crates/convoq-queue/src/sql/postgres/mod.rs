@@ -53,7 +53,7 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::job::{Added, Job, JobSearch, JobState, QueueCounts};
 use crate::sql::rules::ToAdd;
 
 /// How long a writer waits for a new connection to open before its batch fails as
@@ -539,6 +539,21 @@ impl Reads for PgReads {
             offset,
             limit,
             self.at(now),
+        ))
+        .await
+    }
+    async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
+        offset: u64,
+        limit: u64,
+        now: i64,
+    ) -> Result<Vec<Job>> {
+        let at = self.at(now);
+        self.bounded(read::search(
+            &self.pool, queue, state, search, offset, limit, at,
         ))
         .await
     }

@@ -11,11 +11,11 @@ use super::schema::map_err;
 use super::SqlResult;
 use crate::error::Result;
 use crate::events::JobEvent;
-use crate::job::{Job, JobState, QueueCounts};
+use crate::job::{Job, JobSearch, JobState, QueueCounts};
 use crate::sql::history::{self, EventRow};
 
 pub(crate) use crate::sql::rules::{job_from_row, JOB_COLUMNS};
-use crate::sql::rules::{listing, Rows, Tally};
+use crate::sql::rules::{listing, Rows, Tally, ANY_STATE_ORDER};
 
 /// Reads one job inside the writer's transaction, at the batch's `now`.
 pub(crate) async fn get_on(
@@ -64,9 +64,39 @@ pub(crate) async fn list(
     limit: u64,
     now: i64,
 ) -> Result<Vec<Job>> {
+    select(pool, queue, Some(state), None, offset, limit, now).await
+}
+
+pub(crate) async fn search(
+    pool: &PgPool,
+    queue: &str,
+    state: Option<JobState>,
+    search: &JobSearch,
+    offset: u64,
+    limit: u64,
+    now: i64,
+) -> Result<Vec<Job>> {
+    select(pool, queue, state, Some(search), offset, limit, now).await
+}
+
+/// A listing of one state (or of every state, newest first), narrowed by `search` if given:
+/// its text in the id, data or failure reason (ignoring case), its field's value in the data.
+async fn select(
+    pool: &PgPool,
+    queue: &str,
+    state: Option<JobState>,
+    search: Option<&JobSearch>,
+    offset: u64,
+    limit: u64,
+    now: i64,
+) -> Result<Vec<Job>> {
     let paused = is_paused(pool, queue).await?;
-    let Some((rows, order)) = listing(state, paused) else {
-        return Ok(Vec::new());
+    let (rows, order) = match state {
+        Some(state) => match listing(state, paused) {
+            Some(found) => found,
+            None => return Ok(Vec::new()),
+        },
+        None => (Rows::Any, ANY_STATE_ORDER),
     };
     let filter = match rows {
         Rows::Ready => "state = 'waiting' AND run_at <= $2",
@@ -74,19 +104,31 @@ pub(crate) async fn list(
         Rows::State("active") => "state = 'active' AND $2::int8 IS NOT NULL",
         Rows::State("completed") => "state = 'completed' AND $2::int8 IS NOT NULL",
         Rows::State(_) => "state = 'failed' AND $2::int8 IS NOT NULL",
+        Rows::Any => "$2::int8 IS NOT NULL",
+    };
+    let matching = if search.is_some() {
+        "AND ($5::text IS NULL OR strpos(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), $5) > 0) \
+         AND ($6::text IS NULL OR (data::jsonb ->> $6) = $7) "
+    } else {
+        ""
     };
     let sql = format!(
-        "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = $1 AND {filter} \
+        "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = $1 AND {filter} {matching}\
          ORDER BY {order} LIMIT $3 OFFSET $4"
     );
-    let rows = sqlx::query(&sql)
+    let mut query = sqlx::query(&sql)
         .bind(queue)
         .bind(now)
         .bind(limit.min(i64::MAX as u64) as i64)
-        .bind(offset.min(i64::MAX as u64) as i64)
-        .fetch_all(pool)
-        .await
-        .map_err(map_err)?;
+        .bind(offset.min(i64::MAX as u64) as i64);
+    if let Some(search) = search {
+        let (key, value) = search.field.clone().unzip();
+        query = query
+            .bind(search.text.as_ref().map(|t| t.to_lowercase()))
+            .bind(key)
+            .bind(value);
+    }
+    let rows = query.fetch_all(pool).await.map_err(map_err)?;
     rows.iter().map(|r| job_from_row(r, now, paused)).collect()
 }
 

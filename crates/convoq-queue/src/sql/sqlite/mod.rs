@@ -36,7 +36,7 @@ use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::JobEvent;
-use crate::job::{Added, Job, JobState, QueueCounts};
+use crate::job::{Added, Job, JobSearch, JobState, QueueCounts};
 use crate::sql::rules::ToAdd;
 use conn::{ReadPool, SqliteFile};
 
@@ -276,6 +276,17 @@ impl Reads for SqliteReads {
         now: i64,
     ) -> Result<Vec<Job>> {
         read::list(&self.0, queue, state, offset, limit, now).await
+    }
+    async fn search(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        search: &JobSearch,
+        offset: u64,
+        limit: u64,
+        now: i64,
+    ) -> Result<Vec<Job>> {
+        read::search(&self.0, queue, state, search, offset, limit, now).await
     }
     async fn counts(&self, queue: &str, now: i64) -> Result<QueueCounts> {
         read::counts(&self.0, queue, now).await

@@ -10,11 +10,11 @@ use super::schema::map_err;
 use super::SqlResult;
 use crate::error::Result;
 use crate::events::JobEvent;
-use crate::job::{Job, JobState, QueueCounts};
+use crate::job::{Job, JobSearch, JobState, QueueCounts};
 use crate::sql::history::{self, EventRow};
 
 pub(crate) use crate::sql::rules::{job_from_row, JOB_COLUMNS};
-use crate::sql::rules::{listing, Rows, Tally};
+use crate::sql::rules::{listing, Rows, Tally, ANY_STATE_ORDER};
 
 pub(crate) fn get_on(
     conn: &Connection,
@@ -66,15 +66,33 @@ pub(crate) async fn list(
     now: i64,
 ) -> Result<Vec<Job>> {
     let queue = queue.to_owned();
-    pool.run(move |c| list_on(c, &queue, state, offset, limit, now))
+    pool.run(move |c| select_on(c, &queue, Some(state), None, offset, limit, now))
         .await
         .map_err(map_err)?
 }
 
-fn list_on(
+pub(crate) async fn search(
+    pool: &ReadPool,
+    queue: &str,
+    state: Option<JobState>,
+    search: &JobSearch,
+    offset: u64,
+    limit: u64,
+    now: i64,
+) -> Result<Vec<Job>> {
+    let (queue, search) = (queue.to_owned(), search.clone());
+    pool.run(move |c| select_on(c, &queue, state, Some(&search), offset, limit, now))
+        .await
+        .map_err(map_err)?
+}
+
+/// A listing of one state (or of every state, newest first), narrowed by `search` if given:
+/// its text in the id, data or failure reason (ignoring case), its field's value in the data.
+fn select_on(
     conn: &mut Connection,
     queue: &str,
-    state: JobState,
+    state: Option<JobState>,
+    search: Option<&JobSearch>,
     offset: u64,
     limit: u64,
     now: i64,
@@ -82,8 +100,12 @@ fn list_on(
     // One read transaction, so that the pause flag and the rows are one snapshot.
     let tx = conn.transaction()?;
     let paused = paused_on(&tx, queue)?;
-    let Some((rows, order)) = listing(state, paused) else {
-        return Ok(Ok(Vec::new()));
+    let (rows, order) = match state {
+        Some(state) => match listing(state, paused) {
+            Some(found) => found,
+            None => return Ok(Ok(Vec::new())),
+        },
+        None => (Rows::Any, ANY_STATE_ORDER),
     };
     let filter = match rows {
         Rows::Ready => "state = 'waiting' AND run_at <= ?2",
@@ -91,23 +113,44 @@ fn list_on(
         Rows::State("active") => "state = 'active' AND ?2 = ?2",
         Rows::State("completed") => "state = 'completed' AND ?2 = ?2",
         Rows::State(_) => "state = 'failed' AND ?2 = ?2",
+        Rows::Any => "?2 = ?2",
+    };
+    let limits = (
+        limit.min(i64::MAX as u64) as i64,
+        offset.min(i64::MAX as u64) as i64,
+    );
+    let Some(search) = search else {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
+             ORDER BY {order} LIMIT ?3 OFFSET ?4"
+        ))?;
+        return stmt
+            .query_map((queue, now, limits.0, limits.1), |r| {
+                Ok(job_from_row(r, now, paused))
+            })?
+            .collect();
+    };
+    let text = search.text.as_ref().map(|t| t.to_lowercase());
+    let (path, value) = match &search.field {
+        // A key that a JSON path cannot quote plainly is in no job's data as written here.
+        Some((k, _)) if k.contains(['"', '\\']) => return Ok(Ok(Vec::new())),
+        Some((k, v)) => (Some(format!("$.\"{k}\"")), Some(v.clone())),
+        None => (None, None),
     };
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
+         AND (?5 IS NULL OR instr(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), ?5) > 0) \
+         AND (?6 IS NULL OR (CASE json_type(data, ?6) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' \
+              WHEN 'text' THEN json_extract(data, ?6) WHEN 'integer' THEN CAST(json_extract(data, ?6) AS TEXT) \
+              WHEN 'real' THEN CAST(json_extract(data, ?6) AS TEXT) END) = ?7) \
          ORDER BY {order} LIMIT ?3 OFFSET ?4"
     ))?;
     let jobs = stmt
-        .query_map(
-            (
-                queue,
-                now,
-                limit.min(i64::MAX as u64) as i64,
-                offset.min(i64::MAX as u64) as i64,
-            ),
-            |r| Ok(job_from_row(r, now, paused)),
-        )?
-        .collect::<SqlResult<Result<Vec<Job>>>>()?;
-    Ok(jobs)
+        .query_map((queue, now, limits.0, limits.1, text, path, value), |r| {
+            Ok(job_from_row(r, now, paused))
+        })?
+        .collect();
+    jobs
 }
 
 pub(crate) async fn counts(pool: &ReadPool, queue: &str, now: i64) -> Result<QueueCounts> {

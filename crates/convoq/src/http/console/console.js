@@ -203,13 +203,25 @@ async function queueAction(name, action) {
 
 // ---- jobs ----
 
+function jobsQuery(state, offset) {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(offset) });
+  const q = $('#jobs-q').value.trim();
+  const field = $('#jobs-field').value.trim();
+  const value = $('#jobs-value').value;
+  const searching = q !== '' || field !== '';
+  if (q) params.set('q', q);
+  if (field) { params.set('field', field); params.set('value', value); }
+  if (state !== 'any' || !searching) params.set('state', state === 'any' ? 'waiting' : state);
+  return params;
+}
+
 async function showJobs(queue, state, offset) {
   $('#jobs-queue').value = queue;
   $('#jobs-state').value = state;
   jobsView.offset = Math.max(0, offset);
   try {
     const data = await api('GET',
-      `/api/queues/${encodeURIComponent(queue)}/jobs?state=${state}&limit=${PAGE_SIZE}&offset=${jobsView.offset}`);
+      `/api/queues/${encodeURIComponent(queue)}/jobs?${jobsQuery(state, jobsView.offset)}`);
     const body = $('#jobs tbody');
     body.replaceChildren();
     for (const j of data.jobs) {
@@ -222,6 +234,9 @@ async function showJobs(queue, state, offset) {
     $('#jobs-page').textContent = data.jobs.length
       ? `${jobsView.offset + 1}–${jobsView.offset + data.jobs.length}`
       : 'none';
+    $('#jobs-note').textContent = data.exhaustive === false
+      ? 'This engine searched the newest 10,000 jobs of each state only.'
+      : '';
   } catch (e) {
     say(`listing jobs failed: ${e.message}`, true);
   }
