@@ -196,6 +196,65 @@ async fn an_operator_logs_in_watches_and_acts() {
         )
         .await;
 
+    // A bulk action on what a search matches, confirmed: another user's failed job removed.
+    let r = call(
+        port,
+        "POST",
+        "/api/chat/conversations",
+        SERVICE,
+        Some(&json!({ "userId": "nobody" })),
+    )
+    .await;
+    let doomed = r["jobId"].as_str().expect("a job id").to_owned();
+    call(
+        port,
+        "GET",
+        &format!("/api/jobs/{doomed}?wait=10"),
+        ADMIN,
+        None,
+    )
+    .await;
+    browser
+        .eval("document.querySelector('#jobs-q').value = '';", json!([]))
+        .await;
+    browser
+        .eval(
+            "document.querySelector('#jobs-state').value = 'failed';",
+            json!([]),
+        )
+        .await;
+    browser.type_into("#jobs-field", "userId").await;
+    browser.type_into("#jobs-value", "nobody").await;
+    browser.click("#jobs-form button[type=submit]").await;
+    let listed_doomed = format!(
+        "const a = [...document.querySelectorAll('#jobs tbody a')]; return a.length === 1 && a[0].textContent === {};",
+        json!(doomed)
+    );
+    browser
+        .wait_for("the search's one failed job", wait, &listed_doomed)
+        .await;
+    browser
+        .click("#bulk button[data-bulk=remove][data-scope=matching]")
+        .await;
+    browser.accept_dialog().await;
+    browser
+        .wait_for(
+            "the bulk removal reported",
+            wait,
+            "return document.querySelector('#message').textContent === 'removed 1 of 1';",
+        )
+        .await;
+    let r = request(
+        port,
+        "GET",
+        &format!("/api/jobs/{doomed}"),
+        &[("authorization", &format!("Bearer {ADMIN}"))],
+        None,
+    )
+    .await
+    .expect("GET the removed job");
+    assert_eq!(r.status, 404, "removed: {}", r.text());
+
     // The user appears; a retry from the console completes the job, and its history shows it.
     call(
         port,

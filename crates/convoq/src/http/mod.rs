@@ -82,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/queues", get(queues::list))
         .route("/api/queues/{name}", get(queues::get_one))
         .route("/api/queues/{name}/jobs", get(queues::jobs))
+        .route("/api/queues/{name}/jobs/bulk", post(queues::bulk))
         .route("/api/queues/{name}/pause", post(queues::pause))
         .route("/api/queues/{name}/resume", post(queues::resume))
         .route("/metrics", get(health::metrics))

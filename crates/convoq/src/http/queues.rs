@@ -4,11 +4,11 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Extension;
-use convoq_queue::{JobSearch, JobState};
+use convoq_queue::{JobSearch, JobState, QueueError};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::extract::query_number;
+use super::extract::{json_object, query_number, required_str};
 use super::jobs::job_json;
 use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::domain::QUEUES;
@@ -237,4 +237,252 @@ async fn set_paused(
         StatusCode::OK,
         json!({ "ok": true, "queue": q, "paused": paused }),
     ))
+}
+
+/// The most ids a bulk action takes by name.
+const BULK_IDS: usize = 200;
+/// The most jobs one bulk request acts on through a filter; `more: true` says to send it again.
+const BULK_MAX: u64 = 10_000;
+/// Jobs read, and acted on concurrently, per round of a filtered bulk action.
+const BULK_PAGE: u64 = 200;
+
+/// What a bulk action does to each job.
+#[derive(Clone, Copy)]
+enum BulkAction {
+    Retry,
+    Remove,
+}
+
+impl BulkAction {
+    fn event(self) -> &'static str {
+        match self {
+            BulkAction::Retry => "job.retried",
+            BulkAction::Remove => "job.removed",
+        }
+    }
+}
+
+/// `POST /api/queues/{name}/jobs/bulk` with `{action: "retry" | "remove", ids: [...]}` (a
+/// selection, at most 200) or `{action, filter: {state, q?, field?, value?}}` (every job the
+/// filter matches, at most 10,000 a request): retries failed jobs or removes jobs that are not
+/// active, each recorded in the audit log. Answers what matched, what was done, why the rest
+/// were not (`errors`, the first 20), and `more: true` when a filter matched more than one
+/// request does.
+pub async fn bulk(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let queue = known(&name)?;
+    let map = json_object(&headers, body, &["action", "ids", "filter"]).await?;
+    let action = match required_str(&map, "action")? {
+        "retry" => BulkAction::Retry,
+        "remove" => BulkAction::Remove,
+        other => {
+            return Err(ApiError::field(
+                "action",
+                format!("action must be retry or remove, not {other:?}"),
+            ))
+        }
+    };
+    let mut tally = BulkTally::default();
+    match (map.get("ids"), map.get("filter")) {
+        (Some(ids), None) => {
+            let ids = bulk_ids(ids)?;
+            tally.matched = ids.len() as u64;
+            bulk_apply(&state, &caller, &request_id, queue, action, ids, &mut tally).await?;
+        }
+        (None, Some(filter)) => {
+            let (job_state, search) = bulk_filter(filter, action)?;
+            // Jobs acted on leave the state, but a retried job may fail again and come back,
+            // newest first: each job is acted on once a request (`seen`), and the offset
+            // moves past what stays in the state.
+            let mut seen = std::collections::HashSet::new();
+            let mut offset = 0;
+            loop {
+                let page = match &search {
+                    Some(s) => {
+                        state
+                            .queues
+                            .search(queue, Some(job_state), s, offset, BULK_PAGE)
+                            .await?
+                            .jobs
+                    }
+                    None => {
+                        state
+                            .queues
+                            .list(queue, job_state, offset, BULK_PAGE)
+                            .await?
+                    }
+                };
+                if page.is_empty() {
+                    break;
+                }
+                let read = page.len() as u64;
+                let fresh: Vec<String> = page
+                    .into_iter()
+                    .map(|j| j.id)
+                    .filter(|id| seen.insert(id.clone()))
+                    .collect();
+                tally.matched += fresh.len() as u64;
+                let before = tally.done;
+                bulk_apply(
+                    &state,
+                    &caller,
+                    &request_id,
+                    queue,
+                    action,
+                    fresh,
+                    &mut tally,
+                )
+                .await?;
+                offset += read - (tally.done - before);
+                if tally.matched >= BULK_MAX {
+                    tally.more = true;
+                    break;
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::field(
+                "ids",
+                "send either ids (the jobs to act on) or filter (every job it matches)",
+            ))
+        }
+    }
+    tracing::warn!(queue, actor = %caller.name, action = action.event(), matched = tally.matched,
+        done = tally.done, "bulk action");
+    Ok(ok_json(
+        StatusCode::OK,
+        json!({
+            "ok": true, "matched": tally.matched, "done": tally.done,
+            "errors": tally.errors, "more": tally.more,
+        }),
+    ))
+}
+
+#[derive(Default)]
+struct BulkTally {
+    matched: u64,
+    done: u64,
+    errors: Vec<serde_json::Value>,
+    more: bool,
+}
+
+fn bulk_ids(v: &serde_json::Value) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::field(
+            "ids",
+            format!("ids must be 1 to {BULK_IDS} job ids (strings of 1 to 255 characters)"),
+        )
+    };
+    let list = v.as_array().ok_or_else(bad)?;
+    if list.is_empty() || list.len() > BULK_IDS {
+        return Err(bad());
+    }
+    list.iter()
+        .map(|id| match id.as_str() {
+            Some(s) if !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control) => {
+                Ok(s.to_owned())
+            }
+            _ => Err(bad()),
+        })
+        .collect()
+}
+
+/// The state and search of a bulk filter: `retry` takes failed jobs, `remove` completed or
+/// failed ones.
+fn bulk_filter(
+    v: &serde_json::Value,
+    action: BulkAction,
+) -> Result<(JobState, Option<JobSearch>), ApiError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::field("filter", "filter must be an object"))?;
+    let mut q = std::collections::HashMap::new();
+    for (k, v) in obj {
+        if !matches!(k.as_str(), "state" | "q" | "field" | "value") {
+            return Err(ApiError::field(
+                "filter",
+                format!("filter takes state, q, field and value, not {k:?}"),
+            ));
+        }
+        let s = v
+            .as_str()
+            .ok_or_else(|| ApiError::field("filter", format!("filter.{k} must be a string")))?;
+        q.insert(k.clone(), s.to_owned());
+    }
+    let job_state = q.get("state").and_then(|s| JobState::parse(s));
+    let job_state = match (action, job_state) {
+        (BulkAction::Retry, Some(JobState::Failed)) => JobState::Failed,
+        (BulkAction::Remove, Some(s @ (JobState::Completed | JobState::Failed))) => s,
+        (BulkAction::Retry, _) => {
+            return Err(ApiError::field("filter", "retry takes filter.state failed"))
+        }
+        (BulkAction::Remove, _) => {
+            return Err(ApiError::field(
+                "filter",
+                "remove takes filter.state completed or failed",
+            ))
+        }
+    };
+    Ok((job_state, search_of(&q)?))
+}
+
+/// Acts on `ids`, a few at a time (so that the writer commits them together), counting what
+/// was done and why the rest was not; a queue that cannot be reached stops the request.
+async fn bulk_apply(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &RequestId,
+    queue: &'static str,
+    action: BulkAction,
+    ids: Vec<String>,
+    tally: &mut BulkTally,
+) -> Result<(), ApiError> {
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(ids)
+        .map(|id| async move {
+            let r = match action {
+                BulkAction::Retry => state.queues.retry(queue, &id).await.map(|_| true),
+                BulkAction::Remove => state.queues.remove(queue, &id).await,
+            };
+            (id, r)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let (mut done, mut unavailable) = (Vec::new(), None);
+    for (id, r) in results {
+        match r {
+            Ok(true) => done.push(id),
+            Ok(false) => bulk_error(tally, &id, "not_found", "no such job"),
+            Err(QueueError::WrongState { state: s, .. }) => {
+                bulk_error(tally, &id, "wrong_state", &format!("the job is {s}"))
+            }
+            Err(QueueError::Invalid(m)) => bulk_error(tally, &id, "invalid", &m),
+            Err(e) => unavailable = Some(e),
+        }
+    }
+    tally.done += done.len() as u64;
+    // Recorded together, so that the store's group commit writes them in few statements.
+    futures::stream::iter(done)
+        .for_each_concurrent(32, |id| async move {
+            record_action(state, caller, request_id, action.event(), &id).await;
+        })
+        .await;
+    // What was done is recorded even when the queue failed for the rest.
+    unavailable.map_or(Ok(()), |e| Err(e.into()))
+}
+
+fn bulk_error(tally: &mut BulkTally, id: &str, code: &str, message: &str) {
+    if tally.errors.len() < 20 {
+        tally
+            .errors
+            .push(json!({ "id": id, "code": code, "message": message }));
+    }
 }

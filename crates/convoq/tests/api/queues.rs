@@ -207,3 +207,101 @@ async fn jobs_are_found_by_request_id_user_and_failure_reason() {
         [failed_id]
     );
 }
+
+#[tokio::test]
+async fn bulk_actions_act_on_a_selection_or_on_what_a_filter_matches() {
+    let h = harness().await;
+    // Six failed jobs: four of "ghost", two of "phantom".
+    let mut ghost = Vec::new();
+    let mut phantom = Vec::new();
+    for i in 0..6 {
+        let user = if i < 4 { "ghost" } else { "phantom" };
+        let r = h.create(SERVICE, &json!({ "userId": user }), &[]).await;
+        let id = r.json()["jobId"].as_str().unwrap().to_owned();
+        h.wait_job(&id).await;
+        if i < 4 {
+            ghost.push(id)
+        } else {
+            phantom.push(id)
+        }
+    }
+    let bulk = |body: Value| {
+        let h = &h;
+        async move {
+            h.send(json_req(
+                "POST",
+                "/api/queues/database/jobs/bulk",
+                Some(ADMIN),
+                &body,
+            ))
+            .await
+        }
+    };
+    // Refused: a service key, no action, both or neither of ids and filter, a filter state
+    // that the action does not take.
+    let r = h
+        .send(json_req(
+            "POST",
+            "/api/queues/database/jobs/bulk",
+            Some(SERVICE),
+            &json!({ "action": "retry", "ids": ["x"] }),
+        ))
+        .await;
+    r.assert_error(403, "forbidden", None);
+    bulk(json!({ "action": "promote", "ids": ["x"] }))
+        .await
+        .assert_error(400, "invalid_field", Some("action"));
+    bulk(json!({ "action": "retry" }))
+        .await
+        .assert_error(400, "invalid_field", Some("ids"));
+    bulk(json!({ "action": "retry", "ids": [], "filter": {} }))
+        .await
+        .assert_error(400, "invalid_field", Some("ids"));
+    bulk(json!({ "action": "retry", "filter": { "state": "completed" } }))
+        .await
+        .assert_error(400, "invalid_field", Some("filter"));
+    bulk(json!({ "action": "remove", "filter": { "state": "waiting" } }))
+        .await
+        .assert_error(400, "invalid_field", Some("filter"));
+
+    // A selection: two jobs and one that does not exist.
+    let r = bulk(json!({ "action": "remove", "ids": [phantom[0], phantom[1], "nope"] })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert_eq!(
+        (v["matched"].clone(), v["done"].clone()),
+        (json!(3), json!(2)),
+        "{v}"
+    );
+    assert_eq!(v["errors"][0]["id"], json!("nope"));
+    assert_eq!(v["errors"][0]["code"], json!("not_found"));
+
+    // Everything a filter matches: the ghost's failed jobs, retried (and failing again).
+    let r = bulk(json!({
+        "action": "retry",
+        "filter": { "state": "failed", "field": "userId", "value": "ghost" },
+    }))
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["done"], json!(4), "{v}");
+    assert_eq!(v["more"], json!(false));
+    for id in &ghost {
+        let job = h.wait_job(id).await;
+        assert_eq!(
+            job["attemptsMade"],
+            json!(1),
+            "retried with fresh attempts: {job}"
+        );
+    }
+    // Each job acted on is in the audit log.
+    for id in ghost.iter().chain(&phantom) {
+        let events = h._app.store.audit_events_for(id).await.expect("read");
+        assert_eq!(events.len(), 1, "{id}: {events:?}");
+    }
+    // Remove every failed job.
+    let r = bulk(json!({ "action": "remove", "filter": { "state": "failed" } })).await;
+    assert_eq!(r.json()["done"], json!(4), "{}", r.text);
+    h.queue_until("database", |q| q["counts"]["failed"] == json!(0))
+        .await;
+}

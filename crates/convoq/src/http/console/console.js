@@ -226,6 +226,7 @@ async function showJobs(queue, state, offset) {
     body.replaceChildren();
     for (const j of data.jobs) {
       body.append(el('tr', {},
+        el('td', {}, el('input', { type: 'checkbox', class: 'pick', 'data-id': j.id, 'aria-label': `select ${j.id}` })),
         el('td', {}, el('a', { href: '#', class: 'job-link', onclick: (ev) => { ev.preventDefault(); showJob(j.id); } }, j.id)),
         el('td', {}, j.name), el('td', {}, j.state),
         el('td', {}, `${j.attemptsMade} / ${j.maxAttempts}`), el('td', {}, j.createdAt),
@@ -240,6 +241,44 @@ async function showJobs(queue, state, offset) {
   } catch (e) {
     say(`listing jobs failed: ${e.message}`, true);
   }
+}
+
+$('#jobs-all').addEventListener('change', (ev) => {
+  for (const box of document.querySelectorAll('#jobs tbody input.pick')) box.checked = ev.target.checked;
+});
+
+async function bulk(action, scope) {
+  const queue = $('#jobs-queue').value;
+  const state = $('#jobs-state').value;
+  let body;
+  let what;
+  if (scope === 'selected') {
+    const ids = [...document.querySelectorAll('#jobs tbody input.pick:checked')].map((b) => b.dataset.id);
+    if (!ids.length) { say('select jobs first', true); return; }
+    body = { action, ids };
+    what = `${ids.length} selected job${ids.length === 1 ? '' : 's'}`;
+  } else {
+    const filter = { state };
+    const q = $('#jobs-q').value.trim();
+    const field = $('#jobs-field').value.trim();
+    if (q) filter.q = q;
+    if (field) { filter.field = field; filter.value = $('#jobs-value').value; }
+    body = { action, filter };
+    what = `every ${state} job of ${queue}${q || field ? ' that the search matches' : ''}`;
+  }
+  if (!confirm(`${action === 'retry' ? 'Retry' : 'Remove'} ${what}?`)) return;
+  try {
+    const r = await api('POST', `/api/queues/${encodeURIComponent(queue)}/jobs/bulk`, body);
+    const verb = action === 'retry' ? 'retried' : 'removed';
+    say(`${verb} ${r.done} of ${r.matched}${r.errors.length ? ` (${r.errors.map((e) => `${e.id}: ${e.message}`).join('; ')})` : ''}${r.more ? '; more match: run it again' : ''}`);
+    await showJobs(queue, state, 0);
+  } catch (e) {
+    say(`${action} failed: ${e.message}`, true);
+  }
+}
+
+for (const button of document.querySelectorAll('#bulk button')) {
+  button.addEventListener('click', () => bulk(button.dataset.bulk, button.dataset.scope));
 }
 
 $('#jobs-form').addEventListener('submit', (ev) => {
