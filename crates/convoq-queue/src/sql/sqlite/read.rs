@@ -115,6 +115,14 @@ fn select_on(
         Rows::State(_) => "state = 'failed' AND ?2 = ?2",
         Rows::Any => "?2 = ?2",
     };
+    // Over every state, newest first is the table's own order: `+queue` keeps SQLite from
+    // reading the queue's rows by its (queue, id) index and sorting them all, so that the scan
+    // stops after `limit` matches.
+    let queue_is = if rows == Rows::Any {
+        "+queue = ?1"
+    } else {
+        "queue = ?1"
+    };
     let limits = (
         limit.min(i64::MAX as u64) as i64,
         offset.min(i64::MAX as u64) as i64,
@@ -138,7 +146,7 @@ fn select_on(
         None => (None, None),
     };
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = ?1 AND {filter} \
+        "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE {queue_is} AND {filter} \
          AND (?5 IS NULL OR instr(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), ?5) > 0) \
          AND (?6 IS NULL OR (CASE json_type(data, ?6) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' \
               WHEN 'text' THEN json_extract(data, ?6) WHEN 'integer' THEN CAST(json_extract(data, ?6) AS TEXT) \
