@@ -110,6 +110,13 @@ async fn an_operator_logs_in_watches_and_acts() {
             "return Number(document.querySelector('#queue-database [data-count=completed]').textContent) >= 5;",
         )
         .await;
+    browser
+        .wait_for(
+            "the latest completions' durations",
+            wait,
+            "return Number(document.querySelector('#queue-database [data-recent]').dataset.recent) >= 5;",
+        )
+        .await;
     let read_at = text(&browser, "#read-at").await;
     assert!(
         read_at.as_str().is_some_and(|t| t != "–"),

@@ -58,6 +58,8 @@ async fn queue_json(
         .map_or(0, |a| a.as_millis() as u64);
     let paused = state.queues.is_paused(name).await?;
     let t = state.stats.throughput(name);
+    let recent = recent_durations(state, name).await?;
+    let oldest_waiting_ms = oldest_waiting_age_ms(state, name, paused).await?;
     Ok(json!({
         "name": name,
         "paused": paused,
@@ -69,6 +71,58 @@ async fn queue_json(
         "countsAgeMs": age_ms,
         "throughputPerMinute": (t.per_second * 60.0).round(),
         "meanDurationMs": (t.mean_duration_ms * 100.0).round() / 100.0,
+        "recent": recent,
+        "oldestWaitingAgeMs": oldest_waiting_ms,
+    }))
+}
+
+/// How many of the latest completions `recent` is computed over.
+const RECENT: u64 = 100;
+
+/// Mean and p95 run time (processed to finished) of the queue's latest completed jobs, from
+/// the queue itself, so across every process that works it (the `meanDurationMs` beside it is
+/// this process's workers' over the last minute).
+async fn recent_durations(state: &AppState, name: &str) -> Result<serde_json::Value, ApiError> {
+    let done = state
+        .queues
+        .list(name, JobState::Completed, 0, RECENT)
+        .await?;
+    let mut ms: Vec<f64> = done
+        .iter()
+        .filter_map(|j| {
+            Some((j.finished_at? - j.processed_at?).num_microseconds()? as f64 / 1000.0)
+        })
+        .filter(|d| *d >= 0.0)
+        .collect();
+    if ms.is_empty() {
+        return Ok(json!({ "jobs": 0, "meanMs": null, "p95Ms": null }));
+    }
+    ms.sort_by(f64::total_cmp);
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+    // Nearest rank.
+    let p95 = ms[((ms.len() as f64 * 0.95).ceil() as usize).clamp(1, ms.len()) - 1];
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    Ok(json!({ "jobs": ms.len(), "meanMs": round(mean), "p95Ms": round(p95) }))
+}
+
+/// How long the queue's next job to run (in run order: by priority, then first in, first out)
+/// has waited since it became ready, in milliseconds; `paused` jobs in a paused queue; null
+/// when none waits.
+async fn oldest_waiting_age_ms(
+    state: &AppState,
+    name: &str,
+    paused: bool,
+) -> Result<Option<i64>, ApiError> {
+    let waiting = if paused {
+        JobState::Paused
+    } else {
+        JobState::Waiting
+    };
+    let next = state.queues.list(name, waiting, 0, 1).await?;
+    Ok(next.first().map(|j| {
+        (chrono::Utc::now() - j.available_at.max(j.created_at))
+            .num_milliseconds()
+            .max(0)
     }))
 }
 

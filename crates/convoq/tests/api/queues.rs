@@ -37,6 +37,13 @@ async fn queue_stats_and_listings() {
     assert_eq!(q["totals"]["completed"], json!(1));
     assert!(q["throughputPerMinute"].is_number());
     assert!(q["meanDurationMs"].is_number());
+    // Over the queue's latest completions (one here), from the queue itself.
+    assert_eq!(q["recent"]["jobs"], json!(1), "{q}");
+    assert!(
+        q["recent"]["p95Ms"].as_f64().is_some_and(|v| v >= 0.0),
+        "{q}"
+    );
+    assert_eq!(q["oldestWaitingAgeMs"], json!(null), "none waits: {q}");
     // The conversation's audit record commits with it (it is in the store, with the request
     // id), so the audit queue has nothing to do.
     let conversation_id = v["conversationId"].as_str().unwrap().to_owned();
@@ -129,6 +136,10 @@ async fn paused_queue_accepts_but_holds_jobs_until_resumed() {
     assert_eq!(q["paused"], json!(true));
     assert_eq!(q["counts"]["waiting"], json!(0));
     assert_eq!(q["counts"]["completed"], json!(0));
+    assert!(
+        q["oldestWaitingAgeMs"].as_i64().is_some_and(|ms| ms >= 0),
+        "the held job's wait: {q}"
+    );
 
     let r = h.post("/api/queues/database/resume", Some(ADMIN)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);

@@ -142,6 +142,14 @@ function chart(points) {
   return svg;
 }
 
+function age(ms) {
+  if (ms === null || ms === undefined) return '–';
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 120000) return `${(ms / 1000).toFixed(1)} s`;
+  if (ms < 7200000) return `${Math.round(ms / 60000)} min`;
+  return `${(ms / 3600000).toFixed(1)} h`;
+}
+
 function rememberTotals(q, t) {
   const points = history.get(q.name) || [];
   points.push({ t, completed: q.totals.completed, failed: q.totals.failed });
@@ -175,7 +183,10 @@ async function refreshQueues() {
       el('td', { class: q.paused ? 'paused' : '', dataset: { paused: String(q.paused) } },
         q.paused ? 'paused' : 'running'),
       count('waiting'), count('active'), count('delayed'), count('completed'), count('failed'),
-      el('td', {}, q.throughputPerMinute), el('td', {}, rate), el('td', {}, q.meanDurationMs),
+      el('td', {}, q.throughputPerMinute), el('td', {}, rate),
+      el('td', { dataset: { recent: String(q.recent.jobs) } },
+        q.recent.jobs ? `${q.recent.meanMs} / ${q.recent.p95Ms}` : '–'),
+      el('td', { dataset: { oldest: String(q.oldestWaitingAgeMs ?? '') } }, age(q.oldestWaitingAgeMs)),
       el('td', {}, chart(points)),
       el('td', {},
         el('button', { type: 'button', 'data-action': action,
