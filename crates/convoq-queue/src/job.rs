@@ -339,6 +339,7 @@ impl NewJob {
             available_at: crate::clock::ms_to_datetime(run_at_ms),
             processed_at: None,
             finished_at: None,
+            lease_expires_at: None,
         }
     }
 
@@ -380,6 +381,10 @@ pub struct Job {
     pub processed_at: Option<DateTime<Utc>>,
     /// When it completed or failed.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When an active job's lease runs out unless its worker renews it (SQL engines; `None`
+    /// on BullMQ, whose lock is a key of its own with a time to live, and for jobs not active).
+    /// A lease in the past is expired: the job waits for the stall sweep to take it back.
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 impl Job {

@@ -385,6 +385,7 @@ mod tests {
             available_at: now,
             processed_at: None,
             finished_at: None,
+            lease_expires_at: None,
         };
         assert_eq!(ConversationJob::from_job(&job, &modes).unwrap(), sent);
 

@@ -164,7 +164,7 @@ async fn an_operator_logs_in_watches_and_acts() {
     let job = call(port, "GET", &format!("/api/jobs/{id}?wait=10"), ADMIN, None).await;
     assert_eq!(job["job"]["state"], json!("failed"));
     browser
-        .click("#queue-database button:not([data-action])")
+        .click("#queue-database button[data-show=failed]")
         .await;
     let listed = format!(
         "return [...document.querySelectorAll('#jobs tbody a')].some(a => a.textContent === {});",

@@ -343,6 +343,7 @@ pub(crate) fn job_from_hash(
         } else {
             None
         },
+        lease_expires_at: None,
     })
 }
 

@@ -13,7 +13,7 @@ use crate::job::{Job, JobOptions, JobState, KeepJobs};
 
 /// The columns a [`Job`] is read from, in [`job_from_row`]'s order.
 pub(crate) const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
-    stalled_count, result, failed_reason, created_at, processed_at, finished_at";
+    stalled_count, result, failed_reason, created_at, processed_at, finished_at, lease_expires_at";
 
 /// A stored row of [`JOB_COLUMNS`], as each driver reads it.
 pub(crate) trait JobRow {
@@ -95,6 +95,10 @@ pub(crate) fn job_from_row(row: &impl JobRow, now: i64, paused: bool) -> Result<
         available_at: ms_to_datetime(run_at),
         processed_at: get_i64(12)?.map(ms_to_datetime),
         finished_at: get_i64(13)?.map(ms_to_datetime),
+        lease_expires_at: match state {
+            JobState::Active => get_i64(14)?.map(ms_to_datetime),
+            _ => None,
+        },
         id,
     })
 }

@@ -585,3 +585,33 @@ pub async fn search_finds_jobs_by_text_and_field(factory: &dyn EngineFactory) {
     assert_eq!(all.len(), 4);
     assert_eq!(find(None, text("zeta"), 1, 2).await, all[1..3].to_vec());
 }
+
+/// An active job shows when its lease runs out (SQL engines; BullMQ's lock is a key with a time
+/// to live, not in the job); a job that is not active shows none.
+pub async fn an_active_jobs_lease_expiry_is_read_back(factory: &dyn EngineFactory) {
+    let (queues, clock) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let id = queues.add(job(1)).await.unwrap().job.id;
+    assert_eq!(
+        queues.get(Q, &id).await.unwrap().unwrap().lease_expires_at,
+        None
+    );
+    let c = engine.claim(Q, 1, LEASE).await.unwrap().jobs.pop().unwrap();
+    let read = queues.get(Q, &id).await.unwrap().unwrap();
+    let listed = queues.list(Q, JobState::Active, 0, 10).await.unwrap();
+    let expected = crate::clock::ms_to_datetime(clock.now_ms() + LEASE.as_millis() as i64);
+    if engine.name() == "redis" {
+        assert_eq!(read.lease_expires_at, None);
+    } else {
+        assert_eq!(read.lease_expires_at, Some(expected));
+        assert_eq!(listed[0].lease_expires_at, Some(expected));
+    }
+    engine
+        .finish(&c, Outcome::Completed(Completion::with_result(json!(1))))
+        .await
+        .unwrap();
+    assert_eq!(
+        queues.get(Q, &id).await.unwrap().unwrap().lease_expires_at,
+        None
+    );
+}

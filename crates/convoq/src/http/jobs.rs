@@ -46,6 +46,15 @@ pub fn job_json(job: &Job) -> serde_json::Value {
     if let Some(t) = job.finished_at {
         v["finishedAt"] = json!(crate::store::timestamp(t));
     }
+    if job.stalled_count > 0 {
+        v["stalledCount"] = json!(job.stalled_count);
+    }
+    if let Some(t) = job.lease_expires_at {
+        // An expired lease waits for the stall sweep (every lease / 2 at most) to take the job
+        // back.
+        v["leaseExpiresAt"] = json!(crate::store::timestamp(t));
+        v["leaseExpired"] = json!(t <= chrono::Utc::now());
+    }
     if job.available_at > job.created_at && !job.state.is_finished() {
         v["availableAt"] = json!(crate::store::timestamp(job.available_at));
     }

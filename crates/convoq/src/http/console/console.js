@@ -17,6 +17,7 @@ let jobEvents = null;
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined) continue;
     if (k === 'dataset') Object.assign(node.dataset, v);
     else if (k === 'onclick') node.addEventListener('click', v);
     else node.setAttribute(k, v);
@@ -192,7 +193,9 @@ async function refreshQueues() {
         el('button', { type: 'button', 'data-action': action,
           onclick: () => queueAction(q.name, action) }, action === 'pause' ? 'Pause' : 'Resume'),
         ' ',
-        el('button', { type: 'button', onclick: () => showJobs(q.name, 'failed', 0) }, 'Failed jobs')),
+        el('button', { type: 'button', 'data-show': 'failed', onclick: () => showJobs(q.name, 'failed', 0) }, 'Failed jobs'),
+        ' ',
+        el('button', { type: 'button', 'data-show': 'active', onclick: () => showJobs(q.name, 'active', 0) }, 'Active jobs')),
     ));
   }
   const at = new Date(now);
@@ -213,6 +216,16 @@ async function queueAction(name, action) {
 }
 
 // ---- jobs ----
+
+// An active job's lease: when it runs out, or that it has and the job waits for the stall
+// sweep (which takes it back for another worker).
+function leaseCell(j) {
+  if (!j.leaseExpiresAt) return el('td', {}, '');
+  const left = new Date(j.leaseExpiresAt) - Date.now();
+  return j.leaseExpired
+    ? el('td', { class: 'failed', dataset: { lease: 'expired' } }, `expired ${age(-left)} ago: waiting for the sweep`)
+    : el('td', { dataset: { lease: 'held' } }, `held, ${age(left)} left`);
+}
 
 function jobsQuery(state, offset) {
   const params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(offset) });
@@ -241,7 +254,8 @@ async function showJobs(queue, state, offset) {
         el('td', {}, el('a', { href: '#', class: 'job-link', onclick: (ev) => { ev.preventDefault(); showJob(j.id); } }, j.id)),
         el('td', {}, j.name), el('td', {}, j.state),
         el('td', {}, `${j.attemptsMade} / ${j.maxAttempts}`), el('td', {}, j.createdAt),
-        el('td', {}, j.requestId ?? ''), el('td', { class: 'failed' }, j.failedReason ?? '')));
+        el('td', {}, j.requestId ?? ''), leaseCell(j), el('td', {}, j.stalledCount ?? ''),
+        el('td', { class: 'failed' }, j.failedReason ?? '')));
     }
     $('#jobs-page').textContent = data.jobs.length
       ? `${jobsView.offset + 1}–${jobsView.offset + data.jobs.length}`
