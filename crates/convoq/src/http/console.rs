@@ -23,7 +23,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::{ok_json, ApiResult, AppState, Caller};
+use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::config::{digest, Role};
 
 /// The session cookie's name.
@@ -252,7 +252,11 @@ pub struct Login {
 }
 
 /// `POST /ui/login` with `{"key": "<admin key>"}`: opens a session and sets its cookie.
-pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult {
+pub async fn login(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    req: Request,
+) -> ApiResult {
     cross_site(&req)?;
     if state.config.protected_mode() {
         return Err(ApiError::Conflict(
@@ -283,7 +287,11 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult {
         ));
     }
     let token = state.sessions.open(&key.name);
-    tracing::info!(actor = %key.name, "console login");
+    let who = Caller {
+        name: key.name.clone(),
+        role: key.role,
+    };
+    record_action(&state, &who, &request_id, "console.login", "console").await;
     let mut resp = ok_json(StatusCode::OK, json!({ "ok": true, "name": key.name }));
     let cookie = format!(
         "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
@@ -296,9 +304,20 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult {
 }
 
 /// `POST /ui/logout`: ends the session and clears its cookie.
-pub async fn logout(State(state): State<AppState>, req: Request) -> ApiResult {
+pub async fn logout(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    req: Request,
+) -> ApiResult {
     cross_site(&req)?;
     if let Some(token) = cookie(req.headers()) {
+        if let Some(session) = state.sessions.get(token) {
+            let who = Caller {
+                name: session.name,
+                role: Role::Admin,
+            };
+            record_action(&state, &who, &request_id, "console.logout", "console").await;
+        }
         state.sessions.close(token);
     }
     let mut resp = ok_json(StatusCode::OK, json!({ "ok": true }));

@@ -151,6 +151,18 @@ async fn only_an_admin_key_opens_a_session_and_its_cookie_is_strict() {
     .await
     .assert_error(403, "cross_site", None);
 
+    // Logging in and out are operator actions too.
+    let events: Vec<_> = h
+        ._app
+        .store
+        .audit_events_for("console")
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|(event, actor, _)| (event, actor))
+        .collect();
+    assert_eq!(events, [("console.login".to_owned(), "ops".to_owned())]);
+
     // After logout the cookie is nobody.
     let r = h
         .send(
@@ -168,6 +180,15 @@ async fn only_an_admin_key_opens_a_session_and_its_cookie_is_strict() {
     )
     .await
     .assert_error(401, "unauthorized", None);
+    let logged_out = h
+        ._app
+        .store
+        .audit_events_for("console")
+        .await
+        .expect("read");
+    assert!(logged_out
+        .iter()
+        .any(|(event, actor, _)| event == "console.logout" && actor == "ops"));
 }
 
 #[tokio::test]
