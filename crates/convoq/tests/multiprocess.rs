@@ -117,6 +117,18 @@ fn unfinished(logs: &str) -> HashSet<(String, String)> {
     open
 }
 
+/// Whether the job is active in the database now.
+async fn is_active(pg: &sqlx::PgPool, queue: &str, id: &str) -> bool {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2")
+            .bind(queue)
+            .bind(id)
+            .fetch_optional(pg)
+            .await
+            .expect("read a job's state");
+    state.as_deref() == Some("active")
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -174,14 +186,7 @@ async fn one_api_and_three_workers_share_one_database() {
                 .into_iter()
                 .filter(|(q, _)| q == "database")
             {
-                let state: Option<String> =
-                    sqlx::query_scalar("SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2")
-                        .bind(&queue)
-                        .bind(&id)
-                        .fetch_optional(&pg)
-                        .await
-                        .expect("read a job's state");
-                if state.as_deref() == Some("active") {
+                if is_active(&pg, &queue, &id).await {
                     held.push((queue, id));
                 }
             }
@@ -191,15 +196,7 @@ async fn one_api_and_three_workers_share_one_database() {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let mut still = Vec::new();
                 for (queue, id) in held {
-                    let state: Option<String> = sqlx::query_scalar(
-                        "SELECT state FROM cq_jobs WHERE queue = $1 AND id = $2",
-                    )
-                    .bind(&queue)
-                    .bind(&id)
-                    .fetch_optional(&pg)
-                    .await
-                    .expect("read a job's state");
-                    if state.as_deref() == Some("active") {
+                    if is_active(&pg, &queue, &id).await {
                         still.push((queue, id));
                     }
                 }

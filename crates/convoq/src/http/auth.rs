@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::{console, AppState};
-use crate::config::{digest, Role};
+use crate::config::{digest, ApiKey, Config, Role};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,18 @@ impl Caller {
     pub fn may_see(&self, actor: Option<&str>) -> bool {
         self.role == Role::Admin || actor == Some(self.name.as_str())
     }
+}
+
+/// The configured key whose secret has digest `d`. Compares against every key, without
+/// stopping at a match, so that timing says nothing.
+pub(super) fn key_of<'a>(config: &'a Config, d: &[u8; 32]) -> Option<&'a ApiKey> {
+    let mut found = None;
+    for key in &config.api_keys {
+        if bool::from(key.digest.ct_eq(d)) {
+            found = Some(key);
+        }
+    }
+    found
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -115,14 +127,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
                 }
             };
         };
-        // Compare against every key, without stopping at a match, so timing says nothing.
-        let mut found = None;
-        for key in &config.api_keys {
-            if bool::from(key.digest.ct_eq(&d)) {
-                found = Some(key);
-            }
-        }
-        match found {
+        match key_of(config, &d) {
             Some(k) => Caller {
                 name: k.name.clone(),
                 role: k.role,

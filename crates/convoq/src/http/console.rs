@@ -272,14 +272,8 @@ pub async fn login(
         message: format!("send {{\"key\": \"<admin API key>\"}}: {e}"),
         field: None,
     })?;
-    let d = digest(login.key.trim());
-    let mut found = None;
-    for key in &state.config.api_keys {
-        if bool::from(key.digest.ct_eq(&d)) {
-            found = Some(key);
-        }
-    }
-    let key = found.ok_or(ApiError::Unauthorized("unknown API key"))?;
+    let key = super::auth::key_of(&state.config, &digest(login.key.trim()))
+        .ok_or(ApiError::Unauthorized("unknown API key"))?;
     if key.role != Role::Admin {
         return Err(ApiError::Forbidden(
             "forbidden",
