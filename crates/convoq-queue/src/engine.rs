@@ -240,6 +240,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn is_paused(&self, queue: &str) -> Result<bool>;
     /// Moves a failed job back to waiting with a fresh set of attempts.
     async fn retry(&self, queue: &str, id: &str) -> Result<Job>;
+    /// Makes a delayed job (a delay, or a backoff before its next attempt) ready now.
+    async fn promote(&self, queue: &str, id: &str) -> Result<Job>;
     /// Removes a job that is not active. Returns whether it existed.
     async fn remove(&self, queue: &str, id: &str) -> Result<bool>;
     /// The job's history from the start, or `None` if the job does not exist.

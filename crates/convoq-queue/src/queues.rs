@@ -268,6 +268,14 @@ impl Queues {
         self.engine.is_paused(queue).await
     }
 
+    /// Makes a delayed job ready now (an operator's promotion).
+    ///
+    /// # Errors
+    /// [`QueueError::WrongState`] unless the job is delayed; when the engine cannot be written.
+    pub async fn promote(&self, queue: &str, id: &str) -> Result<Job> {
+        self.engine.promote(queue, id).await
+    }
+
     /// Retries a failed job with a fresh set of attempts.
     ///
     /// # Errors

@@ -348,6 +348,9 @@ impl Engine for EndlessPrune {
     async fn retry(&self, queue: &str, id: &str) -> convoq_queue::Result<convoq_queue::Job> {
         self.inner.retry(queue, id).await
     }
+    async fn promote(&self, queue: &str, id: &str) -> convoq_queue::Result<convoq_queue::Job> {
+        self.inner.promote(queue, id).await
+    }
     async fn remove(&self, queue: &str, id: &str) -> convoq_queue::Result<bool> {
         self.inner.remove(queue, id).await
     }

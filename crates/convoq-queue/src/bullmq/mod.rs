@@ -299,6 +299,10 @@ impl Engine for BullEngine {
         self.retry_failed(queue, id).await
     }
 
+    async fn promote(&self, queue: &str, id: &str) -> Result<Job> {
+        self.promote_delayed(queue, id).await
+    }
+
     async fn remove(&self, queue: &str, id: &str) -> Result<bool> {
         self.remove_job(queue, id).await
     }

@@ -145,6 +145,44 @@ impl BullEngine {
             .ok_or_else(|| QueueError::Invalid(format!("job {id} was removed meanwhile")))
     }
 
+    /// BullMQ's own promotion (`promote-9.lua`, through the crate's `Job::promote`): the job
+    /// leaves the delayed set for the wait list (or the prioritized set).
+    pub(super) async fn promote_delayed(&self, queue: &str, id: &str) -> Result<Job> {
+        let job = self
+            .locate(queue, id)
+            .await?
+            .ok_or_else(|| QueueError::Invalid(format!("no job {id} in queue {queue}")))?;
+        if job.state != JobState::Delayed {
+            return Err(QueueError::WrongState {
+                job_id: id.to_owned(),
+                state: job.state.to_string(),
+            });
+        }
+        let q = self.queue(queue).await?;
+        let op = async {
+            let Some(j) = q.get_job(id).await? else {
+                return Ok(());
+            };
+            j.promote().await
+        };
+        tokio::time::timeout(self.config.command_timeout, op)
+            .await
+            .map_err(|_| unavailable("no answer in time"))?
+            .map_err(|e| match e {
+                // promote's -3: the job left the delayed set meanwhile.
+                bullmq::Error::InvalidConfig(m) if m.contains("-3") => QueueError::WrongState {
+                    job_id: id.to_owned(),
+                    state: "not delayed".into(),
+                },
+                other => from_bullmq(other),
+            })?;
+        self.wake(queue);
+        self.changed(queue, id);
+        self.locate(queue, id)
+            .await?
+            .ok_or_else(|| QueueError::Invalid(format!("job {id} was removed meanwhile")))
+    }
+
     pub(super) async fn remove_job(&self, queue: &str, id: &str) -> Result<bool> {
         let Some(job) = self.locate(queue, id).await? else {
             return Ok(false);

@@ -156,7 +156,8 @@ impl Stall {
     }
 }
 
-/// The answer to an operator's retry of job `id`, from the job as read back after its reset.
+/// The answer to an operator's retry (or promotion) of job `id`, from the job as read back after
+/// it was made ready: the queue's workers are woken.
 pub(crate) fn retried(
     queue: &str,
     id: &str,

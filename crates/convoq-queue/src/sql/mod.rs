@@ -440,6 +440,11 @@ impl Engine for SqlEngine {
         self.run(operations::Retry { queue, id }).await
     }
 
+    async fn promote(&self, queue: &str, id: &str) -> Result<Job> {
+        let (queue, id) = (queue.to_owned(), id.to_owned());
+        self.run(operations::Promote { queue, id }).await
+    }
+
     async fn remove(&self, queue: &str, id: &str) -> Result<bool> {
         let (queue, id) = (queue.to_owned(), id.to_owned());
         self.run(operations::Remove { queue, id }).await

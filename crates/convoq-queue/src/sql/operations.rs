@@ -118,6 +118,17 @@ statement!(Retry => Job; |s, conn, now, batch|
     postgres: postgres::upkeep::retry(conn, &s.queue, &s.id, now, batch),
 );
 
+/// An operator's promotion of a delayed job: ready now, the job as it is then.
+pub(crate) struct Promote {
+    pub(crate) queue: String,
+    pub(crate) id: String,
+}
+
+statement!(Promote => Job; |s, conn, now, batch|
+    sqlite: sqlite::upkeep::promote(conn, &s.queue, &s.id, now, batch),
+    postgres: postgres::upkeep::promote(conn, &s.queue, &s.id, now, batch),
+);
+
 /// An operator's removal of a job (not an active one): whether there was one.
 pub(crate) struct Remove {
     pub(crate) queue: String,

@@ -206,6 +206,31 @@ pub(crate) fn attempt_failure(
     }
 }
 
+/// What an operator's promotion of a delayed job records (it is ready now), or why it is
+/// refused: only a delayed job can be promoted.
+pub(crate) fn operator_promote(
+    job: Option<&Job>,
+    queue: &str,
+    id: &str,
+    now: i64,
+) -> Result<Vec<NewEvent>> {
+    let Some(job) = job else {
+        return Err(QueueError::Invalid(format!("no job {id} in queue {queue}")));
+    };
+    if job.state != JobState::Delayed {
+        return Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: job.state.to_string(),
+        });
+    }
+    Ok(vec![NewEvent {
+        kind: JobEventKind::Waiting,
+        attempt: job.attempts_made,
+        at: now,
+        detail: Some("promoted by an operator".into()),
+    }])
+}
+
 /// What an operator's retry of job `id` records in its history before it waits again: the
 /// failed attempt (its start and its failure) and the retry. Only a failed job can be retried.
 pub(crate) fn operator_retry(

@@ -615,3 +615,47 @@ pub async fn an_active_jobs_lease_expiry_is_read_back(factory: &dyn EngineFactor
         None
     );
 }
+
+/// An operator promotes a delayed job: ready at once, claimable before its delay, its history
+/// says so (SQL engines); a job that is not delayed is refused, and so is a missing one.
+pub async fn promote_makes_a_delayed_job_ready(factory: &dyn EngineFactory) {
+    let (queues, _) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let mut j = job(1);
+    j.opts.delay = Some(60_000);
+    let id = queues.add(j).await.unwrap().job.id;
+    assert_eq!(
+        queues.get(Q, &id).await.unwrap().unwrap().state,
+        JobState::Delayed
+    );
+    assert!(
+        engine.claim(Q, 1, LEASE).await.unwrap().jobs.is_empty(),
+        "not due yet"
+    );
+    let promoted = queues.promote(Q, &id).await.unwrap();
+    assert_eq!(promoted.state, JobState::Waiting);
+    let err = queues.promote(Q, &id).await.unwrap_err();
+    assert!(matches!(err, QueueError::WrongState { .. }), "{err}");
+    let c = engine
+        .claim(Q, 1, LEASE)
+        .await
+        .unwrap()
+        .jobs
+        .pop()
+        .expect("ready now");
+    assert_eq!(c.job.id, id);
+    let err = queues.promote(Q, "no-such-job").await.unwrap_err();
+    assert!(matches!(err, QueueError::Invalid(_)), "{err}");
+    if engine.name() != "redis" {
+        let kinds: Vec<_> = engine
+            .history(Q, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        use JobEventKind::*;
+        assert_eq!(kinds, [Delayed, Waiting, Active]);
+    }
+}

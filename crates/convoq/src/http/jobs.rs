@@ -157,6 +157,23 @@ pub async fn retry(
     ))
 }
 
+/// `POST /api/jobs/{id}/promote` (admin): a delayed job ready now.
+pub async fn promote(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let job = find(&state, &caller, &id).await?;
+    let job = state.queues.promote(&job.queue, &id).await?;
+    record_action(&state, &caller, &request_id, "job.promoted", &id).await;
+    Ok(ok_json(
+        StatusCode::OK,
+        json!({ "ok": true, "job": job_json(&job) }),
+    ))
+}
+
 /// `DELETE /api/jobs/{id}` (admin).
 pub async fn remove(
     State(state): State<AppState>,

@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}", get(jobs::get_one).delete(jobs::remove))
         .route("/api/jobs/{id}/events", get(jobs::events))
         .route("/api/jobs/{id}/retry", post(jobs::retry))
+        .route("/api/jobs/{id}/promote", post(jobs::promote))
         .route("/api/queues", get(queues::list))
         .route("/api/queues/{name}", get(queues::get_one))
         .route("/api/queues/{name}/jobs", get(queues::jobs))

@@ -305,6 +305,7 @@ const BULK_PAGE: u64 = 200;
 enum BulkAction {
     Retry,
     Remove,
+    Promote,
 }
 
 impl BulkAction {
@@ -312,14 +313,15 @@ impl BulkAction {
         match self {
             BulkAction::Retry => "job.retried",
             BulkAction::Remove => "job.removed",
+            BulkAction::Promote => "job.promoted",
         }
     }
 }
 
-/// `POST /api/queues/{name}/jobs/bulk` with `{action: "retry" | "remove", ids: [...]}` (a
-/// selection, at most 200) or `{action, filter: {state, q?, field?, value?}}` (every job the
-/// filter matches, at most 10,000 a request): retries failed jobs or removes jobs that are not
-/// active, each recorded in the audit log. Answers what matched, what was done, why the rest
+/// `POST /api/queues/{name}/jobs/bulk` with `{action: "retry" | "remove" | "promote", ids:
+/// [...]}` (a selection, at most 200) or `{action, filter: {state, q?, field?, value?}}` (every
+/// job the filter matches, at most 10,000 a request): retries failed jobs, removes jobs that are
+/// not active, or promotes delayed jobs, each recorded in the audit log. Answers what matched, what was done, why the rest
 /// were not (`errors`, the first 20), and `more: true` when a filter matched more than one
 /// request does.
 pub async fn bulk(
@@ -336,10 +338,11 @@ pub async fn bulk(
     let action = match required_str(&map, "action")? {
         "retry" => BulkAction::Retry,
         "remove" => BulkAction::Remove,
+        "promote" => BulkAction::Promote,
         other => {
             return Err(ApiError::field(
                 "action",
-                format!("action must be retry or remove, not {other:?}"),
+                format!("action must be retry, remove or promote, not {other:?}"),
             ))
         }
     };
@@ -474,6 +477,13 @@ fn bulk_filter(
     let job_state = match (action, job_state) {
         (BulkAction::Retry, Some(JobState::Failed)) => JobState::Failed,
         (BulkAction::Remove, Some(s @ (JobState::Completed | JobState::Failed))) => s,
+        (BulkAction::Promote, Some(JobState::Delayed)) => JobState::Delayed,
+        (BulkAction::Promote, _) => {
+            return Err(ApiError::field(
+                "filter",
+                "promote takes filter.state delayed",
+            ))
+        }
         (BulkAction::Retry, _) => {
             return Err(ApiError::field("filter", "retry takes filter.state failed"))
         }
@@ -504,6 +514,7 @@ async fn bulk_apply(
             let r = match action {
                 BulkAction::Retry => state.queues.retry(queue, &id).await.map(|_| true),
                 BulkAction::Remove => state.queues.remove(queue, &id).await,
+                BulkAction::Promote => state.queues.promote(queue, &id).await.map(|_| true),
             };
             (id, r)
         })

@@ -259,7 +259,7 @@ async fn bulk_actions_act_on_a_selection_or_on_what_a_filter_matches() {
         ))
         .await;
     r.assert_error(403, "forbidden", None);
-    bulk(json!({ "action": "promote", "ids": ["x"] }))
+    bulk(json!({ "action": "explode", "ids": ["x"] }))
         .await
         .assert_error(400, "invalid_field", Some("action"));
     bulk(json!({ "action": "retry" }))
@@ -315,4 +315,47 @@ async fn bulk_actions_act_on_a_selection_or_on_what_a_filter_matches() {
     assert_eq!(r.json()["done"], json!(4), "{}", r.text);
     h.queue_until("database", |q| q["counts"]["failed"] == json!(0))
         .await;
+}
+
+#[tokio::test]
+async fn delayed_jobs_are_promoted_alone_or_in_bulk() {
+    let h = harness().await;
+    // Jobs on `chat` (no processor runs them here, its queue paused), delayed an hour.
+    assert_eq!(
+        h.post("/api/queues/chat/pause", Some(ADMIN)).await.status,
+        StatusCode::OK
+    );
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let mut job = convoq_queue::NewJob::new("chat", "message", json!({ "n": n }));
+        job.opts.delay = Some(3_600_000);
+        ids.push(h._app.queues.add(job).await.expect("added").job.id);
+    }
+    let r = h
+        .post(&format!("/api/jobs/{}/promote", ids[0]), Some(ADMIN))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json()["job"]["state"],
+        json!("paused"),
+        "ready now, in a paused queue"
+    );
+    h.post(&format!("/api/jobs/{}/promote", ids[0]), Some(ADMIN))
+        .await
+        .assert_error(409, "wrong_job_state", None);
+    h.post(&format!("/api/jobs/{}/promote", ids[1]), Some(SERVICE))
+        .await
+        .assert_error(403, "forbidden", None);
+    let r = h
+        .send(json_req(
+            "POST",
+            "/api/queues/chat/jobs/bulk",
+            Some(ADMIN),
+            &json!({ "action": "promote", "filter": { "state": "delayed" } }),
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["done"], json!(2), "{}", r.text);
+    let promoted = h._app.store.audit_events_for(&ids[2]).await.expect("read");
+    assert_eq!(promoted[0].0, "job.promoted");
 }

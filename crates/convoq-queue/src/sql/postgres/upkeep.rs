@@ -12,7 +12,7 @@ use super::SqlResult;
 use crate::error::Result;
 use crate::job::Job;
 use crate::sql::answers;
-use crate::sql::rules::{operator_retry, removable, stall, PrunePlan, PruneStep};
+use crate::sql::rules::{operator_promote, operator_retry, removable, stall, PrunePlan, PruneStep};
 use crate::sql::writer::Batch;
 
 /// Takes back active jobs whose lease expired. Rows another writer holds (a completion racing
@@ -193,6 +193,38 @@ pub(crate) async fn retry(
     .bind(id)
     .execute(&mut *conn)
     .await?;
+    let read = get_on(conn, queue, id, now).await?;
+    Ok(answers::retried(queue, id, read, batch))
+}
+
+pub(crate) async fn promote(
+    conn: &mut PgConnection,
+    queue: &str,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
+    // Lock the row first, so that two operators' promotions do not both record events.
+    sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
+        .bind(queue)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let job = match get_on(&mut *conn, queue, id, now).await? {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    };
+    let events = match operator_promote(job.as_ref(), queue, id, now) {
+        Ok(events) => events,
+        Err(e) => return Ok(Err(e)),
+    };
+    insert_events(conn, queue, id, &events).await?;
+    sqlx::query("UPDATE cq_jobs SET run_at = $1 WHERE queue = $2 AND id = $3")
+        .bind(now)
+        .bind(queue)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     let read = get_on(conn, queue, id, now).await?;
     Ok(answers::retried(queue, id, read, batch))
 }

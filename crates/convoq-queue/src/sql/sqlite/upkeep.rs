@@ -10,7 +10,9 @@ use super::SqlResult;
 use crate::error::Result;
 use crate::job::Job;
 use crate::sql::answers;
-use crate::sql::rules::{operator_retry, removable, stall, to_json, PrunePlan, PruneStep};
+use crate::sql::rules::{
+    operator_promote, operator_retry, removable, stall, to_json, PrunePlan, PruneStep,
+};
 use crate::sql::writer::Batch;
 
 /// Takes back active jobs whose lease expired.
@@ -161,6 +163,32 @@ pub(crate) fn retry(
          WHERE queue = ? AND id = ?",
     )?
     .execute(params![now, queue, id])?;
+    Ok(answers::retried(
+        queue,
+        id,
+        get_on(conn, queue, id, now)?,
+        batch,
+    ))
+}
+
+pub(crate) fn promote(
+    conn: &Connection,
+    queue: &str,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
+    let job = match get_on(conn, queue, id, now)? {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    };
+    let events = match operator_promote(job.as_ref(), queue, id, now) {
+        Ok(events) => events,
+        Err(e) => return Ok(Err(e)),
+    };
+    insert_events(conn, queue, id, &events)?;
+    conn.prepare_cached("UPDATE cq_jobs SET run_at = ? WHERE queue = ? AND id = ?")?
+        .execute(params![now, queue, id])?;
     Ok(answers::retried(
         queue,
         id,

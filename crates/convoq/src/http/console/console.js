@@ -291,10 +291,11 @@ async function bulk(action, scope) {
     body = { action, filter };
     what = `every ${state} job of ${queue}${q || field ? ' that the search matches' : ''}`;
   }
-  if (!confirm(`${action === 'retry' ? 'Retry' : 'Remove'} ${what}?`)) return;
+  const verbs = { retry: ['Retry', 'retried'], remove: ['Remove', 'removed'], promote: ['Promote', 'promoted'] };
+  if (!confirm(`${verbs[action][0]} ${what}?`)) return;
   try {
     const r = await api('POST', `/api/queues/${encodeURIComponent(queue)}/jobs/bulk`, body);
-    const verb = action === 'retry' ? 'retried' : 'removed';
+    const verb = verbs[action][1];
     say(`${verb} ${r.done} of ${r.matched}${r.errors.length ? ` (${r.errors.map((e) => `${e.id}: ${e.message}`).join('; ')})` : ''}${r.more ? '; more match: run it again' : ''}`);
     await showJobs(queue, state, 0);
   } catch (e) {
@@ -393,6 +394,17 @@ $('#job-retry').addEventListener('click', async () => {
     await showJob(shownJob.id);
   } catch (e) {
     say(`retry failed: ${e.message}`, true);
+  }
+});
+
+$('#job-promote').addEventListener('click', async () => {
+  if (!shownJob) return;
+  try {
+    await api('POST', `/api/jobs/${encodeURIComponent(shownJob.id)}/promote`);
+    say(`job ${shownJob.id} promoted: ready now`);
+    await showJob(shownJob.id);
+  } catch (e) {
+    say(`promote failed: ${e.message}`, true);
   }
 });
 
