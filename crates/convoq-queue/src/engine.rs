@@ -52,10 +52,10 @@ pub(crate) struct ClaimOnAdd {
 }
 
 impl ClaimOnAdd {
-    pub(crate) fn new(lease: Duration) -> Self {
+    pub(crate) fn new(lease: Duration, owner: &str) -> Self {
         ClaimOnAdd {
             lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
-            token: new_lease_token(),
+            token: new_lease_token(owner),
         }
     }
 
@@ -69,9 +69,20 @@ impl ClaimOnAdd {
     }
 }
 
-/// A fresh lease token for a claim.
-pub(crate) fn new_lease_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+/// A fresh lease token for a claim by the engine whose [`Engine::owner_id`] is `owner`: the
+/// owner, `/`, and a random part, so that a lease says which process holds it
+/// ([`lease_holder`]) and a token is never guessed.
+pub(crate) fn new_lease_token(owner: &str) -> String {
+    format!("{owner}/{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The process (its [`Engine::owner_id`]) that holds a lease, from the lease's token; `None`
+/// for a token of another form.
+pub(crate) fn lease_holder(token: &str) -> Option<&str> {
+    token
+        .split_once('/')
+        .map(|(owner, _)| owner)
+        .filter(|o| !o.is_empty())
 }
 
 /// Follow-up jobs a worker of this process waits for: the lease each is to be inserted under

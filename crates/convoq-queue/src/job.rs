@@ -340,6 +340,7 @@ impl NewJob {
             processed_at: None,
             finished_at: None,
             lease_expires_at: None,
+            lease_holder: None,
         }
     }
 
@@ -385,6 +386,9 @@ pub struct Job {
     /// on BullMQ, whose lock is a key of its own with a time to live, and for jobs not active).
     /// A lease in the past is expired: the job waits for the stall sweep to take it back.
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Which process holds an active job's lease: its engine's owner id, logged at its start
+    /// (SQL engines; `None` on BullMQ and for jobs not active).
+    pub lease_holder: Option<String>,
 }
 
 impl Job {

@@ -386,6 +386,7 @@ mod tests {
             processed_at: None,
             finished_at: None,
             lease_expires_at: None,
+            lease_holder: None,
         };
         assert_eq!(ConversationJob::from_job(&job, &modes).unwrap(), sent);
 

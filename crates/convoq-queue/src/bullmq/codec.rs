@@ -344,6 +344,7 @@ pub(crate) fn job_from_hash(
             None
         },
         lease_expires_at: None,
+        lease_holder: None,
     })
 }
 

@@ -373,7 +373,7 @@ impl Engine for SqlEngine {
         job: NewJob,
         lease: Duration,
     ) -> Result<(Added, Option<ClaimedJob>)> {
-        let claim = ClaimOnAdd::new(lease);
+        let claim = ClaimOnAdd::new(lease, &self.owner);
         let held = claim.clone();
         let added = self
             .request(|reply| Op::Add {
@@ -456,7 +456,7 @@ impl Engine for SqlEngine {
 
     async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch> {
         let queue = queue.to_owned();
-        let token = new_lease_token();
+        let token = new_lease_token(&self.owner);
         self.request(|reply| Op::Claim {
             queue,
             max,
@@ -500,7 +500,7 @@ impl Engine for SqlEngine {
         next_lease: Duration,
     ) -> Result<Option<ClaimedJob>> {
         let job = job.clone();
-        let token = new_lease_token();
+        let token = new_lease_token(&self.owner);
         self.request(|reply| Op::FinishAndClaim {
             job,
             outcome,

@@ -13,7 +13,8 @@ use crate::job::{Job, JobOptions, JobState, KeepJobs};
 
 /// The columns a [`Job`] is read from, in [`job_from_row`]'s order.
 pub(crate) const JOB_COLUMNS: &str = "queue, id, name, data, opts, state, run_at, attempts_made, \
-    stalled_count, result, failed_reason, created_at, processed_at, finished_at, lease_expires_at";
+    stalled_count, result, failed_reason, created_at, processed_at, finished_at, lease_expires_at, \
+    lease_token";
 
 /// A stored row of [`JOB_COLUMNS`], as each driver reads it.
 pub(crate) trait JobRow {
@@ -97,6 +98,13 @@ pub(crate) fn job_from_row(row: &impl JobRow, now: i64, paused: bool) -> Result<
         finished_at: get_i64(13)?.map(ms_to_datetime),
         lease_expires_at: match state {
             JobState::Active => get_i64(14)?.map(ms_to_datetime),
+            _ => None,
+        },
+        lease_holder: match state {
+            JobState::Active => text(15)?
+                .as_deref()
+                .and_then(crate::engine::lease_holder)
+                .map(str::to_owned),
             _ => None,
         },
         id,

@@ -586,8 +586,9 @@ pub async fn search_finds_jobs_by_text_and_field(factory: &dyn EngineFactory) {
     assert_eq!(find(None, text("zeta"), 1, 2).await, all[1..3].to_vec());
 }
 
-/// An active job shows when its lease runs out (SQL engines; BullMQ's lock is a key with a time
-/// to live, not in the job); a job that is not active shows none.
+/// An active job shows when its lease runs out and which process holds it (SQL engines;
+/// BullMQ's lock is a key with a time to live, not in the job); a job that is not active shows
+/// none.
 pub async fn an_active_jobs_lease_expiry_is_read_back(factory: &dyn EngineFactory) {
     let (queues, clock) = manual(factory).await;
     let engine = queues.engine().clone();
@@ -605,6 +606,7 @@ pub async fn an_active_jobs_lease_expiry_is_read_back(factory: &dyn EngineFactor
     } else {
         assert_eq!(read.lease_expires_at, Some(expected));
         assert_eq!(listed[0].lease_expires_at, Some(expected));
+        assert_eq!(read.lease_holder.as_deref(), Some(engine.owner_id()));
     }
     engine
         .finish(&c, Outcome::Completed(Completion::with_result(json!(1))))

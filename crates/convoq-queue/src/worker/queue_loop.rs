@@ -346,7 +346,7 @@ impl QueueLoop {
             .iter()
             .map(|job| {
                 let slot = self.queues.free_slot(job)?;
-                let lease = ClaimOnAdd::new(slot.lease());
+                let lease = ClaimOnAdd::new(slot.lease(), self.queues.engine().owner_id());
                 held.insert(lease.token.clone(), slot);
                 Some(lease)
             })

@@ -55,6 +55,10 @@ pub fn job_json(job: &Job) -> serde_json::Value {
         v["leaseExpiresAt"] = json!(crate::store::timestamp(t));
         v["leaseExpired"] = json!(t <= chrono::Utc::now());
     }
+    if let Some(holder) = &job.lease_holder {
+        // The holder's owner id, which it logs at its start ("convoq listening", `owner`).
+        v["leaseHolder"] = json!(holder);
+    }
     if job.available_at > job.created_at && !job.state.is_finished() {
         v["availableAt"] = json!(crate::store::timestamp(job.available_at));
     }

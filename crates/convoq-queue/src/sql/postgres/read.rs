@@ -36,7 +36,7 @@ pub(crate) async fn get_on(
     Ok(match row {
         None => Ok(None),
         Some(row) => {
-            let paused: bool = row.try_get(15)?;
+            let paused: bool = row.try_get(16)?;
             job_from_row(&row, now, paused).map(Some)
         }
     })

@@ -28,7 +28,7 @@ pub(crate) fn get_on(
     ))?;
     let found = stmt
         .query_row((queue, id), |row| {
-            let paused: i64 = row.get(15)?;
+            let paused: i64 = row.get(16)?;
             Ok(job_from_row(row, now, paused != 0))
         })
         .optional()?;

@@ -222,9 +222,10 @@ async function queueAction(name, action) {
 function leaseCell(j) {
   if (!j.leaseExpiresAt) return el('td', {}, '');
   const left = new Date(j.leaseExpiresAt) - Date.now();
+  const by = j.leaseHolder ? ` by ${j.leaseHolder}` : '';
   return j.leaseExpired
-    ? el('td', { class: 'failed', dataset: { lease: 'expired' } }, `expired ${age(-left)} ago: waiting for the sweep`)
-    : el('td', { dataset: { lease: 'held' } }, `held, ${age(left)} left`);
+    ? el('td', { class: 'failed', dataset: { lease: 'expired' } }, `expired ${age(-left)} ago (held${by}): waiting for the sweep`)
+    : el('td', { dataset: { lease: 'held' } }, `held${by}, ${age(left)} left`);
 }
 
 function jobsQuery(state, offset) {
