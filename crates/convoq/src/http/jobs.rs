@@ -20,6 +20,7 @@ use super::conversations::MAX_WAIT_SECS;
 use super::error::ApiError;
 use super::extract::query_number;
 use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
+use crate::config::Role;
 use crate::domain::QUEUES;
 
 /// The job as the API shows it.
@@ -104,10 +105,13 @@ pub async fn get_one(
             job = j;
         }
     }
-    Ok(ok_json(
-        StatusCode::OK,
-        json!({ "ok": true, "job": job_json(&job) }),
-    ))
+    let mut shown = job_json(&job);
+    if caller.role == Role::Admin {
+        // Operators see what the job carries and how it was asked to run.
+        shown["data"] = job.data.clone();
+        shown["opts"] = serde_json::to_value(&job.opts).unwrap_or_default();
+    }
+    Ok(ok_json(StatusCode::OK, json!({ "ok": true, "job": shown })))
 }
 
 /// `GET /api/jobs/{id}/events`: the job's history, then its live events, as server-sent

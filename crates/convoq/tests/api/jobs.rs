@@ -28,6 +28,15 @@ async fn job_state_and_long_poll() {
     assert_eq!(job["result"]["conversationId"], v["conversationId"]);
     assert!(job.get("failedReason").is_none());
     assert_eq!(job["requestId"], v["requestId"]);
+    assert!(
+        job.get("data").is_none(),
+        "a service caller sees the job, not its payload"
+    );
+    // An operator also sees the job's data and options.
+    let r = h.get(&format!("/api/jobs/{id}"), Some(ADMIN)).await;
+    let job = &r.json()["job"];
+    assert_eq!(job["data"]["userId"], json!("u1"), "{job}");
+    assert!(job["opts"]["attempts"].as_u64().is_some(), "{job}");
 
     for bad in ["31", "-1", "abc", "1.5", "99999999999999999999999"] {
         h.get(&format!("/api/jobs/{id}?wait={bad}"), Some(SERVICE))

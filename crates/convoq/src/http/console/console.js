@@ -331,6 +331,8 @@ function renderJob(job) {
     ...field('request id', job.requestId), ...field('created', job.createdAt),
     ...field('processed', job.processedAt), ...field('finished', job.finishedAt),
     ...field('result', job.result === undefined ? undefined : JSON.stringify(job.result)),
+    ...field('data', job.data === undefined ? undefined : JSON.stringify(job.data)),
+    ...field('options', job.opts === undefined ? undefined : JSON.stringify(job.opts)),
     // A job retried after a failure keeps the reason of its last failure.
     ...field('failure', job.failedReason, job.state === 'failed' ? 'failure' : 'last failure'));
 }
