@@ -72,6 +72,9 @@ async fn queue_json(
         "throughputPerMinute": (t.per_second * 60.0).round(),
         "meanDurationMs": (t.mean_duration_ms * 100.0).round() / 100.0,
         "recent": recent,
+        "history": state.stats.totals_history(name).iter()
+            .map(|(at, completed, failed)| json!({ "at": at, "completed": completed, "failed": failed }))
+            .collect::<Vec<_>>(),
         "oldestWaitingAgeMs": oldest_waiting_ms,
     }))
 }

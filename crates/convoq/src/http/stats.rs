@@ -56,7 +56,15 @@ struct PerQueue {
     limit: Option<u64>,
     refreshing: bool,
     samples: VecDeque<Sample>,
+    /// The queue's lifetime totals as read, one reading every [`HISTORY_STEP`] at most, over
+    /// the last [`HISTORY`]: wall-clock milliseconds, completed, failed.
+    history: VecDeque<(i64, u64, u64)>,
 }
+
+/// How far back [`QueueStats::totals_history`] goes.
+const HISTORY: Duration = Duration::from_secs(5 * 60);
+/// The least time between two of its readings.
+const HISTORY_STEP: Duration = Duration::from_secs(10);
 
 impl PerQueue {
     /// The backlog (waiting, delayed and paused jobs) as this process knows it: the last counts
@@ -323,6 +331,25 @@ impl QueueStats {
         while q.samples.len() > 2 && q.samples.front().is_some_and(|s| now - s.at > WINDOW) {
             q.samples.pop_front();
         }
+        let wall = chrono::Utc::now().timestamp_millis();
+        let (step, keep) = (HISTORY_STEP.as_millis() as i64, HISTORY.as_millis() as i64);
+        if q.history.back().is_none_or(|(at, _, _)| wall - at >= step) {
+            q.history
+                .push_back((wall, counts.completed_total, counts.failed_total));
+        }
+        while q.history.front().is_some_and(|(at, _, _)| wall - at > keep) {
+            q.history.pop_front();
+        }
+    }
+
+    /// `queue`'s lifetime totals as this process read them over the last five minutes (one
+    /// reading every ten seconds at most, while someone reads the counts): wall-clock
+    /// milliseconds, completed, failed. Lets a page that opens now chart the minutes before.
+    pub fn totals_history(&self, queue: &str) -> Vec<(i64, u64, u64)> {
+        let map = self.lock();
+        map.get(queue)
+            .map(|q| q.history.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Throughput over the samples of the last minute.

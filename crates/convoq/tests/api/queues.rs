@@ -44,6 +44,13 @@ async fn queue_stats_and_listings() {
         "{q}"
     );
     assert_eq!(q["oldestWaitingAgeMs"], json!(null), "none waits: {q}");
+    // The totals as read, for a chart of the last minutes: at least the reading just made.
+    let history = q["history"].as_array().expect("a history");
+    assert!(!history.is_empty(), "{q}");
+    assert!(history
+        .iter()
+        .all(|h| h["at"].is_i64() && h["completed"].is_u64() && h["failed"].is_u64()));
+    assert!(history.last().unwrap()["completed"].as_u64() <= Some(1));
     // The conversation's audit record commits with it (it is in the store, with the request
     // id), so the audit queue has nothing to do.
     let conversation_id = v["conversationId"].as_str().unwrap().to_owned();

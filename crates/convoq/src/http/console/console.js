@@ -152,7 +152,9 @@ function age(ms) {
 }
 
 function rememberTotals(q, t) {
-  const points = history.get(q.name) || [];
+  // A page that opens now starts from the server's readings of the last minutes.
+  const points = history.get(q.name)
+    || (q.history || []).map((h) => ({ t: h.at, completed: h.completed, failed: h.failed }));
   points.push({ t, completed: q.totals.completed, failed: q.totals.failed });
   while (points.length && t - points[0].t > HISTORY_MS) points.shift();
   history.set(q.name, points);
