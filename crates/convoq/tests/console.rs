@@ -262,6 +262,17 @@ async fn an_operator_logs_in_watches_and_acts() {
     .expect("GET the removed job");
     assert_eq!(r.status, 404, "removed: {}", r.text());
 
+    // The request id leads to every job of the request, in every queue.
+    browser.click("#job-request").await;
+    let of_request = format!(
+        "return [...document.querySelectorAll('#jobs tbody a')].some(a => a.textContent === {}) \
+         && document.querySelector('#jobs-page').textContent.includes('every queue');",
+        json!(id)
+    );
+    browser
+        .wait_for("the request's jobs", wait, &of_request)
+        .await;
+
     // The user appears; a retry from the console completes the job, and its history shows it.
     call(
         port,

@@ -242,6 +242,37 @@ function jobsQuery(state, offset) {
   return params;
 }
 
+function jobRow(j) {
+  return el('tr', {},
+    el('td', {}, el('input', { type: 'checkbox', class: 'pick', 'data-id': j.id, 'aria-label': `select ${j.id}` })),
+    el('td', {}, el('a', { href: '#', class: 'job-link', onclick: (ev) => { ev.preventDefault(); showJob(j.id); } }, j.id)),
+    el('td', {}, j.name), el('td', {}, j.state),
+    el('td', {}, `${j.attemptsMade} / ${j.maxAttempts}`), el('td', {}, j.createdAt),
+    el('td', {}, j.requestId ?? ''), leaseCell(j), el('td', {}, j.stalledCount ?? ''),
+    el('td', { class: 'failed' }, j.failedReason ?? ''));
+}
+
+// Every job of one request, in every queue: the HTTP request's job and the jobs it led to (the
+// audit job, where the queue is apart from the store).
+async function showRequest(requestId) {
+  try {
+    const found = [];
+    let exhaustive = true;
+    for (const option of $('#jobs-queue').options) {
+      const params = new URLSearchParams({ q: requestId, limit: '100' });
+      const data = await api('GET', `/api/queues/${encodeURIComponent(option.value)}/jobs?${params}`);
+      found.push(...data.jobs);
+      exhaustive = exhaustive && data.exhaustive !== false;
+    }
+    $('#jobs tbody').replaceChildren(...found.map(jobRow));
+    $('#jobs-page').textContent = `${found.length} job${found.length === 1 ? '' : 's'} of request ${requestId}, every queue`;
+    $('#jobs-note').textContent = exhaustive ? '' : 'This engine searched the newest 10,000 jobs of each state only.';
+    $('#jobs-title').scrollIntoView();
+  } catch (e) {
+    say(`finding the request's jobs failed: ${e.message}`, true);
+  }
+}
+
 async function showJobs(queue, state, offset) {
   $('#jobs-queue').value = queue;
   $('#jobs-state').value = state;
@@ -250,16 +281,7 @@ async function showJobs(queue, state, offset) {
     const data = await api('GET',
       `/api/queues/${encodeURIComponent(queue)}/jobs?${jobsQuery(state, jobsView.offset)}`);
     const body = $('#jobs tbody');
-    body.replaceChildren();
-    for (const j of data.jobs) {
-      body.append(el('tr', {},
-        el('td', {}, el('input', { type: 'checkbox', class: 'pick', 'data-id': j.id, 'aria-label': `select ${j.id}` })),
-        el('td', {}, el('a', { href: '#', class: 'job-link', onclick: (ev) => { ev.preventDefault(); showJob(j.id); } }, j.id)),
-        el('td', {}, j.name), el('td', {}, j.state),
-        el('td', {}, `${j.attemptsMade} / ${j.maxAttempts}`), el('td', {}, j.createdAt),
-        el('td', {}, j.requestId ?? ''), leaseCell(j), el('td', {}, j.stalledCount ?? ''),
-        el('td', { class: 'failed' }, j.failedReason ?? '')));
-    }
+    body.replaceChildren(...data.jobs.map(jobRow));
     $('#jobs-page').textContent = data.jobs.length
       ? `${jobsView.offset + 1}–${jobsView.offset + data.jobs.length}`
       : 'none';
@@ -330,7 +352,10 @@ function renderJob(job) {
   $('#job-fields').replaceChildren(
     ...field('id', job.id), ...field('queue', job.queue), ...field('name', job.name),
     ...field('state', job.state), ...field('attempts', `${job.attemptsMade} / ${job.maxAttempts}`),
-    ...field('request id', job.requestId), ...field('created', job.createdAt),
+    ...field('request id', job.requestId
+      ? el('a', { href: '#', id: 'job-request', onclick: (ev) => { ev.preventDefault(); showRequest(job.requestId); } }, job.requestId)
+      : undefined),
+    ...field('created', job.createdAt),
     ...field('processed', job.processedAt), ...field('finished', job.finishedAt),
     ...field('result', job.result === undefined ? undefined : JSON.stringify(job.result)),
     ...field('data', job.data === undefined ? undefined : JSON.stringify(job.data)),
