@@ -517,6 +517,9 @@ pub struct JobSearch {
     /// A top-level field of the job's data and the value it must have (a string, or the text of
     /// a number or boolean): every job of one `userId`, say.
     pub field: Option<(String, String)>,
+    /// Only jobs that stalled before (their lease ran out at least once and they were taken
+    /// back): jobs in trouble.
+    pub stalled: bool,
 }
 
 impl JobSearch {
@@ -541,7 +544,7 @@ impl JobSearch {
                 }
                 _ => false,
             });
-        text_ok && field_ok
+        text_ok && field_ok && (!self.stalled || job.stalled_count > 0)
     }
 }
 

@@ -529,10 +529,12 @@ pub async fn search_finds_jobs_by_text_and_field(factory: &dyn EngineFactory) {
         }
     };
     let text = |t: &str| JobSearch {
+        stalled: false,
         text: Some(t.into()),
         field: None,
     };
     let field = |k: &str, v: &str| JobSearch {
+        stalled: false,
         text: None,
         field: Some((k.into(), v.into())),
     };
@@ -577,6 +579,7 @@ pub async fn search_finds_jobs_by_text_and_field(factory: &dyn EngineFactory) {
     );
     // Both parts must match; paging skips matches.
     let both = JobSearch {
+        stalled: false,
         text: Some("zeta".into()),
         field: Some(("userId".into(), "alice".into())),
     };
@@ -660,4 +663,36 @@ pub async fn promote_makes_a_delayed_job_ready(factory: &dyn EngineFactory) {
         use JobEventKind::*;
         assert_eq!(kinds, [Delayed, Waiting, Active]);
     }
+}
+
+/// Jobs in trouble: a search for jobs that stalled before finds the one whose lease ran out and
+/// was taken back, in any state, and not the others.
+pub async fn search_finds_jobs_that_stalled_before(factory: &dyn EngineFactory) {
+    let (queues, clock) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let stalled = queues.add(job(1)).await.unwrap().job.id;
+    let calm = queues.add(job(2)).await.unwrap().job.id;
+    let c = engine
+        .claim(Q, 1, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .jobs
+        .pop()
+        .unwrap();
+    assert_eq!(c.job.id, stalled);
+    let_leases_expire(engine.as_ref(), &clock, Duration::from_secs(2)).await;
+    assert_eq!(engine.reap_stalled(Q, 5).await.unwrap(), 1);
+    let search = JobSearch {
+        stalled: true,
+        ..JobSearch::default()
+    };
+    let found = queues.search(Q, None, &search, 0, 10).await.unwrap();
+    let ids: Vec<_> = found.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [stalled.as_str()], "not {calm}");
+    assert!(found.jobs[0].stalled_count >= 1);
+    let waiting = queues
+        .search(Q, Some(JobState::Waiting), &search, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(waiting.jobs.len(), 1, "taken back to waiting");
 }

@@ -72,7 +72,7 @@ macro_rules! conformance_tests {
             delayed_job_waits_for_its_time, backoff_delays_stay_in_their_envelope,
             unrecoverable_error_fails_at_once, late_completion_after_lease_expiry_is_rejected,
             job_stalling_too_often_fails, retention_prunes_but_keeps_totals,
-            pause_and_resume, retry_and_remove, follow_replays_history_to_late_subscriber, follow_goes_past_a_retried_failure, search_finds_jobs_by_text_and_field, an_active_jobs_lease_expiry_is_read_back, promote_makes_a_delayed_job_ready,
+            pause_and_resume, retry_and_remove, follow_replays_history_to_late_subscriber, follow_goes_past_a_retried_failure, search_finds_jobs_by_text_and_field, search_finds_jobs_that_stalled_before, an_active_jobs_lease_expiry_is_read_back, promote_makes_a_delayed_job_ready,
             pool_runs_jobs_and_follow_ups, pool_survives_panics_and_times_out_attempts,
             add_wakes_idle_worker_without_polling, graceful_shutdown_releases_unfinished_job,
             graceful_shutdown_lets_short_job_finish, wait_finished_returns_when_done,

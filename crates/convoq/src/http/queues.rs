@@ -244,7 +244,23 @@ fn search_of(q: &std::collections::HashMap<String, String>) -> Result<Option<Job
         (Some(_), None) => return Err(ApiError::field("value", "field needs a value")),
         (None, Some(_)) => return Err(ApiError::field("field", "value needs a field")),
     };
-    Ok((text.is_some() || field.is_some()).then_some(JobSearch { text, field }))
+    let stalled = match q.get("stalled").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                "stalled",
+                format!("stalled must be true or false, not {other:?}"),
+            ))
+        }
+    };
+    Ok(
+        (text.is_some() || field.is_some() || stalled).then_some(JobSearch {
+            text,
+            field,
+            stalled,
+        }),
+    )
 }
 
 /// `POST /api/queues/{name}/pause`.
@@ -465,10 +481,10 @@ fn bulk_filter(
         .ok_or_else(|| ApiError::field("filter", "filter must be an object"))?;
     let mut q = std::collections::HashMap::new();
     for (k, v) in obj {
-        if !matches!(k.as_str(), "state" | "q" | "field" | "value") {
+        if !matches!(k.as_str(), "state" | "q" | "field" | "value" | "stalled") {
             return Err(ApiError::field(
                 "filter",
-                format!("filter takes state, q, field and value, not {k:?}"),
+                format!("filter takes state, q, field, value and stalled, not {k:?}"),
             ));
         }
         let s = v

@@ -95,6 +95,7 @@ async fn queue_stats_and_listings() {
         ("field=userId", "value"),
         ("value=u1", "field"),
         ("field=a.b&value=1", "field"),
+        ("stalled=yes", "stalled"),
     ] {
         h.get(&format!("/api/queues/database/jobs?{q}"), Some(ADMIN))
             .await
@@ -224,6 +225,8 @@ async fn jobs_are_found_by_request_id_user_and_failure_reason() {
         search("field=userId&value=ghost&q=unknown").await,
         [failed_id]
     );
+    // Nothing stalled here.
+    assert!(search("stalled=true").await.is_empty());
 }
 
 #[tokio::test]

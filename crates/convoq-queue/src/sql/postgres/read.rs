@@ -106,11 +106,13 @@ async fn select(
         Rows::State(_) => "state = 'failed' AND $2::int8 IS NOT NULL",
         Rows::Any => "$2::int8 IS NOT NULL",
     };
-    let matching = if search.is_some() {
-        "AND ($5::text IS NULL OR strpos(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), $5) > 0) \
-         AND ($6::text IS NULL OR (data::jsonb ->> $6) = $7) "
-    } else {
-        ""
+    let matching = match search {
+        Some(s) => format!(
+            "AND ($5::text IS NULL OR strpos(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), $5) > 0) \
+             AND ($6::text IS NULL OR (data::jsonb ->> $6) = $7) {}",
+            if s.stalled { "AND stalled_count > 0 " } else { "" }
+        ),
+        None => String::new(),
     };
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE queue = $1 AND {filter} {matching}\

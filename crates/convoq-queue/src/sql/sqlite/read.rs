@@ -145,8 +145,14 @@ fn select_on(
         Some((k, v)) => (Some(format!("$.\"{k}\"")), Some(v.clone())),
         None => (None, None),
     };
+    let stalled = if search.stalled {
+        "stalled_count > 0"
+    } else {
+        "1 = 1"
+    };
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM cq_jobs WHERE {queue_is} AND {filter} \
+         AND {stalled} \
          AND (?5 IS NULL OR instr(lower(id || ' ' || data || ' ' || COALESCE(failed_reason, '')), ?5) > 0) \
          AND (?6 IS NULL OR (CASE json_type(data, ?6) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' \
               WHEN 'text' THEN json_extract(data, ?6) WHEN 'integer' THEN CAST(json_extract(data, ?6) AS TEXT) \

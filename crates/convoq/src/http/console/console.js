@@ -235,8 +235,10 @@ function jobsQuery(state, offset) {
   const q = $('#jobs-q').value.trim();
   const field = $('#jobs-field').value.trim();
   const value = $('#jobs-value').value;
-  const searching = q !== '' || field !== '';
+  const stalled = $('#jobs-stalled').checked;
+  const searching = q !== '' || field !== '' || stalled;
   if (q) params.set('q', q);
+  if (stalled) params.set('stalled', 'true');
   if (field) { params.set('field', field); params.set('value', value); }
   if (state !== 'any' || !searching) params.set('state', state === 'any' ? 'waiting' : state);
   return params;
@@ -313,6 +315,7 @@ async function bulk(action, scope) {
     const field = $('#jobs-field').value.trim();
     if (q) filter.q = q;
     if (field) { filter.field = field; filter.value = $('#jobs-value').value; }
+    if ($('#jobs-stalled').checked) filter.stalled = 'true';
     body = { action, filter };
     what = `every ${state} job of ${queue}${q || field ? ' that the search matches' : ''}`;
   }
