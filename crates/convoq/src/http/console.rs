@@ -144,8 +144,8 @@ fn is_safe(method: &Method) -> bool {
 }
 
 /// Refuses a state-changing request that a browser says another site made (`Sec-Fetch-Site`
-/// other than `same-origin` or `none`, or an `Origin` whose host is not this request's
-/// `Host`). Clients that are not browsers send neither header and are not concerned. This
+/// other than `same-origin` or `none`; without that header, an `Origin` whose host is not this
+/// request's `Host`). Clients that are not browsers send neither header and are not concerned. This
 /// matters most in protected mode, where any loopback request is an admin's.
 ///
 /// # Errors
@@ -161,10 +161,15 @@ pub fn cross_site(req: &Request) -> Result<(), ApiError> {
             "a request from another site cannot change state here".into(),
         ))
     };
+    // A browser that says where the request comes from is believed; only one that does not
+    // (older than 2023) is judged by its Origin against the Host it asked, which a reverse
+    // proxy may have rewritten.
     if let Some(site) = headers.get("sec-fetch-site") {
-        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
-            return refused();
-        }
+        return if matches!(site.as_bytes(), b"same-origin" | b"none") {
+            Ok(())
+        } else {
+            refused()
+        };
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers.get(header::HOST).map(HeaderValue::as_bytes);

@@ -150,6 +150,19 @@ async fn only_an_admin_key_opens_a_session_and_its_cookie_is_strict() {
     )
     .await
     .assert_error(403, "cross_site", None);
+    // Behind a reverse proxy that rewrites Host, the browser's own word decides.
+    let r = h
+        .send(
+            with_cookie("POST", "/api/queues/chat/resume", &cookie)
+                .header("x-csrf-token", &csrf)
+                .header("sec-fetch-site", "same-origin")
+                .header("origin", "https://convoq.example")
+                .header("host", "127.0.0.1:3000")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 
     // Logging in and out are operator actions too.
     let events: Vec<_> = h
