@@ -214,6 +214,10 @@ pub(crate) fn attempt_failure(
     }
 }
 
+/// An operator's rule for a job it makes ready ([`operator_retry`], [`operator_promote`]): from
+/// the job as read (queue, id, clock), the events to record, or why the step is refused.
+pub(crate) type OperatorRule = fn(Option<&Job>, &str, &str, i64) -> Result<Vec<NewEvent>>;
+
 /// What an operator's promotion of a delayed job records (it is ready now), or why it is
 /// refused: only a delayed job can be promoted.
 pub(crate) fn operator_promote(

@@ -155,10 +155,31 @@ pub async fn retry(
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult {
+    make_ready(&state, &caller, &request_id, &id, Ready::Retry).await
+}
+
+/// How an operator makes a job ready.
+#[derive(Clone, Copy)]
+enum Ready {
+    Retry,
+    Promote,
+}
+
+/// Retries or promotes job `id` for an admin, records it, and answers the job as it is then.
+async fn make_ready(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &RequestId,
+    id: &str,
+    how: Ready,
+) -> ApiResult {
     caller.require_admin()?;
-    let job = find(&state, &caller, &id).await?;
-    let job = state.queues.retry(&job.queue, &id).await?;
-    record_action(&state, &caller, &request_id, "job.retried", &id).await;
+    let job = find(state, caller, id).await?;
+    let (job, event) = match how {
+        Ready::Retry => (state.queues.retry(&job.queue, id).await?, "job.retried"),
+        Ready::Promote => (state.queues.promote(&job.queue, id).await?, "job.promoted"),
+    };
+    record_action(state, caller, request_id, event, id).await;
     Ok(ok_json(
         StatusCode::OK,
         json!({ "ok": true, "job": job_json(&job) }),
@@ -172,14 +193,7 @@ pub async fn promote(
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let job = find(&state, &caller, &id).await?;
-    let job = state.queues.promote(&job.queue, &id).await?;
-    record_action(&state, &caller, &request_id, "job.promoted", &id).await;
-    Ok(ok_json(
-        StatusCode::OK,
-        json!({ "ok": true, "job": job_json(&job) }),
-    ))
+    make_ready(&state, &caller, &request_id, &id, Ready::Promote).await
 }
 
 /// `DELETE /api/jobs/{id}` (admin).

@@ -12,7 +12,9 @@ use super::SqlResult;
 use crate::error::Result;
 use crate::job::Job;
 use crate::sql::answers;
-use crate::sql::rules::{operator_promote, operator_retry, removable, stall, PrunePlan, PruneStep};
+use crate::sql::rules::{
+    operator_promote, operator_retry, removable, stall, OperatorRule, PrunePlan, PruneStep,
+};
 use crate::sql::writer::Batch;
 
 /// Takes back active jobs whose lease expired. Rows another writer holds (a completion racing
@@ -168,33 +170,16 @@ pub(crate) async fn retry(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
-    // Lock the row first, so that two operators' retries do not both record events.
-    sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
-        .bind(queue)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    let job = match get_on(&mut *conn, queue, id, now).await? {
-        Ok(j) => j,
-        Err(e) => return Ok(Err(e)),
-    };
-    let events = match operator_retry(job.as_ref(), queue, id, now) {
-        Ok(events) => events,
-        Err(e) => return Ok(Err(e)),
-    };
-    insert_events(conn, queue, id, &events).await?;
-    sqlx::query(
+    make_ready(
+        conn,
+        (queue, id, now),
+        operator_retry,
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = $1, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
          WHERE queue = $2 AND id = $3",
+        batch,
     )
-    .bind(now)
-    .bind(queue)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    let read = get_on(conn, queue, id, now).await?;
-    Ok(answers::retried(queue, id, read, batch))
+    .await
 }
 
 pub(crate) async fn promote(
@@ -204,7 +189,26 @@ pub(crate) async fn promote(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
-    // Lock the row first, so that two operators' promotions do not both record events.
+    make_ready(
+        conn,
+        (queue, id, now),
+        operator_promote,
+        "UPDATE cq_jobs SET run_at = $1 WHERE queue = $2 AND id = $3",
+        batch,
+    )
+    .await
+}
+
+/// An operator's step that makes job `id` ready (a retry, a promotion): `rule` says what it
+/// records or why it is refused, `update` (parameters: now, queue, id) changes the row. The row
+/// is locked first, so that two operators' steps do not both record events.
+async fn make_ready(
+    conn: &mut PgConnection,
+    (queue, id, now): (&str, &str, i64),
+    rule: OperatorRule,
+    update: &str,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
     sqlx::query("SELECT 1 FROM cq_jobs WHERE queue = $1 AND id = $2 FOR UPDATE")
         .bind(queue)
         .bind(id)
@@ -214,12 +218,12 @@ pub(crate) async fn promote(
         Ok(j) => j,
         Err(e) => return Ok(Err(e)),
     };
-    let events = match operator_promote(job.as_ref(), queue, id, now) {
+    let events = match rule(job.as_ref(), queue, id, now) {
         Ok(events) => events,
         Err(e) => return Ok(Err(e)),
     };
     insert_events(conn, queue, id, &events).await?;
-    sqlx::query("UPDATE cq_jobs SET run_at = $1 WHERE queue = $2 AND id = $3")
+    sqlx::query(update)
         .bind(now)
         .bind(queue)
         .bind(id)

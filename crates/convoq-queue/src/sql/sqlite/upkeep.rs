@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::job::Job;
 use crate::sql::answers;
 use crate::sql::rules::{
-    operator_promote, operator_retry, removable, stall, to_json, PrunePlan, PruneStep,
+    operator_promote, operator_retry, removable, stall, to_json, OperatorRule, PrunePlan, PruneStep,
 };
 use crate::sql::writer::Batch;
 
@@ -148,27 +148,15 @@ pub(crate) fn retry(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
-    let job = match get_on(conn, queue, id, now)? {
-        Ok(j) => j,
-        Err(e) => return Ok(Err(e)),
-    };
-    let events = match operator_retry(job.as_ref(), queue, id, now) {
-        Ok(events) => events,
-        Err(e) => return Ok(Err(e)),
-    };
-    insert_events(conn, queue, id, &events)?;
-    conn.prepare_cached(
+    make_ready(
+        conn,
+        (queue, id, now),
+        operator_retry,
         "UPDATE cq_jobs SET state = 'waiting', attempts_made = 0, stalled_count = 0, run_at = ?, \
          processed_at = NULL, finished_at = NULL, result = NULL, keep_count = NULL, expire_at = NULL \
          WHERE queue = ? AND id = ?",
-    )?
-    .execute(params![now, queue, id])?;
-    Ok(answers::retried(
-        queue,
-        id,
-        get_on(conn, queue, id, now)?,
         batch,
-    ))
+    )
 }
 
 pub(crate) fn promote(
@@ -178,16 +166,34 @@ pub(crate) fn promote(
     now: i64,
     batch: &mut Batch,
 ) -> SqlResult<Result<Job>> {
+    make_ready(
+        conn,
+        (queue, id, now),
+        operator_promote,
+        "UPDATE cq_jobs SET run_at = ? WHERE queue = ? AND id = ?",
+        batch,
+    )
+}
+
+/// An operator's step that makes job `id` ready (a retry, a promotion): `rule` says what it
+/// records or why it is refused, `update` (parameters: now, queue, id) changes the row.
+fn make_ready(
+    conn: &Connection,
+    (queue, id, now): (&str, &str, i64),
+    rule: OperatorRule,
+    update: &str,
+    batch: &mut Batch,
+) -> SqlResult<Result<Job>> {
     let job = match get_on(conn, queue, id, now)? {
         Ok(j) => j,
         Err(e) => return Ok(Err(e)),
     };
-    let events = match operator_promote(job.as_ref(), queue, id, now) {
+    let events = match rule(job.as_ref(), queue, id, now) {
         Ok(events) => events,
         Err(e) => return Ok(Err(e)),
     };
     insert_events(conn, queue, id, &events)?;
-    conn.prepare_cached("UPDATE cq_jobs SET run_at = ? WHERE queue = ? AND id = ?")?
+    conn.prepare_cached(update)?
         .execute(params![now, queue, id])?;
     Ok(answers::retried(
         queue,
