@@ -106,18 +106,7 @@ impl BullEngine {
     }
 
     pub(super) async fn retry_failed(&self, queue: &str, id: &str) -> Result<Job> {
-        let job = self
-            .locate(queue, id)
-            .await?
-            .ok_or_else(|| QueueError::Invalid(format!("no job {id} in queue {queue}")))?;
-        if job.state != JobState::Failed {
-            return Err(QueueError::WrongState {
-                job_id: id.to_owned(),
-                state: job.state.to_string(),
-            });
-        }
-        let q = self.queue(queue).await?;
-        let op = async {
+        self.make_ready(queue, id, JobState::Failed, |q| async move {
             let Some(mut j) = q.get_job(id).await? else {
                 return Ok(());
             };
@@ -126,53 +115,55 @@ impl BullEngine {
                 reset_attempts_started: true,
             };
             j.retry("failed", Some(opts)).await
-        };
-        tokio::time::timeout(self.config.command_timeout, op)
-            .await
-            .map_err(|_| unavailable("no answer in time"))?
-            .map_err(|e| match e {
-                // reprocessJob's -3: the job left the failed set meanwhile.
-                bullmq::Error::InvalidConfig(m) if m.contains("-3") => QueueError::WrongState {
-                    job_id: id.to_owned(),
-                    state: "not failed".into(),
-                },
-                other => from_bullmq(other),
-            })?;
-        self.wake(queue);
-        self.changed(queue, id);
-        self.locate(queue, id)
-            .await?
-            .ok_or_else(|| QueueError::Invalid(format!("job {id} was removed meanwhile")))
+        })
+        .await
     }
 
     /// BullMQ's own promotion (`promote-9.lua`, through the crate's `Job::promote`): the job
     /// leaves the delayed set for the wait list (or the prioritized set).
     pub(super) async fn promote_delayed(&self, queue: &str, id: &str) -> Result<Job> {
+        self.make_ready(queue, id, JobState::Delayed, |q| async move {
+            let Some(j) = q.get_job(id).await? else {
+                return Ok(());
+            };
+            j.promote().await
+        })
+        .await
+    }
+
+    /// An operator's step that makes job `id` ready (a retry, a promotion) through BullMQ's
+    /// own script, which `step` runs on the queue: refused unless the job is in `wanted`, bounded
+    /// by the command timeout, and the job read back after. The scripts answer -3 when the job
+    /// left `wanted` meanwhile.
+    async fn make_ready<F, Fut>(
+        &self,
+        queue: &str,
+        id: &str,
+        wanted: JobState,
+        step: F,
+    ) -> Result<Job>
+    where
+        F: FnOnce(bullmq::Queue) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), bullmq::Error>>,
+    {
         let job = self
             .locate(queue, id)
             .await?
             .ok_or_else(|| QueueError::Invalid(format!("no job {id} in queue {queue}")))?;
-        if job.state != JobState::Delayed {
+        if job.state != wanted {
             return Err(QueueError::WrongState {
                 job_id: id.to_owned(),
                 state: job.state.to_string(),
             });
         }
         let q = self.queue(queue).await?;
-        let op = async {
-            let Some(j) = q.get_job(id).await? else {
-                return Ok(());
-            };
-            j.promote().await
-        };
-        tokio::time::timeout(self.config.command_timeout, op)
+        tokio::time::timeout(self.config.command_timeout, step(q))
             .await
             .map_err(|_| unavailable("no answer in time"))?
             .map_err(|e| match e {
-                // promote's -3: the job left the delayed set meanwhile.
                 bullmq::Error::InvalidConfig(m) if m.contains("-3") => QueueError::WrongState {
                     job_id: id.to_owned(),
-                    state: "not delayed".into(),
+                    state: format!("not {wanted}"),
                 },
                 other => from_bullmq(other),
             })?;

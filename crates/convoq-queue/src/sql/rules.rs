@@ -218,6 +218,25 @@ pub(crate) fn attempt_failure(
 /// the job as read (queue, id, clock), the events to record, or why the step is refused.
 pub(crate) type OperatorRule = fn(Option<&Job>, &str, &str, i64) -> Result<Vec<NewEvent>>;
 
+/// The job an operator's step acts on, if it exists and is in the one state the step takes.
+fn operator_target<'a>(
+    job: Option<&'a Job>,
+    queue: &str,
+    id: &str,
+    wanted: JobState,
+) -> Result<&'a Job> {
+    let Some(job) = job else {
+        return Err(QueueError::Invalid(format!("no job {id} in queue {queue}")));
+    };
+    if job.state != wanted {
+        return Err(QueueError::WrongState {
+            job_id: id.to_owned(),
+            state: job.state.to_string(),
+        });
+    }
+    Ok(job)
+}
+
 /// What an operator's promotion of a delayed job records (it is ready now), or why it is
 /// refused: only a delayed job can be promoted.
 pub(crate) fn operator_promote(
@@ -226,15 +245,7 @@ pub(crate) fn operator_promote(
     id: &str,
     now: i64,
 ) -> Result<Vec<NewEvent>> {
-    let Some(job) = job else {
-        return Err(QueueError::Invalid(format!("no job {id} in queue {queue}")));
-    };
-    if job.state != JobState::Delayed {
-        return Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: job.state.to_string(),
-        });
-    }
+    let job = operator_target(job, queue, id, JobState::Delayed)?;
     Ok(vec![NewEvent {
         kind: JobEventKind::Waiting,
         attempt: job.attempts_made,
@@ -251,15 +262,7 @@ pub(crate) fn operator_retry(
     id: &str,
     now: i64,
 ) -> Result<Vec<NewEvent>> {
-    let Some(job) = job else {
-        return Err(QueueError::Invalid(format!("no job {id} in queue {queue}")));
-    };
-    if job.state != JobState::Failed {
-        return Err(QueueError::WrongState {
-            job_id: id.to_owned(),
-            state: job.state.to_string(),
-        });
-    }
+    let job = operator_target(job, queue, id, JobState::Failed)?;
     let mut events = Vec::with_capacity(3);
     if let Some(started) = job.processed_at {
         events.push(NewEvent {
