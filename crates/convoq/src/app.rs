@@ -127,7 +127,7 @@ impl App {
     }
 
     /// Closes the queue engine and the store, last thing before exit.
-    async fn close(&self) {
+    pub async fn close(&self) {
         self.queues.engine().close().await;
         self.store.close().await;
         tracing::info!("shutdown complete");
@@ -238,6 +238,10 @@ pub async fn shutdown_signal() {
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     let app = App::open(config).await?;
     match command {
+        Command::Queues { .. } | Command::Jobs { .. } => {
+            app.close().await;
+            anyhow::bail!("operator commands run through convoq::cli::run")
+        }
         Command::Migrate => {
             tracing::info!("migrations applied");
             app.queues.engine().close().await;

@@ -8,8 +8,10 @@
 //! - [`http`]: the HTTP API.
 //! - [`telemetry`]: metrics and logs.
 //! - [`app`]: wiring and the process roles, with graceful shutdown.
+//! - [`cli`]: the operator's commands (`queues`, `jobs`) on the configured engine.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -283,6 +283,140 @@ pub enum Command {
     Worker,
     /// Apply database migrations and exit.
     Migrate,
+    /// Show the queues (counts by state, paused, totals), or pause or resume one.
+    ///
+    /// Works directly on the configured queue engine (no server needed).
+    #[command(after_help = "Examples:\n  \
+        convoq queues\n  \
+        convoq queues --json\n  \
+        convoq queues pause database\n  \
+        convoq queues resume database\n\n\
+        Exit codes: 0 done, 1 failed, 2 bad usage or settings, 3 not found, \
+        5 queue or store unavailable.")]
+    Queues {
+        /// What to do (default: show every queue).
+        #[command(subcommand)]
+        action: Option<QueuesAction>,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// List, show, follow, retry, remove or promote jobs.
+    ///
+    /// Works directly on the configured queue engine (no server needed). Operator actions are
+    /// recorded in the audit log as `cli:$USER`.
+    #[command(after_help = "Examples:\n  \
+        convoq jobs list --queue database --state failed --limit 50\n  \
+        convoq jobs show 0193c1d2-...\n  \
+        convoq jobs follow 0193c1d2-... --json\n  \
+        convoq jobs retry ID1 ID2\n  \
+        convoq jobs retry --all-failed --queue database\n  \
+        convoq jobs remove ID1\n  \
+        convoq jobs promote ID1\n\n\
+        Exit codes: 0 done, 1 failed, 2 bad usage or settings, 3 not found, \
+        4 refused (the job's state does not allow it), 5 queue or store unavailable, \
+        6 timed out (follow --timeout). With several ids, every id is tried and the exit \
+        code is the first failure's.")]
+    Jobs {
+        /// What to do.
+        #[command(subcommand)]
+        action: JobsAction,
+        /// Print JSON for scripts (one object per line for `follow`).
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+impl Command {
+    /// Whether this is an operator's command that runs and exits (`queues`, `jobs`), whose
+    /// output is for a person or a script rather than a log.
+    pub fn is_operator_command(&self) -> bool {
+        matches!(self, Command::Queues { .. } | Command::Jobs { .. })
+    }
+}
+
+/// `convoq queues …`.
+#[derive(Debug, Subcommand, Clone, PartialEq, Eq)]
+pub enum QueuesAction {
+    /// Stop workers (of every process) from taking the queue's jobs; adds still queue.
+    Pause {
+        /// The queue (database, audit, chat).
+        name: String,
+    },
+    /// Let workers take the queue's jobs again.
+    Resume {
+        /// The queue (database, audit, chat).
+        name: String,
+    },
+}
+
+/// `convoq jobs …`.
+#[derive(Debug, Subcommand, Clone, PartialEq, Eq)]
+pub enum JobsAction {
+    /// List a queue's jobs in one state, newest first for finished ones, run order otherwise.
+    List {
+        /// The queue.
+        #[arg(long, default_value = "database")]
+        queue: String,
+        /// waiting, active, delayed, completed, failed or paused.
+        #[arg(long, default_value = "waiting")]
+        state: String,
+        /// At most this many jobs (1 to 10000).
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// Skip this many first.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// Show one job: its fields, data, options, result or failure, and history.
+    Show {
+        /// The job's id.
+        id: String,
+        /// Look in this queue only (default: every queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Print a job's events as they happen (its history first), until it completes or fails.
+    Follow {
+        /// The job's id.
+        id: String,
+        /// Look in this queue only (default: every queue).
+        #[arg(long)]
+        queue: Option<String>,
+        /// Give up after this many seconds (exit code 6) [default: wait until it finishes].
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Run failed (or completed) jobs again, with fresh attempts.
+    Retry {
+        /// The jobs' ids.
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        ids: Vec<String>,
+        /// Retry every failed job of --queue.
+        #[arg(long, requires = "queue")]
+        all_failed: bool,
+        /// The queue (required with --all-failed; default: every queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Delete jobs (and their history).
+    Remove {
+        /// The jobs' ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Look in this queue only (default: every queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Make delayed jobs ready now.
+    Promote {
+        /// The jobs' ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Look in this queue only (default: every queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
 }
 
 /// A configuration error, naming the setting.

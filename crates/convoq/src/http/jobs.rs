@@ -66,6 +66,15 @@ pub fn job_json(job: &Job) -> serde_json::Value {
     v
 }
 
+/// The job as an operator sees it: [`job_json`] with what the job carries (`data`) and how it
+/// was asked to run (`opts`).
+pub fn job_json_admin(job: &Job) -> serde_json::Value {
+    let mut shown = job_json(job);
+    shown["data"] = job.data.clone();
+    shown["opts"] = serde_json::to_value(&job.opts).unwrap_or_default();
+    shown
+}
+
 fn check_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
         return Err(ApiError::field("id", "id must be 1 to 255 characters"));
@@ -105,12 +114,11 @@ pub async fn get_one(
             job = j;
         }
     }
-    let mut shown = job_json(&job);
-    if caller.role == Role::Admin {
-        // Operators see what the job carries and how it was asked to run.
-        shown["data"] = job.data.clone();
-        shown["opts"] = serde_json::to_value(&job.opts).unwrap_or_default();
-    }
+    let shown = if caller.role == Role::Admin {
+        job_json_admin(&job)
+    } else {
+        job_json(&job)
+    };
     Ok(ok_json(StatusCode::OK, json!({ "ok": true, "job": shown })))
 }
 

@@ -34,6 +34,7 @@ use convoq_queue::{Queues, WorkerPool};
 
 pub use auth::Caller;
 use error::ApiError;
+pub use jobs::{job_json, job_json_admin};
 pub use stats::QueueStats;
 
 use crate::config::Config;
@@ -219,9 +220,7 @@ async fn json_rejection(resp: Response) -> Response {
     .into_response()
 }
 
-/// Records an operator's action (who, what, when) in the audit log: `event` is what was done
-/// (`queue.paused`, `job.retried`, ...), `subject` what it was done to. The action has happened
-/// by then, so a store that cannot record it is logged as an error, not answered.
+/// Records an operator's action in the audit log (see [`Store::record_action`]).
 pub(crate) async fn record_action(
     state: &AppState,
     caller: &Caller,
@@ -229,18 +228,10 @@ pub(crate) async fn record_action(
     event: &str,
     subject: &str,
 ) {
-    let record = crate::store::NewAuditEvent {
-        id: format!("{event}-{}", uuid::Uuid::now_v7()),
-        event: event.to_owned(),
-        subject_id: subject.to_owned(),
-        actor: caller.name.clone(),
-        request_id: Some(request_id.0.clone()),
-    };
-    match state.store.insert_audit(&record, chrono::Utc::now()).await {
-        Ok(()) => tracing::info!(actor = %caller.name, event, subject, "operator action recorded"),
-        Err(e) => tracing::error!(actor = %caller.name, event, subject, error = %e,
-            "operator action done but not recorded in the audit log"),
-    }
+    state
+        .store
+        .record_action(&caller.name, &request_id.0, event, subject)
+        .await;
 }
 
 /// Turns a handler result into a response (handlers return `Result<Response, ApiError>`).

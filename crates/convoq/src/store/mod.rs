@@ -444,6 +444,25 @@ impl Store {
         self.audits.insert(e.clone(), now).await
     }
 
+    /// Records an operator's action (who, what, when): `event` is what was done
+    /// (`queue.paused`, `job.retried`, ...), `subject` what it was done to, `actor` the API
+    /// key's name (`cli:USER` from the command line). The action has happened by then, so a
+    /// store that cannot record it is logged as an error, not returned.
+    pub async fn record_action(&self, actor: &str, request_id: &str, event: &str, subject: &str) {
+        let record = NewAuditEvent {
+            id: format!("{event}-{}", uuid::Uuid::now_v7()),
+            event: event.to_owned(),
+            subject_id: subject.to_owned(),
+            actor: actor.to_owned(),
+            request_id: Some(request_id.to_owned()),
+        };
+        match self.insert_audit(&record, Utc::now()).await {
+            Ok(()) => tracing::info!(actor, event, subject, "operator action recorded"),
+            Err(e) => tracing::error!(actor, event, subject, error = %e,
+                "operator action done but not recorded in the audit log"),
+        }
+    }
+
     /// Records audit events on `conn` in one statement, inside the queue engine's open
     /// transaction. Idempotent per event.
     ///
