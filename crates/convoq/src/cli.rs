@@ -344,7 +344,7 @@ impl Cli<'_> {
             .history(&job.queue, &job.id)
             .await?
             .unwrap_or_default();
-        let mut shown = job_json_admin(&job);
+        let mut shown = serde_json::to_value(job_json_admin(&job)).unwrap_or_default();
         if json {
             shown["history"] = serde_json::to_value(&history).unwrap_or_default();
             out(&format!("{shown}\n"));

@@ -5,7 +5,8 @@
 //! browser says another site made is refused (`console::cross_site`).
 //!
 //! `/healthz` and `/readyz` are open; `/metrics` is open unless a metrics key is configured;
-//! the console's page, assets, login and logout are open (`console::is_open`).
+//! the console's page, assets, login and logout are open (`console::is_open`), and so are the
+//! OpenAPI document and its page (`openapi::is_open`).
 
 use std::net::SocketAddr;
 
@@ -16,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::{console, AppState};
+use super::{console, openapi, AppState};
 use crate::config::{digest, ApiKey, Config, Role};
 
 /// Who is calling.
@@ -73,7 +74,7 @@ fn bearer(req: &Request) -> Option<&str> {
 /// The middleware.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/healthz" || path == "/readyz" || console::is_open(path) {
+    if path == "/healthz" || path == "/readyz" || console::is_open(path) || openapi::is_open(path) {
         return next.run(req).await;
     }
     if let Err(e) = console::cross_site(&req) {

@@ -194,7 +194,7 @@ pub fn is_open(path: &str) -> bool {
     )
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+pub(super) fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),
@@ -209,26 +209,36 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /`: to the console.
+#[utoipa::path(get, path = "/", operation_id = "root", tag = "console", security(()),
+    responses((status = 303, description = "To the console", headers(("Location" = String, description = "`/ui`")))))]
 pub async fn root() -> Redirect {
     Redirect::to("/ui")
 }
 
 /// `GET /ui`.
+#[utoipa::path(get, path = "/ui", operation_id = "console", tag = "console", security(()),
+    responses((status = 200, description = "The operator console (it reads and acts through this API)", body = String, content_type = "text/html")))]
 pub async fn page() -> Response {
     asset("text/html; charset=utf-8", PAGE)
 }
 
 /// `GET /ui/console.js`.
+#[utoipa::path(get, path = "/ui/console.js", operation_id = "consoleScript", tag = "console", security(()),
+    responses((status = 200, description = "The console's script", body = String, content_type = "text/javascript")))]
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 /// `GET /ui/console.css`.
+#[utoipa::path(get, path = "/ui/console.css", operation_id = "consoleStyle", tag = "console", security(()),
+    responses((status = 200, description = "The console's stylesheet", body = String, content_type = "text/css")))]
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
 /// `GET /ui/session`: who the page acts as, and the CSRF token its requests carry.
+#[utoipa::path(get, path = "/ui/session", operation_id = "consoleSession", tag = "console", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    responses((status = 200, description = "Who the caller is, and the session's CSRF token", body = super::openapi::Session)))]
 pub async fn session(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -257,6 +267,17 @@ pub struct Login {
 }
 
 /// `POST /ui/login` with `{"key": "<admin key>"}`: opens a session and sets its cookie.
+#[utoipa::path(post, path = "/ui/login", operation_id = "consoleLogin", tag = "console", security(()),
+    request_body(content = super::openapi::Login, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A session: its cookie is set (HttpOnly, SameSite=Strict, 12 hours)", body = super::openapi::LoggedIn,
+            headers(("Set-Cookie" = String, description = "`convoq_session=…`"))),
+        (status = 400, description = "`malformed_json`", body = super::error::ErrorBody),
+        (status = 401, description = "`unauthorized`: not a configured key", body = super::error::ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin key, or a cross-site request", body = super::error::ErrorBody),
+        (status = 409, description = "`protected_mode`: no keys are configured, no login needed", body = super::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
+    ))]
 pub async fn login(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -303,6 +324,9 @@ pub async fn login(
 }
 
 /// `POST /ui/logout`: ends the session and clears its cookie.
+#[utoipa::path(post, path = "/ui/logout", operation_id = "consoleLogout", tag = "console", security(()),
+    responses((status = 200, description = "The session ends and its cookie is cleared", body = super::openapi::Ok,
+        headers(("Set-Cookie" = String, description = "An expired `convoq_session`")))))]
 pub async fn logout(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,

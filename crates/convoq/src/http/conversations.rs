@@ -169,6 +169,25 @@ async fn waited(
 
 /// `POST /api/chat/conversations`: validate, take a place in the backlog, add the job (or find
 /// the one an idempotency key names), then answer 202 (or, with `Prefer: wait`, the job's end).
+#[utoipa::path(post, path = "/api/chat/conversations", operation_id = "createConversation", tag = "conversations", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    request_body(content = super::openapi::CreateConversation, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a replay with the same key (per API key, for 25 hours) answers the original job, with `Idempotent-Replayed: true`; with another body, 422 `idempotency_key_reused`"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (N up to 30): wait up to N seconds for the job; 201 with the conversation if it completed, 422 `job_failed` if it failed, else 202"),
+    ),
+    responses(
+        (status = 202, description = "Queued durably; follow the job at `Location`", body = super::openapi::Accepted,
+            headers(("Location" = String, description = "`/api/jobs/{jobId}`"),
+                    ("Idempotent-Replayed" = Option<String>, description = "`true` when an Idempotency-Key named an existing job"))),
+        (status = 201, description = "`Prefer: wait`: the job completed within the wait", body = super::openapi::Created,
+            headers(("Preference-Applied" = String, description = "`wait`"))),
+        (status = 400, description = "`malformed_json`, `unknown_field`, `invalid_field` (with `field`)", body = super::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not application/json", body = super::error::ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`, or `job_failed` under `Prefer: wait`", body = super::error::ErrorBody),
+        (status = 429, description = "`backlog_full`: the queue's backlog is at its limit; nothing was queued", body = super::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -236,6 +255,13 @@ pub async fn create(
 }
 
 /// `GET /api/chat/conversations/{id}`.
+#[utoipa::path(get, path = "/api/chat/conversations/{id}", operation_id = "getConversation", tag = "conversations", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The conversation's id (a UUID)")),
+    responses(
+        (status = 200, description = "The conversation", body = super::openapi::ConversationBody),
+        (status = 400, description = "`invalid_field`: id is not a UUID", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such conversation (yet: its job may still run)", body = super::error::ErrorBody),
+    ))]
 pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(ApiError::field("id", "id must be a UUID"));
@@ -250,6 +276,14 @@ pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> A
 }
 
 /// `GET /api/users/{id}/conversations?limit=&cursor=`.
+#[utoipa::path(get, path = "/api/users/{id}/conversations", operation_id = "listUserConversations", tag = "conversations", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The user's id"),
+        ("limit" = Option<u64>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
+    responses(
+        (status = 200, description = "A page of the user's conversations, newest first", body = super::openapi::ConversationPage),
+        (status = 400, description = "`invalid_field`: a bad id, limit or cursor", body = super::error::ErrorBody),
+    ))]
 pub async fn list_for_user(
     State(state): State<AppState>,
     Path(user): Path<String>,

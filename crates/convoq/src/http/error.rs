@@ -6,9 +6,33 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::domain::Invalid;
+
+/// Every error's body: `{"ok": false, "error": {code, message, field?}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Always false.
+    pub ok: bool,
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for a person (`message`) and for a program (`code`, `field`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable snake_case code: `invalid_field`, `malformed_json`, `unknown_field`,
+    /// `unsupported_media_type`, `payload_too_large`, `unauthorized`, `forbidden`,
+    /// `not_found`, `method_not_allowed`, `wrong_job_state`, `idempotency_key_reused`,
+    /// `job_failed`, `backlog_full`, `unavailable`, `internal`, ...
+    #[schema(pattern = "^[a-z_]+$")]
+    pub code: String,
+    /// What is wrong, in a sentence; never internals (SQL, paths, stack traces).
+    pub message: String,
+    /// The field, query parameter or header at fault, when one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
 
 /// An error answered to an HTTP client.
 #[derive(Debug)]
@@ -186,11 +210,15 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        let mut error = json!({ "code": code, "message": message });
-        if let Some(f) = field {
-            error["field"] = json!(f);
-        }
-        let mut resp = (status, Json(json!({ "ok": false, "error": error }))).into_response();
+        let body = ErrorBody {
+            ok: false,
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+                field,
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
         if let Some(secs) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

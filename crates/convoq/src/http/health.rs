@@ -16,11 +16,18 @@ use crate::domain::QUEUES;
 pub const WORKER_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations", security(()),
+    responses((status = 200, description = "The process is alive", body = super::openapi::Ok)))]
 pub async fn healthz() -> ApiResult {
     Ok(ok_json(StatusCode::OK, json!({ "ok": true })))
 }
 
 /// `GET /readyz`.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Ready: the store and the queue answer, the workers run", body = super::openapi::Ready),
+        (status = 503, description = "Not ready, with what failed", body = super::openapi::Ready),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult {
     let store = tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await;
     let queue = tokio::time::timeout(Duration::from_secs(2), state.queues.engine().ping()).await;
@@ -60,6 +67,11 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult {
 }
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations", security((), ("metricsKey" = [])),
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+        (status = 401, description = "`unauthorized`: CONVOQ_METRICS_KEY is configured and was not sent", body = super::error::ErrorBody),
+    ))]
 pub async fn metrics(State(state): State<AppState>) -> ApiResult {
     let ready = tokio::time::timeout(Duration::from_secs(2), state.queues.engine().ping()).await;
     state

@@ -23,56 +23,105 @@ use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::config::Role;
 use crate::domain::QUEUES;
 
-/// The job as the API shows it.
-pub fn job_json(job: &Job) -> serde_json::Value {
-    let mut v = json!({
-        "id": job.id,
-        "queue": job.queue,
-        "name": job.name,
-        "state": job.state,
-        "attemptsMade": job.attempts_made,
-        "maxAttempts": job.max_attempts(),
-        "createdAt": crate::store::timestamp(job.created_at),
-        "requestId": job.data.get("requestId"),
-    });
-    if let Some(r) = &job.result {
-        v["result"] = r.clone();
+/// A job as the API shows it (`GET /api/jobs/{id}`, listings, operator actions).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// The job's id (a UUIDv7, or `idem-…` for a POST with an `Idempotency-Key`).
+    pub id: String,
+    /// Its queue: `database`, `audit` or `chat`.
+    pub queue: String,
+    /// What it does (`create_conversation`, `record_audit_event`).
+    pub name: String,
+    /// Where it is in its life.
+    #[schema(value_type = super::openapi::JobStateName)]
+    pub state: convoq_queue::JobState,
+    /// Attempts started so far.
+    pub attempts_made: u32,
+    /// Attempts it may have.
+    pub max_attempts: u32,
+    /// When it was added (RFC 3339, milliseconds, UTC).
+    pub created_at: String,
+    /// The id of the HTTP request that added it (null for jobs added otherwise).
+    pub request_id: Option<String>,
+    /// What its processor returned (completed jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// Why its last attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_reason: Option<String>,
+    /// When its last attempt started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<String>,
+    /// When it completed or failed for good.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// How often its worker's lease ran out and it was taken back (absent when never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_count: Option<u32>,
+    /// An active job's lease end (SQLite and Postgres); after it the stall sweep (every half
+    /// lease at most) takes the job back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<String>,
+    /// Whether that lease has run out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expired: Option<bool>,
+    /// The owner id of the process that holds it (each process logs its own at start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+    /// When a delayed job becomes ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_at: Option<String>,
+    /// What the job carries (admins only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<serde_json::Value>,
+    /// How it was asked to run: attempts, backoff, retention (admins only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub opts: Option<serde_json::Value>,
+}
+
+/// The job as the API shows it to any caller that may see it.
+pub fn job_json(job: &Job) -> JobView {
+    let ts = crate::store::timestamp;
+    JobView {
+        id: job.id.clone(),
+        queue: job.queue.clone(),
+        name: job.name.clone(),
+        state: job.state,
+        attempts_made: job.attempts_made,
+        max_attempts: job.max_attempts(),
+        created_at: ts(job.created_at),
+        request_id: job
+            .data
+            .get("requestId")
+            .and_then(|r| r.as_str())
+            .map(str::to_owned),
+        result: job.result.clone(),
+        failed_reason: job.failed_reason.clone(),
+        processed_at: job.processed_at.map(ts),
+        finished_at: job.finished_at.map(ts),
+        stalled_count: (job.stalled_count > 0).then_some(job.stalled_count),
+        lease_expires_at: job.lease_expires_at.map(ts),
+        lease_expired: job.lease_expires_at.map(|t| t <= chrono::Utc::now()),
+        lease_holder: job.lease_holder.clone(),
+        available_at: (job.available_at > job.created_at && !job.state.is_finished())
+            .then(|| ts(job.available_at)),
+        data: None,
+        opts: None,
     }
-    if let Some(r) = &job.failed_reason {
-        v["failedReason"] = json!(r);
-    }
-    if let Some(t) = job.processed_at {
-        v["processedAt"] = json!(crate::store::timestamp(t));
-    }
-    if let Some(t) = job.finished_at {
-        v["finishedAt"] = json!(crate::store::timestamp(t));
-    }
-    if job.stalled_count > 0 {
-        v["stalledCount"] = json!(job.stalled_count);
-    }
-    if let Some(t) = job.lease_expires_at {
-        // An expired lease waits for the stall sweep (every lease / 2 at most) to take the job
-        // back.
-        v["leaseExpiresAt"] = json!(crate::store::timestamp(t));
-        v["leaseExpired"] = json!(t <= chrono::Utc::now());
-    }
-    if let Some(holder) = &job.lease_holder {
-        // The holder's owner id, which it logs at its start ("convoq listening", `owner`).
-        v["leaseHolder"] = json!(holder);
-    }
-    if job.available_at > job.created_at && !job.state.is_finished() {
-        v["availableAt"] = json!(crate::store::timestamp(job.available_at));
-    }
-    v
 }
 
 /// The job as an operator sees it: [`job_json`] with what the job carries (`data`) and how it
 /// was asked to run (`opts`).
-pub fn job_json_admin(job: &Job) -> serde_json::Value {
-    let mut shown = job_json(job);
-    shown["data"] = job.data.clone();
-    shown["opts"] = serde_json::to_value(&job.opts).unwrap_or_default();
-    shown
+pub fn job_json_admin(job: &Job) -> JobView {
+    JobView {
+        data: Some(job.data.clone()),
+        opts: Some(serde_json::to_value(&job.opts).unwrap_or_default()),
+        ..job_json(job)
+    }
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -97,6 +146,14 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Job, ApiErr
 }
 
 /// `GET /api/jobs/{id}?wait=N`.
+#[utoipa::path(get, path = "/api/jobs/{id}", operation_id = "getJob", tag = "jobs", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The job's id"),
+        ("wait" = Option<u64>, Query, description = "Long-poll: wait up to this many seconds (0 to 30) for the job to finish")),
+    responses(
+        (status = 200, description = "The job (`data` and `opts` for admins); a service key sees only jobs it added", body = super::openapi::JobBody),
+        (status = 400, description = "`invalid_field`: a bad id or wait", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`", body = super::error::ErrorBody),
+    ))]
 pub async fn get_one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -124,6 +181,13 @@ pub async fn get_one(
 
 /// `GET /api/jobs/{id}/events`: the job's history, then its live events, as server-sent
 /// events named by kind; the stream ends after `completed` or `failed`.
+#[utoipa::path(get, path = "/api/jobs/{id}/events", operation_id = "followJob", tag = "jobs", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Server-sent events: the job's history from the start, then its events as they happen, each named by its kind with a `JobEvent` as data; the stream ends after `completed` or `failed` (unless an operator's retry follows), with a keep-alive comment every 15 s", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "`invalid_field`: a bad id", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`", body = super::error::ErrorBody),
+    ))]
 pub async fn events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -157,6 +221,13 @@ pub async fn events(
 }
 
 /// `POST /api/jobs/{id}/retry` (admin).
+#[utoipa::path(post, path = "/api/jobs/{id}/retry", operation_id = "retryJob", tag = "jobs", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The failed job waits again, with fresh attempts", body = super::openapi::JobBody),
+        (status = 404, description = "`not_found`", body = super::error::ErrorBody),
+        (status = 409, description = "`wrong_job_state`: only a failed job can be retried", body = super::error::ErrorBody),
+    ))]
 pub async fn retry(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -195,6 +266,13 @@ async fn make_ready(
 }
 
 /// `POST /api/jobs/{id}/promote` (admin): a delayed job ready now.
+#[utoipa::path(post, path = "/api/jobs/{id}/promote", operation_id = "promoteJob", tag = "jobs", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The delayed job is ready now", body = super::openapi::JobBody),
+        (status = 404, description = "`not_found`", body = super::error::ErrorBody),
+        (status = 409, description = "`wrong_job_state`: only a delayed job can be promoted", body = super::error::ErrorBody),
+    ))]
 pub async fn promote(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -205,6 +283,13 @@ pub async fn promote(
 }
 
 /// `DELETE /api/jobs/{id}` (admin).
+#[utoipa::path(delete, path = "/api/jobs/{id}", operation_id = "removeJob", tag = "jobs", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Removed, with its history", body = super::openapi::Removed),
+        (status = 404, description = "`not_found`", body = super::error::ErrorBody),
+        (status = 409, description = "`wrong_job_state`: an active job cannot be removed", body = super::error::ErrorBody),
+    ))]
 pub async fn remove(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

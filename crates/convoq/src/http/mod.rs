@@ -3,7 +3,8 @@
 //!
 //! Layout: `conversations.rs` (POST and reads), `jobs.rs` (job state, long-poll, SSE, operator
 //! actions on jobs), `users.rs`, `queues.rs` (stats and operator actions on queues),
-//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `auth.rs`, `console.rs` (the operator
+//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `openapi.rs` (the OpenAPI document
+//! and its page, generated from the handlers' `#[utoipa::path]` and the routes below), `auth.rs`, `console.rs` (the operator
 //! console at `/ui`, its sessions and CSRF rules), `stats.rs` (backlog and throughput for 429 and
 //! `estimatedWaitTime`), `error.rs`, `extract.rs`.
 //!
@@ -17,6 +18,7 @@ pub mod error;
 pub mod extract;
 mod health;
 mod jobs;
+pub mod openapi;
 mod queues;
 mod stats;
 mod users;
@@ -28,9 +30,11 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::Router;
 use convoq_queue::{Queues, WorkerPool};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use auth::Caller;
 use error::ApiError;
@@ -67,54 +71,62 @@ pub struct AppState {
     pub sessions: Arc<console::Sessions>,
 }
 
+/// Every route, each registered with its handler's OpenAPI description: the router and the
+/// document ([`openapi::document`]) come from this one list.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(conversations::create))
+        .routes(routes!(conversations::get_one))
+        .routes(routes!(users::put))
+        .routes(routes!(conversations::list_for_user))
+        .routes(routes!(jobs::get_one, jobs::remove))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::promote))
+        .routes(routes!(queues::list))
+        .routes(routes!(queues::get_one))
+        .routes(routes!(queues::jobs))
+        .routes(routes!(queues::bulk))
+        .routes(routes!(queues::pause))
+        .routes(routes!(queues::resume))
+        .routes(routes!(health::metrics))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::json))
+        .routes(routes!(openapi::page))
+        .routes(routes!(openapi::script))
+        .routes(routes!(openapi::style))
+        .routes(routes!(console::root))
+        .routes(routes!(console::page))
+        .routes(routes!(console::script))
+        .routes(routes!(console::style))
+        .routes(routes!(console::session))
+        .routes(routes!(console::login))
+        .routes(routes!(console::logout))
+}
+
 /// The router with every route and middleware.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/chat/conversations", post(conversations::create))
-        .route("/api/chat/conversations/{id}", get(conversations::get_one))
-        .route("/api/users/{id}", put(users::put))
-        .route(
-            "/api/users/{id}/conversations",
-            get(conversations::list_for_user),
-        )
-        .route("/api/jobs/{id}", get(jobs::get_one).delete(jobs::remove))
-        .route("/api/jobs/{id}/events", get(jobs::events))
-        .route("/api/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/jobs/{id}/promote", post(jobs::promote))
-        .route("/api/queues", get(queues::list))
-        .route("/api/queues/{name}", get(queues::get_one))
-        .route("/api/queues/{name}/jobs", get(queues::jobs))
-        .route("/api/queues/{name}/jobs/bulk", post(queues::bulk))
-        .route("/api/queues/{name}/pause", post(queues::pause))
-        .route("/api/queues/{name}/resume", post(queues::resume))
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/", get(console::root))
-        .route("/ui", get(console::page))
-        .route("/ui/console.js", get(console::script))
-        .route("/ui/console.css", get(console::style))
-        .route("/ui/session", get(console::session))
-        .route("/ui/login", post(console::login))
-        .route("/ui/logout", post(console::logout))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed);
-    api.layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::authenticate,
-    ))
-    .layer(middleware::from_fn_with_state(state.clone(), observe))
-    .with_state(state)
+    let (api, _) = routes().split_for_parts();
+    with_middleware(api, state)
 }
 
 /// The router of a `convoq worker` process: `/healthz`, `/readyz` and `/metrics` only, behind
 /// the same middleware (metrics key, request ids, HTTP metrics), so that each worker process
 /// can be probed and scraped on its own.
 pub fn ops_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+    let (ops, _) = OpenApiRouter::new()
+        .routes(routes!(health::metrics))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    with_middleware(ops, state)
+}
+
+/// The fallbacks and the middleware every request passes: `observe` (request id, logs,
+/// metrics) outermost, then `authenticate`.
+fn with_middleware(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -130,6 +130,12 @@ async fn oldest_waiting_age_ms(
 }
 
 /// `GET /api/queues`.
+#[utoipa::path(get, path = "/api/queues", operation_id = "listQueues", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("fresh" = Option<bool>, Query, description = "true: count now instead of the cached counts")),
+    responses(
+        (status = 200, description = "Every queue", body = super::openapi::QueueList),
+        (status = 400, description = "`invalid_field`: fresh is not true or false", body = super::error::ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -148,6 +154,14 @@ pub async fn list(
 }
 
 /// `GET /api/queues/{name}`.
+#[utoipa::path(get, path = "/api/queues/{name}", operation_id = "getQueue", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("name" = String, Path, description = "database, audit or chat"),
+        ("fresh" = Option<bool>, Query, description = "true: count now instead of the cached counts")),
+    responses(
+        (status = 200, description = "The queue", body = super::openapi::QueueBody),
+        (status = 400, description = "`invalid_field`", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such queue", body = super::error::ErrorBody),
+    ))]
 pub async fn get_one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -166,6 +180,20 @@ pub async fn get_one(
 /// `GET /api/queues/{name}/jobs?state=&limit=&offset=`, and a search with `q=` (text in the
 /// id, data or failure reason, ignoring case) and/or `field=` with `value=` (a top-level field
 /// of the job's data), where `state` may be `any` (the default when searching).
+#[utoipa::path(get, path = "/api/queues/{name}/jobs", operation_id = "listQueueJobs", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("name" = String, Path, description = "database, audit or chat"),
+        ("state" = Option<String>, Query, description = "waiting (default), active, delayed, completed, failed, paused; or any, with a search"),
+        ("q" = Option<String>, Query, description = "Search: text in the id, data or failure reason (ignoring case), up to 200 characters"),
+        ("field" = Option<String>, Query, description = "Search: a top-level field of the data, with value"),
+        ("value" = Option<String>, Query, description = "The field's value"),
+        ("stalled" = Option<bool>, Query, description = "true: only jobs that stalled before"),
+        ("limit" = Option<u64>, Query, description = "1 to 100, default 20"),
+        ("offset" = Option<u64>, Query, description = "Skip this many")),
+    responses(
+        (status = 200, description = "A page of jobs", body = super::openapi::JobPage),
+        (status = 400, description = "`invalid_field`", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such queue", body = super::error::ErrorBody),
+    ))]
 pub async fn jobs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -264,6 +292,12 @@ fn search_of(q: &std::collections::HashMap<String, String>) -> Result<Option<Job
 }
 
 /// `POST /api/queues/{name}/pause`.
+#[utoipa::path(post, path = "/api/queues/{name}/pause", operation_id = "pauseQueue", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("name" = String, Path, description = "database, audit or chat")),
+    responses(
+        (status = 200, description = "Paused: workers of every process stop taking its jobs; adds still queue", body = super::openapi::PauseBody),
+        (status = 404, description = "`not_found`: no such queue", body = super::error::ErrorBody),
+    ))]
 pub async fn pause(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -274,6 +308,12 @@ pub async fn pause(
 }
 
 /// `POST /api/queues/{name}/resume`.
+#[utoipa::path(post, path = "/api/queues/{name}/resume", operation_id = "resumeQueue", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("name" = String, Path, description = "database, audit or chat")),
+    responses(
+        (status = 200, description = "Resumed", body = super::openapi::PauseBody),
+        (status = 404, description = "`not_found`: no such queue", body = super::error::ErrorBody),
+    ))]
 pub async fn resume(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -343,6 +383,16 @@ impl BulkAction {
 /// not active, or promotes delayed jobs, each recorded in the audit log. Answers what matched, what was done, why the rest
 /// were not (`errors`, the first 20), and `more: true` when a filter matched more than one
 /// request does.
+#[utoipa::path(post, path = "/api/queues/{name}/jobs/bulk", operation_id = "bulkJobs", tag = "queues", security(("apiKey" = ["admin"]), ("consoleSession" = [])),
+    params(("name" = String, Path, description = "database, audit or chat")),
+    request_body(content = super::openapi::BulkRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What was done; each job is recorded in the audit log", body = super::openapi::BulkResult),
+        (status = 400, description = "`malformed_json`, `unknown_field`, `invalid_field`", body = super::error::ErrorBody),
+        (status = 404, description = "`not_found`: no such queue", body = super::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = super::error::ErrorBody),
+    ))]
 pub async fn bulk(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

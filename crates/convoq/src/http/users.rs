@@ -11,6 +11,17 @@ use crate::domain::{DiscordId, DisplayName, UserId};
 
 /// `PUT /api/users/{id}` with `{discordId, username, globalName?}`: 201 when created, 200 when
 /// updated, 409 when another user has the Discord id.
+#[utoipa::path(put, path = "/api/users/{id}", operation_id = "putUser", tag = "users", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
+    params(("id" = String, Path, description = "The user's id: 1 to 128 characters")),
+    request_body(content = super::openapi::PutUser, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = super::openapi::UserBody),
+        (status = 200, description = "Updated", body = super::openapi::UserBody),
+        (status = 400, description = "`malformed_json`, `unknown_field`, `invalid_field`", body = super::error::ErrorBody),
+        (status = 409, description = "`conflict`: another user has this discordId", body = super::error::ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = super::error::ErrorBody),
+    ))]
 pub async fn put(
     State(state): State<AppState>,
     Path(id): Path<String>,

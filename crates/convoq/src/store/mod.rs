@@ -90,7 +90,7 @@ fn map_sqlite_err(e: rusqlite::Error) -> StoreError {
 }
 
 /// A user.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
     /// Id.
@@ -108,7 +108,7 @@ pub struct User {
 }
 
 /// A conversation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Conversation {
     /// UUIDv7.

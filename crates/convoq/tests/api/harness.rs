@@ -194,6 +194,8 @@ pub(crate) async fn send_to(
     request: Request<Body>,
     dir: Option<&TempDir>,
 ) -> Resp {
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
     let resp = router.clone().oneshot(request).await.expect("infallible");
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -245,6 +247,7 @@ pub(crate) async fn send_to(
             );
         }
     }
+    crate::contract::check(&method, &path, &r);
     r
 }
 

@@ -5,13 +5,15 @@
 //! Each test opens its own SQLite file in its own temporary directory, starts the workers, and
 //! drives `convoq::http::router` with `tower::ServiceExt::oneshot`. Every response passes
 //! [`Harness::send`], which checks what holds for all of them: an `X-Request-Id`, never a 5xx,
-//! and for errors the one error shape without internals.
+//! for errors the one error shape without internals, and the OpenAPI document's word on its
+//! status, body and headers (`contract.rs`).
 
 mod harness;
 
 mod accepted;
 mod access;
 mod console;
+mod contract;
 mod jobs;
 mod ops;
 mod queues;
