@@ -314,3 +314,69 @@ async fn an_operator_logs_in_watches_and_acts() {
         assert_eq!(n, 1, "{event} of {subject} recorded once");
     }
 }
+
+/// The API reference page renders the served OpenAPI document in the browser: every
+/// operation and schema, with its headers and roles; no key needed.
+#[tokio::test]
+async fn the_api_reference_page_renders_the_document() {
+    let (chromium, driver) = match Browser::find() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[("CONVOQ_API_KEYS", KEYS)]).await;
+    let port = server.port;
+    let doc = request(port, "GET", "/api/openapi.json", &[], None)
+        .await
+        .expect("GET /api/openapi.json")
+        .json();
+    let operations: usize = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .map(|item| item.as_object().map_or(0, |m| m.len()))
+        .sum();
+    let browser = Browser::start(&chromium, &driver, &dir.path().join("profile")).await;
+    browser
+        .goto(&format!("http://127.0.0.1:{port}/api/docs"))
+        .await;
+    browser
+        .wait_for(
+            "the operations",
+            Duration::from_secs(15),
+            "return !!document.querySelector('#op-createConversation');",
+        )
+        .await;
+    let shown = browser
+        .eval(
+            "return document.querySelectorAll('section.op[id^=op-]').length;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown, json!(operations), "one section per operation");
+    let post = text(&browser, "#op-createConversation").await;
+    let post = post.as_str().unwrap_or_default();
+    for needle in [
+        "Idempotency-Key",
+        "Prefer",
+        "202",
+        "429",
+        "Retry-After",
+        "Location",
+        "apiKey (service, admin)",
+    ] {
+        assert!(
+            post.contains(needle),
+            "the POST's section lacks {needle}: {post}"
+        );
+    }
+    let job = text(&browser, "#schema-JobView").await;
+    assert!(
+        job.as_str().unwrap_or_default().contains("attemptsMade"),
+        "{job}"
+    );
+    shoot(&browser, "api-docs").await;
+}

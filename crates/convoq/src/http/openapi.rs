@@ -295,10 +295,11 @@ pub enum JobStateName {
 #[derive(ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateConversation {
-    /// The owner, an existing user (`PUT /api/users/{id}`): 1 to 128 characters.
-    #[schema(min_length = 1, max_length = 128)]
+    /// The owner, an existing user (`PUT /api/users/{id}`): 1 to 64 characters, no control
+    /// characters.
+    #[schema(min_length = 1, max_length = 64)]
     user_id: String,
-    /// 1 to 200 characters, or absent / null.
+    /// Trimmed; at most 200 characters, no control characters; empty or absent means none.
     #[schema(max_length = 200)]
     title: Option<String>,
     /// One of the configured modes (CONVOQ_PERSONALITY_MODES); default the first.

@@ -12,7 +12,7 @@ use crate::domain::{DiscordId, DisplayName, UserId};
 /// `PUT /api/users/{id}` with `{discordId, username, globalName?}`: 201 when created, 200 when
 /// updated, 409 when another user has the Discord id.
 #[utoipa::path(put, path = "/api/users/{id}", operation_id = "putUser", tag = "users", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
-    params(("id" = String, Path, description = "The user's id: 1 to 128 characters")),
+    params(("id" = String, Path, description = "The user's id: 1 to 64 characters")),
     request_body(content = super::openapi::PutUser, content_type = "application/json"),
     responses(
         (status = 201, description = "Created", body = super::openapi::UserBody),

@@ -16,9 +16,13 @@ const el = (tag, attrs = {}, ...children) => {
 // Text with `code` spans, as the document's descriptions write them.
 const prose = (text) => {
   const p = el("span", { class: "desc" });
-  String(text || "").split(/(`[^`]*`)/).forEach((part) => {
+  // Doc comments wrap lines; a blank line is a paragraph break.
+  const flowed = String(text || "").replace(/([^\n])\n(?!\n)/g, "$1 ");
+  flowed.split(/(`[^`]*`|\*\*[^*]+\*\*)/).forEach((part) => {
     if (part.startsWith("`") && part.endsWith("`") && part.length > 1) {
       p.append(el("code", {}, part.slice(1, -1)));
+    } else if (part.startsWith("**") && part.endsWith("**") && part.length > 4) {
+      p.append(el("strong", {}, part.slice(2, -2)));
     } else {
       p.append(part);
     }
