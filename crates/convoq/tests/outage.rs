@@ -19,14 +19,12 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::postgres::{admin_url, with_port, Databases};
+use support::postgres::{admin_url, postgres_addr, with_port, Databases};
 use support::proxy::Proxy;
 use support::{eventually, get, put_user_u1, request, Role, Server};
 
@@ -102,17 +100,6 @@ async fn client(port: u16, load: Arc<Load>) {
             }
         }
     }
-}
-
-/// Postgres's address, from the admin URL.
-async fn postgres_addr(url: &str) -> SocketAddr {
-    let opts = sqlx::postgres::PgConnectOptions::from_str(url).expect("admin URL");
-    let mut addrs = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
-        .await
-        .expect("resolve the Postgres host");
-    addrs
-        .find(SocketAddr::is_ipv4)
-        .expect("an IPv4 address for Postgres")
 }
 
 async fn readyz(port: u16) -> Option<u16> {

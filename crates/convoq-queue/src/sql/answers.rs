@@ -36,13 +36,12 @@ pub(crate) fn created(
 }
 
 /// The answer for a job `id` that its add did not insert (its custom id exists, or appeared
-/// earlier in the list), from the existing job as read back in the same transaction.
-pub(crate) fn found(id: &str, existing: Result<Option<Job>>) -> Result<Added> {
+/// earlier in the list), from the existing job as read back in the same transaction; created
+/// by this add all the same if it `owns` the id (an earlier application of its batch committed
+/// it and the answer was lost with the connection).
+pub(crate) fn found(id: &str, owns: bool, existing: Result<Option<Job>>) -> Result<Added> {
     match existing? {
-        Some(job) => Ok(Added {
-            job,
-            created: false,
-        }),
+        Some(job) => Ok(Added { job, created: owns }),
         None => Err(QueueError::Corrupt(format!(
             "job {id} conflicted on insert but cannot be read"
         ))),

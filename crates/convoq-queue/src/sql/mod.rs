@@ -360,8 +360,10 @@ impl Engine for SqlEngine {
     }
 
     async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
+        let ids = rules::mint_ids(&jobs);
         self.request(|reply| Op::Add {
             jobs,
+            ids,
             claim: None,
             reply,
         })
@@ -377,6 +379,7 @@ impl Engine for SqlEngine {
         let held = claim.clone();
         let added = self
             .request(|reply| Op::Add {
+                ids: rules::mint_ids(std::slice::from_ref(&job)),
                 jobs: vec![job],
                 claim: Some(claim),
                 reply,

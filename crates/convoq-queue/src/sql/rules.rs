@@ -360,12 +360,38 @@ pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
 pub(crate) struct ToAdd<'a> {
     pub(crate) job: &'a crate::job::NewJob,
     pub(crate) claim: Option<&'a crate::engine::ClaimOnAdd>,
+    /// The id minted for the job before its add was first applied (see `Op::Add`'s `ids`);
+    /// `None` mints one now.
+    pub(crate) minted: Option<&'a str>,
 }
 
 impl<'a> From<&'a crate::job::NewJob> for ToAdd<'a> {
     fn from(job: &'a crate::job::NewJob) -> Self {
-        ToAdd { job, claim: None }
+        ToAdd {
+            job,
+            claim: None,
+            minted: None,
+        }
     }
+}
+
+impl ToAdd<'_> {
+    /// Whether a stored job under this add's id can only be this add's own, committed by an
+    /// earlier application of its batch whose answer was lost: its id was minted for it (no
+    /// custom id, which another add may share).
+    pub(crate) fn owns_its_id(&self) -> bool {
+        self.minted.is_some() && self.job.opts.job_id.is_none()
+    }
+}
+
+/// Ids for the jobs of one add, minted before it is first applied.
+pub(crate) fn mint_ids(jobs: &[crate::job::NewJob]) -> Vec<String> {
+    jobs.iter()
+        .map(|job| match &job.opts.job_id {
+            Some(custom) => custom.clone(),
+            None => uuid::Uuid::now_v7().to_string(),
+        })
+        .collect()
 }
 
 /// The stored row of a job being added: its id (the custom one, or a new UUIDv7) and the
@@ -390,11 +416,11 @@ pub(crate) fn new_row<'a>(add: ToAdd<'a>, now: i64) -> NewRow<'a> {
     let run_at = job.due_at(now);
     NewRow {
         queue: &job.queue,
-        id: job
-            .opts
-            .job_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        id: match (&job.opts.job_id, add.minted) {
+            (Some(custom), _) => custom.clone(),
+            (None, Some(minted)) => minted.to_owned(),
+            (None, None) => uuid::Uuid::now_v7().to_string(),
+        },
         name: &job.name,
         data: to_json(&job.data),
         opts: to_json(&job.opts),

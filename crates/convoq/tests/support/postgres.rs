@@ -3,6 +3,18 @@
 
 pub use convoq_queue::testkit::postgres::{admin_url, Databases};
 
+/// Postgres's address from a URL (IPv4), for a proxy to forward to.
+pub async fn postgres_addr(url: &str) -> std::net::SocketAddr {
+    use std::str::FromStr;
+    let opts = sqlx::postgres::PgConnectOptions::from_str(url).expect("a Postgres URL");
+    let mut addrs = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .expect("resolve the Postgres host");
+    addrs
+        .find(std::net::SocketAddr::is_ipv4)
+        .expect("an IPv4 address for Postgres")
+}
+
 /// `url` with its host and port replaced by `127.0.0.1:port` (to route it through a proxy).
 pub fn with_port(url: &str, port: u16) -> String {
     let scheme_end = url.find("://").map_or(0, |i| i + 3);

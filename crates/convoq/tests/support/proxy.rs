@@ -3,6 +3,10 @@
 //! While up, it forwards each accepted connection to the target. [`Proxy::cut`] closes every
 //! open connection (both sides) and stops listening, so new connections are refused, as when
 //! the database host's server is down; [`Proxy::restore`] listens again on the same port.
+//! [`Proxy::lose_acks`] makes it lose the answers to the next writes that commit: it forwards a
+//! client message holding one of the given patterns (`COMMIT`, a self-committing `INSERT`),
+//! lets the server commit it, and closes the connection before relaying the answer, as when a
+//! network drops right after the database committed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +27,95 @@ pub struct Proxy {
     accept: Option<JoinHandle<()>>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicUsize>,
+    /// How many acknowledgements are still to be lost, and what marks the messages that commit.
+    losing: Arc<Losing>,
+}
+
+/// The lose-acknowledgements mode.
+#[derive(Default)]
+struct Losing {
+    left: AtomicUsize,
+    lost: AtomicUsize,
+    patterns: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Losing {
+    /// Whether a commit the client executes in `messages` is to lose its answer (taking one).
+    fn take(&self, commits: bool) -> bool {
+        commits
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+    }
+}
+
+/// Reads a client's side of the Postgres protocol as it passes, to tell when it executes a
+/// statement that holds one of the patterns: a simple query (`Q`) holding it, or the bind
+/// (`B`) of a prepared statement whose parse (`P`) held it (drivers prepare `COMMIT` too, and
+/// run a prepared statement later by its name only).
+#[derive(Default)]
+struct Frontend {
+    started: bool,
+    pending: Vec<u8>,
+    armed: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Frontend {
+    /// Feeds `bytes`; whether they execute a statement holding a pattern.
+    fn executes(&mut self, bytes: &[u8], patterns: &[Vec<u8>]) -> bool {
+        self.pending.extend_from_slice(bytes);
+        let holds = |text: &[u8]| {
+            patterns
+                .iter()
+                .any(|p| text.windows(p.len()).any(|w| w == p.as_slice()))
+        };
+        let mut fires = false;
+        let mut at = 0;
+        loop {
+            let rest = &self.pending[at..];
+            if !self.started {
+                // Startup, SSL or GSS request: a length and a code, no type byte.
+                if rest.len() < 8 {
+                    break;
+                }
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if rest.len() < len {
+                    break;
+                }
+                let code = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+                self.started = !matches!(code, 80_877_103 | 80_877_104);
+                at += len.max(8);
+                continue;
+            }
+            if rest.len() < 5 {
+                break;
+            }
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if rest.len() < 1 + len {
+                break;
+            }
+            let body = &rest[5..1 + len];
+            let mut fields = body.split(|b| *b == 0);
+            match rest[0] {
+                b'Q' => fires |= holds(body),
+                b'P' => {
+                    let name = fields.next().unwrap_or_default().to_vec();
+                    if holds(fields.next().unwrap_or_default()) {
+                        self.armed.insert(name);
+                    }
+                }
+                b'B' => {
+                    let _portal = fields.next();
+                    fires |= self.armed.contains(fields.next().unwrap_or_default());
+                }
+                _ => {}
+            }
+            at += 1 + len;
+        }
+        self.pending.drain(..at);
+        fires
+    }
 }
 
 impl Proxy {
@@ -38,6 +131,7 @@ impl Proxy {
             generation: watch::channel(0).0,
             accept: None,
             accepted: Arc::new(AtomicUsize::new(0)),
+            losing: Arc::default(),
         };
         proxy.accept = Some(proxy.spawn_accept(listener));
         proxy
@@ -47,6 +141,7 @@ impl Proxy {
         let target = self.target;
         let generation = self.generation.clone();
         let accepted = self.accepted.clone();
+        let losing = self.losing.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -54,19 +149,41 @@ impl Proxy {
                 };
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let mut cut = generation.subscribe();
+                let losing = losing.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut client, mut server) = (client, server);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = pump(client, server, losing) => {}
                         // Both sockets close as the task ends.
                         _ = cut.changed() => {}
                     }
                 });
             }
         })
+    }
+
+    /// Watches for statements that hold one of `patterns` (set it before the client connects:
+    /// drivers prepare a statement once per connection and then run it by name).
+    pub fn watch_commits(&self, patterns: &[&str]) {
+        *self
+            .losing
+            .patterns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            patterns.iter().map(|p| p.as_bytes().to_vec()).collect();
+    }
+
+    /// Loses the answers to the next `n` executions of a watched statement: each is forwarded,
+    /// given time to commit, and its connection closed before the answer is relayed.
+    pub fn lose_acks(&self, n: usize) {
+        self.losing.left.store(n, Ordering::SeqCst);
+    }
+
+    /// How many answers were lost so far.
+    pub fn acks_lost(&self) -> usize {
+        self.losing.lost.load(Ordering::SeqCst)
     }
 
     /// Closes every open connection and refuses new ones until [`Proxy::restore`].
@@ -99,6 +216,67 @@ impl Proxy {
     }
 }
 
+/// Relays both ways until either side closes, or until a message whose answer is to be lost
+/// has been forwarded (then both sockets close, the answer unrelayed).
+async fn pump(client: TcpStream, server: TcpStream, losing: Arc<Losing>) {
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    // Set before the fatal message is forwarded, so that no answer to it is relayed.
+    let dropping = Arc::new(AtomicBool::new(false));
+    let up = {
+        let dropping = dropping.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut frontend = Frontend::default();
+            loop {
+                let n = match client_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let patterns = losing
+                    .patterns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let fires = frontend.executes(&buf[..n], &patterns);
+                let fatal = losing.take(fires);
+                if fatal {
+                    dropping.store(true, Ordering::SeqCst);
+                }
+                if server_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                if fatal {
+                    // The server reads and commits it; its answer goes nowhere (the relay
+                    // back stops at it, and ends the connection).
+                    losing.lost.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return;
+                }
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if dropping.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever ends first ends the connection: both halves drop.
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(accept) = self.accept.take() {
@@ -106,4 +284,18 @@ impl Drop for Proxy {
         }
         self.generation.send_modify(|g| *g += 1);
     }
+}
+
+#[test]
+fn frontend_tells_executions_of_watched_statements() {
+    let patterns = vec![b"COMMIT".to_vec()];
+    let mut f = Frontend::default();
+    let mut startup = vec![0, 0, 0, 12, 0, 3, 0, 0];
+    startup.extend_from_slice(b"user");
+    assert!(!f.executes(&startup, &patterns));
+    let parse = b"P\0\0\0\x17sqlx_s_11\0COMMIT\0\0\0D\0\0\0\x0fSsqlx_s_11\0S\0\0\0\x04";
+    assert!(!f.executes(parse, &patterns), "a parse does not run it");
+    let bind =
+        b"B\0\0\0\x19\0sqlx_s_11\0\0\x01\0\x01\0\0\0\x01\0\x01E\0\0\0\t\0\0\0\0\0S\0\0\0\x04";
+    assert!(f.executes(bind, &patterns), "its bind does");
 }

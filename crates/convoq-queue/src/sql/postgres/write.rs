@@ -124,7 +124,11 @@ pub(crate) async fn add_jobs(
                 batch,
             ));
         } else {
-            match answers::found(id, get_on(&mut *conn, &job.queue, id, now).await?) {
+            match answers::found(
+                id,
+                add.owns_its_id(),
+                get_on(&mut *conn, &job.queue, id, now).await?,
+            ) {
                 Ok(added) => out.push(added),
                 Err(e) => return Ok(Err(e)),
             }

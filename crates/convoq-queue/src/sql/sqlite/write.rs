@@ -81,7 +81,7 @@ pub(crate) fn add_jobs(
         if let Some(held) = fresh.remove(&(job.queue.clone(), id.clone())) {
             out.push(answers::created(job, id, now, run_at, held, batch));
         } else {
-            match answers::found(&id, get_on(conn, &job.queue, &id, now)?) {
+            match answers::found(&id, add.owns_its_id(), get_on(conn, &job.queue, &id, now)?) {
                 Ok(added) => out.push(added),
                 Err(e) => return Ok(Err(e)),
             }

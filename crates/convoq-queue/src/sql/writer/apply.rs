@@ -67,7 +67,11 @@ async fn complete_together<D: Dialect>(
             let claims = c.follow_up_claims.as_ref();
             for (k, job) in c.follow_ups.iter().enumerate() {
                 let claim = claims.and_then(|f| f.leases.get(k)?.as_ref());
-                follow_ups.push(ToAdd { job, claim });
+                follow_ups.push(ToAdd {
+                    job,
+                    claim,
+                    minted: None,
+                });
                 waiting.push(claims);
             }
         }
@@ -127,7 +131,13 @@ async fn add_together<D: Dialect>(
     answers.resize_with(ops.len(), || None);
     let mut adds: Vec<(usize, Vec<ToAdd>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        let Op::Add { jobs, claim, reply } = op else {
+        let Op::Add {
+            jobs,
+            ids,
+            claim,
+            reply,
+        } = op
+        else {
             continue;
         };
         if reply.is_closed() {
@@ -139,7 +149,17 @@ async fn add_together<D: Dialect>(
             continue;
         }
         let claim = claim.as_ref();
-        adds.push((i, jobs.iter().map(|job| ToAdd { job, claim }).collect()));
+        adds.push((
+            i,
+            jobs.iter()
+                .zip(ids)
+                .map(|(job, id)| ToAdd {
+                    job,
+                    claim,
+                    minted: Some(id.as_str()),
+                })
+                .collect(),
+        ));
     }
     if mode == Mode::Careful || adds.len() < 2 {
         for (i, jobs) in adds {
