@@ -301,7 +301,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             if app.config.protected_mode() {
                 tracing::warn!(
-                    "PROTECTED MODE: no API keys are configured (CONVOQ_API_KEYS), so only loopback clients are served"
+                    "PROTECTED MODE: no API keys are configured (CONVOQ_API_KEYS), so only loopback clients are served, as admins; requests relayed by a proxy (Forwarded, X-Forwarded-For, X-Real-IP) are refused: set API keys before putting a reverse proxy in front"
                 );
             }
             tracing::info!(listen = %addr, engine = app.queues.engine().name(), owner = app.queues.engine().owner_id(),

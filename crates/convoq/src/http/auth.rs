@@ -1,6 +1,7 @@
 //! Authentication: `Authorization: Bearer <secret>` against the configured keys' SHA-256
 //! digests, compared in constant time, or the operator console's session cookie
-//! (`console.rs`); protected mode (no keys: loopback clients only) when none are configured.
+//! (`console.rs`); protected mode (no keys: loopback clients only, and none that a proxy
+//! relayed) when none are configured.
 //! The resolved [`Caller`] goes into request extensions. A state-changing request that a
 //! browser says another site made is refused (`console::cross_site`).
 //!
@@ -71,6 +72,13 @@ fn bearer(req: &Request) -> Option<&str> {
         .then_some(token.trim())
 }
 
+/// The header that says a proxy relayed the request, if one does.
+fn relayed_by(req: &Request) -> Option<&'static str> {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .into_iter()
+        .find(|h| req.headers().contains_key(*h))
+}
+
 /// The middleware.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -108,6 +116,19 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             return ApiError::Forbidden(
                 "protected_mode",
                 "no API keys are configured, so this server only serves loopback clients; set CONVOQ_API_KEYS".into(),
+            )
+            .into_response();
+        }
+        // A reverse proxy on this machine connects from loopback for every client it relays:
+        // served as "local", each would be an admin.
+        if let Some(header) = relayed_by(&req) {
+            return ApiError::Forbidden(
+                "protected_mode",
+                format!(
+                    "this request was relayed by a proxy ({header} is set), and protected mode \
+                     serves only clients on this machine; set CONVOQ_API_KEYS to serve through \
+                     a proxy"
+                ),
             )
             .into_response();
         }

@@ -139,6 +139,24 @@ async fn protected_mode_serves_only_loopback_clients() {
     h.send(json_req("POST", "/api/chat/conversations", None, &body))
         .await
         .assert_error(403, "protected_mode", None);
+    // A reverse proxy on this machine connects from loopback: what it relays is refused, not
+    // served as the local admin.
+    for header in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let r = send_to(
+            &local,
+            req("GET", "/api/queues", None)
+                .header(header, "for=198.51.100.7")
+                .body(Body::empty())
+                .unwrap(),
+            None,
+        )
+        .await;
+        let v = r.assert_error(403, "protected_mode", None);
+        assert!(
+            v["error"]["message"].as_str().unwrap_or_default().contains(header),
+            "{v}"
+        );
+    }
     // Health stays open.
     for uri in ["/healthz", "/readyz"] {
         let r = send_to(&remote, get_req(uri, None), None).await;
