@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::config::{Command, JobsAction, QueuesAction};
 use crate::domain::QUEUES;
-use crate::http::{job_json, job_json_admin};
+use crate::http::{job_json_admin, job_json_operator};
 
 /// How an operator's command ended, as its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +282,7 @@ impl Cli<'_> {
         }
         let jobs = self.app.queues.list(queue, state, offset, limit).await?;
         if json {
-            let shown: Vec<_> = jobs.iter().map(job_json).collect();
+            let shown: Vec<_> = jobs.iter().map(job_json_operator).collect();
             out(&format!("{}\n", json!({ "jobs": shown })));
             return Ok(Exit::Done);
         }

@@ -161,7 +161,7 @@ async fn waited(
         }
         Some(j) if j.state == JobState::Failed => Err(ApiError::Unprocessable(
             "job_failed",
-            j.failed_reason.unwrap_or_else(|| "the job failed".into()),
+            super::jobs::public_reason(j.failed_reason.as_deref().unwrap_or("the job failed")),
         )),
         _ => Ok(None),
     }

@@ -48,7 +48,8 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
-    /// Why its last attempt failed.
+    /// Why its last attempt failed: a stable sentence for service callers, the reason as
+    /// recorded for admins.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_reason: Option<String>,
     /// When its last attempt started.
@@ -100,7 +101,7 @@ pub fn job_json(job: &Job) -> JobView {
             .and_then(|r| r.as_str())
             .map(str::to_owned),
         result: job.result.clone(),
-        failed_reason: job.failed_reason.clone(),
+        failed_reason: job.failed_reason.as_deref().map(public_reason),
         processed_at: job.processed_at.map(ts),
         finished_at: job.finished_at.map(ts),
         stalled_count: (job.stalled_count > 0).then_some(job.stalled_count),
@@ -114,14 +115,60 @@ pub fn job_json(job: &Job) -> JobView {
     }
 }
 
-/// The job as an operator sees it: [`job_json`] with what the job carries (`data`) and how it
-/// was asked to run (`opts`).
+/// The job as an operator sees it: [`job_json`] with what the job carries (`data`), how it
+/// was asked to run (`opts`), and its failure reason as recorded (which may hold a store's
+/// own error text).
 pub fn job_json_admin(job: &Job) -> JobView {
     JobView {
         data: Some(job.data.clone()),
         opts: Some(serde_json::to_value(&job.opts).unwrap_or_default()),
+        ..job_json_operator(job)
+    }
+}
+
+/// The job in an operator's listing: [`job_json`] with the failure reason as recorded.
+pub fn job_json_operator(job: &Job) -> JobView {
+    JobView {
+        failed_reason: job.failed_reason.clone(),
         ..job_json(job)
     }
+}
+
+/// What a service caller is told of a failure: a stable sentence per kind of failure,
+/// never a store's or a driver's own error text (that stays in the logs and for admins). A
+/// reason convoq itself wrote from the caller's own input (an unknown user) is kept.
+pub fn public_reason(recorded: &str) -> String {
+    if recorded.starts_with("unknown user ") {
+        return recorded.to_owned();
+    }
+    let stable = if recorded.starts_with("store unavailable") {
+        "the store was unavailable"
+    } else if recorded.starts_with("invalid job payload") {
+        "the job's data could not be read"
+    } else if recorded.starts_with("job stalled more than") {
+        "the job's worker stopped too often while running it"
+    } else {
+        "the job failed"
+    };
+    format!("{stable}; the operators' logs have the details under the job's request id")
+}
+
+/// An event as a service caller sees it: a failure's reason told as [`public_reason`].
+pub fn public_event(mut event: convoq_queue::JobEvent) -> convoq_queue::JobEvent {
+    use convoq_queue::JobEventKind as K;
+    if !matches!(event.kind, K::Failed | K::Retrying | K::Stalled) {
+        return event;
+    }
+    match event.detail.as_mut() {
+        Some(serde_json::Value::String(reason)) => *reason = public_reason(reason),
+        Some(serde_json::Value::Object(fields)) => {
+            if let Some(serde_json::Value::String(reason)) = fields.get_mut("reason") {
+                *reason = public_reason(reason);
+            }
+        }
+        _ => {}
+    }
+    event
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -195,10 +242,12 @@ pub async fn events(
 ) -> ApiResult {
     let job = find(&state, &caller, &id).await?;
     let follower = state.queues.follow(&job.queue, &id);
-    let stream = futures::stream::unfold(Some(follower), |f| async move {
+    let admin = caller.role == Role::Admin;
+    let stream = futures::stream::unfold(Some(follower), move |f| async move {
         let mut f = f?;
         match f.next().await {
             Ok(Some(e)) => {
+                let e = if admin { e } else { public_event(e) };
                 let event = Event::default()
                     .event(e.kind.as_str())
                     .json_data(&e)
@@ -261,7 +310,7 @@ async fn make_ready(
     record_action(state, caller, request_id, event, id).await;
     Ok(ok_json(
         StatusCode::OK,
-        json!({ "ok": true, "job": job_json(&job) }),
+        json!({ "ok": true, "job": job_json_operator(&job) }),
     ))
 }
 

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::{json_object, query_number, required_str};
-use super::jobs::job_json;
+use super::jobs::job_json_operator;
 use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::domain::QUEUES;
 
@@ -228,7 +228,7 @@ pub async fn jobs(
         let jobs = state.queues.list(queue, job_state, offset, limit).await?;
         (jobs, true)
     };
-    let jobs: Vec<_> = jobs.iter().map(job_json).collect();
+    let jobs: Vec<_> = jobs.iter().map(job_json_operator).collect();
     Ok(ok_json(
         StatusCode::OK,
         json!({ "ok": true, "jobs": jobs, "exhaustive": exhaustive }),

@@ -153,7 +153,10 @@ async fn protected_mode_serves_only_loopback_clients() {
         .await;
         let v = r.assert_error(403, "protected_mode", None);
         assert!(
-            v["error"]["message"].as_str().unwrap_or_default().contains(header),
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(header),
             "{v}"
         );
     }

@@ -192,3 +192,90 @@ async fn jobs_can_be_deleted_by_admins() {
         .await
         .assert_error(404, "not_found", None);
 }
+
+/// A failure's recorded reason may hold a store's own error text (addresses, user names): a
+/// service caller gets a stable sentence instead, in the job and in its event stream; an admin
+/// gets the reason as recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_callers_get_a_stable_failure_reason() {
+    // No workers: the test fails the job itself, with a reason a driver could have written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = Settings {
+        database_url: Some(format!("sqlite://{}/t.db", dir.path().display())),
+        api_keys: Some(KEYS.to_owned()),
+        ..Default::default()
+    };
+    let app = App::open(Config::load(&settings).expect("config"))
+        .await
+        .expect("app");
+    let router = convoq::http::router(app.state(None));
+    let engine = app.queues.engine();
+    let added = engine
+        .add_bulk(vec![convoq_queue::NewJob::new(
+            "database",
+            "create_conversation",
+            json!({ "actor": "bot", "requestId": "req-leak" }),
+        )])
+        .await
+        .expect("add");
+    let id = added[0].job.id.clone();
+    let claimed = engine
+        .claim("database", 1, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+        .pop()
+        .expect("the job");
+    let raw = "store unavailable: error returned from database: password authentication \
+               failed for user \"convoq\" at 10.1.2.3:5432";
+    engine
+        .finish(
+            &claimed,
+            convoq_queue::Outcome::Failed(convoq_queue::ProcessError::unrecoverable(raw)),
+        )
+        .await
+        .expect("finish");
+
+    let r = send_to(
+        &router,
+        get_req(&format!("/api/jobs/{id}"), Some(SERVICE)),
+        None,
+    )
+    .await;
+    let job = &r.json()["job"];
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["failedReason"].as_str().expect("a reason");
+    assert!(reason.starts_with("the store was unavailable"), "{reason}");
+    assert!(
+        !reason.contains("10.1.2.3") && !reason.contains("password"),
+        "{reason}"
+    );
+
+    let r = send_to(
+        &router,
+        get_req(&format!("/api/jobs/{id}/events"), Some(SERVICE)),
+        None,
+    )
+    .await;
+    assert!(r.text.contains("event: failed"), "{}", r.text);
+    assert!(r.text.contains("the store was unavailable"), "{}", r.text);
+    assert!(!r.text.contains("10.1.2.3"), "{}", r.text);
+
+    let r = send_to(
+        &router,
+        get_req(&format!("/api/jobs/{id}"), Some(ADMIN)),
+        None,
+    )
+    .await;
+    assert_eq!(r.json()["job"]["failedReason"], raw);
+    let r = send_to(
+        &router,
+        get_req(&format!("/api/jobs/{id}/events"), Some(ADMIN)),
+        None,
+    )
+    .await;
+    assert!(
+        r.text.contains("10.1.2.3"),
+        "admins see the reason as recorded"
+    );
+}
