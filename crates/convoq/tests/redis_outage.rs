@@ -17,13 +17,13 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{count, free_port, get, open_db, put_user_u1, query_rows, request, Server};
+use support::redis::PrivateRedis;
+use support::{count, get, open_db, put_user_u1, query_rows, request, Server};
 
 /// Load before the outage.
 const BEFORE: Duration = Duration::from_secs(3);
@@ -44,118 +44,6 @@ const UP: u8 = 0;
 const STOPPING: u8 = 1;
 const DOWN: u8 = 2;
 const RESTARTED: u8 = 3;
-
-/// A `redis-server` of the test's own, on a free port, with its data in a temp directory; killed
-/// when dropped.
-struct PrivateRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    /// `None` when `redis-server` cannot be run.
-    fn start() -> Option<PrivateRedis> {
-        let mut r = PrivateRedis {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        r.spawn().then_some(r)
-    }
-
-    fn spawn(&mut self) -> bool {
-        assert!(self.child.is_none(), "redis-server still running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("redis.log"))
-            .expect("redis log");
-        // Every write reaches the append-only file before Redis answers, so a stopped and
-        // restarted server has every job it acknowledged.
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(c) => {
-                self.child = Some(c);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Waits until the server answers PING (it answers LOADING while it reads its file).
-    async fn wait_up(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(client) = redis::Client::open(self.url()) {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                    let pong: redis::RedisResult<String> =
-                        redis::cmd("PING").query_async(&mut c).await;
-                    if pong.is_ok() {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} not up after {timeout:?}: {}",
-                self.port,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM (Redis's graceful shutdown: flush the append-only file, exit), then waits for it.
-    async fn stop(&mut self) {
-        let mut child = self.child.take().expect("redis-server running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM redis-server: {status}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server ignores SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// One POST as a client saw it.
 #[derive(Debug, Clone)]

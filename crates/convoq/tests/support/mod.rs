@@ -15,6 +15,7 @@ mod http;
 pub mod metrics;
 pub mod postgres;
 pub mod proxy;
+pub mod redis;
 mod sse;
 pub mod webdriver;
 
