@@ -143,6 +143,7 @@ impl App {
             stats: Arc::new(QueueStats::default()),
             workers: Arc::new(Mutex::new(workers)),
             sessions: Arc::default(),
+            limits: Arc::new(http::limits::Limits::from_config(&self.config)),
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub queue_ready: IntGauge,
     /// HTTP requests.
     pub http_requests: IntCounterVec,
+    /// Requests refused by a rate limit, by scope (`key`, `user`).
+    pub rate_limited: IntCounterVec,
     /// HTTP request durations.
     pub http_duration: HistogramVec,
     /// Store query durations.
@@ -121,6 +123,11 @@ impl Metrics {
             "HTTP requests by route template and status.",
             &["method", "route", "status"],
         );
+        let rate_limited = counter(
+            "convoq_rate_limited_total",
+            "Requests answered 429 rate_limited, by the limit's scope (key: an API key's, user: a userId's conversation POSTs).",
+            &["scope"],
+        );
         let http_duration = histogram(
             "convoq_http_request_duration_seconds",
             "HTTP request durations by route template.",
@@ -143,6 +150,7 @@ impl Metrics {
             queue_jobs,
             queue_ready,
             http_requests,
+            rate_limited,
             http_duration,
             db_query,
         })

@@ -233,6 +233,10 @@ pub struct Config {
     pub log_filter: String,
     /// The personality modes offered.
     pub personality_modes: Vec<String>,
+    /// Requests per second per API key (0: no limit).
+    pub key_rate_limit: u64,
+    /// Conversation POSTs per second per userId (0: no limit).
+    pub user_rate_limit: u64,
     /// Backlog above which POSTs answer 429.
     pub max_backlog: u64,
     /// Grace period for in-flight jobs at shutdown.
@@ -482,6 +486,8 @@ impl Config {
             log_format: v.log_format,
             log_filter: v.log,
             personality_modes: v.personality_modes,
+            key_rate_limit: v.key_rate_limit,
+            user_rate_limit: v.user_rate_limit,
             max_backlog: v.max_backlog,
             shutdown_grace: Duration::from_secs(v.shutdown_grace),
             lease: Duration::from_millis(v.lease_ms),

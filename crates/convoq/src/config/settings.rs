@@ -131,6 +131,14 @@ settings! {
     /// Comma-separated personality modes.
     personality_modes: Vec<String> = "personality-modes", "CONVOQ_PERSONALITY_MODES",
         parse::personality_modes, default crate::domain::DEFAULT_MODES.join(",");
+    /// Requests per second one API key (or, in protected mode, the local caller) may make, in
+    /// bursts of up to twice as many; beyond it 429 `rate_limited`. 0: no limit.
+    key_rate_limit: u64 = "key-rate-limit", "CONVOQ_KEY_RATE_LIMIT",
+        parse::number(0, 1_000_000), default 0;
+    /// Conversation POSTs per second for one userId, in bursts of up to twice as many; beyond
+    /// it 429 `rate_limited`. 0: no limit.
+    user_rate_limit: u64 = "user-rate-limit", "CONVOQ_USER_RATE_LIMIT",
+        parse::number(0, 1_000_000), default 0;
     /// Backlog above which POSTs answer 429.
     max_backlog: u64 = "max-backlog", "CONVOQ_MAX_BACKLOG", parse::number(1, u64::MAX),
         default super::DEFAULT_MAX_BACKLOG;

@@ -140,6 +140,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         let Some(d) = presented else {
             return match console::session_caller(&state, &req) {
                 Some(Ok(caller)) => {
+                    if let Err(e) = state.limits.admit_key(&caller.name, &state.metrics) {
+                        return e.into_response();
+                    }
                     req.extensions_mut().insert(caller);
                     next.run(req).await
                 }
@@ -157,6 +160,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             None => return ApiError::Unauthorized("unknown API key").into_response(),
         }
     };
+    if let Err(e) = state.limits.admit_key(&caller.name, &state.metrics) {
+        return e.into_response();
+    }
     req.extensions_mut().insert(caller);
     next.run(req).await
 }

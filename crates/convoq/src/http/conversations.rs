@@ -185,7 +185,7 @@ async fn waited(
         (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not application/json", body = super::error::ErrorBody),
         (status = 422, description = "`idempotency_key_reused`, or `job_failed` under `Prefer: wait`", body = super::error::ErrorBody),
-        (status = 429, description = "`backlog_full`: the queue's backlog is at its limit; nothing was queued", body = super::error::ErrorBody,
+        (status = 429, description = "`backlog_full`: the queue's backlog is at its limit; or `rate_limited`: this API key or this userId is over its rate limit (`--key-rate-limit`, `--user-rate-limit`); nothing was queued", body = super::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ))]
 pub async fn create(
@@ -197,6 +197,9 @@ pub async fn create(
 ) -> ApiResult {
     let request = CreateRequest::read(&headers, body, &state.config.personality_modes).await?;
     let key = idempotency_key(&headers)?;
+    state
+        .limits
+        .admit_user(request.user_id.as_str(), &state.metrics)?;
     let admission = admit(&state).await?;
     let backlog = admission.backlog;
 

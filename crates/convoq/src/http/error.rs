@@ -69,6 +69,13 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// 429: this caller (an API key, a userId) is over its rate limit.
+    RateLimited {
+        /// Seconds to wait.
+        retry_after: u64,
+        /// Whose limit.
+        message: String,
+    },
     /// 503: a dependency (queue, store) is unavailable; nothing was accepted.
     Unavailable {
         /// Seconds to wait.
@@ -185,6 +192,16 @@ impl IntoResponse for ApiError {
             } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "backlog_full",
+                message,
+                None,
+                Some(retry_after),
+            ),
+            ApiError::RateLimited {
+                retry_after,
+                message,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
                 message,
                 None,
                 Some(retry_after),

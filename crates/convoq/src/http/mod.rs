@@ -6,7 +6,7 @@
 //! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `openapi.rs` (the OpenAPI document
 //! and its page, generated from the handlers' `#[utoipa::path]` and the routes below), `auth.rs`, `console.rs` (the operator
 //! console at `/ui`, its sessions and CSRF rules), `stats.rs` (backlog and throughput for 429 and
-//! `estimatedWaitTime`), `error.rs`, `extract.rs`.
+//! `estimatedWaitTime`), `limits.rs` (rate limits per API key and per userId), `error.rs`, `extract.rs`.
 //!
 //! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
 //! [`crate::store::Store`].
@@ -18,6 +18,7 @@ pub mod error;
 pub mod extract;
 mod health;
 mod jobs;
+pub mod limits;
 pub mod openapi;
 mod queues;
 mod stats;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub workers: Arc<Mutex<Option<WorkerPool>>>,
     /// The operator console's sessions.
     pub sessions: Arc<console::Sessions>,
+    /// Rate limits per API key and per userId.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// Every route, each registered with its handler's OpenAPI description: the router and the

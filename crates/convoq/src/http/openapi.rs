@@ -127,6 +127,16 @@ impl Modify for Finish {
                     .is_some_and(|s| !s.is_empty() && !allows_anonymous(s));
                 let responses = &mut op.responses.responses;
                 if secured {
+                    responses.entry("429".into()).or_insert_with(|| {
+                        let mut r = error(
+                            "`rate_limited`: this API key is over its rate limit \
+                             (`--key-rate-limit`); retry after `Retry-After` seconds",
+                        );
+                        if let RefOr::T(r) = &mut r {
+                            r.headers.insert("Retry-After".into(), retry_after());
+                        }
+                        r
+                    });
                     responses.entry("401".into()).or_insert_with(|| {
                         error("`unauthorized`: no key, or a key that is not configured")
                     });
@@ -149,17 +159,7 @@ impl Modify for Finish {
                              was done or accepted, retry after `Retry-After` seconds",
                         );
                         if let RefOr::T(r) = &mut r {
-                            r.headers.insert(
-                                "Retry-After".into(),
-                                utoipa::openapi::HeaderBuilder::new()
-                                    .schema(Some(
-                                        utoipa::openapi::ObjectBuilder::new()
-                                            .schema_type(utoipa::openapi::Type::Integer),
-                                    ))
-                                    .description(Some("Seconds to wait"))
-                                    .build()
-                                    .into(),
-                            );
+                            r.headers.insert("Retry-After".into(), retry_after());
                         }
                         r
                     });
@@ -189,6 +189,17 @@ impl Modify for Finish {
             }
         }
     }
+}
+
+/// The `Retry-After` header of a 429 or 503.
+fn retry_after() -> RefOr<utoipa::openapi::Header> {
+    utoipa::openapi::HeaderBuilder::new()
+        .schema(Some(
+            utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer),
+        ))
+        .description(Some("Seconds to wait"))
+        .build()
+        .into()
 }
 
 /// Whether a security list allows anonymous callers (an empty requirement).

@@ -166,3 +166,66 @@ async fn protected_mode_serves_only_loopback_clients() {
         assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.text);
     }
 }
+
+/// One API key over its rate is answered 429 `rate_limited` with `Retry-After`; other keys
+/// and the probes are not held back; the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_is_refused_alone() {
+    let h = harness_with(Some(KEYS), |s| s.key_rate_limit = Some("2".into())).await;
+    // Bursts of twice the rate: four at once, then the fifth waits.
+    for _ in 0..4 {
+        let r = h.get("/api/jobs/none", Some(SERVICE)).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    }
+    let r = h.get("/api/jobs/none", Some(SERVICE)).await;
+    r.assert_error(429, "rate_limited", None);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Another key has its own allowance; probes are not limited.
+    let r = h.get("/api/jobs/none", Some(SERVICE2)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    for _ in 0..10 {
+        assert_eq!(h.get("/healthz", None).await.status, StatusCode::OK);
+    }
+    // Its allowance comes back at its rate.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = h.get("/api/jobs/none", Some(SERVICE)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    let metrics = h.get("/metrics", Some(ADMIN)).await.text;
+    assert!(
+        metrics.contains("convoq_rate_limited_total{scope=\"key\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// One userId's conversation POSTs over their rate are refused, before anything is queued;
+/// other users are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_their_rate_gets_no_more_conversations() {
+    let h = harness_with(Some(KEYS), |s| s.user_rate_limit = Some("1".into())).await;
+    h.put_user("u1", "1").await;
+    h.put_user("u2", "2").await;
+    for _ in 0..2 {
+        let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    }
+    let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+    let v = r.assert_error(429, "rate_limited", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("userId"),
+        "{v}"
+    );
+    assert!(r.header("retry-after").is_some());
+    let r = h.create(SERVICE2, &json!({ "userId": "u2" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let queued = h
+        .queue_until("database", |q| q["totals"]["completed"] == json!(3))
+        .await;
+    assert_eq!(
+        queued["totals"]["completed"],
+        json!(3),
+        "the refused POST queued nothing"
+    );
+}
