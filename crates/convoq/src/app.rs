@@ -3,7 +3,6 @@
 //! signal → stop accepting HTTP → stop claiming jobs → let in-flight jobs finish within the
 //! grace period → release the rest without burning an attempt → close the engine → exit 0.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -131,6 +130,14 @@ impl App {
         self.queues.engine().close().await;
         self.store.close().await;
         tracing::info!("shutdown complete");
+    }
+
+    /// The HTTP server's limits.
+    pub fn server_limits(&self) -> http::serve::ServerLimits {
+        http::serve::ServerLimits {
+            max_connections: self.config.max_connections,
+            header_read_timeout: self.config.header_read_timeout,
+        }
     }
 
     /// The HTTP state.
@@ -264,15 +271,15 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                         .with_context(|| format!("binding {addr} (--worker-listen)"))?;
                     tracing::info!(listen = %listener.local_addr()?, "worker health and metrics listening");
                     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                    let serve = axum::serve(
+                    let serve = http::serve::serve(
                         listener,
-                        http::ops_router(state.clone())
-                            .into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.await;
-                    });
-                    (Some(tx), Some(tokio::spawn(async move { serve.await })))
+                        http::ops_router(state.clone()),
+                        app.server_limits(),
+                        async move {
+                            let _ = rx.await;
+                        },
+                    );
+                    (Some(tx), Some(tokio::spawn(serve)))
                 }
             };
             shutdown_signal().await;
@@ -309,11 +316,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 workers = !no_workers, console = %format!("http://{addr}/ui"), "convoq listening");
             let router = http::router(state.clone());
             let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-            let serve = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
+            let serve = http::serve::serve(listener, router, app.server_limits(), async move {
                 shutdown_signal().await;
                 let _ = stopping_tx.send(true);
             });

@@ -237,6 +237,10 @@ pub struct Config {
     pub key_rate_limit: u64,
     /// Conversation POSTs per second per userId (0: no limit).
     pub user_rate_limit: u64,
+    /// Connections open at once (HTTP).
+    pub max_connections: usize,
+    /// How long a request's headers may take.
+    pub header_read_timeout: Duration,
     /// Backlog above which POSTs answer 429.
     pub max_backlog: u64,
     /// Grace period for in-flight jobs at shutdown.
@@ -488,6 +492,8 @@ impl Config {
             personality_modes: v.personality_modes,
             key_rate_limit: v.key_rate_limit,
             user_rate_limit: v.user_rate_limit,
+            max_connections: v.max_connections as usize,
+            header_read_timeout: Duration::from_millis(v.header_read_timeout_ms),
             max_backlog: v.max_backlog,
             shutdown_grace: Duration::from_secs(v.shutdown_grace),
             lease: Duration::from_millis(v.lease_ms),

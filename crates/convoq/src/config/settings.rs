@@ -139,6 +139,13 @@ settings! {
     /// it 429 `rate_limited`. 0: no limit.
     user_rate_limit: u64 = "user-rate-limit", "CONVOQ_USER_RATE_LIMIT",
         parse::number(0, 1_000_000), default 0;
+    /// Connections open at once; one more is answered 503 and closed.
+    max_connections: u64 = "max-connections", "CONVOQ_MAX_CONNECTIONS",
+        parse::number(1, 1_000_000), default 10_000;
+    /// How long a request's headers (and an idle keep-alive connection) may take, in
+    /// milliseconds; the connection is closed after it.
+    header_read_timeout_ms: u64 = "header-read-timeout-ms", "CONVOQ_HEADER_READ_TIMEOUT_MS",
+        parse::number(100, 3_600_000), default 10_000;
     /// Backlog above which POSTs answer 429.
     max_backlog: u64 = "max-backlog", "CONVOQ_MAX_BACKLOG", parse::number(1, u64::MAX),
         default super::DEFAULT_MAX_BACKLOG;

@@ -6,7 +6,8 @@
 //! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `openapi.rs` (the OpenAPI document
 //! and its page, generated from the handlers' `#[utoipa::path]` and the routes below), `auth.rs`, `console.rs` (the operator
 //! console at `/ui`, its sessions and CSRF rules), `stats.rs` (backlog and throughput for 429 and
-//! `estimatedWaitTime`), `limits.rs` (rate limits per API key and per userId), `error.rs`, `extract.rs`.
+//! `estimatedWaitTime`), `limits.rs` (rate limits per API key and per userId), `serve.rs` (the server loop: connection
+//! cap, header read timeout, graceful shutdown), `error.rs`, `extract.rs`.
 //!
 //! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
 //! [`crate::store::Store`].
@@ -21,6 +22,7 @@ mod jobs;
 pub mod limits;
 pub mod openapi;
 mod queues;
+pub mod serve;
 mod stats;
 mod users;
 
