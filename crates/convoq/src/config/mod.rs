@@ -241,6 +241,8 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a request's headers may take.
     pub header_read_timeout: Duration,
+    /// Job event streams open at once per API key.
+    pub max_streams_per_key: usize,
     /// Backlog above which POSTs answer 429.
     pub max_backlog: u64,
     /// Grace period for in-flight jobs at shutdown.
@@ -494,6 +496,7 @@ impl Config {
             user_rate_limit: v.user_rate_limit,
             max_connections: v.max_connections as usize,
             header_read_timeout: Duration::from_millis(v.header_read_timeout_ms),
+            max_streams_per_key: v.max_streams_per_key as usize,
             max_backlog: v.max_backlog,
             shutdown_grace: Duration::from_secs(v.shutdown_grace),
             lease: Duration::from_millis(v.lease_ms),

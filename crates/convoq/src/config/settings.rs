@@ -146,6 +146,9 @@ settings! {
     /// milliseconds; the connection is closed after it.
     header_read_timeout_ms: u64 = "header-read-timeout-ms", "CONVOQ_HEADER_READ_TIMEOUT_MS",
         parse::number(100, 3_600_000), default 10_000;
+    /// Job event streams (server-sent events) one API key may have open at once.
+    max_streams_per_key: u64 = "max-streams-per-key", "CONVOQ_MAX_STREAMS_PER_KEY",
+        parse::number(1, 100_000), default 64;
     /// Backlog above which POSTs answer 429.
     max_backlog: u64 = "max-backlog", "CONVOQ_MAX_BACKLOG", parse::number(1, u64::MAX),
         default super::DEFAULT_MAX_BACKLOG;

@@ -290,9 +290,8 @@ pub async fn login(
             "no API keys are configured: the console needs no login from loopback".into(),
         ));
     }
-    let body = axum::body::to_bytes(req.into_body(), 4096)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(4096))?;
+    let within = state.config.header_read_timeout;
+    let body = super::extract::read_body(req.into_body(), 4096, within).await?;
     let login: Login = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
         code: "malformed_json",
         message: format!("send {{\"key\": \"<admin API key>\"}}: {e}"),

@@ -52,8 +52,14 @@ struct CreateRequest {
 }
 
 impl CreateRequest {
-    async fn read(headers: &HeaderMap, body: Body, modes: &[String]) -> Result<Self, ApiError> {
-        let map = json_object(headers, body, &["userId", "title", "personalityMode"]).await?;
+    async fn read(
+        headers: &HeaderMap,
+        body: Body,
+        config: &crate::config::Config,
+    ) -> Result<Self, ApiError> {
+        let fields = ["userId", "title", "personalityMode"];
+        let map = json_object(headers, body, &fields, config.header_read_timeout).await?;
+        let modes = &config.personality_modes;
         Ok(CreateRequest {
             user_id: UserId::parse("userId", required_str(&map, "userId")?)?,
             title: Title::parse(optional_str(&map, "title")?)?,
@@ -195,7 +201,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let request = CreateRequest::read(&headers, body, &state.config.personality_modes).await?;
+    let request = CreateRequest::read(&headers, body, &state.config).await?;
     let key = idempotency_key(&headers)?;
     state
         .limits

@@ -56,6 +56,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409: a conflict with stored state.
     Conflict(&'static str, String),
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
     /// 413: body too large.
     PayloadTooLarge(usize),
     /// 415: not JSON.
@@ -76,6 +78,8 @@ pub enum ApiError {
         /// Whose limit.
         message: String,
     },
+    /// 429: this API key has as many event streams open as it may.
+    TooManyStreams(usize),
     /// 503: a dependency (queue, store) is unavailable; nothing was accepted.
     Unavailable {
         /// Seconds to wait.
@@ -176,6 +180,13 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
+            ApiError::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request's body did not arrive in time".to_owned(),
+                None,
+                None,
+            ),
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -205,6 +216,13 @@ impl IntoResponse for ApiError {
                 message,
                 None,
                 Some(retry_after),
+            ),
+            ApiError::TooManyStreams(max) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!("this API key has {max} event streams open, as many as it may; close one"),
+                None,
+                Some(5),
             ),
             ApiError::Unavailable {
                 retry_after,

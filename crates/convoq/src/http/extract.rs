@@ -11,7 +11,25 @@ use super::error::ApiError;
 /// The largest accepted body.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-/// Reads a JSON object body with exactly the `allowed` fields (any may be absent).
+/// Reads a body of at most `limit` bytes within `within` (the header read timeout: a body
+/// trickled in a byte at a time must not hold a request forever either).
+///
+/// # Errors
+/// 413 past the limit, 408 past the time.
+pub async fn read_body(
+    body: Body,
+    limit: usize,
+    within: std::time::Duration,
+) -> Result<axum::body::Bytes, ApiError> {
+    match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::PayloadTooLarge(limit)),
+        Err(_) => Err(ApiError::RequestTimeout),
+    }
+}
+
+/// Reads a JSON object body with exactly the `allowed` fields (any may be absent), arriving
+/// within `within`.
 ///
 /// # Errors
 /// The 4xx for the first rule broken.
@@ -19,6 +37,7 @@ pub async fn json_object(
     headers: &HeaderMap,
     body: Body,
     allowed: &[&str],
+    within: std::time::Duration,
 ) -> Result<Map<String, Value>, ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -39,9 +58,7 @@ pub async fn json_object(
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
         return Err(ApiError::PayloadTooLarge(BODY_LIMIT));
     }
-    let bytes = axum::body::to_bytes(body, BODY_LIMIT)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(BODY_LIMIT))?;
+    let bytes = read_body(body, BODY_LIMIT, within).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest {
         code: "malformed_json",
         message: format!("the body is not valid JSON: {e}"),

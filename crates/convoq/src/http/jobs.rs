@@ -231,7 +231,9 @@ pub async fn get_one(
 #[utoipa::path(get, path = "/api/jobs/{id}/events", operation_id = "followJob", tag = "jobs", security(("apiKey" = ["service", "admin"]), ("consoleSession" = [])),
     params(("id" = String, Path, description = "The job's id")),
     responses(
-        (status = 200, description = "Server-sent events: the job's history from the start, then its events as they happen, each named by its kind with a `JobEvent` as data; the stream ends after `completed` or `failed` (unless an operator's retry follows), with a keep-alive comment every 15 s", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "Server-sent events: the job's history from the start, then its events as they happen, each named by its kind with a `JobEvent` as data; the stream ends after `completed` or `failed` (unless an operator's retry follows), or after 30 minutes with an event `timeout` (reconnect to follow on), with a keep-alive comment every 15 s", body = String, content_type = "text/event-stream"),
+        (status = 429, description = "`too_many_streams`: this API key has `--max-streams-per-key` streams open; or `rate_limited`", body = super::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 400, description = "`invalid_field`: a bad id", body = super::error::ErrorBody),
         (status = 404, description = "`not_found`", body = super::error::ErrorBody),
     ))]
@@ -241,18 +243,29 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> ApiResult {
     let job = find(&state, &caller, &id).await?;
+    let slot = state.limits.open_stream(&caller.name)?;
     let follower = state.queues.follow(&job.queue, &id);
     let admin = caller.role == Role::Admin;
-    let stream = futures::stream::unfold(Some(follower), move |f| async move {
-        let mut f = f?;
-        match f.next().await {
+    let ends_at = tokio::time::Instant::now() + MAX_STREAM;
+    // The slot is held as long as the stream is: dropped with it when it ends or the client
+    // goes away.
+    let stream = futures::stream::unfold(Some((follower, slot)), move |f| async move {
+        let (mut f, slot) = f?;
+        let Ok(next) = tokio::time::timeout_at(ends_at, f.next()).await else {
+            let event = Event::default().event("timeout").data(format!(
+                "this stream ends after {} minutes; reconnect to follow the job on",
+                MAX_STREAM.as_secs() / 60
+            ));
+            return Some((Ok(event), None));
+        };
+        match next {
             Ok(Some(e)) => {
                 let e = if admin { e } else { public_event(e) };
                 let event = Event::default()
                     .event(e.kind.as_str())
                     .json_data(&e)
                     .unwrap_or_else(|_| Event::default().event(e.kind.as_str()));
-                Some((Ok::<_, Infallible>(event), Some(f)))
+                Some((Ok::<_, Infallible>(event), Some((f, slot))))
             }
             Ok(None) => None,
             Err(err) => {
@@ -268,6 +281,10 @@ pub async fn events(
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
+
+/// The longest an event stream stays open: a job that never finishes does not hold a
+/// connection forever.
+pub const MAX_STREAM: Duration = Duration::from_secs(30 * 60);
 
 /// `POST /api/jobs/{id}/retry` (admin).
 #[utoipa::path(post, path = "/api/jobs/{id}/retry", operation_id = "retryJob", tag = "jobs", security(("apiKey" = ["admin"]), ("consoleSession" = [])),

@@ -4,10 +4,11 @@
 //! rate; a request finding it empty is answered 429 `rate_limited` with `Retry-After`, counted
 //! in `convoq_rate_limited_total{scope}`. Buckets live in this process (with N API processes a
 //! caller gets N times the rate) and are bounded in number: idle ones (full again) are dropped
-//! when the map grows past [`MAX_TRACKED`].
+//! when the map grows past [`MAX_TRACKED`]. Event streams are counted per key too: at most
+//! `--max-streams-per-key` open at once (429 `too_many_streams` past it).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::ApiError;
@@ -76,6 +77,33 @@ fn refill(b: Bucket, now: Instant, rate: f64, burst: f64) -> Bucket {
 pub struct Limits {
     per_key: Option<RateLimiter>,
     per_user: Option<RateLimiter>,
+    streams: Arc<Streams>,
+}
+
+/// Event streams open per API key.
+#[derive(Debug, Default)]
+struct Streams {
+    max_per_key: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One open event stream, counted against its key until dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    streams: Arc<Streams>,
+    key: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Limits {
@@ -84,7 +112,25 @@ impl Limits {
         Limits {
             per_key: RateLimiter::new(config.key_rate_limit),
             per_user: RateLimiter::new(config.user_rate_limit),
+            streams: Arc::new(Streams {
+                max_per_key: config.max_streams_per_key,
+                open: Mutex::default(),
+            }),
         }
+    }
+
+    /// A place for one more event stream of API key `key`, or 429 `too_many_streams`.
+    pub fn open_stream(&self, key: &str) -> Result<StreamSlot, ApiError> {
+        let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key.to_owned()).or_default();
+        if *n >= self.streams.max_per_key {
+            return Err(ApiError::TooManyStreams(self.streams.max_per_key));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            streams: self.streams.clone(),
+            key: key.to_owned(),
+        })
     }
 
     /// Admits a request of API key `key` (its name), or answers 429.

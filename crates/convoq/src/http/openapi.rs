@@ -147,6 +147,18 @@ impl Modify for Finish {
                         )
                     });
                 }
+                if op.request_body.is_some() {
+                    op.responses
+                        .responses
+                        .entry("408".into())
+                        .or_insert_with(|| {
+                            error(
+                                "`request_timeout`: the body did not arrive within the header \
+                             read timeout (`--header-read-timeout-ms`)",
+                            )
+                        });
+                }
+                let responses = &mut op.responses.responses;
                 if has_params {
                     responses.entry("400".into()).or_insert_with(|| {
                         error("`invalid_field` (with `field`): a path segment that is not UTF-8")

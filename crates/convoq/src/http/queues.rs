@@ -403,7 +403,8 @@ pub async fn bulk(
 ) -> ApiResult {
     caller.require_admin()?;
     let queue = known(&name)?;
-    let map = json_object(&headers, body, &["action", "ids", "filter"]).await?;
+    let within = state.config.header_read_timeout;
+    let map = json_object(&headers, body, &["action", "ids", "filter"], within).await?;
     let action = match required_str(&map, "action")? {
         "retry" => BulkAction::Retry,
         "remove" => BulkAction::Remove,

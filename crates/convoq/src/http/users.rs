@@ -29,7 +29,14 @@ pub async fn put(
     body: Body,
 ) -> ApiResult {
     let id = UserId::parse("id", &id)?;
-    let map = json_object(&headers, body, &["discordId", "username", "globalName"]).await?;
+    let within = state.config.header_read_timeout;
+    let map = json_object(
+        &headers,
+        body,
+        &["discordId", "username", "globalName"],
+        within,
+    )
+    .await?;
     let discord_id = DiscordId::parse(required_str(&map, "discordId")?)?;
     let username = DisplayName::parse("username", required_str(&map, "username")?)?;
     let global_name = optional_str(&map, "globalName")?

@@ -279,3 +279,42 @@ async fn service_callers_get_a_stable_failure_reason() {
         "admins see the reason as recorded"
     );
 }
+
+/// An API key may keep only so many event streams open: one more is 429 `too_many_streams`,
+/// and a stream's place is free again once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_per_key_are_capped() {
+    let h = harness_with(Some(KEYS), |s| s.max_streams_per_key = Some("1".into())).await;
+    h.put_user("u1", "1").await;
+    // A job that does not finish while the queue is paused.
+    let r = h.post("/api/queues/database/pause", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = h
+        .create(SERVICE, &json!({ "userId": "u1" }), &[])
+        .await
+        .json();
+    let id = v["jobId"].as_str().unwrap().to_owned();
+    let uri = format!("/api/jobs/{id}/events");
+    // The first stream stays open as long as its response is held.
+    let open = h
+        .router
+        .clone()
+        .oneshot(get_req(&uri, Some(SERVICE)))
+        .await
+        .expect("infallible");
+    assert_eq!(open.status(), StatusCode::OK);
+    let r = h.get(&uri, Some(SERVICE)).await;
+    r.assert_error(429, "too_many_streams", None);
+    assert!(r.header("retry-after").is_some());
+    // Another key has its own places.
+    let r = h.get(&format!("/api/jobs/{id}"), Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    drop(open);
+    // Once the job finishes, a stream replays it and ends.
+    let r = h.post("/api/queues/database/resume", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    h.wait_job(&id).await;
+    let r = h.get(&uri, Some(SERVICE)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.text.contains("event: completed"), "{}", r.text);
+}

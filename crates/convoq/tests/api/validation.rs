@@ -1,6 +1,7 @@
 //! `POST /api/chat/conversations`: every validation rule.
 
 use crate::harness::*;
+use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_type_must_be_json() {
@@ -291,4 +292,38 @@ async fn idempotency_key_must_be_sane() {
     let ok = "k".repeat(255);
     let r = h.create(SERVICE, &body, &[("idempotency-key", &ok)]).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+}
+
+/// A body that does not arrive within the header read timeout is answered 408
+/// `request_timeout`, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_is_answered_408() {
+    let h = harness_with(Some(KEYS), |s| {
+        s.header_read_timeout_ms = Some("300".into())
+    })
+    .await;
+    // A body stream that sends one byte and then nothing.
+    let stream =
+        futures::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from("{")) })
+            .chain(futures::stream::pending());
+    let started = Instant::now();
+    let r = h
+        .send(
+            req("POST", "/api/chat/conversations", Some(SERVICE))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap(),
+        )
+        .await;
+    r.assert_error(408, "request_timeout", None);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let q = h
+        .get("/api/queues/database?fresh=true", Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(q["queue"]["counts"]["waiting"], json!(0), "{q}");
 }
