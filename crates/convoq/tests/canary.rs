@@ -35,9 +35,9 @@ async fn no_secret_reaches_logs_bodies_or_streams() {
     let admin = format!("Bearer {ADMIN}");
     let mut seen = Vec::new();
     let call = |method: &'static str,
-                    path: String,
-                    auth: String,
-                    body: Option<serde_json::Value>| {
+                path: String,
+                auth: String,
+                body: Option<serde_json::Value>| {
         async move {
             let r = request(
                 port,
