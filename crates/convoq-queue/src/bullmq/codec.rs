@@ -383,6 +383,57 @@ pub(crate) fn value_int(v: &redis::Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A field value a Node producer, an older BullMQ or a hostile writer may leave.
+    fn hostile() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("null".to_owned()),
+            Just("NaN".to_owned()),
+            Just("-1".to_owned()),
+            Just("99999999999999999999999999".to_owned()),
+            Just("1e308".to_owned()),
+            Just("{\"attempts\":-5,\"backoff\":{\"type\":\"custom\"}}".to_owned()),
+            Just("[1,2,3]".to_owned()),
+            Just("{".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "\\PC{0,40}",
+        ]
+    }
+
+    proptest! {
+        /// Whatever a job hash holds, reading it never panics: it is a job, or `Corrupt`.
+        #[test]
+        fn any_job_hash_reads_as_a_job_or_corrupt(
+            fields in proptest::collection::hash_map(
+                prop_oneof![
+                    Just("name"), Just("data"), Just("opts"), Just("timestamp"),
+                    Just("delay"), Just("priority"), Just("attemptsMade"), Just("atm"),
+                    Just("stalledCounter"), Just("processedOn"), Just("finishedOn"),
+                    Just("returnvalue"), Just("failedReason"), Just("stacktrace"),
+                ].prop_map(str::to_owned),
+                hostile(),
+                0..14,
+            ),
+            state in prop_oneof![
+                Just(JobState::Waiting), Just(JobState::Active), Just(JobState::Delayed),
+                Just(JobState::Completed), Just(JobState::Failed), Just(JobState::Paused),
+            ],
+            due_ms in proptest::option::of(any::<i64>()),
+        ) {
+            let placement = Placement { state, due_ms };
+            match job_from_hash("q", "1", &fields, placement) {
+                Ok(job) => {
+                    prop_assert!(fields.contains_key("name"));
+                    prop_assert_eq!(job.state, state);
+                }
+                Err(QueueError::Corrupt(_)) => {}
+                Err(e) => prop_assert!(false, "not Corrupt: {e}"),
+            }
+            let _ = opts_from_json(fields.get("opts"));
+        }
+    }
 
     #[test]
     fn reads_node_options_leniently() {

@@ -6,11 +6,13 @@
 
 mod claim_on_add;
 mod jobs;
+mod model;
 pub mod postgres;
 mod workers;
 
 pub use claim_on_add::*;
 pub use jobs::*;
+pub use model::*;
 pub use workers::*;
 
 /// Runs `cleanup` to completion on a thread of its own, with a runtime of its own, and waits
@@ -78,7 +80,8 @@ macro_rules! conformance_tests {
             graceful_shutdown_lets_short_job_finish, wait_finished_returns_when_done,
             unknown_job_name_fails_with_reason, effects_follow_capabilities,
             finish_and_claim_hands_over_the_next_job, add_claimed_holds_the_job_under_its_lease,
-            idle_worker_takes_added_jobs_as_stored);
+            idle_worker_takes_added_jobs_as_stored,
+            random_operation_sequences_keep_the_invariants);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

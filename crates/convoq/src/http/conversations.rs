@@ -319,3 +319,89 @@ pub async fn list_for_user(
         json!({ "ok": true, "conversations": items, "nextCursor": next }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(name: &'static str, value: &[u8]) -> Option<HeaderMap> {
+        let value = HeaderValue::from_bytes(value).ok()?;
+        let mut h = HeaderMap::new();
+        h.insert(name, value);
+        Some(h)
+    }
+
+    proptest! {
+        /// Any `Prefer` header parses without a panic, to a wait of at most 30 s or none.
+        #[test]
+        fn any_prefer_header_is_a_bounded_wait_or_none(value in proptest::collection::vec(any::<u8>(), 0..80)) {
+            if let Some(h) = headers("prefer", &value) {
+                if let Some(secs) = prefer_wait(&h) {
+                    prop_assert!(secs <= MAX_WAIT_SECS);
+                }
+            }
+        }
+
+        /// `wait=N` among other preferences is found, capped at 30 s.
+        #[test]
+        fn a_wait_preference_is_read_among_others(n in 0u64..100_000, before in "[a-z-]{1,10}") {
+            let h = headers("prefer", format!("{before}, wait={n}, respond-async").as_bytes()).expect("a header");
+            prop_assert_eq!(prefer_wait(&h), Some(n.min(MAX_WAIT_SECS)));
+        }
+
+        /// An idempotency key is accepted exactly when it is 1 to 255 visible ASCII characters.
+        #[test]
+        fn idempotency_keys_are_visible_ascii(value in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Some(h) = headers("idempotency-key", &value) {
+                let valid = !value.is_empty()
+                    && value.len() <= 255
+                    && value.iter().all(u8::is_ascii_graphic);
+                match idempotency_key(&h) {
+                    Ok(Some(k)) => prop_assert!(valid && k.as_bytes() == value.as_slice()),
+                    Ok(None) => prop_assert!(false, "a key sent is never absent"),
+                    Err(_) => prop_assert!(!valid),
+                }
+            }
+        }
+    }
+
+    /// Any body, however broken, is a 4xx or a validated request: never a panic.
+    #[tokio::test]
+    async fn any_body_is_read_or_refused_without_a_panic() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let config = crate::config::Config::load(&crate::config::Settings::default())
+            .expect("default settings");
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let bodies = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            "\\PC{0,100}".prop_map(String::into_bytes),
+            (
+                any::<Option<String>>(),
+                any::<Option<String>>(),
+                any::<Option<String>>()
+            )
+                .prop_map(|(u, t, m)| {
+                    serde_json::json!({"userId": u, "title": t, "personalityMode": m})
+                        .to_string()
+                        .into_bytes()
+                }),
+        ];
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for _ in 0..300 {
+            let body = bodies.new_tree(&mut runner).expect("a body").current();
+            match CreateRequest::read(&h, Body::from(body), &config).await {
+                Ok(r) => assert!(!r.user_id.as_str().is_empty()),
+                Err(e) => {
+                    let status = axum::response::IntoResponse::into_response(e).status();
+                    assert!(status.is_client_error(), "{status}");
+                }
+            }
+        }
+    }
+}
