@@ -33,6 +33,7 @@ where
     .join();
 }
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +82,8 @@ macro_rules! conformance_tests {
             unknown_job_name_fails_with_reason, effects_follow_capabilities,
             finish_and_claim_hands_over_the_next_job, add_claimed_holds_the_job_under_its_lease,
             idle_worker_takes_added_jobs_as_stored,
-            random_operation_sequences_keep_the_invariants);
+            random_operation_sequences_keep_the_invariants, a_job_longer_than_its_lease_runs_once,
+            a_reap_and_a_completion_race_and_one_wins);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

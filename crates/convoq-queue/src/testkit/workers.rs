@@ -419,3 +419,112 @@ pub async fn finish_and_claim_hands_over_the_next_job(factory: &dyn EngineFactor
         "nothing claimed"
     );
 }
+
+/// A job that runs for three leases keeps its lease by renewals: it completes with one
+/// attempt, never stalled, while a second pool sweeps for expired leases all along.
+pub async fn a_job_longer_than_its_lease_runs_once(factory: &dyn EngineFactory) {
+    struct Long(AtomicUsize);
+    #[async_trait]
+    impl Processor for Long {
+        async fn process(&self, _: &crate::Job) -> Result<Completion, ProcessError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(3_300)).await;
+            Ok(Completion::with_result(json!("long")))
+        }
+    }
+    let queues = real(factory).await;
+    let long = Arc::new(Long(AtomicUsize::new(0)));
+    let opts = WorkerOptions {
+        lease: Duration::from_secs(1),
+        stalled_interval: Duration::from_millis(250),
+        ..fast_opts(1)
+    };
+    let pool = queues
+        .workers()
+        .processor("long", long.clone())
+        .queue(Q, opts.clone())
+        .start();
+    // Another process's sweeper, with the same short interval.
+    let sweeper = queues
+        .workers()
+        .processor("long", long.clone())
+        .queue(Q, opts)
+        .start();
+    let id = queues
+        .add(NewJob::new(Q, "long", json!({})))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let done = queues
+        .wait_finished(Q, &id, Duration::from_secs(15))
+        .await
+        .unwrap()
+        .expect("the job");
+    pool.shutdown(Duration::from_secs(5)).await;
+    sweeper.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    assert_eq!(done.attempts_made, 1, "one attempt");
+    assert_eq!(done.stalled_count, 0, "never taken back");
+    assert_eq!(long.0.load(Ordering::SeqCst), 1, "run once");
+}
+
+/// A completion and a reap racing for a job whose lease just expired: exactly one wins. The
+/// job is either completed (the reap found nothing) or taken back (the completion is refused),
+/// never both, and its totals say the same.
+pub async fn a_reap_and_a_completion_race_and_one_wins(factory: &dyn EngineFactory) {
+    let (queues, clock) = manual(factory).await;
+    let engine = queues.engine().clone();
+    let mut outcomes = HashSet::new();
+    for round in 0..6 {
+        let id = queues.add(job(round)).await.unwrap().job.id;
+        let claimed = engine
+            .claim(Q, 1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .jobs
+            .pop()
+            .expect("the job");
+        let_leases_expire(engine.as_ref(), &clock, Duration::from_millis(1_100)).await;
+        let finish = engine.finish(
+            &claimed,
+            Outcome::Completed(Completion::with_result(json!(round))),
+        );
+        let reap = engine.reap_stalled(Q, 5);
+        let (finished, reaped) = tokio::join!(finish, reap);
+        let reaped = reaped.unwrap();
+        let j = queues.get(Q, &id).await.unwrap().unwrap();
+        match finished {
+            Ok(()) => {
+                assert_eq!(reaped, 0, "a completed job was also taken back");
+                assert_eq!(j.state, JobState::Completed);
+                outcomes.insert("completed");
+            }
+            Err(QueueError::LeaseLost { .. }) => {
+                assert_eq!(
+                    reaped, 1,
+                    "the completion was refused but nothing took the job"
+                );
+                assert_eq!(j.state, JobState::Waiting);
+                assert_eq!(j.stalled_count, 1);
+                outcomes.insert("taken back");
+                // Run it to the end, so that the next round starts from an empty queue.
+                let again = engine
+                    .claim(Q, 1, Duration::from_secs(1))
+                    .await
+                    .unwrap()
+                    .jobs
+                    .pop()
+                    .expect("taken back, claimable");
+                engine
+                    .finish(&again, Outcome::Completed(Completion::default()))
+                    .await
+                    .unwrap();
+            }
+            Err(e) => panic!("finish: {e}"),
+        }
+    }
+    let totals = queues.counts(Q).await.unwrap();
+    assert_eq!(totals.completed_total, 6, "each job completed once");
+    println!("race outcomes seen: {outcomes:?}");
+}
