@@ -208,6 +208,9 @@ fn budget(config: &SqlConfig) -> (u32, u32, u32) {
     (writers, listener, readers)
 }
 
+/// How long a writer's session may sit idle inside a transaction before Postgres ends it.
+pub(crate) const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+
 /// Opens the writer connections (migrating the schema on the first), the read pool and, unless
 /// notifications are off, the listener.
 pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
@@ -229,10 +232,18 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<Opened> {
     // those plans are the same for any parameters, writers keep them: with Postgres's default
     // choice every execution was planned anew (a fifth of the server's CPU in `perf` under
     // load, `standard_planner` under `GetCachedPlan`).
+    //
+    // A writer's transaction lasts milliseconds. A process frozen inside one (SIGSTOP, a VM
+    // paused, a stalled host) would keep its row locks, and with them the jobs it holds, out
+    // of every other worker's stall sweep for as long as it stays frozen: Postgres ends such a
+    // session after `IDLE_IN_TRANSACTION` instead, its locks go, and the jobs are taken back
+    // like those of a dead worker (its late completions are then fenced by their tokens).
     let reads_opts = opts;
+    let idle = IDLE_IN_TRANSACTION.as_millis().to_string();
     let opts = reads_opts.clone().options([
         ("enable_seqscan", "off"),
         ("plan_cache_mode", "force_generic_plan"),
+        ("idle_in_transaction_session_timeout", idle.as_str()),
     ]);
     let mut first = opts.connect().await.map_err(schema::map_err)?;
     schema::migrate(&mut first).await?;
