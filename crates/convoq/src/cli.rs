@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::config::{Command, JobsAction, QueuesAction};
 use crate::domain::QUEUES;
-use crate::http::{job_json_admin, job_json_operator};
+use crate::http::{job_json_admin, job_json_operator, queue_state_json};
 
 /// How an operator's command ended, as its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,15 +166,7 @@ impl Cli<'_> {
         for q in QUEUES {
             let c = self.app.queues.counts(q).await?;
             let paused = self.app.queues.is_paused(q).await?;
-            shown.push(json!({
-                "name": q,
-                "paused": paused,
-                "counts": {
-                    "waiting": c.waiting, "active": c.active, "delayed": c.delayed,
-                    "completed": c.completed, "failed": c.failed, "paused": c.paused,
-                },
-                "totals": { "completed": c.completed_total, "failed": c.failed_total },
-            }));
+            shown.push(queue_state_json(q, paused, &c));
         }
         if json {
             out(&format!("{}\n", json!({ "queues": shown })));

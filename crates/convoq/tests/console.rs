@@ -46,14 +46,21 @@ async fn text(browser: &Browser, css: &str) -> Value {
     browser.eval(TEXT, json!([css])).await
 }
 
-#[tokio::test]
-async fn an_operator_logs_in_watches_and_acts() {
-    let (chromium, driver) = match Browser::find() {
-        Ok(found) => found,
+/// Chromium and its driver, or `None` after saying why the test is skipped.
+fn chromium_or_skip() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    match Browser::find() {
+        Ok(found) => Some(found),
         Err(why) => {
             eprintln!("skipped: {why}");
-            return;
+            None
         }
+    }
+}
+
+#[tokio::test]
+async fn an_operator_logs_in_watches_and_acts() {
+    let Some((chromium, driver)) = chromium_or_skip() else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[("CONVOQ_API_KEYS", KEYS)]).await;
@@ -319,12 +326,8 @@ async fn an_operator_logs_in_watches_and_acts() {
 /// operation and schema, with its headers and roles; no key needed.
 #[tokio::test]
 async fn the_api_reference_page_renders_the_document() {
-    let (chromium, driver) = match Browser::find() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some((chromium, driver)) = chromium_or_skip() else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[("CONVOQ_API_KEYS", KEYS)]).await;

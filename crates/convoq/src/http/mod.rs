@@ -42,6 +42,7 @@ use utoipa_axum::routes;
 pub use auth::Caller;
 use error::ApiError;
 pub use jobs::{job_json, job_json_admin, job_json_operator};
+pub use queues::queue_state_json;
 pub use stats::QueueStats;
 
 use crate::config::Config;

@@ -60,14 +60,8 @@ async fn queue_json(
     let t = state.stats.throughput(name);
     let recent = recent_durations(state, name).await?;
     let oldest_waiting_ms = oldest_waiting_age_ms(state, name, paused).await?;
-    Ok(json!({
-        "name": name,
-        "paused": paused,
-        "counts": {
-            "waiting": counts.waiting, "active": counts.active, "delayed": counts.delayed,
-            "completed": counts.completed, "failed": counts.failed, "paused": counts.paused,
-        },
-        "totals": { "completed": counts.completed_total, "failed": counts.failed_total },
+    let mut shown = queue_state_json(name, paused, &counts);
+    let stats = json!({
         "countsAgeMs": age_ms,
         "throughputPerMinute": (t.per_second * 60.0).round(),
         "meanDurationMs": (t.mean_duration_ms * 100.0).round() / 100.0,
@@ -76,7 +70,29 @@ async fn queue_json(
             .map(|(at, completed, failed)| json!({ "at": at, "completed": completed, "failed": failed }))
             .collect::<Vec<_>>(),
         "oldestWaitingAgeMs": oldest_waiting_ms,
-    }))
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (shown.as_object_mut(), stats) {
+        all.extend(more);
+    }
+    Ok(shown)
+}
+
+/// A queue's name, whether it is paused, its counts by state and its lifetime totals, as the
+/// API and the CLI show them.
+pub fn queue_state_json(
+    name: &str,
+    paused: bool,
+    counts: &convoq_queue::QueueCounts,
+) -> serde_json::Value {
+    json!({
+        "name": name,
+        "paused": paused,
+        "counts": {
+            "waiting": counts.waiting, "active": counts.active, "delayed": counts.delayed,
+            "completed": counts.completed, "failed": counts.failed, "paused": counts.paused,
+        },
+        "totals": { "completed": counts.completed_total, "failed": counts.failed_total },
+    })
 }
 
 /// How many of the latest completions `recent` is computed over.
