@@ -313,7 +313,8 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
             tracing::info!(listen = %addr, engine = app.queues.engine().name(), owner = app.queues.engine().owner_id(),
-                workers = !no_workers, console = %format!("http://{addr}/ui"), "convoq listening");
+                workers = !no_workers, console = %format!("http://{addr}/ui"),
+                api_docs = %format!("http://{addr}/api/docs"), "convoq listening");
             let router = http::router(state.clone());
             let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
             let serve = http::serve::serve(listener, router, app.server_limits(), async move {

@@ -3,11 +3,12 @@
 //!
 //! Layout: `conversations.rs` (POST and reads), `jobs.rs` (job state, long-poll, SSE, operator
 //! actions on jobs), `users.rs`, `queues.rs` (stats and operator actions on queues),
-//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `openapi.rs` (the OpenAPI document
-//! and its page, generated from the handlers' `#[utoipa::path]` and the routes below), `auth.rs`, `console.rs` (the operator
-//! console at `/ui`, its sessions and CSRF rules), `stats.rs` (backlog and throughput for 429 and
-//! `estimatedWaitTime`), `limits.rs` (rate limits per API key and per userId), `serve.rs` (the server loop: connection
-//! cap, header read timeout, graceful shutdown), `error.rs`, `extract.rs`.
+//! `health.rs` (`/healthz`, `/readyz`, `/metrics`), `openapi.rs` (the OpenAPI document and its
+//! page, generated from the handlers' `#[utoipa::path]` and [`routes`]), `auth.rs`,
+//! `console.rs` (the operator console at `/ui`, its sessions and CSRF rules), `stats.rs`
+//! (backlog and throughput for 429 and `estimatedWaitTime`), `limits.rs` (rate limits per API
+//! key and per userId, event streams per key), `serve.rs` (the server loop: connection cap,
+//! header read timeout, graceful shutdown), `error.rs`, `extract.rs`.
 //!
 //! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
 //! [`crate::store::Store`].

@@ -89,6 +89,14 @@ impl PrivateRedis {
         }
     }
 
+    /// SIGKILL: Redis dies at once, with whatever its append-only file holds.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM (Redis's graceful shutdown: flush the append-only file, exit), then waits for it.
     pub async fn stop(&mut self) {
         let mut child = self.child.take().expect("redis-server running");
