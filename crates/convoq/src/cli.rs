@@ -111,12 +111,7 @@ fn out(text: &str) {
 }
 
 fn known_queue(name: &str) -> Result<&'static str, CliError> {
-    QUEUES.into_iter().find(|q| *q == name).ok_or_else(|| {
-        CliError::new(
-            Exit::NotFound,
-            format!("no queue {name:?}; queues are {}", QUEUES.join(", ")),
-        )
-    })
+    crate::domain::queue_named(name).map_err(|why| CliError::new(Exit::NotFound, why))
 }
 
 /// The queues a command looks in: the one named, or every queue.

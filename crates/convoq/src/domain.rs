@@ -292,6 +292,14 @@ pub const CHAT_QUEUE: &str = "chat";
 /// Every queue the service owns.
 pub const QUEUES: [&str; 3] = [DATABASE_QUEUE, AUDIT_QUEUE, CHAT_QUEUE];
 
+/// The service's queue called `name`, or why there is none (naming the queues there are).
+pub fn queue_named(name: &str) -> Result<&'static str, String> {
+    QUEUES
+        .into_iter()
+        .find(|q| *q == name)
+        .ok_or_else(|| format!("no queue {name:?}; queues are {}", QUEUES.join(", ")))
+}
+
 /// The payload of a `record_audit_event` job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -360,8 +360,8 @@ pub(crate) fn release_events(claimed: &ClaimedJob, now: i64) -> [NewEvent; 2] {
 pub(crate) struct ToAdd<'a> {
     pub(crate) job: &'a crate::job::NewJob,
     pub(crate) claim: Option<&'a crate::engine::ClaimOnAdd>,
-    /// The id minted for the job before its add was first applied (see `Op::Add`'s `ids`);
-    /// `None` mints one now.
+    /// The id minted for a job without a custom id before its add was first applied (see
+    /// `Op::Add`'s `ids`); `None` for a custom id, or to mint one now (a follow-up).
     pub(crate) minted: Option<&'a str>,
 }
 
@@ -380,16 +380,19 @@ impl ToAdd<'_> {
     /// earlier application of its batch whose answer was lost: its id was minted for it (no
     /// custom id, which another add may share).
     pub(crate) fn owns_its_id(&self) -> bool {
-        self.minted.is_some() && self.job.opts.job_id.is_none()
+        self.minted.is_some()
     }
 }
 
 /// Ids for the jobs of one add, minted before it is first applied.
-pub(crate) fn mint_ids(jobs: &[crate::job::NewJob]) -> Vec<String> {
+/// `None` for a job with a custom id (its id is its own).
+pub(crate) fn mint_ids(jobs: &[crate::job::NewJob]) -> Vec<Option<String>> {
     jobs.iter()
-        .map(|job| match &job.opts.job_id {
-            Some(custom) => custom.clone(),
-            None => uuid::Uuid::now_v7().to_string(),
+        .map(|job| {
+            job.opts
+                .job_id
+                .is_none()
+                .then(|| uuid::Uuid::now_v7().to_string())
         })
         .collect()
 }

@@ -14,12 +14,7 @@ use super::{ok_json, record_action, ApiResult, AppState, Caller, RequestId};
 use crate::domain::QUEUES;
 
 fn known(name: &str) -> Result<&'static str, ApiError> {
-    QUEUES.into_iter().find(|q| *q == name).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no queue {name:?}; queues are {}",
-            QUEUES.join(", ")
-        ))
-    })
+    crate::domain::queue_named(name).map_err(ApiError::NotFound)
 }
 
 /// Whether the query asks for counts read now (`?fresh=true`) rather than the cached ones.

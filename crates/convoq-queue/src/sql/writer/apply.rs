@@ -156,7 +156,7 @@ async fn add_together<D: Dialect>(
                 .map(|(job, id)| ToAdd {
                     job,
                     claim,
-                    minted: Some(id.as_str()),
+                    minted: id.as_deref(),
                 })
                 .collect(),
         ));

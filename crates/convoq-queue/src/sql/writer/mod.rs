@@ -11,7 +11,9 @@
 //! concurrency and turns N concurrent commits into one. What happens when a batch fails depends
 //! on what the database said ([`Failure`](super::dialect::Failure), from [`Dialect::classify`]): one operation's own
 //! failure (a constraint) has the batch applied again one operation at a time, so that it
-//! fails alone; a lost connection has it applied once more as a whole on a new connection; a
+//! fails alone; a lost connection has it applied once more as a whole on a new connection (an
+//! add's job ids are minted before the first application, `Op::Add::ids`, so a batch whose
+//! commit happened with its answer lost finds its own jobs rather than adding them twice); a
 //! lock held elsewhere, a full disk or a broken file refuses the batch as a whole as
 //! unavailable (no operation would fare better alone), the last two also marking the writer
 //! down (readiness fails) until a batch commits again.

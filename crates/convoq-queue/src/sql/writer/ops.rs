@@ -65,11 +65,11 @@ type Reply<T> = Slot<T>;
 pub(crate) enum Op {
     Add {
         jobs: Vec<NewJob>,
-        /// An id for each job, minted once before the add is first applied and used for the
-        /// jobs without a custom id: a batch applied again after its connection was lost (its
+        /// An id for each job without a custom id (`None` for one with), minted once before
+        /// the add is first applied: a batch applied again after its connection was lost (its
         /// commit may have happened, its answer lost) finds its own jobs by these ids instead
         /// of adding them twice.
-        ids: Vec<String>,
+        ids: Vec<Option<String>>,
         /// The lease to insert the jobs under, for a worker that waits for them.
         claim: Option<ClaimOnAdd>,
         reply: Reply<Vec<Added>>,
