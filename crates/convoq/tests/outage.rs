@@ -30,6 +30,9 @@ use support::{eventually, get, put_user_u1, request, Role, Server};
 
 /// How long the database is unreachable.
 const OUTAGE: Duration = Duration::from_secs(20);
+/// The longest a POST may take while the database refuses connections: the writer's new
+/// connection is refused at once and reads give up after 500 ms (`READ_WHILE_DOWN`).
+const POST_BOUND: Duration = Duration::from_secs(3);
 /// How long after the cut a POST may still have been in flight against the old connections.
 const SETTLE: Duration = Duration::from_secs(2);
 const CLIENTS: usize = 4;
@@ -225,6 +228,15 @@ async fn a_20_second_database_outage_loses_and_duplicates_nothing() {
         "too few POSTs answered during the outage to tell anything: {}",
         during.len()
     );
+    let slowest = during
+        .iter()
+        .map(|a| a.answered - a.sent)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        slowest <= POST_BOUND,
+        "a POST during the outage took {slowest:?} (bound {POST_BOUND:?})"
+    );
     for a in &during {
         assert_eq!(
             a.status,
@@ -344,7 +356,7 @@ async fn a_20_second_database_outage_loses_and_duplicates_nothing() {
     let served_503 = during.len();
     eprintln!(
         "outage: {} POSTs, {} accepted ({accepted_before_restore} before the database returned), \
-         {served_503} answered 503 during the outage, {} transport errors, {} proxied connections, \
+         {served_503} answered 503 during the outage (slowest in {slowest:?}), {} transport errors, {} proxied connections, \
          {} conversations; took {:?}",
         answers.len(),
         accepted.len(),

@@ -6,7 +6,10 @@
 //! [`Proxy::lose_acks`] makes it lose the answers to the next writes that commit: it forwards a
 //! client message holding one of the given patterns (`COMMIT`, a self-committing `INSERT`),
 //! lets the server commit it, and closes the connection before relaying the answer, as when a
-//! network drops right after the database committed.
+//! network drops right after the database committed. [`Proxy::stall`] keeps every socket open
+//! and stops relaying, both ways and on new connections too, as when the database host or the
+//! network between goes silent without closing anything (a half-open connection);
+//! [`Proxy::resume`] relays again, what was held included.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +32,8 @@ pub struct Proxy {
     pub accepted: Arc<AtomicUsize>,
     /// How many acknowledgements are still to be lost, and what marks the messages that commit.
     losing: Arc<Losing>,
+    /// While true, nothing is relayed.
+    stalled: watch::Sender<bool>,
 }
 
 /// The lose-acknowledgements mode.
@@ -132,6 +137,7 @@ impl Proxy {
             accept: None,
             accepted: Arc::new(AtomicUsize::new(0)),
             losing: Arc::default(),
+            stalled: watch::channel(false).0,
         };
         proxy.accept = Some(proxy.spawn_accept(listener));
         proxy
@@ -142,6 +148,7 @@ impl Proxy {
         let generation = self.generation.clone();
         let accepted = self.accepted.clone();
         let losing = self.losing.clone();
+        let stalled = self.stalled.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -150,12 +157,20 @@ impl Proxy {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let mut cut = generation.subscribe();
                 let losing = losing.clone();
+                let mut stall = stalled.subscribe();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else {
-                        return;
+                    let forward = async move {
+                        // A connection made while stalled is accepted and left unanswered.
+                        if stall.wait_for(|s| !*s).await.is_err() {
+                            return;
+                        }
+                        let Ok(server) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        pump(client, server, losing, stall).await;
                     };
                     tokio::select! {
-                        () = pump(client, server, losing) => {}
+                        () = forward => {}
                         // Both sockets close as the task ends.
                         _ = cut.changed() => {}
                     }
@@ -184,6 +199,16 @@ impl Proxy {
     /// How many answers were lost so far.
     pub fn acks_lost(&self) -> usize {
         self.losing.lost.load(Ordering::SeqCst)
+    }
+
+    /// Stops relaying on every connection, open or new, keeping the sockets open.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Relays again after [`Proxy::stall`], delivering what was held.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     /// Closes every open connection and refuses new ones until [`Proxy::restore`].
@@ -218,13 +243,20 @@ impl Proxy {
 
 /// Relays both ways until either side closes, or until a message whose answer is to be lost
 /// has been forwarded (then both sockets close, the answer unrelayed).
-async fn pump(client: TcpStream, server: TcpStream, losing: Arc<Losing>) {
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    losing: Arc<Losing>,
+    stall: watch::Receiver<bool>,
+) {
     use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut server_rx, mut server_tx) = server.into_split();
     // Set before the fatal message is forwarded, so that no answer to it is relayed.
     let dropping = Arc::new(AtomicBool::new(false));
+    let mut stall_down = stall.clone();
+    let mut stall_up = stall;
     let up = {
         let dropping = dropping.clone();
         async move {
@@ -244,6 +276,9 @@ async fn pump(client: TcpStream, server: TcpStream, losing: Arc<Losing>) {
                 let fatal = losing.take(fires);
                 if fatal {
                     dropping.store(true, Ordering::SeqCst);
+                }
+                if stall_up.wait_for(|s| !*s).await.is_err() {
+                    return;
                 }
                 if server_tx.write_all(&buf[..n]).await.is_err() {
                     return;
@@ -265,6 +300,9 @@ async fn pump(client: TcpStream, server: TcpStream, losing: Arc<Losing>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            if stall_down.wait_for(|s| !*s).await.is_err() {
+                return;
+            }
             if dropping.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
                 return;
             }
