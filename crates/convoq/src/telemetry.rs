@@ -125,7 +125,7 @@ impl Metrics {
         );
         let rate_limited = counter(
             "convoq_rate_limited_total",
-            "Requests answered 429 rate_limited, by the limit's scope (key: an API key's, user: a userId's conversation POSTs).",
+            "Requests answered 429 by a per-caller limit, by its scope: rate_limited (key: an API key's rate, user: a userId's conversation POSTs) or backlog_quota (key_backlog, user_backlog: jobs queued and not ended).",
             &["scope"],
         );
         let http_duration = histogram(

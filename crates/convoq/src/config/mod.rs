@@ -237,6 +237,10 @@ pub struct Config {
     pub key_rate_limit: u64,
     /// Conversation POSTs per second per userId (0: no limit).
     pub user_rate_limit: u64,
+    /// Unfinished conversation jobs per API key, per process (0: no quota).
+    pub key_backlog_quota: u64,
+    /// Unfinished conversation jobs per userId, per process (0: no quota).
+    pub user_backlog_quota: u64,
     /// Connections open at once (HTTP).
     pub max_connections: usize,
     /// How long a request's headers may take.
@@ -494,6 +498,8 @@ impl Config {
             personality_modes: v.personality_modes,
             key_rate_limit: v.key_rate_limit,
             user_rate_limit: v.user_rate_limit,
+            key_backlog_quota: v.key_backlog_quota,
+            user_backlog_quota: v.user_backlog_quota,
             max_connections: v.max_connections as usize,
             header_read_timeout: Duration::from_millis(v.header_read_timeout_ms),
             max_streams_per_key: v.max_streams_per_key as usize,

@@ -139,6 +139,14 @@ settings! {
     /// it 429 `rate_limited`. 0: no limit.
     user_rate_limit: u64 = "user-rate-limit", "CONVOQ_USER_RATE_LIMIT",
         parse::number(0, 1_000_000), default 0;
+    /// Conversation jobs one API key (or, in protected mode, the local caller) may have queued
+    /// through this process and not yet ended; beyond it 429 `backlog_quota`. 0: no quota.
+    key_backlog_quota: u64 = "key-backlog-quota", "CONVOQ_KEY_BACKLOG_QUOTA",
+        parse::number(0, 100_000_000), default 0;
+    /// Conversation jobs one userId may have queued through this process and not yet ended;
+    /// beyond it 429 `backlog_quota`. 0: no quota.
+    user_backlog_quota: u64 = "user-backlog-quota", "CONVOQ_USER_BACKLOG_QUOTA",
+        parse::number(0, 100_000_000), default 0;
     /// Connections open at once; one more is answered 503 and closed.
     max_connections: u64 = "max-connections", "CONVOQ_MAX_CONNECTIONS",
         parse::number(1, 1_000_000), default 10_000;

@@ -138,6 +138,25 @@ async fn admit(state: &AppState) -> Result<Admission, ApiError> {
     }
 }
 
+/// Places in the caller's and the user's backlog quotas, where set (see `quota.rs`).
+async fn quota_places(
+    state: &AppState,
+    caller: &Caller,
+    user: &str,
+) -> Result<Vec<super::quota::Place>, super::quota::Refusal> {
+    let limits = &state.limits;
+    let mut places = Vec::new();
+    for (quota, who) in [
+        (&limits.key_backlog, caller.name.as_str()),
+        (&limits.user_backlog, user),
+    ] {
+        if let Some(quota) = quota {
+            places.push(quota.reserve(who, &state.queues).await?);
+        }
+    }
+    Ok(places)
+}
+
 /// With `Prefer: wait`, the job's end within the wait: 201 with the conversation, or 422 with
 /// the failure; `None` when it did not end in time (the caller answers 202).
 async fn waited(
@@ -191,7 +210,7 @@ async fn waited(
         (status = 413, description = "`payload_too_large`", body = super::error::ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not application/json", body = super::error::ErrorBody),
         (status = 422, description = "`idempotency_key_reused`, or `job_failed` under `Prefer: wait`", body = super::error::ErrorBody),
-        (status = 429, description = "`backlog_full`: the queue's backlog is at its limit; or `rate_limited`: this API key or this userId is over its rate limit (`--key-rate-limit`, `--user-rate-limit`); nothing was queued", body = super::error::ErrorBody,
+        (status = 429, description = "`backlog_full`: the queue's backlog is at its limit; or `rate_limited`: this API key or this userId is over its rate limit (`--key-rate-limit`, `--user-rate-limit`); or `backlog_quota`: this API key or this userId has as many jobs queued and not yet ended as its quota (`--key-backlog-quota`, `--user-backlog-quota`); nothing was queued", body = super::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ))]
 pub async fn create(
@@ -206,14 +225,25 @@ pub async fn create(
     state
         .limits
         .admit_user(request.user_id.as_str(), &state.metrics)?;
+    let job = request.job(key, &caller, &request_id);
+    let quota_places = match quota_places(&state, &caller, request.user_id.as_str()).await {
+        Ok(places) => places,
+        // A replay of an accepted key is answered as before: it queues nothing new.
+        Err(refused) => match &job.opts.job_id {
+            Some(id) if state.queues.get(DATABASE_QUEUE, id).await?.is_some() => Vec::new(),
+            _ => return Err(refused.counted(&state.metrics)),
+        },
+    };
     let admission = admit(&state).await?;
     let backlog = admission.backlog;
 
-    let added = state
-        .queues
-        .add(request.job(key, &caller, &request_id))
-        .await?;
+    let added = state.queues.add(job).await?;
     admission.added(added.created);
+    if added.created {
+        for place in quota_places {
+            place.queued(&added.job.id);
+        }
+    }
     let stored = ConversationJob::from_job(&added.job, &state.config.personality_modes)
         .map_err(|e| ApiError::Internal(format!("stored job payload unreadable: {e}")))?;
     if !added.created && stored.body_hash.as_deref() != Some(request.body_hash().as_str()) {

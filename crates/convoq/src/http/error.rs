@@ -78,6 +78,14 @@ pub enum ApiError {
         /// Whose limit.
         message: String,
     },
+    /// 429: this caller (an API key, a userId) has as many jobs queued and unfinished as its
+    /// backlog quota allows.
+    QuotaReached {
+        /// Seconds to wait.
+        retry_after: u64,
+        /// Whose quota.
+        message: String,
+    },
     /// 429: this API key has as many event streams open as it may.
     TooManyStreams(usize),
     /// 503: a dependency (queue, store) is unavailable; nothing was accepted.
@@ -213,6 +221,16 @@ impl IntoResponse for ApiError {
             } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
+                message,
+                None,
+                Some(retry_after),
+            ),
+            ApiError::QuotaReached {
+                retry_after,
+                message,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "backlog_quota",
                 message,
                 None,
                 Some(retry_after),

@@ -5,13 +5,15 @@
 //! in `convoq_rate_limited_total{scope}`. Buckets live in this process (with N API processes a
 //! caller gets N times the rate) and are bounded in number: idle ones (full again) are dropped
 //! when the map grows past [`MAX_TRACKED`]. Event streams are counted per key too: at most
-//! `--max-streams-per-key` open at once (429 `too_many_streams` past it).
+//! `--max-streams-per-key` open at once (429 `too_many_streams` past it). The backlog quotas
+//! per key and per `userId` are `quota.rs`'s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::ApiError;
+use super::quota::BacklogQuota;
 use crate::config::Config;
 use crate::telemetry::Metrics;
 
@@ -78,6 +80,10 @@ pub struct Limits {
     per_key: Option<RateLimiter>,
     per_user: Option<RateLimiter>,
     streams: Arc<Streams>,
+    /// Unfinished conversation jobs per API key.
+    pub key_backlog: Option<Arc<BacklogQuota>>,
+    /// Unfinished conversation jobs per userId.
+    pub user_backlog: Option<Arc<BacklogQuota>>,
 }
 
 /// Event streams open per API key.
@@ -116,6 +122,8 @@ impl Limits {
                 max_per_key: config.max_streams_per_key,
                 open: Mutex::default(),
             }),
+            key_backlog: BacklogQuota::new(config.key_backlog_quota, "key_backlog", "API key"),
+            user_backlog: BacklogQuota::new(config.user_backlog_quota, "user_backlog", "userId"),
         }
     }
 

@@ -7,7 +7,8 @@
 //! page, generated from the handlers' `#[utoipa::path]` and [`routes`]), `auth.rs`,
 //! `console.rs` (the operator console at `/ui`, its sessions and CSRF rules), `stats.rs`
 //! (backlog and throughput for 429 and `estimatedWaitTime`), `limits.rs` (rate limits per API
-//! key and per userId, event streams per key), `serve.rs` (the server loop: connection cap,
+//! key and per userId, event streams per key), `quota.rs` (backlog quotas per API key and per
+//! userId), `serve.rs` (the server loop: connection cap,
 //! header read timeout, graceful shutdown), `error.rs`, `extract.rs`.
 //!
 //! *Architecture Invariant:* handlers never run SQL; they call [`convoq_queue::Queues`] and
@@ -23,6 +24,7 @@ mod jobs;
 pub mod limits;
 pub mod openapi;
 mod queues;
+pub mod quota;
 pub mod serve;
 mod stats;
 mod users;

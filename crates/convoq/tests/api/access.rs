@@ -229,3 +229,90 @@ async fn a_user_over_their_rate_gets_no_more_conversations() {
         "the refused POST queued nothing"
     );
 }
+
+/// A key (and a userId) with its backlog quota of jobs queued and not ended is answered 429
+/// `backlog_quota`, nothing queued; other keys and users are not held back; once its jobs
+/// end, it may queue again. An idempotent replay takes no new place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_or_a_user_at_its_backlog_quota_is_refused_until_its_jobs_end() {
+    let h = harness_with(Some(KEYS), |s| {
+        s.key_backlog_quota = Some("3".into());
+        s.user_backlog_quota = Some("2".into());
+    })
+    .await;
+    for (id, discord) in [("u1", "1"), ("u2", "2"), ("u3", "3")] {
+        h.put_user(id, discord).await;
+    }
+    // The queue is paused: nothing ends.
+    let r = h.post("/api/queues/database/pause", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    for (user, key) in [("u1", "a"), ("u1", "b")] {
+        let r = h
+            .create(
+                SERVICE,
+                &json!({ "userId": user }),
+                &[("Idempotency-Key", key)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    }
+    // u1 is at its quota of 2: refused, whatever the key.
+    let r = h.create(SERVICE2, &json!({ "userId": "u1" }), &[]).await;
+    let v = r.assert_error(429, "backlog_quota", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("userId"),
+        "{v}"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // A replay of an accepted key is answered as before, taking no place.
+    let r = h
+        .create(
+            SERVICE,
+            &json!({ "userId": "u1" }),
+            &[("Idempotency-Key", "a")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    // The service key takes its third place with u2, then is at its quota of 3.
+    let r = h.create(SERVICE, &json!({ "userId": "u2" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let r = h.create(SERVICE, &json!({ "userId": "u3" }), &[]).await;
+    let v = r.assert_error(429, "backlog_quota", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("API key"),
+        "{v}"
+    );
+    // Another key and another user are not held back.
+    let r = h.create(SERVICE2, &json!({ "userId": "u3" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let queued = |q: &Value| {
+        ["waiting", "paused"]
+            .map(|s| q["counts"][s].as_u64().unwrap_or(0))
+            .iter()
+            .sum::<u64>()
+    };
+    let q = h.queue_until("database", |q| queued(q) >= 4).await;
+    assert_eq!(queued(&q), 4, "only the accepted POSTs queued: {q}");
+    // The jobs end: the key and the user may queue again.
+    let r = h.post("/api/queues/database/resume", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    h.queue_until("database", |q| q["totals"]["completed"] == json!(4))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = h.create(SERVICE, &json!({ "userId": "u1" }), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let metrics = h.get("/metrics", Some(ADMIN)).await.text;
+    for scope in ["key_backlog", "user_backlog"] {
+        assert!(
+            metrics.contains(&format!("convoq_rate_limited_total{{scope=\"{scope}\"}} 1")),
+            "{metrics}"
+        );
+    }
+}
