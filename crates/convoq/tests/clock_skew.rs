@@ -1,10 +1,13 @@
-//! Clock skew (Postgres): two worker processes whose clocks are an hour off, one behind and
-//! one ahead (`libfaketime`, Debian's `faketime`, preloaded), share one database with an API
-//! process on the true time, under load. The SQL engine reads time against the database's
-//! own clock (it measures each process's lead at start and keeps it), so a skewed worker's
-//! leases and retries mean what they mean on the true clock: no job is taken back early (no
-//! stall), none runs twice, every accepted request is one conversation. Skipped, saying why,
-//! without `CONVOQ_TEST_POSTGRES_URL` or without libfaketime.
+//! Clock skew: two worker processes whose clocks are an hour off, one behind and one ahead
+//! (`libfaketime`, Debian's `faketime`, preloaded), share the queue with an API process on the
+//! true time, under load; on Postgres (queue and store), and with the queue on Redis (store on
+//! Postgres). Both engines read time against the server's own clock (each process measures its
+//! lead over its own clock: `SELECT clock_timestamp()`, Redis's `TIME`), so a skewed worker's
+//! leases, due times and retries mean what they mean on the true clock: no job is taken back
+//! early (no stall), none runs twice, every accepted request is one conversation; on Redis,
+//! where leases are Redis's own TTLs, the jobs' timestamps (what BullMQ's dashboards show and
+//! what delays and backoff are counted from) are on the true clock too. Skipped, saying why,
+//! without `CONVOQ_TEST_POSTGRES_URL` (and `CONVOQ_TEST_REDIS_URL`) or without libfaketime.
 
 mod support;
 
@@ -17,28 +20,31 @@ use support::{request, Role, Server, TestDatabase};
 
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
-    let Some(database) = TestDatabase::postgres().await else {
-        return;
-    };
-    if !std::path::Path::new(FAKETIME).exists() {
+fn faketime_installed() -> bool {
+    let there = std::path::Path::new(FAKETIME).exists();
+    if !there {
         println!("skipped: libfaketime is not installed (Debian package faketime)");
-        return;
     }
-    let started = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let env = [("CONVOQ_LEASE_MS", "2000")];
-    let api = Server::launch(dir.path(), "api", Role::Api, &database.url, &env).await;
+    there
+}
+
+/// An API process on the true time and two workers an hour off, under load for several
+/// leases; every worker ran jobs. Returns the processes and the accepted job ids.
+async fn run_skewed(
+    dir: &std::path::Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> (Server, Vec<Server>, Vec<String>) {
+    let api = Server::launch(dir, "api", Role::Api, database_url, env).await;
     let mut workers = Vec::new();
     for (name, offset) in [("behind", "-1h"), ("ahead", "+1h")] {
-        let skewed = [
-            ("CONVOQ_LEASE_MS", "2000"),
+        let mut skewed = env.to_vec();
+        skewed.extend([
             ("LD_PRELOAD", FAKETIME),
             ("FAKETIME", offset),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ];
-        let w = Server::launch(dir.path(), name, Role::Worker, &database.url, &skewed).await;
+        ]);
+        let w = Server::launch(dir, name, Role::Worker, database_url, &skewed).await;
         workers.push(w);
     }
     // The preload took: each worker logs its start an hour off.
@@ -76,7 +82,8 @@ async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
                     .await
                     .expect("POST");
                     if r.status == 202 {
-                        accepted.lock().unwrap().push(key);
+                        let id = r.json()["jobId"].as_str().expect("jobId").to_owned();
+                        accepted.lock().unwrap().push(id);
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -89,10 +96,13 @@ async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
     for c in clients {
         c.await.expect("client");
     }
-    let n = accepted.lock().unwrap().len() as i64;
-    assert!(n > 100, "only {n} accepted");
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() > 100, "only {} accepted", accepted.len());
+    (api, workers, accepted)
+}
 
-    let db = database.open().await;
+/// Waits for one conversation per accepted request, and no more.
+async fn one_conversation_each(db: &support::Db, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while db.count("SELECT COUNT(*) FROM conversations").await < n {
         assert!(Instant::now() < deadline, "not every accepted request ran");
@@ -104,6 +114,32 @@ async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
         n,
         "one conversation per request"
     );
+}
+
+fn every_worker_ran_jobs(workers: &[Server]) {
+    for w in workers {
+        let ran = support::json_lines(&w.logs())
+            .iter()
+            .filter(|l| l["message"] == "job completed")
+            .count();
+        assert!(ran > 0, "worker {} ran no job", w.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
+    let Some(database) = TestDatabase::postgres().await else {
+        return;
+    };
+    if !faketime_installed() {
+        return;
+    }
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [("CONVOQ_LEASE_MS", "2000")];
+    let (_api, workers, accepted) = run_skewed(dir.path(), &database.url, &env).await;
+    let db = database.open().await;
+    one_conversation_each(&db, accepted.len() as i64).await;
     assert_eq!(
         db.count("SELECT COALESCE(SUM(stalled_count), 0) FROM cq_jobs")
             .await,
@@ -116,13 +152,71 @@ async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
         0,
         "a job ran twice"
     );
-    for w in &workers {
-        let ran = support::json_lines(&w.logs())
-            .iter()
-            .filter(|l| l["message"] == "job completed")
-            .count();
-        assert!(ran > 0, "worker {} ran no job", w.name);
+    every_worker_ran_jobs(&workers);
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_an_hour_off_on_redis_stamp_the_true_time_and_run_nothing_twice() {
+    let Some(redis) = std::env::var("CONVOQ_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+        return;
+    };
+    let Some(database) = TestDatabase::postgres().await else {
+        return;
+    };
+    if !faketime_installed() {
+        return;
     }
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("cq-skew-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("CONVOQ_LEASE_MS", "2000"),
+        ("CONVOQ_QUEUE_URL", redis.as_str()),
+        ("CONVOQ_QUEUE_PREFIX", prefix.as_str()),
+    ];
+    let (api, workers, accepted) = run_skewed(dir.path(), &database.url, &env).await;
+    let db = database.open().await;
+    one_conversation_each(&db, accepted.len() as i64).await;
+    // Each job ran once, and its timestamps, stamped by the workers an hour off, are on the
+    // true clock.
+    let mut latest_skew_ms = 0i64;
+    for id in &accepted {
+        let r = support::get(api.port, &format!("/api/jobs/{id}"))
+            .await
+            .expect("GET job");
+        let job = &r.json()["job"];
+        assert_eq!(job["state"], "completed", "{job}");
+        assert_eq!(job["attemptsMade"], 1, "a job ran twice: {job}");
+        let now = chrono::Utc::now();
+        for field in ["processedAt", "finishedAt"] {
+            let at = job[field]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .unwrap_or_else(|| panic!("{field} of {job}"));
+            let ms = (now - at.with_timezone(&chrono::Utc)).num_milliseconds();
+            latest_skew_ms = latest_skew_ms.max(ms.abs());
+            assert!(
+                (-5_000..=120_000).contains(&ms),
+                "{field} is {ms} ms before now, not on the true clock: {job}"
+            );
+        }
+    }
+    every_worker_ran_jobs(&workers);
+    println!(
+        "clock skew on Redis: {} jobs, each run once, its timestamps at most {latest_skew_ms} ms \
+         from the test's clock",
+        accepted.len()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(90),
         "took {:?}",

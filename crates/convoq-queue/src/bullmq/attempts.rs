@@ -76,7 +76,7 @@ impl BullEngine {
             job.max_attempts(),
             "convoq",
         );
-        let now = self.config.clock.now_ms().to_string();
+        let now = self.clock.now_ms().to_string();
         let mut keys = move_to_active_keys(&k);
         keys.extend([target, k.job_key(&job.id), metrics, k.marker()]);
         let cmd = self.scripts.move_to_finished.cmd(
@@ -179,7 +179,7 @@ impl BullEngine {
     ) -> Result<()> {
         let job = &claimed.job;
         let k = self.keys(&job.queue);
-        let now = self.config.clock.now_ms().to_string();
+        let now = self.clock.now_ms().to_string();
         let delay = delay_ms.to_string();
         let fields = codec::pack_fields(&[("failedReason", reason)]);
         let opts = codec::pack_delay_opts(&claimed.token, UNUSED_LOCK_MS);
@@ -267,7 +267,7 @@ impl BullEngine {
         let mut want = 1usize;
         let max = max.clamp(1, MAX_CLAIM);
         while batch.jobs.len() < max {
-            let now = self.config.clock.now_ms().to_string();
+            let now = self.clock.now_ms().to_string();
             let mut pipe = redis::pipe();
             let tokens: Vec<String> = (0..want).map(|_| new_token()).collect();
             for token in &tokens {

@@ -52,8 +52,15 @@ impl BullEngine {
         .await
         .map_err(|_| timed_out())?
         .map_err(from_bullmq)?;
+        let lead = Arc::new(ServerLead::default());
         let engine = BullEngine {
             owner: uuid::Uuid::new_v4().to_string(),
+            clock: Arc::new(LeadingClock {
+                base: config.clock.clone(),
+                lead: lead.clone(),
+            }),
+            lead,
+            lead_measured_us: std::sync::atomic::AtomicI64::new(system_us()),
             config,
             redis,
             conn,
@@ -73,7 +80,35 @@ impl BullEngine {
                 QueueError::Unavailable(m) => QueueError::Unavailable(m),
                 other => other,
             })?;
+        engine.measure_lead().await?;
         Ok(Arc::new(engine))
+    }
+
+    /// Reads Redis's clock (`TIME`) and offers the reading to its measured lead.
+    async fn measure_lead(&self) -> Result<()> {
+        let mut c = self.redis.clone();
+        let before = system_us();
+        let (secs, micros): (i64, i64) = self.io(redis::cmd("TIME").query_async(&mut c)).await?;
+        let after = system_us();
+        self.lead
+            .offer(before, secs.saturating_mul(1_000_000) + micros, after);
+        Ok(())
+    }
+
+    /// [`BullEngine::measure_lead`] if the last measurement is [`LEAD_EVERY`] old; a failure
+    /// keeps the lead held (the caller's own call fails as it will).
+    pub(super) async fn measure_lead_if_due(&self) {
+        let now = system_us();
+        let last = self.lead_measured_us.load(Ordering::Relaxed);
+        if now - last < LEAD_EVERY.as_micros() as i64
+            || self
+                .lead_measured_us
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let _ = self.measure_lead().await;
     }
 
     /// Redis's `maxmemory-policy`. BullMQ needs `noeviction`: under any other policy Redis may

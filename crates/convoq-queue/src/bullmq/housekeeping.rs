@@ -19,7 +19,7 @@ impl BullEngine {
             ],
             &[
                 k.key_prefix(),
-                self.config.clock.now_ms().to_string(),
+                self.clock.now_ms().to_string(),
                 max_stalled.to_string(),
             ],
         );
@@ -41,7 +41,7 @@ impl BullEngine {
 
     pub(super) async fn prune_finished(&self, queue: &str) -> Result<u64> {
         let k = self.keys(queue);
-        let now = self.config.clock.now_ms();
+        let now = self.clock.now_ms();
         let mut doomed = Vec::new();
         for completed in [true, false] {
             let set = if completed { k.completed() } else { k.failed() };

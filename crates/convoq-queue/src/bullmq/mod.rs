@@ -27,7 +27,11 @@
 //!   lease token is the lock token, and a finish whose token does not hold the lock is
 //!   [`QueueError::LeaseLost`]. Lease expiry therefore follows Redis's clock, not the engine's
 //!   [`Clock`] ([`Capabilities::leases_follow_clock`] is false); delays, backoff and timestamps
-//!   follow the engine's clock, which is passed to every script as BullMQ's clients do.
+//!   follow the engine's clock, which is passed to every script as BullMQ's clients do. That
+//!   clock is Redis's own as seen from this process (`TIME`, its lead over the system clock
+//!   measured at connect and every 30 s, [`ServerLead`]): processes whose clocks disagree, even
+//!   by an hour, agree on when a delayed job or a retry is due. (Node BullMQ stamps its own
+//!   clock; with the machines' clocks right, the two agree.)
 //! - Lifetime totals are BullMQ's metrics counters (`metrics:completed`, `metrics:failed`),
 //!   which convoq's completions always feed.
 //! - There are no transactional effects: follow-up jobs are added (idempotently, by custom id)
@@ -57,7 +61,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use tokio::sync::watch;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{system_us, Clock, LeadingClock, ServerLead, SystemClock};
 use crate::engine::{Capabilities, ClaimBatch, ClaimedJob, Engine, Outcome};
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
@@ -103,7 +107,7 @@ pub struct BullConfig {
     /// Listen to each worked queue's event stream to wake idle workers at once when another
     /// process adds a job (default true). Off, other processes' jobs are found by polling.
     pub listen_events: bool,
-    /// The clock jobs are stamped with.
+    /// The clock jobs are stamped with, before Redis's lead is added (see [`BullEngine::clock`]).
     pub clock: Arc<dyn Clock>,
 }
 
@@ -137,6 +141,13 @@ impl BullConfig {
 pub struct BullEngine {
     owner: String,
     config: BullConfig,
+    /// The configured clock moved by Redis's lead over this machine's clock: what every
+    /// timestamp, due time and backoff is stamped with.
+    clock: Arc<LeadingClock>,
+    /// Redis's lead, measured with `TIME` at connect and again every [`LEAD_EVERY`].
+    lead: Arc<ServerLead>,
+    /// When the lead was last measured (system microseconds).
+    lead_measured_us: std::sync::atomic::AtomicI64,
     /// The engine's own multiplexed connection, for every script and command it sends itself;
     /// reconnects in short rounds (see [`RECONNECT_TRIES`]).
     redis: ConnectionManager,
@@ -193,6 +204,9 @@ enum ClaimOne {
     None(Option<i64>),
 }
 
+/// How often Redis's clock is read again to measure its lead (see [`ServerLead`]).
+const LEAD_EVERY: Duration = Duration::from_secs(30);
+
 /// A new token per lease: a later lease on the same job never reuses one.
 fn new_token() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -221,7 +235,7 @@ impl Engine for BullEngine {
     }
 
     fn clock(&self) -> Arc<dyn Clock> {
-        self.config.clock.clone()
+        self.clock.clone()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -312,6 +326,7 @@ impl Engine for BullEngine {
     }
 
     async fn claim(&self, queue: &str, max: usize, lease: Duration) -> Result<ClaimBatch> {
+        self.measure_lead_if_due().await;
         self.claim_jobs(queue, max, lease).await
     }
 

@@ -7,7 +7,7 @@ impl BullEngine {
     pub(super) async fn add_jobs(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let now = self.config.clock.now_ms();
+        let now = self.clock.now_ms();
         for job in &jobs {
             let k = self.keys(&job.queue);
             let custom = job.opts.job_id.as_deref().unwrap_or("");

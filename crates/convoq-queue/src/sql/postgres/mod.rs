@@ -30,7 +30,7 @@ pub(super) mod write;
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,7 +48,7 @@ use super::dialect::{transport_error, Dialect, Failure, Reads, Schedule};
 use super::operation::Operation;
 use super::writer::Batch;
 use super::SqlConfig;
-use crate::clock::Clock;
+use crate::clock::{system_us, Clock, ServerLead};
 use crate::effect::SqlConn;
 use crate::engine::{ClaimBatch, ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
@@ -99,29 +99,11 @@ pub(crate) struct Postgres {
     pub(crate) batch_timeout: Duration,
 }
 
-/// The database server's clock, as seen from this process: its lead over this machine's system
-/// clock, measured on the writers' connections.
-///
-/// A measurement reads the system clock before and after `SELECT clock_timestamp()` and takes
-/// the midpoint, so the error is at most half the round trip. A measurement replaces the one
-/// held if its round trip is under a millisecond or no worse than the held one's, or if the
-/// held one is older than a minute; a slow round trip (a busy scheduler) thus never moves the
-/// clock by its noise. The lead is rounded to whole milliseconds, so a database on the same
-/// machine leads by exactly zero.
+/// The database server's clock, as seen from this process ([`ServerLead`]), measured on the
+/// writers' connections with `SELECT clock_timestamp()`.
 #[derive(Debug, Default)]
 pub(crate) struct DbClock {
-    held: Mutex<Option<Lead>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Lead {
-    lead_ms: i64,
-    rtt_us: i64,
-    taken_at_us: i64,
-}
-
-fn system_us() -> i64 {
-    chrono::Utc::now().timestamp_micros()
+    lead: ServerLead,
 }
 
 impl DbClock {
@@ -145,30 +127,12 @@ impl DbClock {
             sqlx::query_scalar(READ).fetch_one(&mut *conn).await?
         };
         let after = system_us();
-        let rtt_us = after - before;
-        let lead_us = db_us - (before + rtt_us / 2);
-        let sample = Lead {
-            lead_ms: (lead_us as f64 / 1000.0).round() as i64,
-            rtt_us,
-            taken_at_us: after,
-        };
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let take = match *held {
-            None => true,
-            Some(h) => rtt_us < 1_000 || rtt_us <= h.rtt_us || after - h.taken_at_us > 60_000_000,
-        };
-        if take {
-            *held = Some(sample);
-        }
-        Ok(held.map_or(sample.lead_ms, |h| h.lead_ms))
+        Ok(self.lead.offer(before, db_us, after))
     }
 
     /// The lead last measured (zero before any measurement).
     pub(crate) fn lead_ms(&self) -> i64 {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map_or(0, |h| h.lead_ms)
+        self.lead.lead_ms()
     }
 }
 
