@@ -114,14 +114,12 @@ impl ServerLead {
 }
 
 /// A clock moved by a server's measured lead: `base` plus the lead.
-#[cfg(feature = "redis")]
 #[derive(Debug)]
 pub(crate) struct LeadingClock {
     pub(crate) base: Arc<dyn Clock>,
     pub(crate) lead: Arc<ServerLead>,
 }
 
-#[cfg(feature = "redis")]
 impl Clock for LeadingClock {
     fn now_ms(&self) -> i64 {
         self.base.now_ms().saturating_add(self.lead.lead_ms())

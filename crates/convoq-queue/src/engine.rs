@@ -162,7 +162,8 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// This process's identity as a lease owner: new at every start, never configured.
     fn owner_id(&self) -> &str;
-    /// The clock the engine stamps jobs with.
+    /// The clock the engine stamps jobs with, as its due times read (on Postgres and Redis, the
+    /// server's clock as seen from this process): workers wait for a due time by it.
     fn clock(&self) -> Arc<dyn Clock>;
     /// What this engine can do.
     fn capabilities(&self) -> Capabilities;

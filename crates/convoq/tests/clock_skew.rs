@@ -6,7 +6,9 @@
 //! leases, due times and retries mean what they mean on the true clock: no job is taken back
 //! early (no stall), none runs twice, every accepted request is one conversation; on Redis,
 //! where leases are Redis's own TTLs, the jobs' timestamps (what BullMQ's dashboards show and
-//! what delays and backoff are counted from) are on the true clock too. Skipped, saying why,
+//! what delays and backoff are counted from) are on the true clock too. Then, with a job due
+//! in two minutes, the idle workers wait for it instead of claiming again and again (a worker
+//! ahead that waited by its own clock would find it overdue). Skipped, saying why,
 //! without `CONVOQ_TEST_POSTGRES_URL` (and `CONVOQ_TEST_REDIS_URL`) or without libfaketime.
 
 mod support;
@@ -153,12 +155,54 @@ async fn workers_an_hour_off_take_nothing_back_early_and_run_nothing_twice() {
         "a job ran twice"
     );
     every_worker_ran_jobs(&workers);
+    let engine = convoq_queue::sql::SqlEngine::connect(convoq_queue::sql::SqlConfig::new(
+        database.url.as_str(),
+    ))
+    .await
+    .expect("the test's own engine");
+    idle_workers_wait_for_a_later_job(&workers, engine).await;
     assert!(
         started.elapsed() < Duration::from_secs(90),
         "took {:?}",
         started.elapsed()
     );
     db.close().await;
+}
+
+/// Adds a job due in two minutes through `engine`: idle workers must wait for it by the
+/// server's clock. (A worker an hour ahead that waited by its own clock would find it overdue
+/// and claim again every millisecond until it is due.)
+async fn idle_workers_wait_for_a_later_job(
+    workers: &[Server],
+    engine: Arc<dyn convoq_queue::Engine>,
+) {
+    let mut later = convoq_queue::NewJob::new("database", "create_conversation", json!({}));
+    later.opts.delay = Some(120_000);
+    convoq_queue::Queues::new(engine.clone())
+        .add(later)
+        .await
+        .expect("add a delayed job");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<u64> = workers.iter().map(|w| cpu_ticks(w.pid())).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (w, before) in workers.iter().zip(before) {
+        let used = cpu_ticks(w.pid()) - before;
+        assert!(
+            used < 60,
+            "worker {} used {used} clock ticks in 3 s idle with a job due later: it does not wait by the server's clock",
+            w.name
+        );
+    }
+    engine.close().await;
+}
+
+/// A process's CPU time so far (user and system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("stat's command") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -212,6 +256,11 @@ async fn workers_an_hour_off_on_redis_stamp_the_true_time_and_run_nothing_twice(
         }
     }
     every_worker_ran_jobs(&workers);
+    let config = convoq_queue::bullmq::BullConfig::new(redis.as_str()).with_prefix(prefix.as_str());
+    let engine = convoq_queue::bullmq::BullEngine::connect(config)
+        .await
+        .expect("the test's own engine");
+    idle_workers_wait_for_a_later_job(&workers, engine).await;
     println!(
         "clock skew on Redis: {} jobs, each run once, its timestamps at most {latest_skew_ms} ms \
          from the test's clock",

@@ -48,7 +48,7 @@ pub use crate::effect::{SqlConn, TxEffect};
 pub use config::{redact_url, Durability, SqlConfig, DEFAULT_WRITE_TIMEOUT};
 pub use sqlite::conn::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, LeadingClock};
 use crate::engine::{
     new_lease_token, Capabilities, ClaimBatch, ClaimOnAdd, ClaimedJob, Engine, Outcome,
 };
@@ -85,6 +85,9 @@ const PRUNE_WINDOW: i64 = 2048;
 pub struct SqlEngine {
     owner: String,
     clock: Arc<dyn Clock>,
+    /// The clock the engine's due times are on, for workers to wait by: `clock`, moved by the
+    /// database's measured lead on Postgres.
+    due_clock: Arc<dyn Clock>,
     name: &'static str,
     reads: Box<dyn Reads>,
     writer: WriterHandle,
@@ -212,10 +215,14 @@ impl SqlEngine {
             fault: Mutex::new(None),
             fault_staged: AtomicBool::new(false),
         });
-        let (name, prune_chunk, reads, writer, background): (_, _, Box<dyn Reads>, _, _) = if config
-            .url
-            .starts_with("sqlite:")
-        {
+        let (name, prune_chunk, reads, writer, background, due_clock): (
+            _,
+            _,
+            Box<dyn Reads>,
+            _,
+            _,
+            Arc<dyn Clock>,
+        ) = if config.url.starts_with("sqlite:") {
             let opened = sqlite::open(&config).await?;
             // SQLite has one writer: exactly one writer task.
             let writer = writer::spawn(
@@ -231,9 +238,14 @@ impl SqlEngine {
                 Box::new(opened.reads),
                 writer,
                 vec![opened.checkpoints.spawn()],
+                config.clock.clone(),
             )
         } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
             let opened = postgres::open(&config).await?;
+            let due_clock = Arc::new(LeadingClock {
+                base: config.clock.clone(),
+                lead: opened.dialect.clock.lead.clone(),
+            });
             let writer = writer::spawn(
                 opened.dialect,
                 opened.writers,
@@ -255,6 +267,7 @@ impl SqlEngine {
                 Box::new(opened.reads),
                 writer,
                 background,
+                due_clock,
             )
         } else {
             return Err(QueueError::Invalid(format!(
@@ -268,6 +281,7 @@ impl SqlEngine {
             owner: uuid::Uuid::now_v7().to_string(),
             name,
             clock: config.clock,
+            due_clock,
             reads,
             writer,
             shared,
@@ -339,7 +353,7 @@ impl Engine for SqlEngine {
     }
 
     fn clock(&self) -> Arc<dyn Clock> {
-        self.clock.clone()
+        self.due_clock.clone()
     }
 
     fn capabilities(&self) -> Capabilities {

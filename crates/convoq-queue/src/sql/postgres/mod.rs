@@ -103,7 +103,7 @@ pub(crate) struct Postgres {
 /// writers' connections with `SELECT clock_timestamp()`.
 #[derive(Debug, Default)]
 pub(crate) struct DbClock {
-    lead: ServerLead,
+    pub(crate) lead: Arc<ServerLead>,
 }
 
 impl DbClock {
