@@ -11,10 +11,12 @@ crates/convoq/src/store/sqlite.rs), with the same settings (WAL, synchronous=NOR
 page cache on the writer, foreign keys on, passive checkpoints on a second connection every
 5 ms beside SQLite's own). For each conversation, as the writer does it under load:
 
-  1. its `create_conversation` job is added (B jobs per statement, committed on their own);
-  2. in one transaction: B database jobs claimed, completed (fenced by their lease token), their
-     conversations and their audit rows inserted (the audit record commits with its
-     conversation: no audit job); the lifetime totals updated;
+  1. its `create_conversation` job is added (B jobs per statement, committed on their own),
+     inserted already claimed under a local worker's lease (claim on add, what the writer does
+     while the process's workers have free slots; `--claims` adds them waiting instead);
+  2. in one transaction: (with `--claims`, B database jobs claimed,) B jobs completed (fenced by
+     their lease token), their conversations and their audit rows inserted (the audit record
+     commits with its conversation: no audit job); the lifetime totals updated;
   3. every 500 jobs, a prune of 500 finished jobs past the keep count (1,000).
 
 It prints microseconds per conversation for each step and conversations per second. A figure
@@ -27,7 +29,13 @@ import itertools
 import json
 import os
 import random
-import sqlite3
+try:
+    # A recent SQLite where one is installed (`pip install pysqlite3-binary`): closer to the
+    # one convoq bundles (rusqlite's, 3.46) than the system's, and its JSON functions
+    # cache parsed text as convoq's do.
+    import pysqlite3 as sqlite3
+except ImportError:
+    import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -36,6 +44,20 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+ADD_CLAIMED = (
+    "WITH v AS MATERIALIZED (SELECT value ->> 0 AS queue, value ->> 1 AS id, value ->> 2 AS name, "
+    "value ->> 3 AS data, value ->> 4 AS opts, value ->> 5 AS priority, value ->> 6 AS run_at, "
+    "value ->> 7 AS max_attempts, value ->> 8 AS token, value ->> 9 AS expires, "
+    "value ->> 8 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 "
+    "AND q.paused = 1) AS held FROM json_each(?2)) "
+    "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, max_attempts, "
+    "created_at, state, lease_token, lease_expires_at, attempts_made, processed_at) "
+    "SELECT queue, id, name, data, opts, priority, run_at, max_attempts, ?1, "
+    "CASE WHEN held THEN 'active' ELSE 'waiting' END, CASE WHEN held THEN token END, "
+    "CASE WHEN held THEN expires END, CASE WHEN held THEN 1 ELSE 0 END, CASE WHEN held THEN ?1 END "
+    "FROM v WHERE true "
+    "ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state"
+)
 ADD = (
     "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, max_attempts, "
     "created_at, state) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, "
@@ -103,7 +125,7 @@ def checkpoints(path, stop):
     conn.close()
 
 
-def run(binary, conversations, batch, workdir):
+def run(binary, conversations, batch, workdir, claims):
     path = os.path.join(workdir, "floor-%d.db" % batch)
     migrate = subprocess.run([binary, "migrate", "--database-url", "sqlite://" + path],
                              capture_output=True, text=True)
@@ -140,13 +162,17 @@ def run(binary, conversations, batch, workdir):
                     "title": "hello there", "personalityMode": "helpful",
                     "requestId": new_id(), "actor": "local"}
             adds.append(["database", new_id(), "create_conversation", json.dumps(data), OPTS, 0,
-                         now, 3])
+                         now, 3] + ([] if claims else ["lease", now + 30000]))
         step("add", "BEGIN IMMEDIATE")
-        step("add", ADD, (now, json.dumps(adds)))
+        added = step("add", ADD if claims else ADD_CLAIMED, (now, json.dumps(adds)))
         step("commit", "COMMIT")
 
-        step("claim", "BEGIN IMMEDIATE")
-        jobs = step("claim", CLAIM, ("lease", now + 30000, now, "database", batch))
+        step("complete", "BEGIN IMMEDIATE")
+        if claims:
+            jobs = step("claim", CLAIM, ("lease", now + 30000, now, "database", batch))
+        else:
+            assert all(a[2] == "active" for a in added), "claimed on add"
+            jobs = [(a[0], a[1], a[2], a[3]) for a in adds]
         datas = [json.loads(j[3]) for j in jobs]
         completions = json.dumps([
             [j[0], j[1], "lease", json.dumps({"success": True,
@@ -183,6 +209,8 @@ def main():
     parser.add_argument("--conversations", type=int, default=60000)
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128],
                         help="jobs per statement (the writer's batch); default 32 128")
+    parser.add_argument("--claims", action="store_true",
+                        help="add jobs waiting and claim them apart (no claim on add)")
     parser.add_argument("--convoq", default=os.path.join(ROOT, "target", "release", "convoq"),
                         help="the convoq binary whose `migrate` makes the schema")
     args = parser.parse_args()
@@ -197,7 +225,7 @@ def main():
           (sqlite3.sqlite_version, args.conversations))
     with tempfile.TemporaryDirectory(prefix="convoq-floor.") as workdir:
         for batch in args.batch:
-            done, spent = run(args.convoq, args.conversations, batch, workdir)
+            done, spent = run(args.convoq, args.conversations, batch, workdir, args.claims)
             total = sum(spent.values())
             parts = ", ".join("%s %.1f" % (k, v * 1e6 / done) for k, v in spent.items())
             print("batch %4d: %6.1f us per conversation (%s) -> %s conversations/s" %

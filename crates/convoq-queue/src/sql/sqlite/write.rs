@@ -52,21 +52,25 @@ pub(crate) fn add_jobs(
             r.lease.map(|l| l.1),
         )
     }));
-    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause.
+    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause. The rows are
+    // materialized first: flattened into the insert, each row's `held` (a JSON read and a
+    // lookup of its queue) would be evaluated once per column that reads it, five times
+    // (`bench/sqlite_floor.py`: 14 µs a job instead of 19-21 in batches of 128).
     let mut insert = conn.prepare_cached(
-        "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
+        "WITH v AS MATERIALIZED (SELECT value ->> 0 AS queue, value ->> 1 AS id, \
+           value ->> 2 AS name, value ->> 3 AS data, value ->> 4 AS opts, \
+           value ->> 5 AS priority, value ->> 6 AS run_at, value ->> 7 AS max_attempts, \
+           value ->> 8 AS token, value ->> 9 AS expires, value ->> 8 IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 AND q.paused = 1) AS held \
+           FROM json_each(?2)) \
+         INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
          max_attempts, created_at, state, lease_token, lease_expires_at, attempts_made, \
          processed_at) \
          SELECT queue, id, name, data, opts, priority, run_at, max_attempts, ?1, \
          CASE WHEN held THEN 'active' ELSE 'waiting' END, \
          CASE WHEN held THEN token END, CASE WHEN held THEN expires END, \
          CASE WHEN held THEN 1 ELSE 0 END, CASE WHEN held THEN ?1 END \
-         FROM (SELECT value ->> 0 AS queue, value ->> 1 AS id, value ->> 2 AS name, \
-           value ->> 3 AS data, value ->> 4 AS opts, value ->> 5 AS priority, \
-           value ->> 6 AS run_at, value ->> 7 AS max_attempts, value ->> 8 AS token, \
-           value ->> 9 AS expires, value ->> 8 IS NOT NULL AND NOT EXISTS \
-             (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 AND q.paused = 1) AS held \
-           FROM json_each(?2)) WHERE true \
+         FROM v WHERE true \
          ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state",
     )?;
     let mut fresh: HashMap<(String, String), bool> = insert
