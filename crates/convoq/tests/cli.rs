@@ -237,11 +237,7 @@ async fn operator_commands_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_on_redis() {
-    let Some(redis) = std::env::var("CONVOQ_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    else {
-        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+    let Some(redis) = support::test_redis_url() else {
         return;
     };
     let db = TestDatabase::sqlite().await.expect("sqlite");

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{request, Role, Server, TestDatabase};
+use support::{post_keyed, Role, Server, TestDatabase};
 
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
@@ -74,15 +74,7 @@ async fn run_skewed(
                     n += 1;
                     let key = format!("skew-{c}-{n}");
                     let body = json!({"userId": "u1", "title": key});
-                    let r = request(
-                        port,
-                        "POST",
-                        "/api/chat/conversations",
-                        &[("Idempotency-Key", &key)],
-                        Some(&body),
-                    )
-                    .await
-                    .expect("POST");
+                    let r = post_keyed(port, &key, &body).await.expect("POST");
                     if r.status == 202 {
                         let id = r.json()["jobId"].as_str().expect("jobId").to_owned();
                         accepted.lock().unwrap().push(id);
@@ -207,11 +199,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_an_hour_off_on_redis_stamp_the_true_time_and_run_nothing_twice() {
-    let Some(redis) = std::env::var("CONVOQ_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    else {
-        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+    let Some(redis) = support::test_redis_url() else {
         return;
     };
     let Some(database) = TestDatabase::postgres().await else {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{count, eventually, get, open_db, put_user_u1, query_rows, request, Server};
+use support::{count, eventually, get, open_db, post_keyed, put_user_u1, query_rows, Server};
 
 const TOTAL: usize = 1000;
 const CLIENTS: usize = 16;
@@ -60,14 +60,7 @@ async fn client(port: u16, load: Arc<Load>, deadline: Instant) {
                 Instant::now() < deadline,
                 "request {n} still not accepted at the deadline"
             );
-            let r = request(
-                port,
-                "POST",
-                "/api/chat/conversations",
-                &[("Idempotency-Key", &key)],
-                Some(&body),
-            )
-            .await;
+            let r = post_keyed(port, &key, &body).await;
             match r {
                 Ok(r) if r.status == 202 => {
                     let v = r.json();
@@ -114,11 +107,7 @@ async fn sigkill_twice_under_load_loses_and_duplicates_nothing() {
 /// come back when their locks expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_twice_with_the_queue_on_redis_loses_and_duplicates_nothing() {
-    let Some(redis) = std::env::var("CONVOQ_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    else {
-        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+    let Some(redis) = support::test_redis_url() else {
         return;
     };
     let prefix = format!("cq-crash-{}", uuid::Uuid::new_v4().simple());

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{json_lines, put_user_u1, request, Role, Server, TestDatabase};
+use support::{json_lines, post_keyed, put_user_u1, Role, Server, TestDatabase};
 
 const LEASE_MS: &str = "2000";
 /// The whole test stays under this.
@@ -32,14 +32,7 @@ async fn client(
         let key = format!("frozen-{who}-{n}");
         let body = json!({"userId": "u1", "title": key});
         loop {
-            let r = request(
-                port,
-                "POST",
-                "/api/chat/conversations",
-                &[("Idempotency-Key", &key)],
-                Some(&body),
-            )
-            .await;
+            let r = post_keyed(port, &key, &body).await;
             match r {
                 Ok(r) if r.status == 202 => {
                     let v = r.json();
@@ -177,14 +170,7 @@ async fn a_frozen_worker_resumed_late_is_fenced() {
     );
     // The resumed worker's late completions were refused: fenced by their lease tokens, or
     // failed with the session Postgres ended while it was frozen (and then fenced).
-    let fenced = json_lines(&frozen.logs())
-        .iter()
-        .filter(|l| {
-            l["message"].as_str().is_some_and(|m| {
-                m.contains("lease was taken back") || m.contains("attempt not recorded")
-            })
-        })
-        .count();
+    let fenced = support::late_attempts_refused(&frozen.logs());
     assert!(
         fenced >= 1,
         "worker 0 finished nothing late, or it was not fenced"

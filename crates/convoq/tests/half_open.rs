@@ -26,7 +26,7 @@ use serde_json::json;
 use support::metrics::parse_metrics;
 use support::postgres::{admin_url, postgres_addr, with_port, Databases};
 use support::proxy::Proxy;
-use support::{eventually, get, json_lines, put_user_u1, request, Db, Role, Server};
+use support::{eventually, get, json_lines, post_keyed, put_user_u1, Db, Role, Server};
 
 const LEASE_MS: &str = "2000";
 const STATEMENT_TIMEOUT_MS: &str = "1000";
@@ -68,14 +68,7 @@ async fn client(port: u16, load: Arc<Load>) {
         let body = json!({"userId": "u1", "title": key});
         loop {
             let sent = Instant::now();
-            let r = request(
-                port,
-                "POST",
-                "/api/chat/conversations",
-                &[("Idempotency-Key", &key)],
-                Some(&body),
-            )
-            .await;
+            let r = post_keyed(port, &key, &body).await;
             let took = sent.elapsed();
             let (status, retry_after, conversation) = match &r {
                 Ok(r) => (
@@ -330,14 +323,7 @@ async fn silent_connections_are_given_up_within_bounds() {
             >= held,
         "worker 0's jobs were taken back as stalled"
     );
-    let fenced = json_lines(&silent.logs())
-        .iter()
-        .filter(|l| {
-            l["message"].as_str().is_some_and(|m| {
-                m.contains("lease was taken back") || m.contains("attempt not recorded")
-            })
-        })
-        .count();
+    let fenced = support::late_attempts_refused(&silent.logs());
     assert!(
         fenced >= 1,
         "worker 0 recorded nothing late, or it was not fenced"

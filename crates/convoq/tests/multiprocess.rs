@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{eventually, json_lines, put_user_u1, request, Role, Server, TestDatabase};
+use support::{eventually, json_lines, post_keyed, put_user_u1, Role, Server, TestDatabase};
 
 const TOTAL: usize = 3000;
 const CLIENTS: usize = 16;
@@ -56,14 +56,7 @@ async fn client(port: u16, load: Arc<Load>, deadline: Instant) {
                 Instant::now() < deadline,
                 "request {n} not accepted in time"
             );
-            let r = request(
-                port,
-                "POST",
-                "/api/chat/conversations",
-                &[("Idempotency-Key", &key)],
-                Some(&body),
-            )
-            .await;
+            let r = post_keyed(port, &key, &body).await;
             match r {
                 Ok(r) if r.status == 202 => {
                     let v = r.json();

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::postgres::{admin_url, postgres_addr, with_port, Databases};
 use support::proxy::Proxy;
-use support::{eventually, get, put_user_u1, request, Role, Server};
+use support::{eventually, get, post_keyed, put_user_u1, Role, Server};
 
 /// How long the database is unreachable.
 const OUTAGE: Duration = Duration::from_secs(20);
@@ -65,14 +65,7 @@ async fn client(port: u16, load: Arc<Load>) {
         let key = format!("outage-{n}");
         let body = json!({"userId": "u1", "title": format!("o-{n}")});
         let sent = Instant::now();
-        let r = request(
-            port,
-            "POST",
-            "/api/chat/conversations",
-            &[("Idempotency-Key", &key)],
-            Some(&body),
-        )
-        .await;
+        let r = post_keyed(port, &key, &body).await;
         let answered = Instant::now();
         match r {
             Ok(r) => {

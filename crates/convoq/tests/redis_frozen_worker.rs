@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{eventually, get, json_lines, put_user_u1, request, Role, Server, TestDatabase};
+use support::{eventually, get, json_lines, post_keyed, put_user_u1, Role, Server, TestDatabase};
 
 const LEASE_MS: &str = "2000";
 /// The whole test stays under this.
@@ -37,14 +37,7 @@ async fn client(port: u16, stop: Arc<AtomicBool>, accepted: Accepted, who: usize
         let key = format!("redis-frozen-{who}-{n}");
         let body = json!({"userId": "u1", "title": key});
         loop {
-            let r = request(
-                port,
-                "POST",
-                "/api/chat/conversations",
-                &[("Idempotency-Key", &key)],
-                Some(&body),
-            )
-            .await;
+            let r = post_keyed(port, &key, &body).await;
             match r {
                 Ok(r) if r.status == 202 => {
                     let v = r.json();
@@ -93,11 +86,7 @@ async fn job_state(port: u16, id: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_frozen_after_the_insert_then_killed_doubles_nothing() {
-    let Some(redis) = std::env::var("CONVOQ_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    else {
-        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+    let Some(redis) = support::test_redis_url() else {
         return;
     };
     let Some(database) = TestDatabase::postgres().await else {

@@ -125,6 +125,18 @@ pub(super) fn dechunk(mut raw: &[u8]) -> io::Result<(Vec<u8>, bool)> {
     }
 }
 
+/// `POST /api/chat/conversations` with `body` and the `Idempotency-Key` `key` ([`request`]).
+pub async fn post_keyed(port: u16, key: &str, body: &Value) -> io::Result<Resp> {
+    request(
+        port,
+        "POST",
+        "/api/chat/conversations",
+        &[("Idempotency-Key", key)],
+        Some(body),
+    )
+    .await
+}
+
 /// One request on its own connection, read to the end. Errors are transport errors (refused,
 /// reset, cut short, timed out): the request may or may not have been served.
 pub async fn request(

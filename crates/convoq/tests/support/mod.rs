@@ -67,6 +67,30 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// How many attempts a worker's `logs` show ended late and refused: fenced by their lease
+/// token, or not recorded (their session ended while the worker was cut off, then fenced).
+pub fn late_attempts_refused(logs: &str) -> usize {
+    json_lines(logs)
+        .iter()
+        .filter(|l| {
+            l["message"].as_str().is_some_and(|m| {
+                m.contains("lease was taken back") || m.contains("attempt not recorded")
+            })
+        })
+        .count()
+}
+
+/// `CONVOQ_TEST_REDIS_URL`, or `None` after saying the test is skipped without it.
+pub fn test_redis_url() -> Option<String> {
+    let url = std::env::var("CONVOQ_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    if url.is_none() {
+        println!("skipped: CONVOQ_TEST_REDIS_URL is not set");
+    }
+    url
+}
+
 /// The database a test runs on, dropped (file or Postgres database) when the test ends.
 pub struct TestDatabase {
     /// Its URL, for `--database-url`.
