@@ -107,7 +107,8 @@ pub struct BullConfig {
     /// Listen to each worked queue's event stream to wake idle workers at once when another
     /// process adds a job (default true). Off, other processes' jobs are found by polling.
     pub listen_events: bool,
-    /// The clock jobs are stamped with, before Redis's lead is added (see [`BullEngine::clock`]).
+    /// The clock jobs are stamped with, before Redis's lead is added (the engine's
+    /// `Engine::clock` is this clock moved by the lead).
     pub clock: Arc<dyn Clock>,
 }
 
@@ -144,7 +145,8 @@ pub struct BullEngine {
     /// The configured clock moved by Redis's lead over this machine's clock: what every
     /// timestamp, due time and backoff is stamped with.
     clock: Arc<LeadingClock>,
-    /// Redis's lead, measured with `TIME` at connect and again every [`LEAD_EVERY`].
+    /// Redis's lead, measured with `TIME` at connect and again every [`LEAD_EVERY`] (at an add
+    /// or a claim).
     lead: Arc<ServerLead>,
     /// When the lead was last measured (system microseconds).
     lead_measured_us: std::sync::atomic::AtomicI64,
@@ -260,6 +262,7 @@ impl Engine for BullEngine {
     }
 
     async fn add_bulk(&self, jobs: Vec<NewJob>) -> Result<Vec<Added>> {
+        self.measure_lead_if_due().await;
         self.add_jobs(jobs).await
     }
 

@@ -9,10 +9,12 @@
 //! is answered 429 `backlog_quota` with `Retry-After`, counted in
 //! `convoq_rate_limited_total{scope="key_backlog"|"user_backlog"}`. The check costs nothing
 //! for callers under their quota, and reads only for callers at it. Like the rate limits, the
-//! quota is per process: with N API processes a caller may queue N times as many. Callers are
-//! dropped when they hold nothing; at most [`super::limits::MAX_TRACKED`] are tracked, past
-//! which a new caller is refused as if at its quota (only with that many callers each holding
-//! unfinished jobs).
+//! quota is per process: with N API processes a caller may queue N times as many. At most
+//! [`super::limits::MAX_TRACKED`] callers are tracked (so at most that many times the quota
+//! job ids are held): when a new caller finds the map full, the callers that took no place for
+//! [`FORGET_IDLE`] are forgotten, jobs and all (most likely ended by then; if not, they no
+//! longer count); only if every tracked caller was active that recently is the new one
+//! refused as if at its quota.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,8 @@ use crate::telemetry::Metrics;
 pub const CHECK_AT_ONCE: usize = 256;
 /// The least time between two checks of one caller's held jobs.
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long a caller must have taken no place to be forgotten when the map is full.
+pub const FORGET_IDLE: Duration = Duration::from_secs(600);
 
 /// One quota over many callers.
 #[derive(Debug)]
@@ -36,6 +40,8 @@ pub struct BacklogQuota {
     max: usize,
     scope: &'static str,
     what: &'static str,
+    /// [`FORGET_IDLE`], shorter in tests.
+    forget_idle: Duration,
     callers: Mutex<HashMap<String, Held>>,
 }
 
@@ -48,6 +54,8 @@ struct Held {
     reserved: usize,
     /// When its held jobs were last looked up (or are being looked up now).
     checked_at: Option<Instant>,
+    /// When it last took a place.
+    active_at: Option<Instant>,
 }
 
 impl Held {
@@ -117,6 +125,7 @@ impl BacklogQuota {
                 max: usize::try_from(max).unwrap_or(usize::MAX),
                 scope,
                 what,
+                forget_idle: FORGET_IDLE,
                 callers: Mutex::default(),
             })
         })
@@ -158,8 +167,14 @@ impl BacklogQuota {
     /// A place if `who` is under its quota.
     fn try_reserve(self: &Arc<Self>, who: &str) -> Option<Place> {
         let mut callers = self.lock();
+        let now = Instant::now();
         if callers.len() >= MAX_TRACKED && !callers.contains_key(who) {
-            callers.retain(|_, h| h.used() > 0);
+            callers.retain(|_, h| {
+                h.reserved > 0
+                    || (!h.jobs.is_empty()
+                        && h.active_at
+                            .is_some_and(|at| now.saturating_duration_since(at) < self.forget_idle))
+            });
             if callers.len() >= MAX_TRACKED {
                 return None;
             }
@@ -169,6 +184,7 @@ impl BacklogQuota {
             return None;
         }
         held.reserved += 1;
+        held.active_at = Some(now);
         Some(Place {
             quota: self.clone(),
             who: who.to_owned(),
@@ -275,5 +291,30 @@ mod tests {
         drop(place);
         assert_eq!(quota.held("a"), 1);
         assert!(BacklogQuota::new(0, "key_backlog", "API key").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_map_forgets_idle_callers_only() {
+        let (queues, _dir) = queues().await;
+        let fill = |quota: &Arc<BacklogQuota>| {
+            for n in 0..MAX_TRACKED {
+                let who = format!("user-{n}");
+                quota
+                    .try_reserve(&who)
+                    .expect("a place")
+                    .queued(&format!("job-{n}"));
+            }
+        };
+        // Every caller took a place just now: a new one is refused.
+        let quota = BacklogQuota::new(5, "user_backlog", "userId").expect("a quota");
+        fill(&quota);
+        assert!(quota.reserve("newcomer", &queues).await.is_err());
+        // Callers idle past the horizon are forgotten for the newcomer.
+        let mut idle = BacklogQuota::new(5, "user_backlog", "userId").expect("a quota");
+        Arc::get_mut(&mut idle).expect("one owner").forget_idle = Duration::ZERO;
+        fill(&idle);
+        let place = idle.reserve("newcomer", &queues).await.expect("a place");
+        assert_eq!(idle.lock().len(), 1, "the idle callers were forgotten");
+        drop(place);
     }
 }
