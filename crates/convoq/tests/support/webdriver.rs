@@ -16,7 +16,8 @@ use super::{free_port, Resp, REQUEST_TIMEOUT};
 /// The W3C key of an element reference in WebDriver's answers.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// A headless Chromium session driven through `chromedriver`; both end when it is dropped.
+/// A headless Chromium session driven through `chromedriver`; both end when it is dropped
+/// (the whole process group).
 pub struct Browser {
     driver: Child,
     port: u16,
@@ -101,8 +102,12 @@ impl Browser {
     /// Starts `chromedriver` and a headless session of `chromium` with its profile in
     /// `profile`.
     pub async fn start(chromium: &Path, driver: &Path, profile: &Path) -> Browser {
+        use std::os::unix::process::CommandExt;
         let port = free_port();
         let child = Command::new(driver)
+            // A process group of its own, with the Chromium it starts: dropped, the test ends
+            // them all (killing chromedriver alone would leave Chromium running).
+            .process_group(0)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdout(Stdio::null())
@@ -268,6 +273,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
