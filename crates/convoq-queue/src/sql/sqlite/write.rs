@@ -28,6 +28,35 @@ fn json_rows<R: serde::Serialize>(rows: impl Iterator<Item = R>) -> String {
     to_json(&rows.collect::<Vec<R>>())
 }
 
+/// The add of a batch in which some jobs are to be held by a local worker (claim on add): they
+/// go in `active` under their lease unless their queue is paused. The rows are materialized
+/// first: flattened into the insert, each row's `held` (a JSON read and a lookup of its queue)
+/// would be evaluated once per column that reads it, five times (`bench/sqlite_floor.py`: 14 µs
+/// a job instead of 19-21 in batches of 128). `WHERE true` tells SQLite's parser that
+/// `ON CONFLICT` is the upsert clause.
+const ADD_HELD: &str = "WITH v AS MATERIALIZED (SELECT value ->> 0 AS queue, value ->> 1 AS id, \
+     value ->> 2 AS name, value ->> 3 AS data, value ->> 4 AS opts, value ->> 5 AS priority, \
+     value ->> 6 AS run_at, value ->> 7 AS max_attempts, value ->> 8 AS token, \
+     value ->> 9 AS expires, value ->> 8 IS NOT NULL AND NOT EXISTS \
+       (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 AND q.paused = 1) AS held \
+     FROM json_each(?2)) \
+     INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, max_attempts, \
+     created_at, state, lease_token, lease_expires_at, attempts_made, processed_at) \
+     SELECT queue, id, name, data, opts, priority, run_at, max_attempts, ?1, \
+     CASE WHEN held THEN 'active' ELSE 'waiting' END, \
+     CASE WHEN held THEN token END, CASE WHEN held THEN expires END, \
+     CASE WHEN held THEN 1 ELSE 0 END, CASE WHEN held THEN ?1 END \
+     FROM v WHERE true \
+     ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state";
+
+/// The add of a batch in which every job waits (no materialized rows: nothing to evaluate
+/// twice; bulk adds and adds with no free local worker).
+const ADD_WAITING: &str = "INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
+     max_attempts, created_at, state) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+     value ->> 6, value ->> 7, ?1, 'waiting' FROM json_each(?2) WHERE true \
+     ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state";
+
 /// Inserts jobs in one statement whatever their number (see [`json_rows`]); a custom id that
 /// exists already yields the existing job. A job that brings a lease ([`ToAdd::claim`]) is
 /// inserted active under it, unless its queue is paused.
@@ -52,27 +81,8 @@ pub(crate) fn add_jobs(
             r.lease.map(|l| l.1),
         )
     }));
-    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause. The rows are
-    // materialized first: flattened into the insert, each row's `held` (a JSON read and a
-    // lookup of its queue) would be evaluated once per column that reads it, five times
-    // (`bench/sqlite_floor.py`: 14 µs a job instead of 19-21 in batches of 128).
-    let mut insert = conn.prepare_cached(
-        "WITH v AS MATERIALIZED (SELECT value ->> 0 AS queue, value ->> 1 AS id, \
-           value ->> 2 AS name, value ->> 3 AS data, value ->> 4 AS opts, \
-           value ->> 5 AS priority, value ->> 6 AS run_at, value ->> 7 AS max_attempts, \
-           value ->> 8 AS token, value ->> 9 AS expires, value ->> 8 IS NOT NULL AND NOT EXISTS \
-             (SELECT 1 FROM cq_queues q WHERE q.name = value ->> 0 AND q.paused = 1) AS held \
-           FROM json_each(?2)) \
-         INSERT INTO cq_jobs (queue, id, name, data, opts, priority, run_at, \
-         max_attempts, created_at, state, lease_token, lease_expires_at, attempts_made, \
-         processed_at) \
-         SELECT queue, id, name, data, opts, priority, run_at, max_attempts, ?1, \
-         CASE WHEN held THEN 'active' ELSE 'waiting' END, \
-         CASE WHEN held THEN token END, CASE WHEN held THEN expires END, \
-         CASE WHEN held THEN 1 ELSE 0 END, CASE WHEN held THEN ?1 END \
-         FROM v WHERE true \
-         ON CONFLICT (queue, id) DO NOTHING RETURNING queue, id, state",
-    )?;
+    let held = planned.iter().any(|r| r.lease.is_some());
+    let mut insert = conn.prepare_cached(if held { ADD_HELD } else { ADD_WAITING })?;
     let mut fresh: HashMap<(String, String), bool> = insert
         .query_map(params![now, rows], |r| {
             Ok(((r.get(0)?, r.get(1)?), r.get::<_, String>(2)? == "active"))
