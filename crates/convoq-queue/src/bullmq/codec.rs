@@ -321,7 +321,9 @@ pub(crate) fn job_from_hash(
     let available = match placement.due_ms {
         Some(due) => due,
         None => {
-            created + int(fields, "delay").unwrap_or(0).max(0) * (state == JobState::Delayed) as i64
+            // Saturating: a hash written by another client may hold any integers.
+            let delay = int(fields, "delay").unwrap_or(0).max(0);
+            created.saturating_add(if state == JobState::Delayed { delay } else { 0 })
         }
     };
     Ok(Job {
@@ -403,13 +405,15 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever a job hash holds, reading it never panics: it is a job, or `Corrupt`.
+        /// Whatever a job hash holds, reading it never panics: it is a job, or `Corrupt`; and
+        /// the history derived from it is bounded whatever its counters claim.
         #[test]
         fn any_job_hash_reads_as_a_job_or_corrupt(
             fields in proptest::collection::hash_map(
                 prop_oneof![
                     Just("name"), Just("data"), Just("opts"), Just("timestamp"),
                     Just("delay"), Just("priority"), Just("attemptsMade"), Just("atm"),
+                    Just("ats"), Just("stc"),
                     Just("stalledCounter"), Just("processedOn"), Just("finishedOn"),
                     Just("returnvalue"), Just("failedReason"), Just("stacktrace"),
                 ].prop_map(str::to_owned),
@@ -427,12 +431,39 @@ mod tests {
                 Ok(job) => {
                     prop_assert!(fields.contains_key("name"));
                     prop_assert_eq!(job.state, state);
+                    let history = super::super::history::derive(&job);
+                    let bound = 3 + 2 * super::super::history::MAX_DERIVED_ATTEMPTS as usize;
+                    prop_assert!(history.len() <= bound, "{} events", history.len());
                 }
                 Err(QueueError::Corrupt(_)) => {}
                 Err(e) => prop_assert!(false, "not Corrupt: {e}"),
             }
             let _ = opts_from_json(fields.get("opts"));
         }
+    }
+
+    #[test]
+    fn a_hash_claiming_billions_of_attempts_derives_its_latest_ones() {
+        let fields: HashMap<String, String> = [
+            ("name", "n"),
+            ("timestamp", "9223372036854775000"),
+            ("delay", "9223372036854775000"),
+            ("ats", "4000000000"),
+            ("failedReason", "boom"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let placement = Placement {
+            state: JobState::Delayed,
+            due_ms: None,
+        };
+        let job = job_from_hash("q", "1", &fields, placement).expect("a job");
+        assert_eq!(job.attempts_made, 4_000_000_000);
+        let history = super::super::history::derive(&job);
+        let max = super::super::history::MAX_DERIVED_ATTEMPTS as usize;
+        assert_eq!(history.len(), 1 + 2 * max);
+        assert_eq!(history.last().map(|e| e.attempt), Some(4_000_000_000));
     }
 
     #[test]

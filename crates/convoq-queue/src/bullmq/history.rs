@@ -5,10 +5,15 @@
 //! So the derived history has every step in order, but the steps of attempts before the latest
 //! one carry the job's creation time (BullMQ does not store when they happened), and an earlier
 //! attempt that ended in a stall is reported as `retrying` once a later attempt has started.
-//! The history only ever grows while the job lives, as [`crate::Follower`] needs.
+//! The history only ever grows while the job lives, as [`crate::Follower`] needs. It shows at
+//! most the last [`MAX_DERIVED_ATTEMPTS`] attempts: the counters are whatever the hash holds,
+//! and a hash written by another client could claim billions.
 
 use crate::events::{JobEvent, JobEventKind};
 use crate::job::{Job, JobState};
+
+/// The most attempts a derived history shows (the latest ones).
+pub(crate) const MAX_DERIVED_ATTEMPTS: u32 = 1_000;
 
 /// The job's history, oldest first.
 pub(crate) fn derive(job: &Job) -> Vec<JobEvent> {
@@ -18,7 +23,8 @@ pub(crate) fn derive(job: &Job) -> Vec<JobEvent> {
         attempt,
         detail,
     };
-    let mut out = Vec::with_capacity(2 + 2 * job.attempts_made as usize);
+    let shown = job.attempts_made.min(MAX_DERIVED_ATTEMPTS) as usize;
+    let mut out = Vec::with_capacity(2 + 2 * shown);
     let first = if job.opts.delay.unwrap_or(0) > 0 {
         JobEventKind::Delayed
     } else {
@@ -38,7 +44,8 @@ pub(crate) fn derive(job: &Job) -> Vec<JobEvent> {
         n
     };
     let reason = job.failed_reason.clone().map(serde_json::Value::String);
-    for attempt in 1..=ended {
+    let oldest_shown = ended.saturating_sub(MAX_DERIVED_ATTEMPTS - 1).max(1);
+    for attempt in oldest_shown..=ended {
         let latest = attempt == ended && !running_or_done;
         let at = if latest {
             job.processed_at.unwrap_or(job.created_at)
