@@ -52,14 +52,12 @@ impl BullEngine {
         .await
         .map_err(|_| timed_out())?
         .map_err(from_bullmq)?;
-        let lead = Arc::new(ServerLead::default());
         let engine = BullEngine {
             owner: uuid::Uuid::new_v4().to_string(),
             clock: Arc::new(LeadingClock {
                 base: config.clock.clone(),
-                lead: lead.clone(),
+                lead: Arc::new(ServerLead::default()),
             }),
-            lead,
             lead_measured_us: std::sync::atomic::AtomicI64::new(system_us()),
             config,
             redis,
@@ -90,7 +88,8 @@ impl BullEngine {
         let before = system_us();
         let (secs, micros): (i64, i64) = self.io(redis::cmd("TIME").query_async(&mut c)).await?;
         let after = system_us();
-        self.lead
+        self.clock
+            .lead
             .offer(before, secs.saturating_mul(1_000_000) + micros, after);
         Ok(())
     }

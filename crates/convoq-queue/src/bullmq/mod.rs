@@ -143,11 +143,9 @@ pub struct BullEngine {
     owner: String,
     config: BullConfig,
     /// The configured clock moved by Redis's lead over this machine's clock: what every
-    /// timestamp, due time and backoff is stamped with.
+    /// timestamp, due time and backoff is stamped with. The lead ([`ServerLead`]) is measured
+    /// with `TIME` at connect and again every [`LEAD_EVERY`] (at an add or a claim).
     clock: Arc<LeadingClock>,
-    /// Redis's lead, measured with `TIME` at connect and again every [`LEAD_EVERY`] (at an add
-    /// or a claim).
-    lead: Arc<ServerLead>,
     /// When the lead was last measured (system microseconds).
     lead_measured_us: std::sync::atomic::AtomicI64,
     /// The engine's own multiplexed connection, for every script and command it sends itself;
