@@ -15,6 +15,17 @@ use crate::error::{ProcessError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Found, Job, JobSearch, JobState, NewJob, QueueCounts};
 
+/// A run of a job's processor before the job is stored (see [`Engine::add_run_first`]),
+/// implemented by the worker pool for a slot it holds for the job.
+#[async_trait]
+pub trait FirstRun: Send + Sync {
+    /// Runs the processor on `job` as it will be stored (claimed: state `active`, its first
+    /// attempt counted). Its completion, to commit in the add's own write; `None` when it
+    /// failed (or panicked, or timed out): the job is then stored claimed and run as any other,
+    /// so that its failure is recorded and retried by the usual rules.
+    async fn run(&self, job: &Job) -> Option<Completion>;
+}
+
 /// A job held by a worker under a lease. Only the holder of `token` can finish it.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
@@ -190,6 +201,26 @@ pub trait Engine: Send + Sync + 'static {
             crate::error::QueueError::Unavailable("the engine answered no job for the add".into())
         })?;
         Ok((added, None))
+    }
+    /// As [`Engine::add_claimed`], where the engine can commit a completion in the add's own
+    /// write (the SQL engine): first runs `first` on the job as it will be stored, then stores
+    /// the job, claimed and at once completed with the completion `first` returned, its effect
+    /// and follow-up jobs committed in the same transaction: one write for the job's whole life,
+    /// and the answer shows it completed (its history still shows it added, active and
+    /// completed). The job is stored claimed instead, and handed back to run, when `first`
+    /// returns nothing, when the completion cannot commit with the add (its effect failed), or
+    /// where the engine cannot do this (by default, as [`Engine::add_claimed`]). A job that
+    /// could not be claimed at once is added as that method adds it, and `first`'s completion
+    /// is dropped: only a processor whose whole work is its completion may run first
+    /// ([`crate::Processor::effect_only`]).
+    async fn add_run_first(
+        &self,
+        job: NewJob,
+        lease: Duration,
+        first: &dyn FirstRun,
+    ) -> Result<(Added, Option<ClaimedJob>)> {
+        let _ = first;
+        self.add_claimed(job, lease).await
     }
     /// Reads one job.
     async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>>;

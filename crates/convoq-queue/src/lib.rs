@@ -40,7 +40,7 @@ pub mod testkit;
 pub mod worker;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Capabilities, ClaimBatch, ClaimedJob, Completion, Engine, Outcome};
+pub use engine::{Capabilities, ClaimBatch, ClaimedJob, Completion, Engine, FirstRun, Outcome};
 pub use error::{ProcessError, QueueError, Result};
 pub use events::{JobEvent, JobEventKind};
 pub use follow::Follower;

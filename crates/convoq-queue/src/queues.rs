@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use crate::engine::{ClaimedJob, Engine};
+use crate::engine::{ClaimedJob, Engine, FirstRun};
 use crate::error::{QueueError, Result};
 use crate::follow::Follower;
 use crate::job::{Added, Found, Job, JobOptions, JobSearch, JobState, NewJob, QueueCounts};
@@ -48,6 +48,12 @@ pub(crate) trait Reserved: Send {
     fn lease(&self) -> Duration;
     /// Runs the job, claimed as it was added, in this slot.
     fn run(self: Box<Self>, job: ClaimedJob);
+    /// The run of a job named `name` before it is stored, where its processor allows it
+    /// ([`crate::Processor::effect_only`]).
+    fn first_run(&self, name: &str) -> Option<&dyn FirstRun>;
+    /// Reports the attempt that [`Reserved::first_run`] ran, committed with the add: `job` as
+    /// stored, completed.
+    fn ran_first(self: Box<Self>, job: &Job);
 }
 
 impl std::fmt::Debug for Queues {
@@ -143,15 +149,29 @@ impl Queues {
     /// of this process leaves it to be taken back when its lease expires). The answer then
     /// shows it active.
     ///
+    /// Where, moreover, the job's processor does nothing but return its completion
+    /// ([`crate::Processor::effect_only`]), the slot runs it first, and the engine stores the
+    /// job completed, its completion's effect committed in the add's own write
+    /// ([`Engine::add_run_first`]): one write for the job's whole life, no hand-off to the
+    /// worker. The answer then shows it completed; the worker's observer hears of the attempt
+    /// as of any other. A failed first run, or an effect that fails with the add, leaves the
+    /// job stored claimed and run in the slot as above.
+    ///
     /// # Errors
     /// [`QueueError::Invalid`] for a bad job; [`QueueError::Unavailable`] when the job could not
     /// be stored (nothing was added).
     pub async fn add(&self, job: NewJob) -> Result<Added> {
         let job = self.prepare(job)?;
         if let Some(slot) = self.free_slot(&job) {
-            let (added, claimed) = self.engine.add_claimed(job, slot.lease()).await?;
+            let lease = slot.lease();
+            let (added, claimed) = match slot.first_run(&job.name) {
+                Some(first) => self.engine.add_run_first(job, lease, first).await?,
+                None => self.engine.add_claimed(job, lease).await?,
+            };
             if let Some(claimed) = claimed {
                 slot.run(claimed);
+            } else if added.created && added.job.state == JobState::Completed {
+                slot.ran_first(&added.job);
             }
             return Ok(added);
         }

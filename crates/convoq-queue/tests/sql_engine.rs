@@ -8,12 +8,18 @@
 mod pg;
 mod sqldb;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use async_trait::async_trait;
 use convoq_queue::sql::SqlConfig;
 use convoq_queue::sql::SqlEngine;
-use convoq_queue::{Engine, JobState, NewJob, ProcessError, QueueError, Queues};
+use convoq_queue::{
+    AttemptEnd, Completion, Engine, Job, JobEventKind, JobState, NewJob, Outcome, ProcessError,
+    Processor, QueueError, Queues, WorkerObserver, WorkerOptions,
+};
 use serde_json::json;
 use sqldb::{completion, Db, HeldWriter, GROUP_CALLS, LEASE};
 
@@ -50,7 +56,159 @@ on_both_dialects!(
     corrupt_rows_are_errors_not_panics,
     newer_schema_is_refused_with_a_clear_error,
     closed_engine_refuses_work,
+    effect_only_jobs_complete_in_their_add,
 );
+
+/// Runs `w` jobs with the effect of [`completion`] (keyed by the job's `key`, failing for a
+/// key starting with `bad`), or fails in the processor for a key starting with `err`; counts
+/// its runs per key.
+struct RunsFirst(Mutex<HashMap<String, usize>>);
+
+#[async_trait]
+impl Processor for RunsFirst {
+    async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
+        let key = job.data["key"].as_str().unwrap_or_default().to_owned();
+        *self.0.lock().unwrap().entry(key.clone()).or_default() += 1;
+        if key.starts_with("err") {
+            return Err(ProcessError::unrecoverable("the processor refused it"));
+        }
+        let fail = key
+            .starts_with("bad")
+            .then(|| ProcessError::unrecoverable("unknown user u9"));
+        match completion(&key, fail) {
+            Outcome::Completed(c) => Ok(c),
+            Outcome::Failed(e) => Err(e),
+        }
+    }
+    fn effect_only(&self) -> bool {
+        true
+    }
+}
+
+/// Attempts reported to the pool's observer, by how they ended.
+#[derive(Default)]
+struct Seen(Mutex<Vec<(String, AttemptEnd, u32)>>, AtomicUsize);
+
+impl WorkerObserver for Seen {
+    fn started(&self, _job: &Job) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+    fn finished(&self, job: &Job, end: AttemptEnd, _: Duration, _: Option<&str>) {
+        let key = job.data["key"].as_str().unwrap_or_default().to_owned();
+        self.0.lock().unwrap().push((key, end, job.attempts_made));
+    }
+}
+
+/// A job whose processor does nothing but return its completion
+/// ([`Processor::effect_only`]), added while a worker of the process has a free slot, runs
+/// first and is stored completed with its effect and follow-up in the add's own write; its
+/// history and the worker's observer still show the attempt. A failed first run, or an effect
+/// that fails with the add, leaves the job stored claimed, and the worker runs it by the usual
+/// rules (the effect's failure recorded, nothing of it kept).
+async fn effect_only_jobs_complete_in_their_add(db: Db) {
+    let engine = db.engine().await;
+    let queues = Queues::new(engine.clone());
+    let runs = Arc::new(RunsFirst(Mutex::default()));
+    let seen = Arc::new(Seen::default());
+    let opts = WorkerOptions {
+        concurrency: 4,
+        poll_interval: Duration::from_secs(60),
+        ..WorkerOptions::default()
+    };
+    let pool = queues
+        .workers()
+        .processor("w", runs.clone())
+        .queue(Q, opts)
+        .observer(seen.clone())
+        .start();
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the worker go idle
+    let add = |key: &str| {
+        let queues = queues.clone();
+        let job = NewJob::new(Q, "w", json!({ "key": key }));
+        async move { queues.add(job).await.unwrap().job }
+    };
+    let runs_of = |key: &str| runs.0.lock().unwrap().get(key).copied().unwrap_or(0);
+
+    let ok = add("first").await;
+    assert_eq!(
+        (ok.state, ok.attempts_made, ok.result.clone()),
+        (JobState::Completed, 1, Some(json!({ "key": "first" }))),
+        "completed in its add"
+    );
+    assert!(ok.finished_at.is_some() && ok.lease_holder.is_none());
+    assert_eq!(db.effect_rows("first").await, 1, "the effect committed");
+    assert!(queues.get("audit", "audit-first").await.unwrap().is_some());
+    let stored = queues.get(Q, &ok.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.attempts_made, stored.result),
+        (JobState::Completed, 1, Some(json!({ "key": "first" })))
+    );
+    let kinds: Vec<JobEventKind> = engine
+        .history(Q, &ok.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            JobEventKind::Waiting,
+            JobEventKind::Active,
+            JobEventKind::Completed
+        ]
+    );
+    assert_eq!(runs_of("first"), 1);
+    let counts = queues.counts(Q).await.unwrap();
+    assert_eq!((counts.completed, counts.completed_total), (1, 1));
+
+    // The processor fails first: stored claimed, run by the worker, failed by its rules.
+    let err = add("err").await;
+    assert_eq!(err.state, JobState::Active, "stored claimed for its worker");
+    let err = queues
+        .wait_finished(Q, &err.id, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (err.state, err.attempts_made, err.failed_reason.as_deref()),
+        (JobState::Failed, 1, Some("the processor refused it"))
+    );
+    assert_eq!(runs_of("err"), 2, "run first, then by the worker");
+
+    // The effect fails with the add: the add commits without it, the worker runs the job, the
+    // effect fails again and the attempt is recorded as failed; nothing of the effect is kept.
+    let bad = add("bad").await;
+    assert_eq!(bad.state, JobState::Active);
+    let bad = queues
+        .wait_finished(Q, &bad.id, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (bad.state, bad.failed_reason.as_deref()),
+        (JobState::Failed, Some("unknown user u9"))
+    );
+    assert_eq!(db.effect_rows("bad").await, 0);
+    assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
+    assert_eq!(runs_of("bad"), 2);
+
+    // Every attempt was reported once, started and ended.
+    pool.shutdown(Duration::from_secs(5)).await;
+    let mut ended = seen.0.lock().unwrap().clone();
+    ended.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        ended,
+        vec![
+            ("bad".to_owned(), AttemptEnd::Failed, 1),
+            ("err".to_owned(), AttemptEnd::Failed, 1),
+            ("first".to_owned(), AttemptEnd::Completed, 1),
+        ]
+    );
+    assert_eq!(seen.1.load(Ordering::SeqCst), 3);
+    engine.close().await;
+}
 
 async fn effect_commits_with_the_completion_or_not_at_all(db: Db) {
     let engine = db.engine().await;

@@ -7,7 +7,9 @@
 //! audit job is needed (half the queue work per conversation). Otherwise (the queue on Redis) it
 //! inserts the conversation on its own first and adds a `record_audit_event` job on `audit`,
 //! which records it; the inserts are idempotent, so a retried job still has one effect. Either
-//! way the audit record has the same id, `conversation.created-{conversationId}`.
+//! way the audit record has the same id, `conversation.created-{conversationId}`. In the first
+//! case the processor is `effect_only`: a job added while a local worker has a free slot runs
+//! at once and is stored completed, with its conversation, in the add's own transaction.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -192,6 +194,14 @@ impl Processor for CreateConversation {
         // (`telemetry::JobTelemetry`), not here: with the queue in the store's database the
         // insert commits only with the completion.
         Ok(completion)
+    }
+
+    /// Where the queue is in the store's database, the conversation and its audit record are
+    /// the completion's effect and nothing else is written: the job may run as it is added,
+    /// committed with its add in one transaction (`Queues::add`). Elsewhere the conversation is
+    /// inserted on its own, which must not happen for a job that may never be stored.
+    fn effect_only(&self) -> bool {
+        self.shared_transaction
     }
 }
 

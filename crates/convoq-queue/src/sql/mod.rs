@@ -379,6 +379,7 @@ impl Engine for SqlEngine {
             jobs,
             ids,
             claim: None,
+            complete: None,
             reply,
         })
         .await
@@ -396,11 +397,44 @@ impl Engine for SqlEngine {
                 ids: rules::mint_ids(std::slice::from_ref(&job)),
                 jobs: vec![job],
                 claim: Some(claim),
+                complete: None,
                 reply,
             })
             .await?
             .pop()
             .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
+        let claimed = held.held(&added);
+        Ok((added, claimed))
+    }
+
+    async fn add_run_first(
+        &self,
+        job: NewJob,
+        lease: Duration,
+        first: &dyn crate::engine::FirstRun,
+    ) -> Result<(Added, Option<ClaimedJob>)> {
+        let claim = ClaimOnAdd::new(lease, &self.owner);
+        let ids = rules::mint_ids(std::slice::from_ref(&job));
+        let add = rules::ToAdd {
+            job: &job,
+            claim: Some(&claim),
+            minted: ids[0].as_deref(),
+        };
+        let preview = rules::as_claimed(add, &claim, self.clock.now_ms());
+        let complete = first.run(&preview).await;
+        let held = claim.clone();
+        let added = self
+            .request(|reply| Op::Add {
+                ids,
+                jobs: vec![job],
+                claim: Some(claim),
+                complete,
+                reply,
+            })
+            .await?
+            .pop()
+            .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
+        // A job its add completed is no longer held (`held` wants it active).
         let claimed = held.held(&added);
         Ok((added, claimed))
     }

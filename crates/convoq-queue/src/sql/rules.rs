@@ -437,6 +437,40 @@ pub(crate) fn new_row<'a>(add: ToAdd<'a>, now: i64) -> NewRow<'a> {
     }
 }
 
+/// `add` as its insert under `claim` at `now` stores it (active, its first attempt counted),
+/// for a run of its processor before it is stored ([`crate::Engine::add_run_first`]).
+pub(crate) fn as_claimed(add: ToAdd<'_>, claim: &crate::engine::ClaimOnAdd, now: i64) -> Job {
+    let row = new_row(add, now);
+    let job = add.job;
+    Job {
+        id: row.id,
+        queue: job.queue.clone(),
+        name: job.name.clone(),
+        data: job.data.clone(),
+        opts: job.opts.clone(),
+        state: JobState::Active,
+        attempts_made: 1,
+        stalled_count: 0,
+        result: None,
+        failed_reason: None,
+        created_at: ms_to_datetime(now),
+        available_at: ms_to_datetime(row.run_at),
+        processed_at: Some(ms_to_datetime(now)),
+        finished_at: None,
+        lease_expires_at: Some(ms_to_datetime(now.saturating_add(claim.lease_ms))),
+        lease_holder: crate::engine::lease_holder(&claim.token).map(str::to_owned),
+    }
+}
+
+/// A job stored claimed by its add, as it reads once the same write completed it at `now`.
+pub(crate) fn completed_by_its_add(job: &mut Job, result: &serde_json::Value, now: i64) {
+    job.state = JobState::Completed;
+    job.result = Some(result.clone());
+    job.finished_at = Some(ms_to_datetime(now));
+    job.lease_expires_at = None;
+    job.lease_holder = None;
+}
+
 /// Whether an operator may remove job `id` in its stored `state` (`None`: there is no such
 /// job, nothing to remove): any job but one a worker holds.
 pub(crate) fn removable(state: Option<&str>, id: &str) -> Result<bool> {

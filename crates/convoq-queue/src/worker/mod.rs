@@ -19,7 +19,9 @@ use futures::FutureExt;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::engine::{ClaimOnAdd, ClaimedJob, Completion, Engine, FollowUpClaims, Outcome};
+use crate::engine::{
+    ClaimOnAdd, ClaimedJob, Completion, Engine, FirstRun, FollowUpClaims, Outcome,
+};
 use crate::error::{panic_message, ProcessError, QueueError};
 use crate::job::Job;
 use crate::queues::{Queues, Reserved, Taker};
@@ -34,6 +36,15 @@ pub trait Processor: Send + Sync + 'static {
     /// Runs one attempt of `job`. Return a [`Completion`] on success, or say whether the failure
     /// is worth retrying. A panic fails the attempt as a retryable error; the worker lives on.
     async fn process(&self, job: &Job) -> Result<Completion, ProcessError>;
+
+    /// Whether this processor's whole work is the [`Completion`] it returns (its result, its
+    /// transactional effect, its follow-up jobs): it writes nothing elsewhere, so that a run
+    /// whose completion never commits leaves no trace. Such a processor may run as its job is
+    /// added, where a worker of the adding process has a free slot and the engine can commit
+    /// the completion in the add's own write ([`crate::Queues::add`]). `false` by default.
+    fn effect_only(&self) -> bool {
+        false
+    }
 }
 
 /// How an attempt ended, as reported to a [`WorkerObserver`].

@@ -40,7 +40,14 @@ impl Live {
 struct HeldSlot {
     live: Live,
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// What the run before the job was stored took, and the follow-up jobs (queue, name) its
+    /// completion carries, to report once the add has committed it ([`Reserved::ran_first`]).
+    ran: Mutex<Option<FirstRunDone>>,
 }
+
+/// A run before the job was stored: how long it took, and its completion's follow-up jobs
+/// (queue, name).
+type FirstRunDone = (Duration, Vec<(String, String)>);
 
 impl Taker for QueueLoop {
     fn reserve(self: Arc<Self>) -> Option<Box<dyn Reserved>> {
@@ -53,6 +60,7 @@ impl Taker for QueueLoop {
         Some(Box::new(HeldSlot {
             live: Live::new(&self),
             permit,
+            ran: Mutex::new(None),
         }))
     }
 }
@@ -62,8 +70,26 @@ impl Reserved for HeldSlot {
         self.live.0.opts.lease
     }
 
+    fn first_run(&self, name: &str) -> Option<&dyn FirstRun> {
+        let this = &self.live.0;
+        let effect_only = this.processors.get(name).is_some_and(|p| p.effect_only());
+        (effect_only && !this.stopping.load(Ordering::Acquire)).then_some(self as &dyn FirstRun)
+    }
+
+    fn ran_first(self: Box<Self>, job: &Job) {
+        let this = &self.live.0;
+        let ran = self.ran.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (elapsed, follow_ups) = ran.unwrap_or_default();
+        this.observer.started(job);
+        this.observer
+            .finished(job, AttemptEnd::Completed, elapsed, None);
+        for (queue, name) in &follow_ups {
+            this.observer.follow_up_added(queue, name);
+        }
+    }
+
     fn run(self: Box<Self>, job: ClaimedJob) {
-        let HeldSlot { live, permit } = *self;
+        let HeldSlot { live, permit, .. } = *self;
         let this = live.0.clone();
         if !this.stopping.load(Ordering::Acquire) {
             this.spawn_attempt(job, permit, live);
@@ -78,6 +104,21 @@ impl Reserved for HeldSlot {
                     "could not release a job added at shutdown; it will be taken back when its lease expires");
             }
         });
+    }
+}
+
+#[async_trait]
+impl FirstRun for HeldSlot {
+    async fn run(&self, job: &Job) -> Option<Completion> {
+        let started = Instant::now();
+        let completion = self.live.0.process(job).await.ok()?;
+        let follow_ups = completion
+            .follow_ups
+            .iter()
+            .map(|j| (j.queue.clone(), j.name.clone()))
+            .collect();
+        *self.ran.lock().unwrap_or_else(|p| p.into_inner()) = Some((started.elapsed(), follow_ups));
+        Some(completion)
     }
 }
 
@@ -222,31 +263,9 @@ impl QueueLoop {
         let job = &claimed.job;
         self.observer.started(job);
         let started = Instant::now();
-        let outcome = match self.processors.get(&job.name) {
-            None => Outcome::Failed(ProcessError::unrecoverable(format!(
-                "no processor is registered for job name {:?} on queue {:?}",
-                job.name, job.queue
-            ))),
-            Some(p) => {
-                let run = AssertUnwindSafe(p.process(job)).catch_unwind();
-                let timed = match job.opts.timeout {
-                    Some(ms) => tokio::time::timeout(Duration::from_millis(ms), run)
-                        .await
-                        .map_err(|_| ms),
-                    None => Ok(run.await),
-                };
-                match timed {
-                    Ok(Ok(Ok(completion))) => self.prepare_follow_ups(completion),
-                    Ok(Ok(Err(e))) => Outcome::Failed(e),
-                    Ok(Err(panic)) => Outcome::Failed(ProcessError::retryable(format!(
-                        "processor panicked: {}",
-                        panic_message(&panic)
-                    ))),
-                    Err(ms) => Outcome::Failed(ProcessError::retryable(format!(
-                        "attempt timed out after {ms} ms"
-                    ))),
-                }
-            }
+        let outcome = match self.process(job).await {
+            Ok(completion) => self.prepare_follow_ups(completion),
+            Err(e) => Outcome::Failed(e),
         };
         let (outcome, mut held) = self.hold_slots_for_follow_ups(outcome);
         let elapsed = started.elapsed();
@@ -327,6 +346,34 @@ impl QueueLoop {
             }
         }
         (next, kept)
+    }
+
+    /// Runs `job`'s processor: a panic, or a run past the job's timeout, fails the attempt as
+    /// retryable, and a job no processor is registered for fails for good.
+    async fn process(&self, job: &Job) -> std::result::Result<Completion, ProcessError> {
+        let Some(p) = self.processors.get(&job.name) else {
+            return Err(ProcessError::unrecoverable(format!(
+                "no processor is registered for job name {:?} on queue {:?}",
+                job.name, job.queue
+            )));
+        };
+        let run = AssertUnwindSafe(p.process(job)).catch_unwind();
+        let timed = match job.opts.timeout {
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), run)
+                .await
+                .map_err(|_| ms),
+            None => Ok(run.await),
+        };
+        match timed {
+            Ok(Ok(done)) => done,
+            Ok(Err(panic)) => Err(ProcessError::retryable(format!(
+                "processor panicked: {}",
+                panic_message(&panic)
+            ))),
+            Err(ms) => Err(ProcessError::retryable(format!(
+                "attempt timed out after {ms} ms"
+            ))),
+        }
     }
 
     /// Holds free slots of this process's workers for a completion's follow-up jobs, so

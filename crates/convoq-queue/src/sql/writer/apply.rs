@@ -8,7 +8,7 @@ use crate::engine::{ClaimedJob, Completion, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::Added;
 use crate::sql::dialect::Dialect;
-use crate::sql::rules::ToAdd;
+use crate::sql::rules::{self, ToAdd};
 
 /// A successful attempt, and whether it carries nothing to commit but itself.
 fn completion(op: &Op) -> Option<(&ClaimedJob, &Completion)> {
@@ -53,15 +53,34 @@ async fn complete_together<D: Dialect>(
         return Ok(answers);
     }
     let jobs: Vec<_> = together.iter().map(|(_, p)| *p).collect();
+    let results = complete_jobs(d, conn, &jobs, now, mode, batch).await?;
+    for ((i, _), r) in together.iter().zip(results) {
+        answers[*i] = Some(r);
+    }
+    Ok(answers)
+}
+
+/// Completes `jobs` with their completions in as few statements as the dialect can (one
+/// fenced update; effects of one kind in one call; every follow-up job in one add), answering
+/// each. In [`Mode::Grouped`], any effect failure, lost lease or refused follow-up aborts the
+/// batch with [`Abort::Careful`]; in [`Mode::Careful`] only plain completions come here.
+async fn complete_jobs<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    jobs: &[(&ClaimedJob, &Completion)],
+    now: i64,
+    mode: Mode,
+    batch: &mut Batch,
+) -> std::result::Result<Vec<Result<()>>, Abort<D::Error>> {
     let exact = mode == Mode::Careful;
-    let Some(results) = d.complete_plain(conn, &jobs, now, exact, batch).await? else {
+    let Some(results) = d.complete_plain(conn, jobs, now, exact, batch).await? else {
         return Err(Abort::Careful);
     };
     let mut follow_ups = Vec::new();
     // Whose follow-up each is, where a worker waits for it.
     let mut waiting = Vec::new();
     let mut effects: Vec<&dyn TxEffect> = Vec::new();
-    for ((i, (_, c)), r) in together.iter().zip(results) {
+    for ((_, c), r) in jobs.iter().zip(&results) {
         if r.is_ok() {
             effects.extend(c.effect.as_deref());
             let claims = c.follow_up_claims.as_ref();
@@ -75,7 +94,6 @@ async fn complete_together<D: Dialect>(
                 waiting.push(claims);
             }
         }
-        answers[*i] = Some(r);
     }
     // Effects of one group in one call, the others one by one.
     let mut groups: Vec<(&'static str, Vec<&dyn TxEffect>)> = Vec::new();
@@ -112,7 +130,7 @@ async fn complete_together<D: Dialect>(
             }
         }
     }
-    Ok(answers)
+    Ok(results)
 }
 
 /// Applies the batch's adds together: in [`Mode::Grouped`], every job of every add in one
@@ -136,6 +154,7 @@ async fn add_together<D: Dialect>(
             ids,
             claim,
             reply,
+            ..
         } = op
         else {
             continue;
@@ -165,20 +184,70 @@ async fn add_together<D: Dialect>(
         for (i, jobs) in adds {
             answers[i] = Some(d.add_jobs(conn, &jobs, now, batch).await?);
         }
-        return Ok(answers);
+    } else {
+        let all: Vec<ToAdd> = adds
+            .iter()
+            .flat_map(|(_, jobs)| jobs.iter().copied())
+            .collect();
+        let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
+            return Err(Abort::Careful);
+        };
+        let mut added = added.into_iter();
+        for (i, jobs) in adds {
+            answers[i] = Some(Ok(added.by_ref().take(jobs.len()).collect()));
+        }
     }
-    let all: Vec<ToAdd> = adds
-        .iter()
-        .flat_map(|(_, jobs)| jobs.iter().copied())
-        .collect();
-    let Ok(added) = d.add_jobs(conn, &all, now, batch).await? else {
-        return Err(Abort::Careful);
-    };
-    let mut added = added.into_iter();
-    for (i, jobs) in adds {
-        answers[i] = Some(Ok(added.by_ref().take(jobs.len()).collect()));
+    if mode == Mode::Grouped {
+        complete_added(d, conn, ops, &mut answers, now, batch).await?;
     }
     Ok(answers)
+}
+
+/// Commits, with the adds that stored their jobs claimed, the completions run before those
+/// jobs were stored (`Op::Add`'s `complete`), and shows each such job completed in its add's
+/// answer. Only in [`Mode::Grouped`]: applied carefully, the jobs stay claimed and their
+/// workers run them, so that a failing effect is recorded by the usual rules.
+async fn complete_added<D: Dialect>(
+    d: &D,
+    conn: &mut D::Conn,
+    ops: &[Op],
+    answers: &mut [Option<Result<Vec<Added>>>],
+    now: i64,
+    batch: &mut Batch,
+) -> std::result::Result<(), Abort<D::Error>> {
+    let mut held: Vec<(usize, ClaimedJob, &Completion)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Add {
+            claim: Some(claim),
+            complete: Some(c),
+            ..
+        } = op
+        else {
+            continue;
+        };
+        if let Some(Ok(added)) = &answers[i] {
+            if let [added] = added.as_slice() {
+                held.extend(claim.held(added).map(|job| (i, job, c)));
+            }
+        }
+    }
+    if held.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<_> = held.iter().map(|(_, job, c)| (job, *c)).collect();
+    let results = complete_jobs(d, conn, &jobs, now, Mode::Grouped, batch).await?;
+    for ((i, _, c), r) in held.iter().zip(results) {
+        if r.is_err() {
+            // Grouped completions abort rather than fail one by one; kept claimed all the same.
+            continue;
+        }
+        if let Some(Ok(added)) = &mut answers[*i] {
+            for a in added.iter_mut() {
+                rules::completed_by_its_add(&mut a.job, &c.result, now);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies `ops` inside the batch's open transaction, holding each one's answer in its slot

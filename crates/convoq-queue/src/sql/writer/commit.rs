@@ -281,11 +281,13 @@ async fn apply_batch_now<D: Dialect>(
     }
 }
 
-/// An add whose jobs have no custom id: its insert cannot conflict (see
-/// [`Dialect::autocommit_adds`]).
+/// An add whose jobs have no custom id and that commits no completion: its insert cannot
+/// conflict, and is all it does (see [`Dialect::autocommit_adds`]).
 fn fresh_adds(op: &Op) -> bool {
     match op {
-        Op::Add { jobs, .. } => jobs.iter().all(|job| job.opts.job_id.is_none()),
+        Op::Add { jobs, complete, .. } => {
+            complete.is_none() && jobs.iter().all(|job| job.opts.job_id.is_none())
+        }
         _ => false,
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::engine::{ClaimBatch, ClaimOnAdd, ClaimedJob, FollowUpClaims, Outcome};
+use crate::engine::{ClaimBatch, ClaimOnAdd, ClaimedJob, Completion, FollowUpClaims, Outcome};
 use crate::error::{QueueError, Result};
 use crate::job::{Added, NewJob};
 use crate::sql::operation::Operation;
@@ -72,6 +72,11 @@ pub(crate) enum Op {
         ids: Vec<Option<String>>,
         /// The lease to insert the jobs under, for a worker that waits for them.
         claim: Option<ClaimOnAdd>,
+        /// The completion of the one job's attempt, run before the job was stored
+        /// (`Engine::add_run_first`): committed with the add where the job was stored claimed
+        /// and the batch goes as a whole (not one operation at a time); otherwise the job
+        /// stays claimed and its worker runs it.
+        complete: Option<Completion>,
         reply: Reply<Vec<Added>>,
     },
     Claim {
