@@ -3,7 +3,8 @@
 carry with the statements convoq's writer runs for each one, in one thread, with no HTTP, no
 driver threads and no Rust around it.
 
-Usage:  bench/sqlite_floor.py [--conversations N] [--batch B ...] [--convoq PATH]
+Usage:  bench/sqlite_floor.py [--conversations N] [--batch B ...] [--claims | --run-first]
+                              [--convoq PATH]
 
 The schema is convoq's own (`convoq migrate` on a fresh file in a temporary directory); the
 statements are copies of the SQLite dialect's (crates/convoq-queue/src/sql/sqlite/write.rs,
@@ -18,6 +19,11 @@ page cache on the writer, foreign keys on, passive checkpoints on a second conne
      their lease token), their conversations and their audit rows inserted (the audit record
      commits with its conversation: no audit job); the lifetime totals updated;
   3. every 500 jobs, a prune of 500 finished jobs past the keep count (1,000).
+
+With `--run-first` (what the writer does now while a local worker has a free slot: the job's
+processor ran before the add, and the add commits its completion), steps 1 and 2 are one
+transaction: the jobs inserted claimed, completed, their conversations and audit rows, one
+commit.
 
 It prints microseconds per conversation for each step and conversations per second. A figure
 the service could reach only with none of its own costs (HTTP, JSON, the runtime, the
@@ -125,7 +131,7 @@ def checkpoints(path, stop):
     conn.close()
 
 
-def run(binary, conversations, batch, workdir, claims):
+def run(binary, conversations, batch, workdir, claims, run_first=False):
     path = os.path.join(workdir, "floor-%d.db" % batch)
     migrate = subprocess.run([binary, "migrate", "--database-url", "sqlite://" + path],
                              capture_output=True, text=True)
@@ -165,9 +171,9 @@ def run(binary, conversations, batch, workdir, claims):
                          now, 3] + ([] if claims else ["lease", now + 30000]))
         step("add", "BEGIN IMMEDIATE")
         added = step("add", ADD if claims else ADD_CLAIMED, (now, json.dumps(adds)))
-        step("commit", "COMMIT")
-
-        step("complete", "BEGIN IMMEDIATE")
+        if not run_first:
+            step("commit", "COMMIT")
+            step("complete", "BEGIN IMMEDIATE")
         if claims:
             jobs = step("claim", CLAIM, ("lease", now + 30000, now, "database", batch))
         else:
@@ -211,6 +217,9 @@ def main():
                         help="jobs per statement (the writer's batch); default 32 128")
     parser.add_argument("--claims", action="store_true",
                         help="add jobs waiting and claim them apart (no claim on add)")
+    parser.add_argument("--run-first", action="store_true",
+                        help="add, complete and insert each batch in one transaction (the "
+                             "writer's run-first path)")
     parser.add_argument("--convoq", default=os.path.join(ROOT, "target", "release", "convoq"),
                         help="the convoq binary whose `migrate` makes the schema")
     args = parser.parse_args()
@@ -218,6 +227,9 @@ def main():
         parser.error("--conversations must be at least 1")
     if any(b < 1 for b in args.batch):
         parser.error("--batch sizes must be at least 1")
+    if args.claims and args.run_first:
+        parser.error("--claims and --run-first exclude each other: a job run first is never "
+                     "claimed apart")
     if not os.access(args.convoq, os.X_OK):
         parser.error("no convoq binary at %s: run `cargo build --release -p convoq` first"
                      % args.convoq)
@@ -225,7 +237,8 @@ def main():
           (sqlite3.sqlite_version, args.conversations))
     with tempfile.TemporaryDirectory(prefix="convoq-floor.") as workdir:
         for batch in args.batch:
-            done, spent = run(args.convoq, args.conversations, batch, workdir, args.claims)
+            done, spent = run(args.convoq, args.conversations, batch, workdir, args.claims,
+                              args.run_first)
             total = sum(spent.values())
             parts = ", ".join("%s %.1f" % (k, v * 1e6 / done) for k, v in spent.items())
             print("batch %4d: %6.1f us per conversation (%s) -> %s conversations/s" %

@@ -210,6 +210,39 @@ async fn prefer_wait_answers_201_with_the_conversation() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
 }
 
+/// With a worker of the API's own process free, the job runs as it is added (run first): the
+/// conversation is readable as soon as the 202 arrives, the job completed with one attempt, and
+/// the answer is the contract's 202 all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_with_a_free_worker_commits_its_conversation_with_its_job() {
+    let h = harness().await;
+    let r = h.put_user("u1", "123").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = h
+        .create(SERVICE, &json!({ "userId": "u1", "title": "now" }), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["status"], json!("queued"));
+    let id = v["conversationId"].as_str().unwrap();
+    let g = h
+        .get(&format!("/api/chat/conversations/{id}"), Some(SERVICE))
+        .await;
+    assert_eq!(
+        g.status,
+        StatusCode::OK,
+        "committed before the 202: {}",
+        g.text
+    );
+    assert_eq!(g.json()["conversation"]["title"], json!("now"));
+    let job_id = v["jobId"].as_str().unwrap();
+    let j = h.get(&format!("/api/jobs/{job_id}"), Some(ADMIN)).await;
+    let job = &j.json()["job"];
+    assert_eq!(job["state"], json!("completed"), "{job}");
+    assert_eq!(job["attemptsMade"], json!(1));
+    assert_eq!(job["result"]["conversationId"], v["conversationId"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_on_an_unknown_user_is_422_job_failed() {
     let h = harness().await;
