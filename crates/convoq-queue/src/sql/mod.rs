@@ -50,7 +50,8 @@ pub use sqlite::conn::{retry_while_busy, sqlite_busy, ReadPool, SqliteFile};
 
 use crate::clock::{Clock, LeadingClock};
 use crate::engine::{
-    new_lease_token, Capabilities, ClaimBatch, ClaimOnAdd, ClaimedJob, Engine, Outcome,
+    new_lease_token, Capabilities, ClaimBatch, ClaimOnAdd, ClaimedJob, Completion, Engine,
+    FirstRun, Outcome,
 };
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
@@ -198,6 +199,31 @@ impl Shared {
 }
 
 impl SqlEngine {
+    /// Adds one job under `claim` (its id minted in `ids`), committing `complete` with it where
+    /// the writer can (see `Op::Add`); the job as held, if it was stored claimed and not
+    /// completed by its add (`held` wants it active).
+    async fn add_held(
+        &self,
+        job: NewJob,
+        ids: Vec<Option<String>>,
+        claim: ClaimOnAdd,
+        complete: Option<Completion>,
+    ) -> Result<(Added, Option<ClaimedJob>)> {
+        let held = claim.clone();
+        let added = self
+            .request(|reply| Op::Add {
+                ids,
+                jobs: vec![job],
+                claim: Some(claim),
+                complete,
+                reply,
+            })
+            .await?
+            .pop()
+            .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
+        let claimed = held.held(&added);
+        Ok((added, claimed))
+    }
     /// Opens (creating if needed) the database at `config.url`, brings its queue tables up to
     /// date, and starts the writer.
     ///
@@ -390,31 +416,19 @@ impl Engine for SqlEngine {
         job: NewJob,
         lease: Duration,
     ) -> Result<(Added, Option<ClaimedJob>)> {
+        let ids = rules::mint_ids(std::slice::from_ref(&job));
         let claim = ClaimOnAdd::new(lease, &self.owner);
-        let held = claim.clone();
-        let added = self
-            .request(|reply| Op::Add {
-                ids: rules::mint_ids(std::slice::from_ref(&job)),
-                jobs: vec![job],
-                claim: Some(claim),
-                complete: None,
-                reply,
-            })
-            .await?
-            .pop()
-            .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
-        let claimed = held.held(&added);
-        Ok((added, claimed))
+        self.add_held(job, ids, claim, None).await
     }
 
     async fn add_run_first(
         &self,
         job: NewJob,
         lease: Duration,
-        first: &dyn crate::engine::FirstRun,
+        first: &dyn FirstRun,
     ) -> Result<(Added, Option<ClaimedJob>)> {
-        let claim = ClaimOnAdd::new(lease, &self.owner);
         let ids = rules::mint_ids(std::slice::from_ref(&job));
+        let claim = ClaimOnAdd::new(lease, &self.owner);
         let add = rules::ToAdd {
             job: &job,
             claim: Some(&claim),
@@ -422,21 +436,7 @@ impl Engine for SqlEngine {
         };
         let preview = rules::as_claimed(add, &claim, self.clock.now_ms());
         let complete = first.run(&preview).await;
-        let held = claim.clone();
-        let added = self
-            .request(|reply| Op::Add {
-                ids,
-                jobs: vec![job],
-                claim: Some(claim),
-                complete,
-                reply,
-            })
-            .await?
-            .pop()
-            .ok_or_else(|| QueueError::Corrupt("the writer answered no job for an add".into()))?;
-        // A job its add completed is no longer held (`held` wants it active).
-        let claimed = held.held(&added);
-        Ok((added, claimed))
+        self.add_held(job, ids, claim, complete).await
     }
 
     async fn get(&self, queue: &str, id: &str) -> Result<Option<Job>> {
