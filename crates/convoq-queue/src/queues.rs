@@ -155,7 +155,9 @@ impl Queues {
     /// ([`Engine::add_run_first`]): one write for the job's whole life, no hand-off to the
     /// worker. The answer then shows it completed; the worker's observer hears of the attempt
     /// as of any other. A failed first run, or an effect that fails with the add, leaves the
-    /// job stored claimed and run in the slot as above.
+    /// job stored claimed and run in the slot as above. An add for a slot goes on in a task of
+    /// its own: a caller that stops waiting (a client that hung up) neither strands the job
+    /// nor leaves its attempt unreported.
     ///
     /// # Errors
     /// [`QueueError::Invalid`] for a bad job; [`QueueError::Unavailable`] when the job could not
@@ -163,20 +165,40 @@ impl Queues {
     pub async fn add(&self, job: NewJob) -> Result<Added> {
         let job = self.prepare(job)?;
         if let Some(slot) = self.free_slot(&job) {
-            let lease = slot.lease();
-            let (added, claimed) = match slot.first_run(&job.name) {
-                Some(first) => self.engine.add_run_first(job, lease, first).await?,
-                None => self.engine.add_claimed(job, lease).await?,
-            };
-            if let Some(claimed) = claimed {
-                slot.run(claimed);
-            } else if added.created && added.job.state == JobState::Completed {
-                slot.ran_first(&added.job);
-            }
-            return Ok(added);
+            // In a task of its own, so that a caller that goes away while the add commits
+            // (a client that hangs up) does not leave a job stored claimed with nobody to run
+            // it until its lease expires, or a job run first unreported to the observer.
+            let engine = self.engine.clone();
+            return tokio::spawn(Self::add_to_slot(engine, job, slot))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(QueueError::Unavailable(format!(
+                        "the add was interrupted: {e}"
+                    )))
+                });
         }
         let mut added = self.engine.add_bulk(vec![job]).await?;
         added.pop().ok_or(QueueError::Closed)
+    }
+
+    /// Adds `job` claimed for `slot` (run first where its processor allows), then runs it
+    /// there, or reports the attempt its add completed.
+    async fn add_to_slot(
+        engine: Arc<dyn Engine>,
+        job: NewJob,
+        slot: Box<dyn Reserved>,
+    ) -> Result<Added> {
+        let lease = slot.lease();
+        let (added, claimed) = match slot.first_run(&job.name) {
+            Some(first) => engine.add_run_first(job, lease, first).await?,
+            None => engine.add_claimed(job, lease).await?,
+        };
+        if let Some(claimed) = claimed {
+            slot.run(claimed);
+        } else if added.created && added.job.state == JobState::Completed {
+            slot.ran_first(&added.job);
+        }
+        Ok(added)
     }
 
     /// A slot of this process's workers for `job`, if it can be claimed as it is added.

@@ -12,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use convoq_queue::sql::{SqlConfig, SqlEngine, SqliteFile};
 use convoq_queue::{
-    Completion, Engine, JobState, NewJob, Outcome, ProcessError, QueueError, Queues,
+    AttemptEnd, Completion, Engine, Job, JobState, NewJob, Outcome, ProcessError, Processor,
+    QueueError, Queues, WorkerObserver, WorkerOptions,
 };
 use serde_json::json;
 use sqldb::{HeldWriter, LEASE};
@@ -67,6 +68,84 @@ async fn adds_commit_before_the_rest_of_their_batch() {
     );
     // The claim ran after the add committed, so it saw both jobs.
     assert_eq!(claimed.unwrap().jobs.len(), 2);
+}
+
+/// A caller that goes away while its add waits for the writer (an HTTP client that hangs up)
+/// strands nothing: the add goes on without it, a job stored claimed for a free worker runs
+/// in that worker at once (not after its lease, as a stalled job), and a job run first is
+/// reported to the worker's observer as if the caller had stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_caller_went_away_still_runs_its_job() {
+    struct Echo(bool);
+    #[async_trait]
+    impl Processor for Echo {
+        async fn process(&self, job: &Job) -> Result<Completion, ProcessError> {
+            Ok(Completion::with_result(job.data.clone()))
+        }
+        fn effect_only(&self) -> bool {
+            self.0
+        }
+    }
+    #[derive(Default)]
+    struct Ended(std::sync::Mutex<Vec<String>>);
+    impl WorkerObserver for Ended {
+        fn finished(&self, job: &Job, end: AttemptEnd, _: Duration, _: Option<&str>) {
+            if end == AttemptEnd::Completed {
+                self.0.lock().unwrap().push(job.name.clone());
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = engine(&dir).await;
+    let queues = Queues::new(engine.clone());
+    let ended = Arc::new(Ended::default());
+    let pool = queues
+        .workers()
+        .processor("first", Arc::new(Echo(true)))
+        .processor("claimed", Arc::new(Echo(false)))
+        .queue(
+            Q,
+            WorkerOptions {
+                concurrency: 4,
+                lease: Duration::from_secs(60),
+                poll_interval: Duration::from_secs(60),
+                ..WorkerOptions::default()
+            },
+        )
+        .observer(ended.clone())
+        .start();
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the worker go idle
+    let held = HeldWriter::new(&engine).await;
+    let callers: Vec<_> = ["first", "claimed"]
+        .into_iter()
+        .map(|name| {
+            let queues = queues.clone();
+            tokio::spawn(async move { queues.add(NewJob::new(Q, name, json!(name))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await; // both adds wait for the writer
+    for caller in callers {
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+    }
+    held.release().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while queues.counts(Q).await.unwrap().completed < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the jobs of the callers that went away did not complete: {:?}",
+            queues.counts(Q).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pool.shutdown(Duration::from_secs(5)).await;
+    let mut names = ended.0.lock().unwrap().clone();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["claimed", "first"],
+        "each attempt reported once"
+    );
 }
 
 /// Committed pages reach the database file soon after the commit, long before the WAL holds the
