@@ -13,13 +13,16 @@
 # the end-to-end figure.
 #
 # Environment (all optional): CONVOQ_BIN (default target/release/convoq), PORT=3300,
-# WRK_THREADS=1 WRK_CONNS=32 WRK_DURATION=15s. Bounded: one wrk run; the server is stopped
+# WRK_THREADS=1 WRK_CONNS=32 WRK_DURATION=15s; OPEN_RATES="1000 2000" (after wrk, one oha run
+# of 15 s at each rate, if oha is installed: the open loop's CPU per request; "" for none).
+# Bounded: one wrk run and one oha run per rate; the server is stopped
 # and its temporary directory removed at exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${CONVOQ_BIN:-$ROOT/target/release/convoq}
 PORT=${PORT:-3300}
 WRK_THREADS=${WRK_THREADS:-1} WRK_CONNS=${WRK_CONNS:-32} WRK_DURATION=${WRK_DURATION:-15s}
+OPEN_RATES=${OPEN_RATES-1000 2000}
 [ -x "$BIN" ] || { echo "no convoq binary at $BIN: cargo build --release -p convoq" >&2; exit 2; }
 command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 DIR=$(mktemp -d /tmp/convoq-http-floor.XXXX)
@@ -61,3 +64,30 @@ rows=$(curl -fs "http://127.0.0.1:$PORT/metrics" | awk -F' ' '/^convoq_jobs_queu
 cpu_ms=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.3f", t * 1000 / hz / n}')
 echo "HTTP floor (the route answering 400 before the queue, wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION):"
 echo "  $rps requests/s, p50 $p50 p99 $p99, CPU $cpu_ms ms per request (convoq's process), $requests requests, none queued"
+# The same route under the open loop's offered rates (oha, as `MODE=open bench/pipeline.sh`):
+# at a low rate every request wakes the runtime from its sleep, which a closed loop hides.
+[ -x "$HOME/.cargo/bin/oha" ] && PATH="$PATH:$HOME/.cargo/bin"
+if [ -n "$OPEN_RATES" ] && command -v oha >/dev/null; then
+  for rate in $OPEN_RATES; do
+    for n in $(seq 1000); do
+      printf '{"userId":"user-%d","title":"Bench conversation %d","personalityMode":"no-such-mode"}\n' \
+        $((n % 1000)) "$n"
+    done >"$DIR/bodies.txt"
+    before=$(ticks)
+    timeout 60 oha -z 15s -q "$rate" -c 64 --latency-correction --no-tui --output-format json \
+      -m POST -H 'Content-Type: application/json' -Z "$DIR/bodies.txt" \
+      "http://127.0.0.1:$PORT/api/chat/conversations" >"$DIR/oha.json"
+    after=$(ticks)
+    python3 - "$DIR/oha.json" $((after - before)) "$HZ" "$rate" <<'PY'
+import json, sys
+o = json.load(open(sys.argv[1]))
+ticks, hz, rate = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+codes = o.get("statusCodeDistribution", {})
+n = sum(codes.values())
+assert set(codes) <= {"400"}, "expected every answer 400, got %s" % codes
+p = o["latencyPercentiles"]
+print("  open loop at %s/s (oha -z 15s -c 64): %d requests, p50 %.2f p99 %.2f ms, CPU %.3f ms per request"
+      % (rate, n, p["p50"] * 1000, p["p99"] * 1000, ticks * 1000 / hz / n))
+PY
+  done
+fi

@@ -104,7 +104,8 @@ impl WorkerObserver for Seen {
 /// first and is stored completed with its effect and follow-up in the add's own write; its
 /// history and the worker's observer still show the attempt. A failed first run, or an effect
 /// that fails with the add, leaves the job stored claimed, and the worker runs it by the usual
-/// rules (the effect's failure recorded, nothing of it kept).
+/// rules (the effect's failure recorded, nothing of it kept). (SQLite; on Postgres the job is
+/// stored claimed and run by its worker: `Schedule::run_first`.)
 async fn effect_only_jobs_complete_in_their_add(db: Db) {
     let engine = db.engine().await;
     let queues = Queues::new(engine.clone());
@@ -129,13 +130,30 @@ async fn effect_only_jobs_complete_in_their_add(db: Db) {
     };
     let runs_of = |key: &str| runs.0.lock().unwrap().get(key).copied().unwrap_or(0);
 
+    // SQLite's writer commits a job run first with its add; Postgres's does not (its add lane
+    // is one connection, where the completion's round trips would queue every POST): there
+    // the job is stored claimed and its worker runs it, once.
+    let runs_first = engine.name() == "sqlite";
+    let first_runs = usize::from(runs_first);
     let ok = add("first").await;
-    assert_eq!(
-        (ok.state, ok.attempts_made, ok.result.clone()),
-        (JobState::Completed, 1, Some(json!({ "key": "first" }))),
-        "completed in its add"
-    );
-    assert!(ok.finished_at.is_some() && ok.lease_holder.is_none());
+    if runs_first {
+        assert_eq!(
+            (ok.state, ok.attempts_made, ok.result.clone()),
+            (JobState::Completed, 1, Some(json!({ "key": "first" }))),
+            "completed in its add"
+        );
+        assert!(ok.finished_at.is_some() && ok.lease_holder.is_none());
+    } else {
+        println!(
+            "documented difference: the {} dialect stores the job claimed for its worker",
+            engine.name()
+        );
+        assert_eq!(ok.state, JobState::Active);
+        queues
+            .wait_finished(Q, &ok.id, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
     assert_eq!(db.effect_rows("first").await, 1, "the effect committed");
     assert!(queues.get("audit", "audit-first").await.unwrap().is_some());
     let stored = queues.get(Q, &ok.id).await.unwrap().unwrap();
@@ -175,7 +193,11 @@ async fn effect_only_jobs_complete_in_their_add(db: Db) {
         (err.state, err.attempts_made, err.failed_reason.as_deref()),
         (JobState::Failed, 1, Some("the processor refused it"))
     );
-    assert_eq!(runs_of("err"), 2, "run first, then by the worker");
+    assert_eq!(
+        runs_of("err"),
+        first_runs + 1,
+        "run first, then by the worker"
+    );
 
     // The effect fails with the add: the add commits without it, the worker runs the job, the
     // effect fails again and the attempt is recorded as failed; nothing of the effect is kept.
@@ -192,7 +214,7 @@ async fn effect_only_jobs_complete_in_their_add(db: Db) {
     );
     assert_eq!(db.effect_rows("bad").await, 0);
     assert!(queues.get("audit", "audit-bad").await.unwrap().is_none());
-    assert_eq!(runs_of("bad"), 2);
+    assert_eq!(runs_of("bad"), first_runs + 1);
 
     // Every attempt was reported once, started and ended.
     pool.shutdown(Duration::from_secs(5)).await;

@@ -8,8 +8,9 @@
 //! inserts the conversation on its own first and adds a `record_audit_event` job on `audit`,
 //! which records it; the inserts are idempotent, so a retried job still has one effect. Either
 //! way the audit record has the same id, `conversation.created-{conversationId}`. In the first
-//! case the processor is `effect_only`: a job added while a local worker has a free slot runs
-//! at once and is stored completed, with its conversation, in the add's own transaction.
+//! case the processor is `effect_only`: on SQLite, a job added while a local worker has a free
+//! slot runs at once and is stored completed, with its conversation, in the add's own
+//! transaction.
 
 use std::any::Any;
 use std::sync::Arc;

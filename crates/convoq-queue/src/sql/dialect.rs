@@ -78,6 +78,13 @@ pub(crate) struct Schedule {
     /// round trips to a server (Postgres); SQLite's one writer commits adds first instead
     /// (`adds_first`).
     pub(crate) add_lane: bool,
+    /// Whether an add commits the completion of a job run before it was stored
+    /// (`Engine::add_run_first`), making the add's transaction the job's whole life. Worth it
+    /// where a commit costs the writer more than the statements (SQLite: one commit and the
+    /// worker's round instead of two); not where each statement is a round trip to a server
+    /// on the one connection that takes adds (Postgres's add lane: measured, the adds' round
+    /// trips queued behind each other and POST latency and throughput fell).
+    pub(crate) run_first: bool,
 }
 
 /// The write side of a dialect, driven by the writer task.

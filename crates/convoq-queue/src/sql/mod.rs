@@ -56,7 +56,7 @@ use crate::engine::{
 use crate::error::{QueueError, Result};
 use crate::events::{JobEvent, WatchRegistry};
 use crate::job::{Added, Found, Job, JobSearch, JobState, NewJob, QueueCounts};
-use dialect::Reads;
+use dialect::{Dialect, Reads};
 use operation::{Pending, Statement};
 use writer::{Op, Request, Slot, WriterHandle};
 
@@ -99,6 +99,9 @@ pub struct SqlEngine {
     prune_chunk: u64,
     /// How long a caller waits for a write.
     write_timeout: Duration,
+    /// Whether adds commit the completions of jobs run first (the dialect's
+    /// [`Schedule::run_first`](dialect::Schedule::run_first)).
+    run_first: bool,
 }
 
 /// State shared between the engine's handle and its writer task.
@@ -241,15 +244,17 @@ impl SqlEngine {
             fault: Mutex::new(None),
             fault_staged: AtomicBool::new(false),
         });
-        let (name, prune_chunk, reads, writer, background, due_clock): (
+        let (name, prune_chunk, run_first, reads, writer, background, due_clock): (
             _,
             _,
+            bool,
             Box<dyn Reads>,
             _,
             _,
             Arc<dyn Clock>,
         ) = if config.url.starts_with("sqlite:") {
             let opened = sqlite::open(&config).await?;
+            let run_first = sqlite::Sqlite.schedule().run_first;
             // SQLite has one writer: exactly one writer task.
             let writer = writer::spawn(
                 sqlite::Sqlite,
@@ -261,6 +266,7 @@ impl SqlEngine {
             (
                 "sqlite",
                 SQLITE_PRUNE_CHUNK,
+                run_first,
                 Box::new(opened.reads),
                 writer,
                 vec![opened.checkpoints.spawn()],
@@ -268,6 +274,7 @@ impl SqlEngine {
             )
         } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
             let opened = postgres::open(&config).await?;
+            let run_first = opened.dialect.schedule().run_first;
             let due_clock = Arc::new(LeadingClock {
                 base: config.clock.clone(),
                 lead: opened.dialect.clock.lead.clone(),
@@ -290,6 +297,7 @@ impl SqlEngine {
             (
                 "postgres",
                 POSTGRES_PRUNE_CHUNK,
+                run_first,
                 Box::new(opened.reads),
                 writer,
                 background,
@@ -303,6 +311,7 @@ impl SqlEngine {
         };
         Ok(Arc::new(SqlEngine {
             prune_chunk,
+            run_first,
             write_timeout: config.write_timeout,
             owner: uuid::Uuid::now_v7().to_string(),
             name,
@@ -427,6 +436,9 @@ impl Engine for SqlEngine {
         lease: Duration,
         first: &dyn FirstRun,
     ) -> Result<(Added, Option<ClaimedJob>)> {
+        if !self.run_first {
+            return self.add_claimed(job, lease).await;
+        }
         let ids = rules::mint_ids(std::slice::from_ref(&job));
         let claim = ClaimOnAdd::new(lease, &self.owner);
         let add = rules::ToAdd {

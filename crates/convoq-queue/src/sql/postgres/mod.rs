@@ -314,6 +314,7 @@ impl Dialect for Postgres {
             adds_first: false,
             own_thread: false,
             add_lane: true,
+            run_first: false,
         }
     }
 

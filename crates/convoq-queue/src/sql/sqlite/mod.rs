@@ -175,6 +175,7 @@ impl Dialect for Sqlite {
             adds_first: true,
             own_thread: true,
             add_lane: false,
+            run_first: true,
         }
     }
     async fn now_ms(&self, _w: &mut SqliteWriter, clock: &dyn Clock) -> SqlResult<i64> {
