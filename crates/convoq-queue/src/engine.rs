@@ -204,9 +204,9 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// As [`Engine::add_claimed`], where the engine can commit a completion in the add's own
     /// write (the SQL engine on SQLite): first runs `first` on the job as it will be stored,
-    /// then stores the job, claimed and at once completed with the completion `first` returned, its effect
-    /// and follow-up jobs committed in the same transaction: one write for the job's whole life,
-    /// and the answer shows it completed (its history still shows it added, active and
+    /// then stores the job, claimed and at once completed with the completion `first`
+    /// returned, its effect and follow-up jobs committed in the same transaction: one write for
+    /// the job's whole life, and the answer shows it completed (its history still shows it added, active and
     /// completed). The job is stored claimed instead, and handed back to run, when `first`
     /// returns nothing, when the completion cannot commit with the add (its effect failed), or
     /// where the engine cannot do this (by default, as [`Engine::add_claimed`]). A job that
